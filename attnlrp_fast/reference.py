@@ -1,0 +1,172 @@
+"""Plain-torch versions of every op and rule: the oracle for the tests and the CPU path.
+
+Two kinds of function live here:
+- `*_dense`: materialise everything (the N x M attention matrix included) and express each rule as
+  a gradient modification that autograd then follows. Float64-capable, short, obviously right; the
+  tests compare the kernels with these.
+- `*_torch`: the CPU backend. Same maths as the Triton kernels, explicit forward and backward formulas,
+  processing queries in chunks so that memory stays linear in N (never an N x M tensor).
+
+Rules (DESIGN.md section 1): "grad" exact gradients; "attnlrp" uniform rule on Q K^T and P V (each
+factor's gradient halved), exact softmax gradient (Taylor rule), identity rule on the softcap's tanh;
+"cp" attention weights held constant (dQ = dK = 0, dV exact).
+"""
+
+import math
+
+import torch
+
+RULES = ("grad", "attnlrp", "cp")
+
+# Elements per chunk of the (heads x rows x keys) score block in the torch path.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def scale_grad(x, factor):
+    """Identity in the forward; multiplies the gradient by `factor` in the backward."""
+    return x * factor + (x * (1.0 - factor)).detach()
+
+
+def visibility(rows, n, m, *, causal=False, window=None, key_padding_mask=None, device=None):
+    """Bool mask (B or 1, 1, len(rows), M): may query row i (position i + m - n) see key j?"""
+    qpos = (torch.as_tensor(rows, device=device) + (m - n))[:, None]
+    kpos = torch.arange(m, device=device)[None, :]
+    keep = torch.ones(qpos.shape[0], m, dtype=torch.bool, device=device)
+    if causal:
+        keep &= kpos <= qpos
+    if window is not None:
+        keep &= qpos - kpos < window
+        if not causal:
+            keep &= kpos - qpos < window
+    keep = keep[None, None]
+    if key_padding_mask is not None:
+        keep = keep & key_padding_mask[:, None, None, :].to(device=keep.device, dtype=torch.bool)
+    return keep
+
+
+def softcap_identity(u, softcap):
+    """softcap * tanh(u / softcap) in the forward, with the identity rule's gradient capped / u."""
+    capped = softcap * torch.tanh(u / softcap)
+    ratio = torch.where(u == 0, torch.ones_like(u), capped / torch.where(u == 0, torch.ones_like(u), u))
+    return u * ratio.detach()
+
+
+def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=None, key_padding_mask=None,
+                    rule="grad", return_lse=False):
+    """Materialised attention whose autograd gradients follow `rule`. Shapes as af.attention."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    k = k.repeat_interleave(H // Hkv, dim=1)
+    v = v.repeat_interleave(H // Hkv, dim=1)
+    if rule == "attnlrp":
+        q, k, v = scale_grad(q, 0.5), scale_grad(k, 0.5), scale_grad(v, 0.5)
+    u = scale * (q @ k.transpose(-1, -2))
+    if softcap is None:
+        s = u
+    elif rule == "attnlrp":
+        s = softcap_identity(u, softcap)
+    else:
+        s = softcap * torch.tanh(u / softcap)
+    keep = visibility(range(N), N, M, causal=causal, window=window, key_padding_mask=key_padding_mask,
+                      device=q.device)
+    row_any = keep.any(-1, keepdim=True)
+    s = s.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~row_any, 0.0)
+    if rule == "cp":
+        p = p.detach()
+    elif rule == "attnlrp":
+        p = scale_grad(p, 0.5)
+    o = p @ v
+    if not return_lse:
+        return o
+    lse = torch.logsumexp(s, dim=-1).masked_fill(~row_any[..., 0], float("inf"))
+    return o, lse
+
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunk_rows(B, H, N, M, chunk):
+    if chunk is None:
+        chunk = max(16, CHUNK_ELEMENTS // max(1, B * H * M))
+    return [(i, min(i + chunk, N)) for i in range(0, N, chunk)]
+
+
+def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask):
+    """Raw logits u, transformed s, tanh(u / c) (or None) and visibility for the query rows `rows`.
+    qc (B, Hkv, G, C, D), k (B, Hkv, M, D) -> (B, Hkv, G, C, M) blocks."""
+    u = scale * (qc @ k[:, :, None].transpose(-1, -2))
+    t = None
+    s = u
+    if softcap is not None:
+        t = torch.tanh(u / softcap)
+        s = softcap * t
+    keep = visibility(rows, N, M, causal=causal, window=window, key_padding_mask=key_padding_mask, device=qc.device)
+    return u, s, t, keep[:, :, None]
+
+
+def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
+                        chunk=None):
+    """Chunked forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key)."""
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    G = H // Hkv
+    ct = _compute_dtype(q.dtype)
+    qg = q.to(ct).reshape(B, Hkv, G, N, D)
+    kc, vc = k.to(ct), v.to(ct)
+    o = torch.empty((B, Hkv, G, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hkv, G, N), dtype=torch.float32, device=q.device)
+    for i0, i1 in _chunk_rows(B, H, N, M, chunk):
+        _, s, _, keep = _scores(qg[:, :, :, i0:i1], kc, range(i0, i1), N, M, scale, softcap, causal, window,
+                                key_padding_mask)
+        s = s.masked_fill(~keep, float("-inf"))
+        lse_c = torch.logsumexp(s, dim=-1)
+        lse_c = lse_c.masked_fill(lse_c == float("-inf"), float("inf"))
+        p = torch.exp(s - lse_c[..., None])
+        o[:, :, :, i0:i1] = (p @ vc[:, :, None]).to(q.dtype)
+        lse[:, :, :, i0:i1] = lse_c.float()
+    return o.reshape(B, H, N, D), lse.reshape(B, H, N)
+
+
+RULE_FACTORS = {"grad": (1.0, 1.0), "attnlrp": (0.25, 0.5), "cp": (0.0, 1.0)}
+
+
+def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
+                        softcap=None, rule="grad", chunk=None):
+    """Chunked backward under `rule`; the same formulas as kernels/attention_bwd.py."""
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    G = H // Hkv
+    ct = _compute_dtype(q.dtype)
+    qk_factor, dv_factor = RULE_FACTORS[rule]
+    qg = q.to(ct).reshape(B, Hkv, G, N, D)
+    dog = do.to(ct).reshape(B, Hkv, G, N, D)
+    lseg = lse.to(ct).reshape(B, Hkv, G, N)
+    delta = (dog * o.to(ct).reshape(B, Hkv, G, N, D)).sum(-1)
+    kc, vc = k.to(ct), v.to(ct)
+    dq = torch.zeros((B, Hkv, G, N, D), dtype=ct, device=q.device)
+    dk = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
+    dv = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
+    for i0, i1 in _chunk_rows(B, H, N, M, chunk):
+        qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
+        u, s, t, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask)
+        p = torch.where(keep, torch.exp(s - lseg[:, :, :, i0:i1, None]), 0.0)
+        dv += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
+        if rule == "cp":
+            continue
+        dp = doc @ vc[:, :, None].transpose(-1, -2)
+        ds = p * (dp - delta[:, :, :, i0:i1, None])
+        if softcap is not None:
+            if rule == "attnlrp":
+                small = u.abs() < 1e-6
+                ds = ds * torch.where(small, 1.0, s / torch.where(small, 1.0, u))
+            else:
+                ds = ds * (1.0 - t * t)
+        dq[:, :, :, i0:i1] = ds @ kc[:, :, None]
+        dk += torch.einsum("bhgnm,bhgnd->bhmd", ds, qc)
+    f = scale * qk_factor
+    return ((dq * f).reshape(B, H, N, D).to(q.dtype), (dk * f).to(k.dtype), (dv * dv_factor).to(v.dtype))

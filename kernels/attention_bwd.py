@@ -1,0 +1,253 @@
+"""Attention backward, one kernel family with the rule a constexpr.
+
+With S = cap(scale * Q K^T) (masked), P = softmax(S) recomputed from the saved LSE, O = P V:
+  exact ("grad"):  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) with delta = rowsum(dO * O),
+                   dU = dS * cap'(U),  dQ = scale * dU K,  dK = scale * dU^T Q.
+  "attnlrp":       uniform rule on P V (dV and dP halved), exact softmax gradient (Taylor rule),
+                   identity rule on the softcap's tanh (cap'(U) -> cap(U) / U), uniform rule on
+                   Q K^T (dQ and dK halved): dV = 1/2 exact, dQ = dK = 1/4 (exact with cap -> cap/U).
+  "cp":            attention weights are constants: dV exact, dQ = dK = 0 (no score gradient computed).
+
+Three launches, no atomics (deterministic):
+  1. delta = rowsum(dO * O) per query row                        reads O, dO once.
+  2. dK, dV: one program per key block of a K/V head, looping over the queries of every head of its GQA
+     group; FLOPs 8 * B * H * N * M * D (4 for "cp": no dP, no dK).
+  3. dQ: one program per query block, looping over the visible keys; FLOPs 6 * B * H * N * M * D
+     (skipped for "cp").
+Memory: dQ, dK, dV plus an fp32 delta (B, H, N); no N x M buffer.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import (
+    BWD_CONFIGS,
+    LOG2E,
+    RULE_ATTNLRP,
+    RULE_CP,
+    RULE_IDS,
+    autotuned,
+    dot_precision,
+    head_block,
+    key_range,
+    launch,
+    query_range,
+    softcap_grad_factor,
+    softcap_logits,
+    visible,
+)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
+                               stride_dob, stride_doh, stride_don, stride_dod, H, N,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_kpm_b,
+    H, HKV, GROUP, N, M, shift, window, scale, softcap, dk_factor, dv_factor,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+    RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < M
+    d_ok = offs_d < HEAD_DIM
+    nd_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=nd_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=nd_mask, other=0.0)
+    key_ok = n_ok
+    if HAS_KPM:
+        key_ok = key_ok & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=n_ok, other=0) != 0)
+    kpos = offs_n[:, None]
+
+    k_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, M) - 1
+    lo, hi = query_range(pid_n * BLOCK_N, k_last, shift, window, N, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        row_base = (b * H + h) * N
+        for start_m in tl.range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < N
+            md_mask = m_ok[:, None] & d_ok[None, :]
+            qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
+                         mask=d_ok[:, None] & m_ok[None, :], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                         mask=md_mask, other=0.0)
+            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
+            # Transposed scores (keys x queries), so dK and dV accumulate without transposes.
+            ut = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale
+            st = ut
+            if HAS_SOFTCAP:
+                st, tt = softcap_logits(ut, softcap)
+            keep = visible(offs_m[None, :] + shift, kpos, window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
+            pt = tl.where(keep, tl.exp2((st - lse[None, :]) * LOG2E), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            if RULE != RULE_CP:
+                delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                if HAS_SOFTCAP:
+                    dst = dst * softcap_grad_factor(ut, tt, softcap, RULE)
+                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+
+    dk = dk * dk_factor
+    dv = dv * dv_factor
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=nd_mask)
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=nd_mask)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, KPM, DQ,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    stride_kpm_b,
+    H, GROUP, N, M, shift, window, scale, softcap, dq_factor,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+    RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    md_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=md_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+                 mask=md_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_ok, other=0.0)
+    qpos = offs_m[:, None] + shift
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    q_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1
+    lo, hi = key_range(pid_m * BLOCK_M, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < M
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        u = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        s = u
+        if HAS_SOFTCAP:
+            s, t = softcap_logits(u, softcap)
+        key_ok = n_ok
+        if HAS_KPM:
+            key_ok = key_ok & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=n_ok, other=0) != 0)
+        keep = visible(qpos, offs_n[None, :], window, key_ok[None, :], IS_CAUSAL, HAS_WINDOW)
+        p = tl.where(keep, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * softcap_grad_factor(u, t, softcap, RULE)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+
+    dq = dq * dq_factor
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=md_mask)
+
+
+_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE"]
+_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, key=_KEY)
+_tuned_dq = autotuned(attention_bwd_dq_kernel, BWD_CONFIGS, key=_KEY)
+
+# Per rule: factor on (dQ, dK) on top of the scale, and on dV.
+RULE_FACTORS = {0: (1.0, 1.0), RULE_ATTNLRP: (0.25, 0.5), RULE_CP: (0.0, 1.0)}
+
+
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
+                  softcap=None, rule="grad", config=None):
+    """Launch the backward for `rule` ("grad" | "attnlrp" | "cp"). Shapes as in attention_fwd; do like o.
+    Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v."""
+    rule_id = RULE_IDS[rule]
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    if B * H * N == 0 or M == 0:
+        return dq, dk, dv
+    qk_factor, dv_factor = RULE_FACTORS[rule_id]
+    block_d = head_block(D)
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    block_rows = 64 if block_d <= 128 else 32
+    attention_bwd_delta_kernel[(triton.cdiv(N, block_rows), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_rows)
+
+    kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+    common = (N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0))
+    flags = dict(
+        HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, RULE=rule_id, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    kpm_arg = kpm if kpm is not None else q
+    kpm_stride = kpm.stride(0) if kpm is not None else 0
+    dkdv_args = (
+        q, k, v, do, lse, delta, kpm_arg, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
+        H, Hkv, H // Hkv, *common, float(scale) * qk_factor, dv_factor,
+    )
+    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, flags, config)
+    if rule_id != RULE_CP:
+        dq_args = (
+            q, k, v, do, lse, delta, kpm_arg, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride,
+            H, H // Hkv, *common, float(scale) * qk_factor,
+        )
+        launch(attention_bwd_dq_kernel, _tuned_dq, N, "BLOCK_M", B * H, dq_args, flags, config)
+    return dq, dk, dv

@@ -1,0 +1,163 @@
+"""Pieces shared by the attention forward and backward kernels.
+
+- which (query, key) pairs are visible (causal aligned to the end of the keys, sliding window,
+  key padding), decided per element from positions, never from an N x M mask tensor;
+- the logit transform (scale, optional softcap c * tanh(s / c)) and its derivative per rule;
+- the range of key blocks a query block can see (and of query blocks a key block is seen by),
+  so that fully masked blocks are never visited;
+- launch configurations (one fixed config under the interpreter, autotuned lists on a GPU).
+
+Position convention: query i sits at position i + shift with shift = M - N, key j at position j.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Backward rules, passed to the kernels as a constexpr.
+RULE_GRAD = 0
+RULE_ATTNLRP = 1
+RULE_CP = 2
+RULE_IDS = {"grad": RULE_GRAD, "attnlrp": RULE_ATTNLRP, "cp": RULE_CP}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def head_block(head_dim: int) -> int:
+    """Head dims are padded to the next power of two (at least 16, for tl.dot) and masked."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs get full-precision dots (tests compare them at 1e-4); halves use the tensor cores."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def tanh(x):
+    """tanh accurate to fp32 rounding: an odd Taylor polynomial for |x| < 0.25 (where 1 - exp(-2|x|) would
+    cancel), the overflow-safe exp form elsewhere (tl has no tanh on every Triton >= 3.4 backend)."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x >= 0, t, -t)
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    return tl.where(tl.abs(x) < 0.25, series, t)
+
+
+@triton.jit
+def visible(qpos, kpos, window, key_ok, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Visibility of key position kpos to query position qpos (broadcast blocks).
+
+    key_ok already holds bounds and padding for the keys; causal: kpos <= qpos; window W:
+    qpos - kpos < W, and kpos - qpos < W when not causal.
+    """
+    keep = key_ok
+    if IS_CAUSAL:
+        keep = keep & (kpos <= qpos)
+    if HAS_WINDOW:
+        keep = keep & (qpos - kpos < window)
+        if not IS_CAUSAL:
+            keep = keep & (kpos - qpos < window)
+    return keep
+
+
+@triton.jit
+def key_range(q_first, q_last, shift, window, M, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[lo, hi) of keys that queries q_first..q_last may see; lo rounded down to a block start."""
+    lo = 0
+    hi = M
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, q_last + shift + 1)
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, q_first + shift - window + 1)
+        if not IS_CAUSAL:
+            hi = tl.minimum(hi, q_last + shift + window)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def query_range(k_first, k_last, shift, window, N, BLOCK_M: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """[lo, hi) of queries that may see keys k_first..k_last; lo rounded down to a block start."""
+    lo = 0
+    hi = N
+    if IS_CAUSAL:
+        lo = tl.maximum(lo, k_first - shift)
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, k_last - shift + window)
+        if not IS_CAUSAL:
+            lo = tl.maximum(lo, k_first - shift - window + 1)
+    lo = (lo // BLOCK_M) * BLOCK_M
+    return lo, hi
+
+
+@triton.jit
+def softcap_logits(u, softcap):
+    """Capped logits c * tanh(u / c) and tanh(u / c) itself (kept for the derivative)."""
+    t = tanh(u / softcap)
+    return softcap * t, t
+
+
+@triton.jit
+def softcap_grad_factor(u, t, softcap, RULE: tl.constexpr):
+    """d(capped)/du under the rule: exact 1 - t^2, or the identity rule's capped / u (1 at u = 0)."""
+    if RULE == 1:
+        small = tl.abs(u) < 1e-6
+        f = tl.where(small, 1.0, softcap * t / tl.where(small, 1.0, u))
+    else:
+        f = 1.0 - t * t
+    return f
+
+
+def _configs(pairs, warps_stages):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn in pairs
+        for w, s in warps_stages
+    ]
+
+
+# GPU candidates. The autotune key holds the head dim, the mask flags and the dtypes (Triton adds those),
+# never N or M, so a model that sees a new sequence length at every call does not retune.
+FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2), (8, 2)])
+BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 32), (32, 32), (128, 64), (64, 128)], [(4, 2), (8, 2), (4, 1)])
+
+# The interpreter has no driver to autotune with: one config, small enough to stay fast on CPU.
+INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def prune_configs(configs, named_args, **kwargs):
+    """Drop candidates whose fp32 tiles cannot fit in registers for large head dims."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    kept = [c for c in configs if block_d < 256 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+    return kept or configs[:1]
+
+
+def autotuned(kernel, configs, key):
+    """The kernel under triton.autotune on a GPU; unchanged under the interpreter."""
+    if interpreting():
+        return kernel
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune_configs})(kernel)
+
+
+def launch(kernel, tuned, rows, block_key, grid_y, args, flags, config):
+    """Launch with the caller's config, the interpreter's fixed one, or the autotuner;
+    one program per `block_key`-sized block of `rows`, times grid_y."""
+    if config is None and tuned is kernel:
+        config = INTERPRET_CONFIG
+    if config is None:
+        tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), grid_y)](*args, **flags)
+    else:
+        kernel[(triton.cdiv(rows, config[block_key]), grid_y)](*args, **flags, **config)

@@ -1,0 +1,149 @@
+"""Flash-attention forward: O = softmax(mask(cap(scale * Q K^T))) V and the row log-sum-exp.
+
+One program computes BLOCK_M query rows of one (batch, head) and streams over the key blocks those
+rows can see, keeping a running max and sum (online softmax, base 2). K/V of a GQA group are read
+by its H / Hkv query heads in place, never repeated in memory.
+
+Cost for q (B, H, N, D), k/v (B, Hkv, M, D):
+  FLOPs  4 * B * H * N * M * D (about half with causal, ~ 4 * B * H * N * W * D with a window W)
+  memory reads Q once and K, V once per query block; writes O (B, H, N, D) and an fp32 LSE (B, H, N):
+         no N x M buffer, extra memory O(N).
+Rows that see no key get O = 0 and LSE = +inf (so the backward's exp(S - LSE) is 0 for them).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention_common import (
+    FWD_CONFIGS,
+    LN2,
+    LOG2E,
+    autotuned,
+    dot_precision,
+    head_block,
+    key_range,
+    launch,
+    softcap_logits,
+    visible,
+)
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, lo, hi,
+               stride_kn, stride_kd, stride_vn, stride_vd,
+               M, shift, window, scale, softcap,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax accumulation over the key blocks [lo, hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    qpos = offs_m[:, None] + shift
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < M
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        if HAS_SOFTCAP:
+            s, _t = softcap_logits(s, softcap)
+        key_ok = n_ok
+        if HAS_KPM:
+            key_ok = key_ok & (tl.load(kpm_base + offs_n, mask=n_ok, other=0) != 0)
+        keep = visible(qpos, offs_n[None, :], window, key_ok[None, :], IS_CAUSAL, HAS_WINDOW)
+        s = tl.where(keep, s * LOG2E, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing visible yet keeps m = -inf; shift by 0 there so no inf - inf appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, O, LSE, KPM,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_kpm_b,
+    H, GROUP, N, M, shift, window, scale, softcap,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < N
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    q_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1
+    lo, hi = key_range(pid_m * BLOCK_M, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _fwd_inner(
+        acc, l_i, m_i, q,
+        K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, KPM + b * stride_kpm_b,
+        offs_m, lo, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+        M, shift, window, scale, softcap,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, DOT_PRECISION,
+    )
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
+    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+             o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh * N + offs_m, lse, mask=m_ok)
+
+
+_tuned_fwd = autotuned(attention_fwd_kernel, FWD_CONFIGS, key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM"])
+
+
+def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
+                  config=None):
+    """Launch the forward. q (B,H,N,D), k/v (B,Hkv,M,D) of one dtype and device, any strides;
+    key_padding_mask: uint8/bool (B, M), nonzero = real key. Returns O (B,H,N,D) and LSE (B,H,N) fp32.
+
+    config: optional {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} overriding the tuned choice.
+    """
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if B * H * N == 0:
+        return o, lse
+    kpm = key_padding_mask
+    if kpm is not None:
+        kpm = kpm.to(torch.uint8)
+    args = (
+        q, k, v, o, lse, kpm if kpm is not None else q,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        kpm.stride(0) if kpm is not None else 0,
+        H, H // Hkv, N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0),
+    )
+    flags = dict(
+        HEAD_DIM=D, BLOCK_D=head_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, DOT_PRECISION=dot_precision(q.dtype),
+    )
+    launch(attention_fwd_kernel, _tuned_fwd, N, "BLOCK_M", B * H, args, flags, config)
+    return o, lse

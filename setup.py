@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="attnlrp-fast",
+    version="0.1.0",
+    description="AttnLRP explanations of transformers with fused Triton flash-attention kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # One import namespace: kernels/ and python_bindings/ live at the top of the repository but are
+    # installed as attnlrp_fast.kernels and attnlrp_fast.bindings (never as a top-level `kernels`).
+    packages=["attnlrp_fast", "attnlrp_fast.kernels", "attnlrp_fast.bindings"],
+    package_dir={
+        "attnlrp_fast": "attnlrp_fast",
+        "attnlrp_fast.kernels": "kernels",
+        "attnlrp_fast.bindings": "python_bindings",
+    },
+    install_requires=["torch>=2.4", "triton>=3.4", "numpy"],
+    extras_require={
+        "hf": ["transformers>=5,<6"],
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5,<6"],
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.cli:main"]},
+)
