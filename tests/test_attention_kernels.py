@@ -1,0 +1,154 @@
+"""Attention forward and backward, Triton kernels (interpreter on CPU) and the torch path, against the
+materialised float64 reference, for every rule and mask feature."""
+
+import math
+
+import pytest
+import torch
+
+import attnlrp_fast as af
+from attnlrp_fast.kernels import attention_bwd, attention_fwd, interpreting
+from helpers import TOL, assert_close_all, dense_reference, make_qkv, rel_err, run_attention
+
+needs_interpreter = pytest.mark.skipif(not interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+
+BACKENDS = [pytest.param("triton", marks=needs_interpreter), "torch"]
+RULES = ["grad", "attnlrp", "cp"]
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window": {"window": 9},
+    "causal_window": {"causal": True, "window": 13},
+    "softcap": {"softcap": 2.5},
+    "causal_softcap": {"causal": True, "softcap": 1.5},
+    "padding": {"padding": True},
+    "everything": {"causal": True, "window": 21, "softcap": 3.0, "padding": True},
+}
+
+
+def _case(feature, B, M, seed):
+    kw = dict(FEATURES[feature])
+    if kw.pop("padding", False):
+        g = torch.Generator().manual_seed(seed + 1)
+        kpm = torch.rand(B, M, generator=g) > 0.25
+        kpm[:, -1] = True
+        kw["key_padding_mask"] = kpm
+    return kw
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("feature", list(FEATURES))
+def test_matches_float64_reference(feature, rule, dtype, backend):
+    g = torch.Generator().manual_seed(hash((feature, rule)) % 10_000)
+    B, H, Hkv, N, M, D = 2, 4, 2, 45, 71, 24
+    q, k, v = make_qkv(B, H, Hkv, N, M, D, dtype, generator=g)
+    do = torch.randn(B, H, N, D, generator=g).to(dtype)
+    kw = _case(feature, B, M, seed=N)
+    outs = run_attention(af.attention, q, k, v, do, rule=rule, backend=backend, **kw)
+    assert all(x.dtype == dtype for x in outs)
+    refs = dense_reference(q, k, v, do, rule=rule, **kw)
+    assert_close_all(outs, refs, TOL[dtype], f"{feature}/{rule}/{backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("D", [8, 16, 24, 80, 96, 128, 256])
+def test_head_dims(D, backend):
+    g = torch.Generator().manual_seed(D)
+    q, k, v = make_qkv(1, 2, 1, 37, 41, D, generator=g)
+    do = torch.randn(1, 2, 37, D, generator=g)
+    kw = dict(causal=True, rule="attnlrp", softcap=4.0)
+    outs = run_attention(af.attention, q, k, v, do, backend=backend, **kw)
+    assert_close_all(outs, dense_reference(q, k, v, do, **kw), TOL[torch.float32], f"D={D}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "H,Hkv,N,M,causal",
+    [
+        (4, 1, 1, 77, True),     # single-token decode against a cache, GQA 4:1
+        (4, 4, 19, 83, True),    # prefill with a cache (queries aligned to the end of the keys)
+        (6, 2, 50, 20, True),    # N > M: the first N - M queries see no key
+        (6, 3, 70, 5, False),    # fewer keys than one block
+        (2, 2, 65, 65, True),    # one past two blocks
+    ],
+)
+def test_shapes_and_gqa(H, Hkv, N, M, causal, backend):
+    g = torch.Generator().manual_seed(N * 100 + M)
+    D = 32
+    q, k, v = make_qkv(2, H, Hkv, N, M, D, generator=g)
+    do = torch.randn(2, H, N, D, generator=g)
+    for rule in RULES:
+        outs = run_attention(af.attention, q, k, v, do, causal=causal, rule=rule, backend=backend)
+        assert_close_all(outs, dense_reference(q, k, v, do, causal=causal, rule=rule), TOL[torch.float32],
+                         f"{H}/{Hkv}/{N}/{M}/{rule}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs_and_broadcast_gradient(backend):
+    """HF passes (B, N, H, D).transpose(1, 2) views; o.sum() sends a stride-0 gradient."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = make_qkv(2, 4, 2, 40, 40, 32, layout="bnhd", generator=g)
+    assert not q.is_contiguous()
+    for rule in RULES:
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        o = af.attention(*leaves, causal=True, rule=rule, backend=backend)
+        o.sum().backward()
+        outs = (o.detach(), *[x.grad for x in leaves])
+        refs = dense_reference(q, k, v, torch.ones_like(o), causal=True, rule=rule)
+        assert_close_all(outs, refs, TOL[torch.float32], rule)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rule", RULES)
+def test_kernels_with_small_blocks(rule):
+    """16 x 16 blocks: many blocks per row and column, every boundary case of the loop bounds."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(1, 4, 2, 53, 61, 40, generator=g)
+    do = torch.randn(1, 4, 53, 40, generator=g)
+    kpm = torch.rand(1, 61, generator=g) > 0.3
+    config = {"BLOCK_M": 16, "BLOCK_N": 16}
+    for kw in ({"causal": True, "window": 17}, {"window": 10}, {"softcap": 2.0}):
+        scale = 1 / math.sqrt(40)
+        o, lse = attention_fwd(q, k, v, kpm, scale=scale, config=config, **kw)
+        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, kpm, scale=scale, rule=rule, config=config, **kw)
+        refs = dense_reference(q, k, v, do, key_padding_mask=kpm, rule=rule, **kw)
+        assert_close_all((o, dq, dk, dv), refs, TOL[torch.float32], f"{kw}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_log_sum_exp(backend):
+    from attnlrp_fast.bindings import attention_fwd_op
+    from attnlrp_fast.reference import attention_dense
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = make_qkv(1, 2, 2, 30, 12, 16, generator=g)
+    kpm = torch.ones(1, 12, dtype=torch.bool)
+    kpm[0, 5:] = False
+    _, lse = attention_fwd_op(q, k, v, kpm, True, 0.25, 0, 0.0, "grad", backend)
+    _, ref = attention_dense(q.double(), k.double(), v.double(), causal=True, scale=0.25, key_padding_mask=kpm,
+                             return_lse=True)
+    assert lse.dtype == torch.float32
+    finite = torch.isfinite(ref)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[~finite] == float("inf")).all()
+    assert rel_err(lse[finite], ref[finite]) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_chunking_matches(backend):
+    """The chunked torch path gives the same result for every chunk size (rows split across chunks)."""
+    from attnlrp_fast.reference import attention_bwd_torch, attention_fwd_torch
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = make_qkv(1, 4, 2, 37, 50, 16, generator=g)
+    do = torch.randn_like(q)
+    kw = dict(causal=True, scale=0.3, window=20, softcap=2.0)
+    o1, l1 = attention_fwd_torch(q, k, v, **kw, chunk=37)
+    o2, l2 = attention_fwd_torch(q, k, v, **kw, chunk=5)
+    assert torch.allclose(o1, o2, atol=1e-6) and torch.allclose(l1, l2, atol=1e-6)
+    for rule in RULES:
+        g1 = attention_bwd_torch(do, q, k, v, o1, l1, **kw, rule=rule, chunk=37)
+        g2 = attention_bwd_torch(do, q, k, v, o1, l1, **kw, rule=rule, chunk=6)
+        for a, b in zip(g1, g2):
+            assert torch.allclose(a, b, atol=1e-5)
