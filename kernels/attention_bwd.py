@@ -242,12 +242,12 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
         H, Hkv, H // Hkv, *common, float(scale) * qk_factor, dv_factor,
     )
-    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, flags, config)
+    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, flags, config, "bwd", q.element_size())
     if rule_id != RULE_CP:
         dq_args = (
             q, k, v, do, lse, delta, kpm_arg, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride,
             H, H // Hkv, *common, float(scale) * qk_factor,
         )
-        launch(attention_bwd_dq_kernel, _tuned_dq, N, "BLOCK_M", B * H, dq_args, flags, config)
+        launch(attention_bwd_dq_kernel, _tuned_dq, N, "BLOCK_M", B * H, dq_args, flags, config, "bwd", q.element_size())
     return dq, dk, dv

@@ -121,21 +121,39 @@ def softcap_grad_factor(u, t, softcap, RULE: tl.constexpr):
     return f
 
 
-def _configs(pairs, warps_stages):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn in pairs
-        for w, s in warps_stages
-    ]
-
-
-# GPU candidates. The autotune key holds the head dim, the mask flags and the dtypes (Triton adds those),
-# never N or M, so a model that sees a new sequence length at every call does not retune.
-FWD_CONFIGS = _configs([(128, 64), (128, 128), (64, 64), (64, 32)], [(4, 3), (8, 3), (4, 2), (8, 2)])
-BWD_CONFIGS = _configs([(64, 64), (32, 64), (64, 32), (32, 32), (128, 64), (64, 128)], [(4, 2), (8, 2), (4, 1)])
+# GPU candidates for the autotuner (ATTNLRP_FAST_AUTOTUNE=1). The key holds the head dim, the mask flags and
+# the dtypes (Triton adds those), never N or M, so a model that sees a new sequence length at every call
+# does not retune.
+FWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
+]
+BWD_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 8, 2),
+                         (128, 32, 8, 2)]
+]
 
 # The interpreter has no driver to autotune with: one config, small enough to stay fast on CPU.
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+
+
+def autotune_enabled() -> bool:
+    """Autotuning is opt-in (ATTNLRP_FAST_AUTOTUNE=1): it costs a compile and a timing per candidate per key."""
+    return not interpreting() and os.environ.get("ATTNLRP_FAST_AUTOTUNE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def gpu_config(kind: str, block_d: int, itemsize: int) -> dict:
+    """Fixed launch configuration for `kind` ("fwd" | "bwd") when not autotuning: sized so the tiles of
+    a (block_d)-wide head fit shared memory and registers for 2-byte and 4-byte inputs."""
+    wide = block_d > 128
+    if kind == "fwd":
+        bm, bn = (64, 32) if itemsize == 4 or wide else (128, 64)
+        stages = 3 if itemsize < 4 and not wide else 2
+    else:
+        bm, bn = (32, 32) if itemsize == 4 or wide else (64, 64)
+        stages = 2 if itemsize < 4 and not wide else 1
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4 if block_d <= 64 else 8, "num_stages": stages}
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -146,18 +164,21 @@ def prune_configs(configs, named_args, **kwargs):
 
 
 def autotuned(kernel, configs, key):
-    """The kernel under triton.autotune on a GPU; unchanged under the interpreter."""
+    """The kernel under triton.autotune (used when autotune_enabled()); unchanged under the interpreter."""
     if interpreting():
         return kernel
     return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune_configs})(kernel)
 
 
-def launch(kernel, tuned, rows, block_key, grid_y, args, flags, config):
-    """Launch with the caller's config, the interpreter's fixed one, or the autotuner;
-    one program per `block_key`-sized block of `rows`, times grid_y."""
-    if config is None and tuned is kernel:
-        config = INTERPRET_CONFIG
+def launch(kernel, tuned, rows, block_key, grid_y, args, flags, config, kind, itemsize):
+    """One program per `block_key`-sized block of `rows`, times grid_y. The configuration is the caller's,
+    else the interpreter's, else the autotuner's (if enabled), else gpu_config(kind, ...)."""
     if config is None:
-        tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), grid_y)](*args, **flags)
-    else:
-        kernel[(triton.cdiv(rows, config[block_key]), grid_y)](*args, **flags, **config)
+        if interpreting():
+            config = INTERPRET_CONFIG
+        elif autotune_enabled():
+            tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), grid_y)](*args, **flags)
+            return
+        else:
+            config = gpu_config(kind, flags["BLOCK_D"], itemsize)
+    kernel[(triton.cdiv(rows, config[block_key]), grid_y)](*args, **flags, **config)

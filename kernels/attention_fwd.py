@@ -145,5 +145,5 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
         HEAD_DIM=D, BLOCK_D=head_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, DOT_PRECISION=dot_precision(q.dtype),
     )
-    launch(attention_fwd_kernel, _tuned_fwd, N, "BLOCK_M", B * H, args, flags, config)
+    launch(attention_fwd_kernel, _tuned_fwd, N, "BLOCK_M", B * H, args, flags, config, "fwd", q.element_size())
     return o, lse

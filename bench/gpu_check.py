@@ -1,0 +1,257 @@
+"""One device call: the GPU correctness suite, a float64 spot check of bf16, and first timings of
+af.attention next to torch SDPA (each backend it offers), the LXT-style approach (SDPA with dq, dk scaled
+by 1/4 and dv by 1/2 through autograd) and eager attention, on the same GPU in the same run.
+
+    python bench/gpu_check.py                  # on a CUDA machine: writes bench/results/<date>-<device>.json
+    python bench/gpu_check.py --smoke          # CPU, tiny sizes, torch path: checks the harness itself
+
+FLOPs: forward 4 * B * H * N * M * D (halved when causal), a backward 2.5x the forward's. Times are medians
+(triton.testing.do_bench on CUDA); peak memory is torch.cuda.max_memory_allocated over one forward+backward,
+less what was allocated before it.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward, gradient times `factor`: the LXT-style way to apply AttnLRP's uniform rule."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def sdpa(q, k, v, causal, backend=None, lrp=False):
+    if lrp:
+        q, k, v = _ScaleGrad.apply(q, 0.25), _ScaleGrad.apply(k, 0.25), _ScaleGrad.apply(v, 0.5)
+    gqa = q.shape[1] != k.shape[1]
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+
+def eager(q, k, v, causal, lrp=False):
+    """Materialised N x M attention (what HF's eager path does), with LXT-style rules when lrp."""
+    if lrp:
+        q, k, v = _ScaleGrad.apply(q, 0.25), _ScaleGrad.apply(k, 0.25), _ScaleGrad.apply(v, 0.5)
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if causal:
+        n, m = s.shape[-2:]
+        s = s.masked_fill(torch.ones(n, m, dtype=torch.bool, device=s.device).tril(m - n).logical_not(), float("-inf"))
+    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+
+
+def methods(smoke):
+    """name -> (forward fn, rule of the backward it implements)."""
+    import attnlrp_fast as af
+
+    backend = "torch" if smoke else None
+    out = {
+        "attnlrp_fast[grad]": (lambda q, k, v, c: af.attention(q, k, v, causal=c, backend=backend), "grad"),
+        "attnlrp_fast[attnlrp]": (lambda q, k, v, c: af.attention(q, k, v, causal=c, rule="attnlrp", backend=backend),
+                                  "attnlrp"),
+        "sdpa[default]": (lambda q, k, v, c: sdpa(q, k, v, c), "grad"),
+        "lxt_style[sdpa]": (lambda q, k, v, c: sdpa(q, k, v, c, lrp=True), "attnlrp"),
+        "eager": (lambda q, k, v, c: eager(q, k, v, c), "grad"),
+        "lxt_style[eager]": (lambda q, k, v, c: eager(q, k, v, c, lrp=True), "attnlrp"),
+    }
+    if not smoke:
+        from torch.nn.attention import SDPBackend
+
+        for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+            be = getattr(SDPBackend, name, None)
+            if be is not None:
+                out[f"sdpa[{name.lower()}]"] = (lambda q, k, v, c, be=be: sdpa(q, k, v, c, be), "grad")
+                out[f"lxt_style[sdpa_{name.lower()}]"] = (lambda q, k, v, c, be=be: sdpa(q, k, v, c, be, lrp=True),
+                                                          "attnlrp")
+    return out
+
+
+def bench_ms(fn, cuda, grad_to_none=None):
+    if cuda:
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+        for x in grad_to_none or ():
+            x.grad = None
+    return sorted(times)[1]
+
+
+def measure(fn, q, k, v, causal, cuda):
+    """Forward ms (no grad), forward+backward ms, peak MiB of forward+backward."""
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    do = torch.randn_like(q)
+
+    def fwd():
+        with torch.no_grad():
+            fn(q, k, v, causal)
+
+    def fwd_bwd():
+        fn(*leaves, causal).backward(do)
+
+    row = {"fwd_ms": bench_ms(fwd, cuda), "fwd_bwd_ms": bench_ms(fwd_bwd, cuda, grad_to_none=leaves)}
+    if cuda:
+        torch.cuda.synchronize()
+        for x in leaves:
+            x.grad = None
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fwd_bwd()
+        torch.cuda.synchronize()
+        row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return row
+
+
+def flops_fwd(B, H, N, M, D, causal):
+    f = 4.0 * B * H * N * M * D
+    return f / 2 if causal else f
+
+
+def run_timings(args, cuda, device):
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if args.smoke:
+        shapes = [(2, 2, 2, 128, 32, True), (1, 4, 2, 256, 64, False)]
+    else:
+        shapes = [(16384 // n, 16, 16, n, d, c) for d in (64, 128) for c in (False, True) for n in (1024, 4096, 16384)]
+        shapes += [(1, 32, 8, 32768, 128, True)]
+    rows = []
+    for B, H, Hkv, N, D, causal in shapes:
+        g = torch.Generator().manual_seed(N + D)
+        q = torch.randn(B, H, N, D, generator=g).to(device, dtype)
+        k = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
+        v = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
+        fl = flops_fwd(B, H, N, N, D, causal)
+        for name, (fn, rule) in methods(args.smoke).items():
+            if name.startswith(("eager", "lxt_style[eager")) and N > args.eager_max:
+                continue
+            row = {"method": name, "rule": rule, "B": B, "H": H, "Hkv": Hkv, "N": N, "D": D, "causal": causal,
+                   "dtype": str(dtype).split(".")[-1]}
+            try:
+                row.update(measure(fn, q, k, v, causal, cuda))
+                row["fwd_tflops"] = fl / row["fwd_ms"] / 1e9
+                bwd_ms = row["fwd_bwd_ms"] - row["fwd_ms"]
+                row["bwd_ms"] = bwd_ms
+                row["bwd_tflops"] = 2.5 * fl / bwd_ms / 1e9 if bwd_ms > 0 else None
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except RuntimeError as e:  # e.g. an SDPA backend that does not take these inputs
+                row["error"] = str(e).splitlines()[0][:200]
+            if cuda:
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def spot_check(cuda, device):
+    """bf16 (fp32 on CPU) output and attnlrp gradients against float64 at one long-ish shape."""
+    import attnlrp_fast as af
+    from attnlrp_fast.reference import attention_dense
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    B, H, Hkv, N, D = (1, 8, 2, 2000, 128) if cuda else (1, 2, 1, 100, 32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(B, h, N, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv, H))
+    out = {}
+    for rule in ("grad", "attnlrp", "cp"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = af.attention(*leaves, causal=True, rule=rule, backend=None if cuda else "torch")
+        o.backward(do)
+        ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
+        ref = attention_dense(*ref_leaves, causal=True, rule=rule)
+        ref.backward(do.double())
+        errs = {"o": o.double(), "dq": leaves[0].grad.double(), "dk": leaves[1].grad.double(),
+                "dv": leaves[2].grad.double()}
+        refs = {"o": ref, "dq": ref_leaves[0].grad, "dk": ref_leaves[1].grad, "dv": ref_leaves[2].grad}
+        out[rule] = {n: (None if refs[n] is None or refs[n].norm() == 0 else
+                         ((errs[n] - refs[n]).norm() / refs[n].norm()).item()) for n in errs}
+    return out
+
+
+def run_gpu_tests():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/"], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
+    print("\n".join(tail), flush=True)
+    return {"returncode": proc.returncode, "tail": tail}
+
+
+def versions():
+    import triton
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
+           "cuda": torch.version.cuda}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:
+        out["transformers"] = None
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch path: checks the harness")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the pytest -m gpu suite")
+    p.add_argument("--eager-max", type=int, default=8192, help="longest N for the materialised baselines")
+    p.add_argument("--autotune", choices=("0", "1"), default="1", help="ATTNLRP_FAST_AUTOTUNE for the timings")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        p.error("no CUDA device: run with --smoke to check the harness on CPU")
+    device = "cuda" if cuda else "cpu"
+    os.environ["ATTNLRP_FAST_AUTOTUNE"] = args.autotune
+    name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
+    result = {"device": name, "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "smoke": args.smoke, "autotune": args.autotune == "1", "dtype": "bfloat16" if cuda else "float32"}
+    if cuda and not args.skip_tests:
+        result["gpu_tests"] = run_gpu_tests()
+    result["spot_check_rel_err"] = spot_check(cuda, device)
+    print(json.dumps(result["spot_check_rel_err"]), flush=True)
+    result["timings"] = run_timings(args, cuda, device)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+    path = out / f"{datetime.date.today().isoformat()}-{slug}{'-smoke' if args.smoke else ''}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0 if result.get("gpu_tests", {}).get("returncode", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The attention checks on a CUDA device, compiled kernels (no interpreter), bf16 included.
+Run with: TRITON_INTERPRET=0 python -m pytest tests -m gpu"""
+
+import pytest
+import torch
+
+import attnlrp_fast as af
+from helpers import TOL, assert_close_all, dense_reference, make_qkv, rel_err, run_attention
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+FEATURES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window_softcap": {"causal": True, "window": 257, "softcap": 30.0},
+    "padding": {"padding": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _not_interpreting():
+    from attnlrp_fast.kernels import interpreting
+
+    if interpreting():
+        pytest.skip("GPU tests run the compiled kernels: unset TRITON_INTERPRET")
+
+
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_gpu_matches_float64(dtype, rule, feature, D):
+    g = torch.Generator().manual_seed(D)
+    B, H, Hkv, N, M = 2, 8, 2, 1000, 1037
+    q, k, v = make_qkv(B, H, Hkv, N, M, D, dtype, device="cuda", layout="bnhd", generator=g)
+    do = torch.randn(B, H, N, D, generator=g).to("cuda", dtype)
+    kw = dict(FEATURES[feature])
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = (torch.rand(B, M, generator=g) > 0.2).cuda()
+    outs = run_attention(af.attention, q, k, v, do, rule=rule, **kw)
+    refs = dense_reference(q, k, v, do, rule=rule, **kw)
+    assert_close_all(outs, refs, TOL[dtype], f"{dtype}/{rule}/{feature}/D={D}")
+
+
+@pytest.mark.parametrize("D", [16, 32, 96, 256])
+def test_gpu_head_dims(D):
+    q, k, v = make_qkv(1, 4, 4, 300, 300, D, torch.bfloat16, device="cuda")
+    do = torch.randn_like(q)
+    outs = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")
+    assert_close_all(outs, dense_reference(q, k, v, do, causal=True, rule="attnlrp"), TOL[torch.bfloat16], f"D={D}")
+
+
+@pytest.mark.parametrize("N,M", [(1, 4097), (64, 4000), (4096, 4096)])
+def test_gpu_decode_prefill_long(N, M):
+    q, k, v = make_qkv(1, 32, 8, N, M, 128, torch.bfloat16, device="cuda")
+    do = torch.randn_like(q)
+    outs = run_attention(af.attention, q, k, v, do, causal=True, rule="grad")
+    assert_close_all(outs, dense_reference(q, k, v, do, causal=True, rule="grad"), TOL[torch.bfloat16], f"{N}/{M}")
+
+
+def test_gpu_agrees_with_sdpa():
+    """Same precision baseline: torch SDPA's output and gradients in bf16."""
+    q, k, v = make_qkv(2, 8, 8, 2048, 2048, 128, torch.bfloat16, device="cuda")
+    do = torch.randn_like(q)
+    ours = run_attention(af.attention, q, k, v, do, causal=True)
+    sdpa = run_attention(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True),
+                         q, k, v, do)
+    for a, b in zip(ours, sdpa):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_gpu_deterministic():
+    """No atomics: two backward passes give bit-identical gradients."""
+    q, k, v = make_qkv(1, 16, 4, 1500, 1500, 128, torch.bfloat16, device="cuda")
+    do = torch.randn_like(q)
+    first = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")
+    second = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_gpu_fully_masked_rows():
+    q, k, v = make_qkv(2, 4, 4, 200, 100, 64, torch.float16, device="cuda")
+    kpm = torch.ones(2, 100, dtype=torch.bool, device="cuda")
+    kpm[1] = False
+    o, dq, dk, dv = run_attention(af.attention, q, k, v, torch.randn_like(q), causal=True, key_padding_mask=kpm)
+    assert (o[1] == 0).all() and (dq[1] == 0).all() and (o[0, :, :100] == 0).all()
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
