@@ -30,11 +30,14 @@ from .attention_common import (
     autotuned,
     dot_precision,
     head_block,
+    key_mask,
     key_range,
     launch,
+    load_rows,
     query_range,
     softcap_grad_factor,
     softcap_logits,
+    store_rows,
     visible,
 )
 
@@ -48,13 +51,9 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, st
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < N)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+    o = load_rows(O + b * stride_ob + h * stride_oh, offs_m, N, stride_on, stride_od, HEAD_DIM, BLOCK_D, False)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
+    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
 
 
 @triton.jit
@@ -79,18 +78,9 @@ def attention_bwd_dkdv_kernel(
     hk = pid_bh % HKV
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_ok = offs_n < M
-    d_ok = offs_d < HEAD_DIM
-    nd_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=nd_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=nd_mask, other=0.0)
-    key_ok = n_ok
-    if HAS_KPM:
-        key_ok = key_ok & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=n_ok, other=0) != 0)
-    kpos = offs_n[:, None]
+    k = load_rows(K + b * stride_kb + hk * stride_kh, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, False)
+    v = load_rows(V + b * stride_vb + hk * stride_vh, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False)
+    key_ok = key_mask(KPM + b * stride_kpm_b, offs_n, M, HAS_KPM)
 
     k_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, M) - 1
     lo, hi = query_range(pid_n * BLOCK_N, k_last, shift, window, N, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
@@ -105,18 +95,15 @@ def attention_bwd_dkdv_kernel(
         for start_m in tl.range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N
-            md_mask = m_ok[:, None] & d_ok[None, :]
-            qt = tl.load(q_base + offs_m[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-                         mask=d_ok[:, None] & m_ok[None, :], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                         mask=md_mask, other=0.0)
+            qt = load_rows(q_base, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, True)
+            do = load_rows(do_base, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
             lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
             # Transposed scores (keys x queries), so dK and dV accumulate without transposes.
             ut = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale
             st = ut
             if HAS_SOFTCAP:
                 st, tt = softcap_logits(ut, softcap)
-            keep = visible(offs_m[None, :] + shift, kpos, window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
+            keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
             pt = tl.where(keep, tl.exp2((st - lse[None, :]) * LOG2E), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
             if RULE != RULE_CP:
@@ -127,12 +114,10 @@ def attention_bwd_dkdv_kernel(
                     dst = dst * softcap_grad_factor(ut, tt, softcap, RULE)
                 dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
 
-    dk = dk * dk_factor
-    dv = dv * dv_factor
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=nd_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=nd_mask)
+    store_rows(DK + b * stride_dkb + hk * stride_dkh, dk * dk_factor, offs_n, M, stride_dkn, stride_dkd,
+               HEAD_DIM, BLOCK_D)
+    store_rows(DV + b * stride_dvb + hk * stride_dvh, dv * dv_factor, offs_n, M, stride_dvn, stride_dvd,
+               HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -157,14 +142,9 @@ def attention_bwd_dq_kernel(
     hk = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
-    md_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-                 mask=md_mask, other=0.0)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, False)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
     lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_ok, other=0.0)
     qpos = offs_m[:, None] + shift
@@ -177,19 +157,14 @@ def attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < M
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        kt = load_rows(k_base, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, True)
+        vt = load_rows(v_base, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True)
         u = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         s = u
         if HAS_SOFTCAP:
             s, t = softcap_logits(u, softcap)
-        key_ok = n_ok
-        if HAS_KPM:
-            key_ok = key_ok & (tl.load(KPM + b * stride_kpm_b + offs_n, mask=n_ok, other=0) != 0)
-        keep = visible(qpos, offs_n[None, :], window, key_ok[None, :], IS_CAUSAL, HAS_WINDOW)
+        keep = visible(qpos, offs_n[None, :], window, key_mask(KPM + b * stride_kpm_b, offs_n, M, HAS_KPM)[None, :],
+                       IS_CAUSAL, HAS_WINDOW)
         p = tl.where(keep, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -197,9 +172,8 @@ def attention_bwd_dq_kernel(
             ds = ds * softcap_grad_factor(u, t, softcap, RULE)
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
 
-    dq = dq * dq_factor
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=md_mask)
+    store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * dq_factor, offs_m, N, stride_dqn, stride_dqd,
+               HEAD_DIM, BLOCK_D)
 
 
 _KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE"]

@@ -55,6 +55,38 @@ def tanh(x):
 
 
 @triton.jit
+def load_rows(base, offs_r, n_rows, stride_r, stride_d,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Rows offs_r of a (n_rows, HEAD_DIM) matrix as a zero-padded (rows, BLOCK_D) tile, or its transpose
+    (BLOCK_D, rows) when TRANSPOSED (read straight from memory in that order: no tl.trans)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    if TRANSPOSED:
+        tile = tl.load(base + offs_r[None, :] * stride_r + offs_d[:, None] * stride_d,
+                       mask=(offs_d < HEAD_DIM)[:, None] & (offs_r < n_rows)[None, :], other=0.0)
+    else:
+        tile = tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+                       mask=(offs_r < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def store_rows(base, tile, offs_r, n_rows, stride_r, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write a (rows, BLOCK_D) fp32 tile into rows offs_r of a (n_rows, HEAD_DIM) matrix, in its dtype."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, tile.to(base.dtype.element_ty),
+             mask=(offs_r < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def key_mask(kpm_base, offs_n, M, HAS_KPM: tl.constexpr):
+    """Keys in bounds and, with a padding mask, real."""
+    ok = offs_n < M
+    if HAS_KPM:
+        ok = ok & (tl.load(kpm_base + offs_n, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
 def visible(qpos, kpos, window, key_ok, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Visibility of key position kpos to query position qpos (broadcast blocks).
 

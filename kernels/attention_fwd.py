@@ -22,9 +22,12 @@ from .attention_common import (
     autotuned,
     dot_precision,
     head_block,
+    key_mask,
     key_range,
     launch,
+    load_rows,
     softcap_logits,
+    store_rows,
     visible,
 )
 
@@ -37,21 +40,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, lo, hi,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation over the key blocks [lo, hi)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     qpos = offs_m[:, None] + shift
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < M
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        kt = load_rows(k_base, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, True)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
         if HAS_SOFTCAP:
             s, _t = softcap_logits(s, softcap)
-        key_ok = n_ok
-        if HAS_KPM:
-            key_ok = key_ok & (tl.load(kpm_base + offs_n, mask=n_ok, other=0) != 0)
-        keep = visible(qpos, offs_n[None, :], window, key_ok[None, :], IS_CAUSAL, HAS_WINDOW)
+        keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
+                       IS_CAUSAL, HAS_WINDOW)
         s = tl.where(keep, s * LOG2E, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there so no inf - inf appears.
@@ -59,8 +56,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, lo, hi,
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = load_rows(v_base, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -87,11 +83,7 @@ def attention_fwd_kernel(
     hk = h // GROUP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < N
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, False)
 
     q_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1
     lo, hi = key_range(pid_m * BLOCK_M, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
@@ -109,11 +101,10 @@ def attention_fwd_kernel(
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    o = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
-    tl.store(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-             o.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh * N + offs_m, lse, mask=m_ok)
+    store_rows(O + b * stride_ob + h * stride_oh, acc / l_safe[:, None], offs_m, N, stride_on, stride_od,
+               HEAD_DIM, BLOCK_D)
+    tl.store(LSE + pid_bh * N + offs_m, lse, mask=offs_m < N)
 
 
 _tuned_fwd = autotuned(attention_fwd_kernel, FWD_CONFIGS, key=["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM"])
