@@ -170,3 +170,148 @@ def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=Fa
         dk += torch.einsum("bhgnm,bhgnd->bhmd", ds, qc)
     f = scale * qk_factor
     return ((dq * f).reshape(B, H, N, D).to(q.dtype), (dk * f).to(k.dtype), (dv * dv_factor).to(v.dtype))
+
+
+# --- norms, GLU products, activations ---
+#
+# Dense references: the rules as gradient modifications autograd follows (DESIGN.md section 1): the identity
+# rule on a normaliser holds rstd constant (centering stays linear), the uniform rule on a product of two
+# input-dependent factors halves each factor's gradient, the identity rule on an element-wise act replaces
+# act'(x) by act(x) / x. The torch path below them has the kernels' explicit formulas (kernels/norm.py,
+# kernels/glu.py), in fp32 (fp64 for fp64 inputs).
+
+ACTIVATION_FNS = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
+# act(x) / x as x -> 0 (relu: its value at x = 0 taken from the left, i.e. no relevance through 0).
+ACTIVATION_RATIO_AT_ZERO = {"silu": 0.5, "gelu": 0.5, "gelu_tanh": 0.5, "tanh": 1.0, "relu": 0.0}
+
+
+def activation_identity(x, act):
+    """act(x) in the forward; the identity rule's gradient act(x) / x (its limit at x = 0) in the backward."""
+    zero = x == 0
+    ratio = ACTIVATION_FNS[act](x) / torch.where(zero, torch.ones_like(x), x)
+    ratio = torch.where(zero, torch.full_like(x, ACTIVATION_RATIO_AT_ZERO[act]), ratio)
+    return x * ratio.detach()
+
+
+def rms_norm_dense(x, weight, eps, *, offset=0.0, lrp=False):
+    """x * rstd * (offset + weight) over the last dim; lrp: rstd held constant (identity rule)."""
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    y = x * (rstd.detach() if lrp else rstd)
+    return y if weight is None else y * (offset + weight)
+
+
+def layer_norm_dense(x, weight, bias, eps, *, lrp=False):
+    """(x - mean) * rstd * weight + bias (biased variance); lrp: rstd held constant, centering linear."""
+    xc = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+    y = xc * (rstd.detach() if lrp else rstd)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def glu_dense(gate, up, *, act="silu", lrp=False):
+    """act(gate) * up; lrp: uniform rule on the product (each factor's gradient halved), identity rule on act."""
+    if not lrp:
+        return ACTIVATION_FNS[act](gate) * up
+    return scale_grad(activation_identity(gate, act), 0.5) * scale_grad(up, 0.5)
+
+
+def activation_dense(x, *, act="gelu", lrp=False):
+    """act(x); lrp: identity rule (gradient act(x) / x)."""
+    return activation_identity(x, act) if lrp else ACTIVATION_FNS[act](x)
+
+
+def _rows_stats_dtype(dtype):
+    """Saved per-row statistics: fp32 (the kernels' choice), fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def norm_fwd_torch(x, weight, bias, eps, *, offset=0.0, out_dtype=None, center=False):
+    """CPU path of kernels/norm.py norm_fwd: y, mean (None for RMSNorm) and rstd, statistics in fp32 (fp64 for
+    fp64 inputs)."""
+    ct = _compute_dtype(x.dtype)
+    xf = x.to(ct)
+    mean = xf.mean(-1, keepdim=True) if center else None
+    if center:
+        xf = xf - mean
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * rstd
+    if weight is not None:
+        y = y * (offset + weight.to(ct))
+    if bias is not None:
+        y = y + bias.to(ct)
+    sd = _rows_stats_dtype(x.dtype)
+    return (y.to(out_dtype or x.dtype), None if mean is None else mean[..., 0].to(sd), rstd[..., 0].to(sd))
+
+
+def norm_bwd_torch(dy, x, weight, mean, rstd, *, offset=0.0, lrp=False, need_dw=False, need_db=False):
+    """CPU path of kernels/norm.py norm_bwd: dx, and dweight / dbias sums in the compute dtype or None."""
+    ct = _compute_dtype(x.dtype)
+    dyf = dy.to(ct)
+    r = rstd.to(ct)[..., None]
+    xhat = (x.to(ct) if mean is None else x.to(ct) - mean.to(ct)[..., None]) * r
+    g = dyf if weight is None else dyf * (offset + weight.to(ct))
+    dx = g
+    if mean is not None:
+        dx = dx - g.mean(-1, keepdim=True)
+    if not lrp:
+        dx = dx - xhat * (g * xhat).mean(-1, keepdim=True)
+    D = x.shape[-1]
+    dw = (dyf * xhat).reshape(-1, D).sum(0) if need_dw else None
+    db = dyf.reshape(-1, D).sum(0) if need_db else None
+    return (dx * r).to(x.dtype), dw, db
+
+
+def act_and_factor_torch(x, act, lrp):
+    """act(x) and act'(x) (or, lrp, act(x) / x in closed form), as kernels/glu.py act_and_factor."""
+    if act == "silu":
+        s = torch.sigmoid(x)
+        return x * s, s if lrp else s * (1.0 + x * (1.0 - s))
+    if act == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+        return x * cdf, cdf if lrp else cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    if act == "gelu_tanh":
+        k = math.sqrt(2.0 / math.pi)
+        h = torch.sigmoid(2.0 * k * x * (1.0 + 0.044715 * x * x))
+        return x * h, h if lrp else h + x * 2.0 * h * (1.0 - h) * k * (1.0 + 3.0 * 0.044715 * x * x)
+    if act == "tanh":
+        t = torch.tanh(x)
+        if not lrp:
+            return t, 1.0 - t * t
+        small = x.abs() < 1e-6
+        return t, torch.where(small, 1.0, t / torch.where(small, 1.0, x))
+    if act == "relu":
+        return torch.relu(x), (x > 0).to(x.dtype)
+    raise ValueError(f"act must be one of {tuple(ACTIVATION_FNS)}, got {act!r}")
+
+
+def glu_fwd_torch(gate, up, *, act="silu"):
+    """CPU path of kernels/glu.py glu_fwd: act(gate) * up in gate's dtype."""
+    ct = _compute_dtype(gate.dtype)
+    return (act_and_factor_torch(gate.to(ct), act, False)[0] * up.to(ct)).to(gate.dtype)
+
+
+def glu_bwd_torch(dout, gate, up, *, act="silu", lrp=False):
+    """CPU path of kernels/glu.py glu_bwd: (dgate, dup)."""
+    ct = _compute_dtype(gate.dtype)
+    a, f = act_and_factor_torch(gate.to(ct), act, lrp)
+    g = dout.to(ct) * (0.5 if lrp else 1.0)
+    return (g * up.to(ct) * f).to(gate.dtype), (g * a).to(up.dtype)
+
+
+def activation_fwd_torch(x, *, act="gelu"):
+    """CPU path of kernels/glu.py activation_fwd."""
+    return act_and_factor_torch(x.to(_compute_dtype(x.dtype)), act, False)[0].to(x.dtype)
+
+
+def activation_bwd_torch(dy, x, *, act="gelu", lrp=False):
+    """CPU path of kernels/glu.py activation_bwd: dy * act'(x), or (lrp) dy * act(x) / x."""
+    ct = _compute_dtype(x.dtype)
+    return (dy.to(ct) * act_and_factor_torch(x.to(ct), act, lrp)[1]).to(x.dtype)
