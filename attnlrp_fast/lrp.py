@@ -1,0 +1,223 @@
+"""af.lrp(model, rule=...): make one model instance compute its backward under an explanation rule.
+
+    with af.lrp(model, rule="attnlrp"):
+        ...                                   # forward/backward now give AttnLRP relevance as x * grad
+    handle = af.lrp(model); ...; handle.remove()
+
+What it changes, on this instance only (never a class):
+- attention goes through the engine: attn_implementation="attnlrp_fast", the rule set on each attention module;
+- RMSNorm / LayerNorm, GLU products, mixture-of-experts weighting and element-wise activations go through the
+  fused ops (identity rule on norms and activations, uniform rule on products) per the model's family map;
+- with gamma=..., the linear layers of a vision transformer's encoder take the gamma rule;
+- every module is put in eval mode (dropout off).
+Every replacement is checked against the module's own forward on random input when installed. remove()
+(or leaving the with-block) restores the instance exactly: forwards, attention implementation, modes.
+"""
+
+import torch
+
+from attnlrp_fast.bindings.hf import BACKEND_ATTR, NAME, RULE_ATTR
+from attnlrp_fast.models import UnsupportedModelError, family_for
+from attnlrp_fast.models import common
+
+RULES = ("attnlrp", "cp", "grad")
+HANDLE_ATTR = "_attnlrp_fast_handle"
+_MISSING = object()
+
+
+def _rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+class LRPHandle:
+    """The patches af.lrp() applied to one model; remove() undoes them (also on leaving a with-block)."""
+
+    def __init__(self, model, rule="attnlrp", *, backend=None, gamma=None):
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if backend not in (None, "triton", "torch"):
+            raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+        if gamma is not None and (not isinstance(gamma, (int, float)) or gamma < 0):
+            raise ValueError(f"gamma must be a non-negative number or None, got {gamma!r}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}")
+        if getattr(model, HANDLE_ATTR, None) is not None:
+            raise RuntimeError("this model is already inside af.lrp(); leave it (or call .remove()) first")
+        self.model, self.rule, self.backend, self.gamma = model, rule, backend, gamma
+        self.family = family_for(model)
+        self.final_logit_softcap = getattr(getattr(model, "config", None), self.family.final_logit_softcap, None) \
+            if self.family.final_logit_softcap else None
+        self._forwards = []   # (module, previous instance forward or _MISSING)
+        self._attrs = []      # (module, attribute, previous value or _MISSING)
+        self._modes = []
+        self._attn = _MISSING
+        self.patched = {}     # module name -> what it became
+        try:
+            self._apply()
+        except BaseException:
+            self.remove()
+            raise
+        setattr(model, HANDLE_ATTR, self)
+
+    # --- applying -------------------------------------------------------------------------------------
+    def _set_attr(self, module, attr, value):
+        self._attrs.append((module, attr, module.__dict__.get(attr, _MISSING)))
+        setattr(module, attr, value)
+
+    def _set_forward(self, name, module, forward, what):
+        self._forwards.append((module, module.__dict__.get("forward", _MISSING)))
+        module.forward = forward
+        self.patched[name] = what
+
+    def _apply(self):
+        model, lrp = self.model, self.rule != "grad"
+        self._modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        self._route_attention()
+        verified = set()
+        for name, module in model.named_modules():
+            replacement = self._replacement(module, lrp)
+            if replacement is None:
+                continue
+            kind, forward, spec = replacement
+            cls = type(module).__name__
+            if cls not in verified:
+                self._verify(name, module, kind, forward, spec)
+                verified.add(cls)
+                if forward is None:  # a generic RMSNorm whose spec _verify just found
+                    kind, forward, spec = self._replacement(module, lrp)
+            self._set_forward(name, module, forward, kind)
+        if self.gamma is not None:
+            self._apply_gamma()
+        self._check_coverage()
+
+    def _route_attention(self):
+        model = self.model
+        can_set = getattr(type(model), "_can_set_attn_implementation", None)
+        if not hasattr(model, "set_attn_implementation") or (can_set is not None and not can_set()):
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: its attention does not go through transformers' AttentionInterface, "
+                "so the attention engine cannot be plugged in")
+        self._attn = model.config._attn_implementation
+        model.set_attn_implementation(NAME)
+        n = 0
+        for module in model.modules():
+            if type(module).__name__.endswith("Attention") or hasattr(module, "is_causal"):
+                self._set_attr(module, RULE_ATTR, self.rule)
+                self._set_attr(module, BACKEND_ATTR, self.backend)
+                n += 1
+        if n == 0:
+            raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
+
+    def _replacement(self, module, lrp):
+        """(kind, new forward, spec) for a module the family map covers, else None."""
+        fam, cls, backend = self.family, type(module).__name__, self.backend
+        if cls in fam.rms_norms:
+            spec = fam.rms_norms[cls]
+            return "rms_norm", (common.rms_norm_forward(module, spec, lrp, backend) if spec else None), spec
+        if isinstance(module, torch.nn.LayerNorm) or cls in fam.layer_norms:
+            return "layer_norm", common.layer_norm_forward(module, lrp, backend), None
+        if cls in fam.glu_mlps:
+            spec = fam.glu_mlps[cls]
+            return "glu_mlp", common.glu_mlp_forward(module, spec, lrp, backend), spec
+        if cls in fam.experts:
+            return "experts", common.experts_forward(module, lrp, backend), None
+        if common.activation_name(module) is not None:
+            return "activation", common.activation_forward(module, lrp, backend), None
+        return None
+
+    def _verify(self, name, module, kind, forward, spec):
+        """The replacement computes what the module computed (generic RMSNorm: find out which offset)."""
+        if kind == "rms_norm" and spec is None:  # generic map: try Llama-style, then Gemma-style
+            for candidate in (common.RMSNormSpec(), common.RMSNormSpec(offset=1.0, promote_output=False)):
+                f = common.rms_norm_forward(module, candidate, self.rule != "grad", self.backend)
+                if self._matches(module, "rms_norm", f, candidate):
+                    self.family.rms_norms[type(module).__name__] = candidate
+                    return
+            raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not an RMSNorm this library knows")
+        if not self._matches(module, kind, forward, spec):
+            raise UnsupportedModelError(
+                f"{name} ({type(module).__name__}): the fused {kind} replacement does not compute what the module "
+                f"computes; the map for '{self.family.name}' does not fit this model")
+
+    def _matches(self, module, kind, forward, spec):
+        probe = common.probe_input(module, kind, spec)
+        with torch.no_grad():
+            want = type(module).forward(module, *probe)
+            got = forward(*probe)
+        tol = 1e-4 if probe[0].dtype in (torch.float32, torch.float64) else 3e-2
+        return got.shape == want.shape and _rel_err(got, want) < tol
+
+    def _apply_gamma(self):
+        scope = self.family.gamma_scope
+        if not scope:
+            raise ValueError(f"gamma applies to vision transformers' linear layers; '{self.family.name}' has none")
+        for name, module in self.model.named_modules():
+            in_scope = name == scope or name.endswith("." + scope) or ("." + scope + ".") in name \
+                or name.startswith(scope + ".")
+            if in_scope and isinstance(module, torch.nn.Linear):
+                self._set_forward(name, module, common.gamma_linear_forward(module, float(self.gamma)), "gamma_linear")
+
+    def _check_coverage(self):
+        """Norm, MLP and expert modules the map neither patched nor knows as linear containers would carry
+        unchecked rules: refuse them."""
+        missing = []
+        for name, module in self.model.named_modules():
+            cls = type(module).__name__
+            lowered = cls.lower()
+            suspicious = lowered.endswith("norm") or any(w in lowered for w in ("mlp", "expert", "moe"))
+            if suspicious and name not in self.patched and cls not in self.family.containers:
+                missing.append(f"{name} ({cls})")
+        if missing:
+            raise UnsupportedModelError(
+                f"no LRP rule for these modules of '{self.family.name}': {', '.join(missing[:8])}"
+                f"{' ...' if len(missing) > 8 else ''}. Add a model map for this family (attnlrp_fast/models/).")
+
+    # --- undoing --------------------------------------------------------------------------------------
+    def remove(self):
+        """Restore the model exactly as it was. Safe to call twice."""
+        for module, previous in reversed(self._forwards):
+            if previous is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._forwards = []
+        for module, attr, previous in reversed(self._attrs):
+            if previous is _MISSING:
+                module.__dict__.pop(attr, None)
+            else:
+                setattr(module, attr, previous)
+        self._attrs = []
+        if self._attn is not _MISSING:
+            self.model.set_attn_implementation(self._attn)
+            self._attn = _MISSING
+        for module, mode in self._modes:
+            module.training = mode
+        self._modes = []
+        if getattr(self.model, HANDLE_ATTR, None) is self:
+            self.model.__dict__.pop(HANDLE_ATTR, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def __repr__(self):
+        kinds = {}
+        for what in self.patched.values():
+            kinds[what] = kinds.get(what, 0) + 1
+        return f"LRPHandle(rule={self.rule!r}, family={self.family.name!r}, patched={kinds})"
+
+
+def lrp(model, rule="attnlrp", *, backend=None, gamma=None) -> LRPHandle:
+    """Patch this model instance so that its backward follows `rule` ("attnlrp" | "cp" | "grad").
+    Use as a context manager, or keep the handle and call .remove(). See the module docstring."""
+    return LRPHandle(model, rule, backend=backend, gamma=gamma)
+
+
+def active_handle(model):
+    """The LRPHandle the model is inside, or None."""
+    return getattr(model, HANDLE_ATTR, None)

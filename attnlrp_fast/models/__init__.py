@@ -1,0 +1,42 @@
+"""Per-family model maps: which module classes get which fused LRP op (see common.py)."""
+
+from .bert import BERT
+from .common import ACTIVATIONS, FamilyMap, GLUSpec, RMSNormSpec, UnsupportedModelError
+from .gemma import GEMMA, GEMMA2, GEMMA3
+from .gpt2 import GPT2
+from .llama import LLAMA
+from .mistral import MISTRAL
+from .mixtral import MIXTRAL
+from .phi3 import PHI3
+from .qwen2 import QWEN2
+from .qwen3 import QWEN3
+from .vit import VIT
+
+FAMILIES = (LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3, GPT2, BERT, VIT)
+_BY_TYPE = {t: f for f in FAMILIES for t in f.model_types}
+
+
+def family_for(model) -> FamilyMap:
+    """The map for `model`'s config.model_type; for unknown types a generic map built from the module classes
+    (RMSNorm-named modules, LayerNorm, Llama-style GLU MLPs), which lrp() then verifies module by module."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _BY_TYPE:
+        return _BY_TYPE[model_type]
+    return generic_family(model, model_type)
+
+
+def generic_family(model, model_type) -> FamilyMap:
+    rms, glus = {}, {}
+    for module in model.modules():
+        cls = type(module).__name__
+        if cls.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+            # Which offset? Gemma-style norms start from zero weights and add 1; tell by the forward's output.
+            rms[cls] = None
+        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            glus[cls] = GLUSpec()
+    return FamilyMap(name=f"generic ({model_type})", model_types=(model_type,), rms_norms=rms, layer_norms=("LayerNorm",),
+                     glu_mlps=glus)
+
+
+__all__ = ["FAMILIES", "FamilyMap", "GLUSpec", "RMSNormSpec", "UnsupportedModelError", "family_for", "ACTIVATIONS"]
