@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .attention_common import (
     BWD_CONFIGS,
+    CP_RULE,
     LOG2E,
     RULE_ATTNLRP,
     RULE_CP,
@@ -106,7 +107,7 @@ def attention_bwd_dkdv_kernel(
             keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
             pt = tl.where(keep, tl.exp2((st - lse[None, :]) * LOG2E), 0.0)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            if RULE != RULE_CP:
+            if RULE != CP_RULE:
                 delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
                 dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
                 dst = pt * (dpt - delta[None, :])

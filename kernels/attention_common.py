@@ -15,14 +15,18 @@ import os
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals a @triton.jit function reads must be tl.constexpr (the interpreter accepts plain floats, the
+# compiler does not).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
-# Backward rules, passed to the kernels as a constexpr.
+# Backward rules, passed to the kernels as a constexpr: ids on the Python side, and as constexpr globals.
 RULE_GRAD = 0
 RULE_ATTNLRP = 1
 RULE_CP = 2
 RULE_IDS = {"grad": RULE_GRAD, "attnlrp": RULE_ATTNLRP, "cp": RULE_CP}
+ATTNLRP_RULE = tl.constexpr(RULE_ATTNLRP)
+CP_RULE = tl.constexpr(RULE_CP)
 
 
 def interpreting() -> bool:
@@ -145,11 +149,13 @@ def softcap_logits(u, softcap):
 @triton.jit
 def softcap_grad_factor(u, t, softcap, RULE: tl.constexpr):
     """d(capped)/du under the rule: exact 1 - t^2, or the identity rule's capped / u (1 at u = 0)."""
-    if RULE == 1:
+    if RULE == ATTNLRP_RULE:
         small = tl.abs(u) < 1e-6
         f = tl.where(small, 1.0, softcap * t / tl.where(small, 1.0, u))
     else:
-        f = 1.0 - t * t
+        # 1 - t^2 = 4 e / (1 + e)^2 with e = exp(-2|u/c|): no cancellation where tanh saturates
+        e = tl.exp(-2.0 * tl.abs(u / softcap))
+        f = 4.0 * e / ((1.0 + e) * (1.0 + e))
     return f
 
 

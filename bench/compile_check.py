@@ -1,0 +1,161 @@
+"""Compile every Triton kernel ahead of time for a GPU target, on a machine without a GPU.
+
+Triton's interpreter (how CI runs the kernels) accepts code the real compiler rejects (non-constexpr globals,
+tl.dot shapes under 16, unsupported casts) and says nothing about shared memory. This script runs the real
+launchers with CPU tensors, records each launch instead of running it, and compiles the recorded launch with
+Triton's compiler and ptxas for the target (default sm_90, Hopper), checking the shared memory each variant
+needs against the target's limit.
+
+    TRITON_INTERPRET=0 python bench/compile_check.py              # the fixed configs launchers use
+    TRITON_INTERPRET=0 python bench/compile_check.py --autotune   # every autotune candidate (bf16)
+    TRITON_INTERPRET=0 python bench/compile_check.py --quick      # the largest variants (tests/test_gpu_compile.py)
+"""
+
+import argparse
+import itertools
+import os
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ["ATTNLRP_FAST_AUTOTUNE"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
+TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+         torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+
+
+class Recorder:
+    """Stands in for JITFunction.run: keeps (kernel, bound arguments, launch options) instead of launching."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, fn, *args, grid=None, warmup=False, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound = dict(zip(fn.arg_names, args))
+        bound.update(kwargs)
+        self.launches.append((fn, bound, options))
+
+
+def signature(fn, bound):
+    sig, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = bound[name]
+        if i in fn.constexprs:
+            sig[name] = "constexpr"
+            constexprs[(i,)] = value
+        elif isinstance(value, torch.Tensor):
+            sig[name] = "*" + TYPES[value.dtype]
+        elif isinstance(value, bool):
+            sig[name] = "i1"
+        elif isinstance(value, int):
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            sig[name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {name}={value!r}")
+    return sig, constexprs
+
+
+def compile_launch(fn, bound, options, arch):
+    sig, constexprs = signature(fn, bound)
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    return kernel.metadata.shared
+
+
+def record_cases(autotune, quick=False):
+    """(label, call) pairs: each call runs one launcher on small CPU tensors (under the recorder)."""
+    from functools import partial
+
+    from attnlrp_fast.kernels import attention_bwd, attention_fwd
+    from attnlrp_fast.kernels.attention_common import BWD_CONFIGS, FWD_CONFIGS
+    from attnlrp_fast.kernels.glu import activation_bwd, activation_fwd, glu_bwd, glu_fwd
+    from attnlrp_fast.kernels.norm import norm_bwd, norm_fwd
+
+    cases = []
+    configs = [None]
+    if autotune:
+        configs += [{"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps,
+                     "num_stages": c.num_stages} for c in FWD_CONFIGS + BWD_CONFIGS]
+    variants = itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256), (False, True), configs)
+    if quick:  # the largest tiles in each dtype class, every flag on
+        variants = [(torch.bfloat16, 128, True, None), (torch.bfloat16, 256, True, None), (torch.float32, 64, True, None)]
+    elif autotune:  # every candidate, at the shapes a GPU model runs
+        variants = itertools.product((torch.bfloat16,), (64, 128, 256), (True,), configs[1:])
+    for dtype, D, masks, config in variants:
+        kw = {"causal": True, "window": 64, "softcap": 30.0} if masks else {}
+        kpm = torch.ones(1, 40, dtype=torch.bool) if masks else None
+        q, k, v = (torch.randn(1, h, 40, D, dtype=dtype) for h in (4, 2, 2))
+        o, lse = torch.empty_like(q), torch.empty(1, 4, 40)
+        label = f"{str(dtype)[6:]} D={D} {'masks' if masks else 'plain'}{' ' + str(config) if config else ''}"
+        cases.append((f"attention_fwd {label}", partial(attention_fwd, q, k, v, kpm, scale=0.1, config=config, **kw)))
+        for rule in ("grad", "attnlrp", "cp"):
+            cases.append((f"attention_bwd[{rule}] {label}",
+                          partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config, **kw)))
+    for dtype, D in [(torch.bfloat16, 4096)] if quick else itertools.product((torch.bfloat16, torch.float32), (96, 4096)):
+        x, w, stats = torch.randn(3, D, dtype=dtype), torch.randn(D, dtype=dtype), torch.empty(3)
+        tag = f"{str(dtype)[6:]} D={D}"
+        for center in (False, True):
+            name = "layer_norm" if center else "rms_norm"
+            cases.append((f"{name}_fwd {tag}", partial(norm_fwd, x, w, w if center else None, 1e-5, center=center)))
+            for lrp in (False, True):
+                cases.append((f"{name}_bwd[{'lrp' if lrp else 'grad'}] {tag}",
+                              partial(norm_bwd, x, x, w, stats if center else None, stats, lrp=lrp, need_dw=True,
+                                      need_db=center)))
+        for act in ("silu", "gelu", "gelu_tanh"):
+            cases.append((f"glu_fwd[{act}] {tag}", partial(glu_fwd, x, x, act=act)))
+            for lrp in (False, True):
+                cases.append((f"glu_bwd[{act},{'lrp' if lrp else 'grad'}] {tag}", partial(glu_bwd, x, x, x, act=act,
+                                                                                           lrp=lrp)))
+        for act in ("silu", "gelu", "gelu_tanh", "tanh", "relu"):
+            cases.append((f"activation_fwd[{act}] {tag}", partial(activation_fwd, x, act=act)))
+            for lrp in (False, True):
+                cases.append((f"activation_bwd[{act},{'lrp' if lrp else 'grad'}] {tag}",
+                              partial(activation_bwd, x, x, act=act, lrp=lrp)))
+    return cases
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    p.add_argument("--autotune", action="store_true", help="every autotune candidate instead (bf16, slow)")
+    p.add_argument("--quick", action="store_true", help="the largest variants only (about a minute; the test suite)")
+    args = p.parse_args(argv)
+
+    recorder = Recorder()
+    JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
+    failures, seen, compiled = [], set(), 0
+    t0 = time.time()
+    for label, call in record_cases(args.autotune, args.quick):
+        start = len(recorder.launches)
+        call()
+        for fn, bound, options in recorder.launches[start:]:
+            key = (fn.__name__, tuple(sorted((k, str(v) if not isinstance(v, torch.Tensor) else str(v.dtype))
+                                             for k, v in bound.items())), tuple(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                shared = compile_launch(fn, bound, options, args.arch)
+                compiled += 1
+                if shared > SHARED_LIMIT.get(args.arch, 232448):
+                    failures.append(f"{label}: {fn.__name__} needs {shared} bytes of shared memory")
+            except Exception as e:  # report every failing variant, not only the first
+                failures.append(f"{label}: {fn.__name__}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
+    print(f"compiled {compiled} kernel variants for sm_{args.arch} in {time.time() - t0:.0f} s")
+    for f in failures:
+        print("FAIL", f)
+    print(f"{compiled - len(failures)} passed, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
