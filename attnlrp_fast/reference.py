@@ -137,7 +137,8 @@ RULE_FACTORS = {"grad": (1.0, 1.0), "attnlrp": (0.25, 0.5), "cp": (0.0, 1.0)}
 
 def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
                         softcap=None, rule="grad", chunk=None):
-    """Chunked backward under `rule`; the same formulas as kernels/attention_bwd.py."""
+    """Chunked backward under `rule`; the formulas of kernels/attention_bwd.py (o is not needed: delta comes
+    from each chunk's P and dP)."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -146,26 +147,28 @@ def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=Fa
     qg = q.to(ct).reshape(B, Hkv, G, N, D)
     dog = do.to(ct).reshape(B, Hkv, G, N, D)
     lseg = lse.to(ct).reshape(B, Hkv, G, N)
-    delta = (dog * o.to(ct).reshape(B, Hkv, G, N, D)).sum(-1)
     kc, vc = k.to(ct), v.to(ct)
     dq = torch.zeros((B, Hkv, G, N, D), dtype=ct, device=q.device)
     dk = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
     dv = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
         qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
-        u, s, t, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask)
+        u, s, _, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask)
         p = torch.where(keep, torch.exp(s - lseg[:, :, :, i0:i1, None]), 0.0)
         dv += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
         if rule == "cp":
             continue
         dp = doc @ vc[:, :, None].transpose(-1, -2)
-        ds = p * (dp - delta[:, :, :, i0:i1, None])
+        # delta = rowsum(P * dP) from the same P and dP (the chunk holds whole rows): consistent rounding, where
+        # rowsum(dO * O) would mix in the forward's rounding and lose digits when dP - delta cancels.
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
         if softcap is not None:
             if rule == "attnlrp":
                 small = u.abs() < 1e-6
                 ds = ds * torch.where(small, 1.0, s / torch.where(small, 1.0, u))
-            else:
-                ds = ds * (1.0 - t * t)
+            else:  # 1 - t^2 without cancellation where tanh saturates
+                e = torch.exp(-2.0 * (u / softcap).abs())
+                ds = ds * (4.0 * e / (1.0 + e) ** 2)
         dq[:, :, :, i0:i1] = ds @ kc[:, :, None]
         dk += torch.einsum("bhgnm,bhgnd->bhmd", ds, qc)
     f = scale * qk_factor
