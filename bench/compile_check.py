@@ -76,29 +76,35 @@ def record_cases(autotune, quick=False):
     from functools import partial
 
     from attnlrp_fast.kernels import attention_bwd, attention_fwd
-    from attnlrp_fast.kernels.attention_common import BWD_CONFIGS, FWD_CONFIGS
+    from attnlrp_fast.kernels.attention_common import BWD_CONFIGS, FWD_CONFIGS, head_block, prune_configs
     from attnlrp_fast.kernels.glu import activation_bwd, activation_fwd, glu_bwd, glu_fwd
     from attnlrp_fast.kernels.norm import norm_bwd, norm_fwd
 
     cases = []
-    configs = [None]
-    if autotune:
-        configs += [{"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps,
-                     "num_stages": c.num_stages} for c in FWD_CONFIGS + BWD_CONFIGS]
-    variants = itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256), (False, True), configs)
+
+    def as_dict(c):
+        return {"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"], "num_warps": c.num_warps,
+                "num_stages": c.num_stages}
+
+    def candidates(configs, D):  # what the autotuner would try for this head dim (after its pruning)
+        return [as_dict(c) for c in prune_configs(configs, {}, BLOCK_D=head_block(D))] if autotune else [None]
+
+    variants = itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256), (False, True))
     if quick:  # the largest tiles in each dtype class, every flag on
-        variants = [(torch.bfloat16, 128, True, None), (torch.bfloat16, 256, True, None), (torch.float32, 64, True, None)]
+        variants = [(torch.bfloat16, 128, True), (torch.bfloat16, 256, True), (torch.float32, 64, True)]
     elif autotune:  # every candidate, at the shapes a GPU model runs
-        variants = itertools.product((torch.bfloat16,), (64, 128, 256), (True,), configs[1:])
-    for dtype, D, masks, config in variants:
+        variants = itertools.product((torch.bfloat16,), (64, 128, 256), (True,))
+    for dtype, D, masks in variants:
         kw = {"causal": True, "window": 64, "softcap": 30.0} if masks else {}
         kpm = torch.ones(1, 40, dtype=torch.bool) if masks else None
         q, k, v = (torch.randn(1, h, 40, D, dtype=dtype) for h in (4, 2, 2))
         o, lse = torch.empty_like(q), torch.empty(1, 4, 40)
-        label = f"{str(dtype)[6:]} D={D} {'masks' if masks else 'plain'}{' ' + str(config) if config else ''}"
-        cases.append((f"attention_fwd {label}", partial(attention_fwd, q, k, v, kpm, scale=0.1, config=config, **kw)))
-        for rule in ("grad", "attnlrp", "cp"):
-            cases.append((f"attention_bwd[{rule}] {label}",
+        label = f"{str(dtype)[6:]} D={D} {'masks' if masks else 'plain'}"
+        for config in candidates(FWD_CONFIGS, D):
+            cases.append((f"attention_fwd {label} {config or ''}",
+                          partial(attention_fwd, q, k, v, kpm, scale=0.1, config=config, **kw)))
+        for config, rule in itertools.product(candidates(BWD_CONFIGS, D), ("grad", "attnlrp", "cp")):
+            cases.append((f"attention_bwd[{rule}] {label} {config or ''}",
                           partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config, **kw)))
     for dtype, D in [(torch.bfloat16, 4096)] if quick else itertools.product((torch.bfloat16, torch.float32), (96, 4096)):
         x, w, stats = torch.randn(3, D, dtype=dtype), torch.randn(D, dtype=dtype), torch.empty(3)
