@@ -97,16 +97,12 @@ def _chunk_rows(B, H, N, M, chunk):
 
 
 def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask):
-    """Raw logits u, transformed s, tanh(u / c) (or None) and visibility for the query rows `rows`.
+    """Raw logits u, transformed logits s and visibility for the query rows `rows`.
     qc (B, Hkv, G, C, D), k (B, Hkv, M, D) -> (B, Hkv, G, C, M) blocks."""
     u = scale * (qc @ k[:, :, None].transpose(-1, -2))
-    t = None
-    s = u
-    if softcap is not None:
-        t = torch.tanh(u / softcap)
-        s = softcap * t
+    s = u if softcap is None else softcap * torch.tanh(u / softcap)
     keep = visibility(rows, N, M, causal=causal, window=window, key_padding_mask=key_padding_mask, device=qc.device)
-    return u, s, t, keep[:, :, None]
+    return u, s, keep[:, :, None]
 
 
 def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
@@ -121,7 +117,7 @@ def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1
     o = torch.empty((B, Hkv, G, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hkv, G, N), dtype=torch.float32, device=q.device)
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
-        _, s, _, keep = _scores(qg[:, :, :, i0:i1], kc, range(i0, i1), N, M, scale, softcap, causal, window,
+        _, s, keep = _scores(qg[:, :, :, i0:i1], kc, range(i0, i1), N, M, scale, softcap, causal, window,
                                 key_padding_mask)
         s = s.masked_fill(~keep, float("-inf"))
         lse_c = torch.logsumexp(s, dim=-1)
@@ -153,7 +149,7 @@ def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=Fa
     dv = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
         qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
-        u, s, _, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask)
+        u, s, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask)
         p = torch.where(keep, torch.exp(s - lseg[:, :, :, i0:i1, None]), 0.0)
         dv += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
         if rule == "cp":
