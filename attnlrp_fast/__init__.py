@@ -4,6 +4,7 @@ from .attention import RULES, attention
 from .bindings.hf import register as _register_with_transformers
 from .explain import Contrast, Explanation, contrast, explain
 from .lrp import LRPHandle, lrp
+from .memory import LowMemoryHandle, low_memory
 from .models import UnsupportedModelError
 
 __version__ = "0.1.0"
@@ -12,4 +13,4 @@ __version__ = "0.1.0"
 HF_REGISTERED = _register_with_transformers()
 
 __all__ = ["attention", "lrp", "explain", "contrast", "Contrast", "Explanation", "LRPHandle", "UnsupportedModelError",
-           "RULES", "__version__"]
+           "RULES", "low_memory", "LowMemoryHandle", "__version__"]

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import torch
 
 from attnlrp_fast.lrp import active_handle, lrp
+from attnlrp_fast.memory import maybe_low_memory
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Explanation:
     rule: str
     latent: dict = field(default_factory=dict)   # name -> (B, N, D) float32 relevance of that module's output
     positions: Optional[torch.Tensor] = None     # (B,) or (B, P) positions whose logits were explained
+    target_logits: Optional[torch.Tensor] = None  # (B, P) float32: each (position, token) target's own logit
 
     def top_neurons(self, name: str, k: int = 10):
         """The k neurons of latent `name` with the largest relevance summed over batch and positions:
@@ -59,7 +61,7 @@ class Explanation:
 
 
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
-            position=None, pixel_values=None) -> Explanation:
+            position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT) with `rule`.
 
     target: None = argmax at the target position (classification heads: the argmax class); an int token/class id;
@@ -69,6 +71,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           is an error). explain() applies lrp(model, rule) for the call when the model is not inside lrp().
     latent: module names whose output relevance to return; "name:input" for the module's input instead.
     position: the position whose logits int/None/contrast targets read (default: each row's last real token).
+    checkpoint: checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens (af.low_memory),
+          for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
+    progress: called with "forward" / "backward" per transformer layer (progress bars).
     """
     handle = active_handle(model)
     if handle is not None:
@@ -80,7 +85,8 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
     else:
         active_rule = rule or "attnlrp"
         scope = lrp(model, active_rule, backend=backend)
-    with scope as h:
+    with scope as h, maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
+                                      mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
         return _explain(model, h, input_ids, attention_mask, target, active_rule, latent, position, pixel_values)
 
 
@@ -130,6 +136,7 @@ class _Capture:
 
     def __init__(self, model, latent, want_pre_logits):
         self.handles, self.latent, self.embeds, self.pre_logits = [], {}, None, None
+        self.frozen = False  # set after the forward: checkpointed layers re-run their hooks in the backward
         emb = model.get_input_embeddings()
         if emb is None:
             raise ValueError(f"{type(model).__name__} has no input-embedding module (get_input_embeddings())")
@@ -151,11 +158,15 @@ class _Capture:
             self.handles.append(head.register_forward_hook(lambda m, i, o: setattr(self, "pre_logits", o)))
 
     def _embeds_hook(self, module, inputs, output):
+        if self.frozen:
+            return None
         self.embeds = output.detach().requires_grad_(True)
         return self.embeds
 
     def _store(self, spec, from_input=False):
         def hook(module, *args):
+            if self.frozen:
+                return
             value = args[0] if from_input else args[1]
             if isinstance(value, (tuple, list)):
                 value = value[0]
@@ -220,10 +231,11 @@ def _score(target, logits, positions, kept):
         a, b = (check(torch.tensor([t], device=logits.device)) for t in (target.this, target.that))
         pick = sel[..., a.item()] - sel[..., b.item()]
         ids = torch.tensor([target.this, target.that], device=logits.device).expand(B, 2)
-        return pick.reshape(B, -1).sum(-1), ids
+        return pick.reshape(B, -1).sum(-1), ids, None
     if isinstance(target, (list, tuple)):
         ids = check(torch.tensor([t for _, t in target], device=logits.device)).expand(B, -1)
-        return sel.gather(-1, ids[..., None])[..., 0].sum(-1), ids
+        parts = sel.gather(-1, ids[..., None])[..., 0]
+        return parts.sum(-1), ids, parts
     if target is None:
         ids = sel.detach().argmax(-1)
     elif isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0):
@@ -234,7 +246,7 @@ def _score(target, logits, positions, kept):
         raise TypeError("target must be None, an int, a (B,) tensor of ids, a list of (position, token_id), "
                         "contrast(a, b) or a callable f(outputs) -> (B,)")
     score = sel.gather(-1, ids[..., None])[..., 0]
-    return score.reshape(B, -1).sum(-1), ids.reshape(B, -1)[:, 0] if ids.dim() > 1 else ids
+    return score.reshape(B, -1).sum(-1), (ids.reshape(B, -1)[:, 0] if ids.dim() > 1 else ids), None
 
 
 def _explain(model, handle, input_ids, attention_mask, target, rule, latent, position, pixel_values):
@@ -265,11 +277,12 @@ def _explain(model, handle, input_ids, attention_mask, target, rule, latent, pos
             p.requires_grad_(False)
         with torch.enable_grad():
             outputs = model(**kwargs)
+            capture.frozen = True
             if callable(target) and not isinstance(target, Contrast):
                 score = target(outputs)
                 if not isinstance(score, torch.Tensor) or score.dim() > 1:
                     raise TypeError("a callable target must return a (B,) tensor or a scalar tensor")
-                ids, logits = None, getattr(outputs, "logits", None)
+                ids, parts, logits = None, None, getattr(outputs, "logits", None)
                 score = score.reshape(-1)
             else:
                 logits = getattr(outputs, "logits", None)
@@ -278,7 +291,7 @@ def _explain(model, handle, input_ids, attention_mask, target, rule, latent, pos
                                      "f(outputs) -> (B,) (e.g. a similarity of pooled embeddings)")
                 if positions is None and logits.dim() == 3:
                     positions = _token_positions(target, input_ids, attention_mask, position)
-                score, ids = _score(target, logits, positions, kept)
+                score, ids, parts = _score(target, logits, positions, kept)
             inputs = [capture.embeds] + [capture.latent[k] for k in latent if k in capture.latent]
             missing = [k for k in latent if k not in capture.latent]
             if missing:
@@ -303,6 +316,7 @@ def _explain(model, handle, input_ids, attention_mask, target, rule, latent, pos
         rule=rule,
         latent={k: r for k, r in zip([k for k in latent], rel[1:])},
         positions=positions,
+        target_logits=parts.detach().float() if parts is not None else None,
     )
 
 

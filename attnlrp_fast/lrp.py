@@ -16,7 +16,7 @@ Every replacement is checked against the module's own forward on random input wh
 
 import torch
 
-from attnlrp_fast.bindings.hf import BACKEND_ATTR, NAME, RULE_ATTR
+from attnlrp_fast.bindings.hf import BACKEND_ATTR, NAME, RULE_ATTR, attention_modules
 from attnlrp_fast.models import UnsupportedModelError, family_for
 from attnlrp_fast.models import common
 
@@ -101,13 +101,11 @@ class LRPHandle:
                 "so the attention engine cannot be plugged in")
         self._attn = model.config._attn_implementation
         model.set_attn_implementation(NAME)
-        n = 0
-        for module in model.modules():
-            if type(module).__name__.endswith("Attention") or hasattr(module, "is_causal"):
-                self._set_attr(module, RULE_ATTR, self.rule)
-                self._set_attr(module, BACKEND_ATTR, self.backend)
-                n += 1
-        if n == 0:
+        modules = attention_modules(model)
+        for module in modules:
+            self._set_attr(module, RULE_ATTR, self.rule)
+            self._set_attr(module, BACKEND_ATTR, self.backend)
+        if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
 
     def _replacement(self, module, lrp):

@@ -65,6 +65,11 @@ def attnlrp_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
     return None if bool(attention_mask.all()) else attention_mask
 
 
+def attention_modules(model):
+    """The model's attention modules (those the attention interface is called from)."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") or hasattr(m, "is_causal")]
+
+
 def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                            softcap=None, is_causal=None, **kwargs):
     """transformers attention interface: query (B, H, N, D), key/value (B, Hkv, M, D) -> ((B, N, H, D), None)."""
