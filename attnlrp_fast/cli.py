@@ -177,8 +177,6 @@ def _print_summary(pieces, relevance, paths, lines):
 def cmd_explain(args):
     import time
 
-    import torch
-
     from attnlrp_fast import longdoc, report
     from attnlrp_fast.memory import transformer_layers
 

@@ -8,7 +8,7 @@ relevance of the target is its logit. Under Gemma2/3's final logit softcap the i
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
