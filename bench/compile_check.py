@@ -14,6 +14,7 @@ needs against the target's limit.
 import argparse
 import itertools
 import os
+import re
 import sys
 import time
 
@@ -26,7 +27,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
+SHARED_LIMIT = {90: 232448, 80: 166912}
+REPORTED = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE", "center",
+            "LRP", "ACT")  # bytes per block (opt-in maximum)
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
          torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
@@ -66,9 +69,35 @@ def signature(fn, bound):
 
 def compile_launch(fn, bound, options, arch):
     sig, constexprs = signature(fn, bound)
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                            target=GPUTarget("cuda", arch, 32), options=options)
-    return kernel.metadata.shared
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _tool(name):
+    """A binary shipped with Triton's NVIDIA backend (ptxas, cuobjdump)."""
+    import triton.backends.nvidia as nv
+
+    return os.path.join(os.path.dirname(nv.__file__), "bin", name)
+
+
+def resources(kernel):
+    """What ptxas made of a compiled kernel, read off its cubin: registers per thread, stack frame bytes (local
+    memory: in these kernels, spilled registers), shared memory, and which matrix instruction the SASS uses (HGMMA
+    = Hopper's warpgroup MMA, HMMA = the older warp MMA, '-' none)."""
+    import re
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+    regs, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    mma = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else "-"
+    return {"registers": int(regs.group(1)) if regs else None, "stack": int(stack.group(1)) if stack else None,
+            "shared": kernel.metadata.shared, "mma": mma}
 
 
 def record_cases(autotune, quick=False):
@@ -89,17 +118,20 @@ def record_cases(autotune, quick=False):
     def candidates(configs, D):  # what the autotuner would try for this head dim (after its pruning)
         return [as_dict(c) for c in prune_configs(configs, {}, BLOCK_D=head_block(D))] if autotune else [None]
 
-    variants = itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256), (False, True))
+    # masks: "plain" (none), "causal" (the benchmark's), "all" (causal, window, softcap, key padding)
+    variants = itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256),
+                                 ("plain", "causal", "all"))
     if quick:  # the largest tiles in each dtype class, every flag on
-        variants = [(torch.bfloat16, 128, True), (torch.bfloat16, 256, True), (torch.float32, 64, True)]
+        variants = [(torch.bfloat16, 128, "all"), (torch.bfloat16, 256, "all"), (torch.float32, 64, "all")]
     elif autotune:  # every candidate, at the shapes a GPU model runs
-        variants = itertools.product((torch.bfloat16,), (64, 128, 256), (True,))
+        variants = itertools.product((torch.bfloat16,), (64, 128, 256), ("causal", "all"))
     for dtype, D, masks in variants:
-        kw = {"causal": True, "window": 64, "softcap": 30.0} if masks else {}
-        kpm = torch.ones(1, 40, dtype=torch.bool) if masks else None
+        kw = ({"causal": True, "window": 64, "softcap": 30.0} if masks == "all" else
+              {"causal": True} if masks == "causal" else {})
+        kpm = torch.ones(1, 40, dtype=torch.bool) if masks == "all" else None
         q, k, v = (torch.randn(1, h, 40, D, dtype=dtype) for h in (4, 2, 2))
         o, lse = torch.empty_like(q), torch.empty(1, 4, 40)
-        label = f"{str(dtype)[6:]} D={D} {'masks' if masks else 'plain'}"
+        label = f"{str(dtype)[6:]} D={D} {masks}"
         for config in candidates(FWD_CONFIGS, D):
             cases.append((f"attention_fwd {label} {config or ''}",
                           partial(attention_fwd, q, k, v, kpm, scale=0.1, config=config, **kw)))
@@ -134,13 +166,23 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
     p.add_argument("--autotune", action="store_true", help="every autotune candidate instead (bf16, slow)")
     p.add_argument("--quick", action="store_true", help="the largest variants only (about a minute; the test suite)")
+    p.add_argument("--resources", action="store_true",
+                   help="also print registers, stack (spill) bytes, shared memory and the MMA instruction of each variant")
+    p.add_argument("--only", default=None, metavar="REGEX", help="only the variants whose label matches, e.g. "
+                                                                   "'attention.*bf16 D=128 causal'")
     args = p.parse_args(argv)
 
+    report = []
     recorder = Recorder()
     JITFunction.run = lambda self, *a, **kw: recorder(self, *a, **kw)
     failures, seen, compiled = [], set(), 0
     t0 = time.time()
-    for label, call in record_cases(args.autotune, args.quick):
+    cases = record_cases(args.autotune, args.quick)
+    if args.only:
+        cases = [(label, call) for label, call in cases if re.search(args.only, label)]
+        if not cases:
+            p.error(f"--only {args.only!r} matches no variant")
+    for label, call in cases:
         start = len(recorder.launches)
         call()
         for fn, bound, options in recorder.launches[start:]:
@@ -150,16 +192,27 @@ def main(argv=None):
                 continue
             seen.add(key)
             try:
-                shared = compile_launch(fn, bound, options, args.arch)
+                kernel = compile_launch(fn, bound, options, args.arch)
                 compiled += 1
+                shared = kernel.metadata.shared
                 if shared > SHARED_LIMIT.get(args.arch, 232448):
                     failures.append(f"{label}: {fn.__name__} needs {shared} bytes of shared memory")
+                if args.resources:
+                    r = resources(kernel)
+                    flags = " ".join(f"{k}={bound[k]}" for k in REPORTED if k in bound)
+                    conf = " ".join(f"{k}={v}" for k, v in options.items())
+                    report.append((fn.__name__, flags, conf, r))
+                    print(f"{fn.__name__:<28} {flags:<70} {conf:<26} regs {r['registers']:>3}  stack "
+                          f"{r['stack']:>4} B  shared {r['shared']:>6} B  {r['mma']}", flush=True)
             except Exception as e:  # report every failing variant, not only the first
                 failures.append(f"{label}: {fn.__name__}: {type(e).__name__}: {str(e).splitlines()[-1][:300]}")
     print(f"compiled {compiled} kernel variants for sm_{args.arch} in {time.time() - t0:.0f} s")
     for f in failures:
         print("FAIL", f)
     print(f"{compiled - len(failures)} passed, {len(failures)} failed")
+    if args.resources:
+        spilling = [r for r in report if r[3]["stack"]]
+        print(f"{len(spilling)} of {len(report)} variants use a stack frame (spilled registers)")
     return 1 if failures else 0
 
 

@@ -1,13 +1,19 @@
-"""One device call: the GPU correctness suite, a float64 spot check of bf16, and first timings of
-af.attention next to torch SDPA (each backend it offers), the LXT-style approach (SDPA with dq, dk scaled
-by 1/4 and dv by 1/2 through autograd) and eager attention, on the same GPU in the same run.
+"""Everything the GPU benchmark needs, on one device: the GPU correctness suite (`pytest -m gpu`, bf16 included),
+a float64 spot check of bf16, the attention kernels against torch SDPA (each backend it offers), the LXT-style
+approach (SDPA with dq, dk scaled by 1/4 and dv by 1/2 through autograd) and eager attention (N x N, until it
+runs out of memory), and the end-to-end explanation of a Llama-3-8B-shaped model (bench/e2e.py).
 
-    python bench/gpu_check.py                  # on a CUDA machine: writes bench/results/<date>-<device>.json
-    python bench/gpu_check.py --smoke          # CPU, tiny sizes, torch path: checks the harness itself
+    python bench/gpu_check.py                           # on a CUDA machine: all parts
+    python bench/gpu_check.py --parts tests,spot,kernels    # some of them (one device call each, under 10 min)
+    python bench/gpu_check.py --parts e2e --out $OUT    # results merge into the same <date>-<device>.json
+    python bench/gpu_check.py --smoke                   # CPU, tiny sizes, torch path: checks the harness itself
+    python bench/report.py bench/results/<file>.json --readme README.md   # plots + README table from the JSON
 
-FLOPs: forward 4 * B * H * N * M * D (halved when causal), a backward 2.5x the forward's. Times are medians
-(triton.testing.do_bench on CUDA); peak memory is torch.cuda.max_memory_allocated over one forward+backward,
-less what was allocated before it.
+Attention sweep: bf16, head dims 64 and 128, causal and not, N = 1k..32k at B*N = 16k tokens and
+H = 2048 / D, plus GQA 32/8 (D = 128, causal) at N = 32k and 128k. FLOPs: forward 4 * B * H * N * M * D
+(halved when causal), a backward 2.5x the forward's. Times are medians (triton.testing.do_bench); the backward
+time is forward+backward minus forward. Peak memory is torch.cuda.max_memory_allocated over one
+forward+backward, less what was allocated before it (inputs excluded).
 """
 
 import argparse
@@ -25,19 +31,8 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward, gradient times `factor`: the LXT-style way to apply AttnLRP's uniform rule."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
+sys.path.insert(0, str(ROOT / "bench"))
+from lxt_style import ScaleGrad as _ScaleGrad  # noqa: E402
 
 
 def sdpa(q, k, v, causal, backend=None, lrp=False):
@@ -137,22 +132,28 @@ def flops_fwd(B, H, N, M, D, causal):
     return f / 2 if causal else f
 
 
-def run_timings(args, cuda, device):
+def sweep_shapes(smoke, quick=False):
+    """(B, H, Hkv, N, D, causal) of the attention sweep."""
+    if smoke:
+        return [(2, 2, 2, 128, 32, True), (1, 4, 2, 256, 64, False)]
+    ns = (1024, 4096, 16384) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
+    shapes = [(max(1, 16384 // n), 2048 // d, 2048 // d, n, d, c) for d in (64, 128) for c in (False, True) for n in ns]
+    return shapes + [(1, 32, 8, n, 128, True) for n in ((32768,) if quick else (32768, 131072))]
+
+
+def run_timings(args, cuda, device, on_row=None):
+    """The attention sweep; on_row(rows) after each measurement (the caller saves partial results)."""
     dtype = torch.bfloat16 if cuda else torch.float32
-    if args.smoke:
-        shapes = [(2, 2, 2, 128, 32, True), (1, 4, 2, 256, 64, False)]
-    else:
-        shapes = [(16384 // n, 16, 16, n, d, c) for d in (64, 128) for c in (False, True) for n in (1024, 4096, 16384)]
-        shapes += [(1, 32, 8, 32768, 128, True)]
     rows = []
-    for B, H, Hkv, N, D, causal in shapes:
+    oom = set()   # an eager method that ran out of memory is not tried again at a larger N of the same kind
+    for B, H, Hkv, N, D, causal in sweep_shapes(args.smoke, args.quick):
         g = torch.Generator().manual_seed(N + D)
         q = torch.randn(B, H, N, D, generator=g).to(device, dtype)
         k = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
         v = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
         fl = flops_fwd(B, H, N, N, D, causal)
         for name, (fn, rule) in methods(args.smoke).items():
-            if name.startswith(("eager", "lxt_style[eager")) and N > args.eager_max:
+            if name.startswith(("eager", "lxt_style[eager")) and (name, D, causal, H == Hkv) in oom:
                 continue
             row = {"method": name, "rule": rule, "B": B, "H": H, "Hkv": Hkv, "N": N, "D": D, "causal": causal,
                    "dtype": str(dtype).split(".")[-1]}
@@ -164,12 +165,16 @@ def run_timings(args, cuda, device):
                 row["bwd_tflops"] = 2.5 * fl / bwd_ms / 1e9 if bwd_ms > 0 else None
             except torch.cuda.OutOfMemoryError:
                 row["error"] = "out of memory"
+                oom.add((name, D, causal, H == Hkv))
             except RuntimeError as e:  # e.g. an SDPA backend that does not take these inputs
                 row["error"] = str(e).splitlines()[0][:200]
             if cuda:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if on_row:
+                on_row(rows)
+        del q, k, v
     return rows
 
 
@@ -198,10 +203,16 @@ def spot_check(cuda, device):
     return out
 
 
-def run_gpu_tests():
+def run_gpu_tests(timeout=480):
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        tail = text.strip().splitlines()[-15:] + [f"(stopped after {timeout} s)"]
+        print("\n".join(tail), flush=True)
+        return {"returncode": None, "timed_out": True, "tail": tail}
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
     print("\n".join(tail), flush=True)
     return {"returncode": proc.returncode, "tail": tail}
@@ -221,14 +232,22 @@ def versions():
     return out
 
 
+PARTS = ("tests", "spot", "kernels", "e2e")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny sizes, torch path: checks the harness")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--quick", action="store_true", help="a third of the attention sweep (N = 1k, 4k, 16k, GQA at 32k)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for the JSON")
-    p.add_argument("--skip-tests", action="store_true", help="do not run the pytest -m gpu suite")
-    p.add_argument("--eager-max", type=int, default=8192, help="longest N for the materialised baselines")
     p.add_argument("--autotune", choices=("0", "1"), default="1", help="ATTNLRP_FAST_AUTOTUNE for the timings")
+    p.add_argument("--e2e-args", default="--longest", help="arguments for bench/e2e.py (part e2e)")
     args = p.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
 
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -236,19 +255,66 @@ def main(argv=None):
     device = "cuda" if cuda else "cpu"
     os.environ["ATTNLRP_FAST_AUTOTUNE"] = args.autotune
     name = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})"
-    result = {"device": name, "versions": versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "smoke": args.smoke, "autotune": args.autotune == "1", "dtype": "bfloat16" if cuda else "float32"}
-    if cuda and not args.skip_tests:
-        result["gpu_tests"] = run_gpu_tests()
-    result["spot_check_rel_err"] = spot_check(cuda, device)
-    print(json.dumps(result["spot_check_rel_err"]), flush=True)
-    result["timings"] = run_timings(args, cuda, device)
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
     path = out / f"{datetime.date.today().isoformat()}-{slug}{'-smoke' if args.smoke else ''}.json"
-    path.write_text(json.dumps(result, indent=1))
+    # parts run in separate device calls add to the same file
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"device": name, "versions": versions(), "smoke": args.smoke, "dtype": "bfloat16" if cuda else
+                   "float32"})
+    result.setdefault("dates", {})
+
+    result.setdefault("unfinished", [])
+
+    def save():
+        path.write_text(json.dumps(result, indent=1))
+
+    def start(part):
+        # a part cut off (the device call's time limit) keeps what it measured and stays marked unfinished
+        if part not in result["unfinished"]:
+            result["unfinished"].append(part)
+        save()
+
+    def done(part):
+        result["dates"][part] = datetime.datetime.now().isoformat(timespec="seconds")
+        result["unfinished"].remove(part)
+        save()
+
+    if "tests" in parts and cuda:
+        start("tests")
+        result["gpu_tests"] = run_gpu_tests()
+        done("tests")
+    if "spot" in parts:
+        start("spot")
+        result["spot_check_rel_err"] = spot_check(cuda, device)
+        print(json.dumps(result["spot_check_rel_err"]), flush=True)
+        done("spot")
+    if "kernels" in parts:
+        start("kernels")
+        result["autotune"] = args.autotune == "1"
+        result["timings"] = []
+
+        def on_row(rows):
+            result["timings"] = rows
+            save()
+        run_timings(args, cuda, device, on_row)
+        done("kernels")
+    if "e2e" in parts:
+        import shlex
+
+        import e2e
+
+        start("e2e")
+
+        def on_update(e):
+            result["e2e"] = e
+            save()
+        e2e.main(shlex.split(args.e2e_args) + (["--smoke"] if args.smoke else []), on_update=on_update)
+        done("e2e")
+    if not result["unfinished"]:
+        del result["unfinished"]
+        save()
     print(f"wrote {path}")
     return 0 if result.get("gpu_tests", {}).get("returncode", 0) == 0 else 1
 

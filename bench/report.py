@@ -97,7 +97,47 @@ def attention_table(result):
             f"{_f(s['grad_bwd_tflops'])} | {_f(s['best_sdpa_bwd_tflops'])} | {_f(s['attnlrp_bwd_tflops'])} | "
             f"{_f(s['best_lxt_bwd_tflops'])} | {_f(s['attnlrp_bwd_vs_lxt'], '{:.2f}x')} | {_f(s['peak_mib'])} | "
             f"{_f(s['sdpa_peak_mib'])} | {s['eager'] or '-'} |")
+    lines += ["", "Targets:"] + targets_lines(result)
+    if result.get("unfinished"):
+        lines += ["", f"Unfinished parts (cut off by the time limit): {', '.join(result['unfinished'])}."]
+    tests = result.get("gpu_tests")
+    if tests:
+        last = next((t for t in reversed(tests.get("tail", [])) if t.strip()), "")
+        lines += ["", f"GPU test suite in the same run: {last.strip('= ') or 'no output'}"]
     return "\n".join(lines)
+
+
+def targets(timings):
+    """Issue 5's three targets from the summary rows: (name, worst measured ratio or None, goal, comparison)."""
+    summary = attention_summary(timings)
+
+    def worst(key, rows):
+        vals = [s[key] for s in rows if s[key] is not None]
+        return min(vals) if vals else None
+
+    def most(key, rows):
+        vals = [s[key] for s in rows if s[key] is not None]
+        return max(vals) if vals else None
+    fwd_rows = [s for s in summary if s["D"] == 128 and s["causal"] and s["N"] >= 4096]
+    long_rows = [s for s in summary if s["N"] >= 131072]
+    return [
+        ("forward / best SDPA backend, d = 128, causal, N >= 4k (worst shape)", worst("fwd_vs_sdpa", fwd_rows),
+         1.0, ">="),
+        ("attnlrp backward / LXT-style backward (worst shape)", worst("attnlrp_bwd_vs_lxt", summary), 1.0, ">="),
+        ("peak memory of forward + backward / SDPA's, N = 128k", most("peak_vs_sdpa", long_rows), 1.1, "<="),
+    ]
+
+
+def targets_lines(result):
+    lines = []
+    for name, value, goal, op in targets(result.get("timings", [])):
+        if value is None:
+            verdict = "not measured"
+        else:
+            met = value >= goal if op == ">=" else value <= goal
+            verdict = f"{value:.2f}x ({'met' if met else 'MISSED'}; target {op} {goal:.1f}x)"
+        lines.append(f"- {name}: {verdict}")
+    return lines
 
 
 def e2e_table(result):

@@ -1,0 +1,216 @@
+"""End to end: one AttnLRP explanation of a Llama-3-8B-shaped model (random weights, no download), attnlrp-fast
+against the LXT-style baseline on the same device in the same run.
+
+  attnlrp_fast   af.explain(checkpoint=True): fused kernels, every layer checkpointed, MLP in 1024-token chunks
+  lxt_style      bench/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs, HF gradient
+                 checkpointing (the reference implementation's approach)
+  forward        a plain inference forward (SDPA, no grad, logits at the last position): the unit for the
+                 ratio explanation time / forward time
+
+Target: the argmax logit at the last position. Both give the same relevance (checked at the first N:
+cosine similarity and relative error of the two maps). Seconds are medians of `--repeats` runs after one warm-up;
+peak memory is torch.cuda.max_memory_allocated during the run minus what was allocated before it.
+`--longest` doubles N from the last timed N until a method runs out of memory (or its run exceeds
+--longest-seconds, or N passes --longest-max).
+
+    python bench/e2e.py                    # GPU: 8k and 32k, then --longest; prints JSON rows
+    python bench/e2e.py --smoke            # CPU, a tiny Llama, the torch path: checks the harness
+"""
+
+import argparse
+import contextlib
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lxt_style  # noqa: E402
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
+}
+METHODS = ("attnlrp_fast", "lxt_style")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build(shape, device, dtype, max_positions):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, attn_implementation="sdpa")
+    with torch.device(device), _default_dtype(dtype):
+        model = tf.LlamaForCausalLM(config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(method, model, baseline, ids, backend):
+    """(relevance or None, seconds, peak MiB or None) of one run."""
+    import attnlrp_fast as af
+
+    device = ids.device
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    rel = None
+    if method == "attnlrp_fast":
+        rel = af.explain(model, input_ids=ids, backend=backend, checkpoint=True).relevance
+    elif method == "lxt_style":
+        rel = lxt_style.explain(baseline, ids, checkpoint=True)
+    else:  # forward
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    _sync(device)
+    seconds = time.perf_counter() - t
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else None
+    return rel, seconds, peak
+
+
+def timed(method, model, baseline, ids, backend, repeats):
+    run_once(method, model, baseline, ids, backend)                          # warm-up (compiles, autotunes)
+    runs = [run_once(method, model, baseline, ids, backend) for _ in range(repeats)]
+    rel = runs[-1][0]
+    return rel, statistics.median(r[1] for r in runs), max((r[2] for r in runs if r[2] is not None), default=None)
+
+
+def agreement(a, b):
+    a, b = a.double().flatten(), b.double().flatten()
+    return {"cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+            "rel_err": float((a - b).norm() / b.norm())}
+
+
+def _is_oom(e):
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def main(argv=None, on_update=None):
+    """Returns the result dict; on_update(result) after each measurement (for saving partial results)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, torch path")
+    p.add_argument("--sizes", type=int, nargs="*", help="default: 8192 32768 (smoke: 64 128)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--longest", action="store_true", help="then double N per method until it fails")
+    p.add_argument("--longest-max", type=int, default=None, help="default: 1M tokens (smoke: 256)")
+    p.add_argument("--longest-seconds", type=float, default=150.0, help="stop a method's search after a run this long")
+    p.add_argument("--out", default=None, help="also write the result JSON here")
+    args = p.parse_args(argv)
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        p.error("no CUDA device: run with --smoke to check the harness on CPU")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = "llama3-8b" if cuda else "tiny"
+    backend = None if cuda else "torch"
+    sizes = args.sizes or ([8192, 32768] if cuda else [64, 128])
+    if args.longest_max is None:
+        args.longest_max = (1 << 20) if cuda else 256
+    max_positions = max(max(sizes), args.longest_max if args.longest else 0)
+
+    model = build(shape, device, dtype, max_positions)
+    baseline = _shallow_patch_copy(model)
+
+    result = {"shape": {**SHAPES[shape], "name": shape}, "dtype": str(dtype).split(".")[-1], "rows": [],
+              "agreement": None, "longest": {}}
+    g = torch.Generator().manual_seed(1)
+    for i, n in enumerate(sizes):
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(device)
+        rels = {}
+        for method in ("forward",) + METHODS:
+            row = {"method": method, "tokens": n}
+            try:
+                rel, seconds, peak = timed(method, model, baseline, ids, backend, args.repeats)
+                row.update(seconds=seconds, peak_mib=peak)
+                if rel is not None:
+                    rels[method] = rel
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                if not _is_oom(e):
+                    raise
+                row["error"] = "out of memory"
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            if on_update:
+                on_update(result)
+        fwd = next((r["seconds"] for r in result["rows"] if r["method"] == "forward" and r["tokens"] == n
+                    and "seconds" in r), None)
+        for r in result["rows"]:
+            if r["tokens"] == n and r["method"] in METHODS and "seconds" in r and fwd:
+                r["explain_over_forward"] = r["seconds"] / fwd
+        if i == 0 and len(rels) == 2:
+            result["agreement"] = {"tokens": n, **agreement(rels["attnlrp_fast"], rels["lxt_style"])}
+            print(json.dumps({"agreement": result["agreement"]}), flush=True)
+
+    if args.longest:
+        for method in METHODS:
+            ok = [r["tokens"] for r in result["rows"] if r["method"] == method and "seconds" in r]
+            n = max(ok) if ok else sizes[0]
+            best = n if ok else None
+            while n * 2 <= args.longest_max:
+                n *= 2
+                ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(device)
+                row = {"method": method, "tokens": n, "search": "longest"}
+                try:
+                    _, seconds, peak = run_once(method, model, baseline, ids, backend)
+                    row.update(seconds=seconds, peak_mib=peak)
+                except Exception as e:  # noqa: BLE001
+                    if not _is_oom(e):
+                        raise
+                    row["error"] = "out of memory"
+                del ids
+                result["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                if on_update:
+                    on_update(result)
+                if "error" in row:
+                    break
+                best = n
+                if row["seconds"] > args.longest_seconds:
+                    row["stopped"] = f"run took over {args.longest_seconds:.0f} s"
+                    break
+            result["longest"][method] = best
+        print(json.dumps({"longest": result["longest"]}), flush=True)
+    if on_update:
+        on_update(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _shallow_patch_copy(model):
+    """A second model object sharing every parameter with `model`, with the LXT-style patches on its own module
+    objects (so that `model` stays unpatched for af.explain and the forward)."""
+    import copy
+
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return lxt_style.patch(copy.deepcopy(model, memo))
+
+
+if __name__ == "__main__":
+    main()
