@@ -6,6 +6,8 @@
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
   attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
       the same job offline on the embedded MiniLM: which words make the best passages match a query
+  attnlrp-fast evaluate [--task recall|minilm] [--model PATH --document FILE] [--methods ...] [--steps 10]
+      faithfulness: perturbation curves, ABPC and pointing accuracy of AttnLRP and the baselines
 
   attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output
@@ -313,6 +315,96 @@ def cmd_demo(args):
     return 0
 
 
+def cmd_evaluate(args):
+    import json
+    import time
+    from pathlib import Path
+
+    from attnlrp_fast import evaluate as ev
+    from attnlrp_fast import faithfulness, longdoc
+
+    t0 = time.perf_counter()
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    if args.ig_steps < 1:
+        raise UsageError(f"--ig-steps must be at least 1, got {args.ig_steps}")
+    if (args.model is None) != (args.document is None):
+        raise UsageError("--model and --document go together (evaluate on your own model and document)")
+    if args.model is not None and args.task:
+        raise UsageError("--task runs the shipped tasks; leave it out with --model / --document")
+    document = longdoc.read_document(args.document) if args.document else None
+    device = longdoc.pick_device(args.device)
+    methods = None
+    if args.methods:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        for m in methods:
+            try:
+                name, backend = ev.parse_method(m)
+            except ValueError as e:
+                raise UsageError(f"--methods: {e}") from None
+            if backend == "triton" and device.type != "cuda":
+                from attnlrp_fast.kernels import interpreting
+
+                if not interpreting():
+                    raise UsageError(f"--methods {m}: the Triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+    bar = _bar_factory(args.quiet)
+    if document is None:
+        tasks = args.task or list(faithfulness.TASKS)
+        methods = methods or faithfulness.available_methods(device)
+        bars = {}
+
+        def progress(task, _):
+            if task not in bars:
+                total = len(methods) if task == "recall" else len(faithfulness.sentence_pairs())
+                bars[task] = bar(total=total, desc=f"evaluating: {task}", unit="method" if task == "recall" else "pair")
+            bars[task].update()
+        try:
+            result = faithfulness.run(tasks, methods, steps=args.steps, seed=args.seed, device=device,
+                                      perturb=args.perturb, samples=args.samples, ig_steps=args.ig_steps,
+                                      progress=progress)
+        finally:
+            for b in bars.values():
+                b.close()
+    else:
+        dtype = longdoc.pick_dtype(args.dtype, device)
+        model, tokenizer = longdoc.load_model(args.model, device, dtype)
+        prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
+        answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
+        longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+        if answer_ids is None:
+            with bar(total=args.max_new_tokens, desc="generating the answer", unit="token") as b:
+                answer_ids = longdoc.generate_answer(model, tokenizer, prompt.ids, args.max_new_tokens, tick=b.update)
+        methods = methods or ["attnlrp", "cp", "grad_x_input", "attention", "random"]
+        replace = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+        if args.perturb == "token" and replace is None:
+            raise UsageError("--perturb token: the tokenizer has no pad or unknown token to put in")
+        with bar(total=len(methods), desc="evaluating", unit="method") as b:
+            out = faithfulness.run_document(model, prompt, answer_ids, methods, steps=args.steps, seed=args.seed,
+                                            perturb=args.perturb, ig_steps=args.ig_steps, replace_id=replace,
+                                            progress=lambda m: b.update())
+        out.update(model=args.model, answer=tokenizer.decode(answer_ids))
+        result = {"device": str(device), "settings": {"steps": args.steps, "seed": args.seed, "perturb": args.perturb,
+                                                      "methods": methods}, "tasks": {"document": out}}
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["seconds"] = time.perf_counter() - t0
+    paths = [out_dir / "evaluation.json"]
+    paths[0].write_text(json.dumps(result, indent=1), encoding="utf-8")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1), encoding="utf-8")
+        paths.append(Path(args.json))
+    paths.append(faithfulness.plot_curves(result, out_dir / "curves.png"))
+    print(faithfulness.table(result))
+    for task, out in result["tasks"].items():
+        if "model_accuracy" in out:
+            print(f"{task}: the model answers {out['model_accuracy']:.1%} of the {out['samples']} samples correctly")
+    print("reports: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser():
     p = _Parser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -345,6 +437,31 @@ def build_parser():
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
+    v = sub.add_parser("evaluate", help="faithfulness of AttnLRP and baselines: perturbation curves, ABPC, pointing")
+    v.add_argument("--task", action="append", choices=("recall", "minilm"),
+                   help="a shipped task (repeatable; default: all): recall (tiny Llama, ground-truth evidence), "
+                        "minilm (real MiniLM weights, sentence-pair similarity)")
+    v.add_argument("--model", default=None, help="your causal LM (local folder or hub id), with --document")
+    v.add_argument("--document", default=None, help="UTF-8 text file, with --model")
+    v.add_argument("--question", default=None)
+    v.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
+    v.add_argument("--no-chat", action="store_true")
+    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--methods", default=None,
+                   help="comma-separated, of attnlrp, cp, grad_x_input, integrated_gradients, attention, random "
+                        "(name[torch] / name[triton] for a backend); default: all, AttnLRP on each backend here")
+    v.add_argument("--steps", type=int, default=10, help="perturbation steps from 0 to all eligible tokens")
+    v.add_argument("--perturb", choices=("zero", "token"), default="zero",
+                   help="zero the removed tokens' input embeddings, or put in a pad / mask token")
+    v.add_argument("--samples", type=int, default=64, help="recall sequences")
+    v.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients path points")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    v.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    v.add_argument("--out", default="attnlrp-eval", help="folder for evaluation.json and curves.png")
+    v.add_argument("--json", default=None, help="also write the result JSON here")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("check", help="check the attention engine against the float64 reference on this machine")
     c.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     c.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")

@@ -81,6 +81,20 @@ def embed(model, tokenizer, texts, batch_size=16, tick=None):
     return torch.cat(out)
 
 
+def similarity_target(mask, other):
+    """Target f(outputs) -> (B,): cosine(mean-pooled embedding under `mask`, `other`), `other` a fixed unit vector.
+
+    The norm is held constant in the backward (as AttnLRP treats normalisations): cosine is then linear in the
+    pooled embedding, so all of it reaches the tokens. Through the norm, input x gradient would be 0: a unit
+    vector does not change when its input is scaled. Rows of the outputs may be variants of one input (mask
+    and other broadcast)."""
+    def similarity(outputs):
+        m = mask.to(outputs.last_hidden_state.dtype)
+        pooled = (outputs.last_hidden_state * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        return (pooled.float() * other).sum(-1) / pooled.float().norm(dim=-1).detach()
+    return similarity
+
+
 def explain_match(model, tokenizer, text, other, rule="attnlrp", backend=None):
     """Relevance of each token of `text` for cosine(embedding(text), other), `other` a fixed unit vector.
     Returns (offsets, tokens, relevance, similarity)."""
@@ -92,16 +106,8 @@ def explain_match(model, tokenizer, text, other, rule="attnlrp", backend=None):
     enc = enc.to(device)
     other = other.to(device)
 
-    def similarity(outputs):
-        # the norm is held constant (as AttnLRP treats normalisations): cosine is then linear in the pooled
-        # embedding, so all of it reaches the tokens. Through the norm, input x gradient would be 0: a unit
-        # vector does not change when its input is scaled.
-        mask = enc["attention_mask"]
-        pooled = (outputs.last_hidden_state * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        return (pooled.float() * other).sum(-1) / pooled.float().norm(dim=-1).detach()
-
-    e = af.explain(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], target=similarity,
-                   rule=rule, backend=backend)
+    e = af.explain(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                   target=similarity_target(enc["attention_mask"], other), rule=rule, backend=backend)
     tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
     return offsets, tokens, e.relevance[0].cpu().tolist(), float(e.target_logit[0])
 

@@ -218,7 +218,7 @@ def _score(target, logits, positions, kept):
             raise ValueError("(position, token) targets need token logits; this model outputs class logits")
         sel = logits
     else:
-        col = torch.searchsorted(kept, positions) if kept is not None else positions
+        col = torch.searchsorted(kept, positions.contiguous()) if kept is not None else positions
         sel = logits[rows[:, None], col]  # (B, P, V)
     vocab = sel.shape[-1]
 

@@ -2,10 +2,11 @@
 
     python bench/report.py bench/results/<date>-<device>.json [--readme README.md]   # gpu_check.py's JSON
     python bench/report.py bench/results/<date>-cpu-memory.json --readme README.md   # memory.py's JSON
+    python bench/report.py bench/results/faithfulness.json --readme README.md        # attnlrp-fast evaluate's
 
 Writes PNGs next to the JSON (<stem>-attention.png, <stem>-memory.png, <stem>-e2e.png, or <stem>.png for a
 memory.py file) and, with --readme, replaces the text between the file's markers
-`<!-- table:KIND -->` and `<!-- /table:KIND -->` (KIND: attention, e2e, cpu-memory) with tables generated
+`<!-- table:KIND -->` and `<!-- /table:KIND -->` (KIND: attention, e2e, cpu-memory, faithfulness) with tables generated
 from the JSON. Every figure in them comes from the JSON; a missing or failed measurement shows as "-" or its
 error.
 """
@@ -170,6 +171,19 @@ def e2e_table(result):
     return "\n".join(lines)
 
 
+def faithfulness_table(result):
+    from attnlrp_fast import faithfulness
+
+    lines = [f"Measured {result.get('date', '?')} on {result.get('device', '?')} (torch "
+             f"{result.get('versions', {}).get('torch', '?')}); {result['settings']['steps']} perturbation steps, "
+             f"removed tokens' embeddings {'zeroed' if result['settings']['perturb'] == 'zero' else 'replaced'}; "
+             "ABPC in the target's unit, averaged over samples.", ""]
+    for task, out in result["tasks"].items():
+        extra = f", the model answers {out['model_accuracy']:.1%} correctly" if "model_accuracy" in out else ""
+        lines.append(f"- {task}: {out['model']}, {out['samples']} samples{extra}; target: {out['target']}")
+    return "\n".join(lines + ["", faithfulness.table(result)])
+
+
 def cpu_memory_table(result):
     fits = result.get("linear_fits", {})
     modes = [m for m in ("low_memory", "plain", "eager") if any(r["mode"] == m for r in result["rows"])]
@@ -284,7 +298,12 @@ def render(json_path, readme=None):
     result = json.loads(json_path.read_text())
     stem = json_path.with_suffix("")
     written, tables = [], {}
-    if "linear_fits" in result:          # bench/memory.py
+    if "tasks" in result:                # attnlrp-fast evaluate
+        from attnlrp_fast import faithfulness
+
+        written.append(faithfulness.plot_curves(result, f"{stem}.png"))
+        tables["faithfulness"] = faithfulness_table(result)
+    elif "linear_fits" in result:        # bench/memory.py
         written.append(plot_cpu_memory(result, f"{stem}.png"))
         tables["cpu-memory"] = cpu_memory_table(result)
     else:                                # bench/gpu_check.py

