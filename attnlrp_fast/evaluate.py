@@ -167,7 +167,7 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
         rel = integrated_gradients(model, input_ids, attention_mask, target, position, steps=ig_steps,
                                    batch=ig_batch, backend=backend)
     elif name == "attention":
-        rel = last_layer_attention(model, input_ids, attention_mask, target, position)
+        rel = last_layer_attention(model, input_ids, attention_mask, target, position, backend=backend)
     else:
         g = torch.Generator().manual_seed(seed)
         rel = torch.rand(input_ids.shape, generator=g).to(input_ids.device)
@@ -207,7 +207,7 @@ def integrated_gradients(model, input_ids, attention_mask, target, position, ste
     return total / steps
 
 
-def last_layer_attention(model, input_ids, attention_mask, target, position):
+def last_layer_attention(model, input_ids, attention_mask, target, position, backend=None):
     """Mean over heads (and over the target positions) of the last attention layer's weights from the position(s)
     whose logits the target reads; for classification heads, from the first token ([CLS]). O(N) memory: only
     those rows are formed."""
@@ -224,7 +224,7 @@ def last_layer_attention(model, input_ids, attention_mask, target, position):
     captured = {}
     # the engine's attention function hands the last layer's query and key to the capture (af.lrp routes
     # attention through it; the forward is the same under every rule)
-    with contextlib.nullcontext() if active_handle(model) is not None else af.lrp(model, "grad"):
+    with contextlib.nullcontext() if active_handle(model) is not None else af.lrp(model, "grad", backend=backend):
         last = attention_modules(model)[-1]
         setattr(last, CAPTURE_ATTR, lambda **kw: captured.update(kw))
         try:

@@ -42,6 +42,12 @@ def recall_inputs(n=64, seed=0, pairs=(16, 24), device="cpu"):
     return (b.input_ids.to(device), b.attention_mask.to(device), evidence, context.to(device), b.answers[:, 0])
 
 
+def _backend(device):
+    """The backend of methods named without one: the kernels on CUDA, the torch path on CPU (Triton's interpreter
+    is for checking the kernels, far too slow for integrated gradients' many passes)."""
+    return None if device.type == "cuda" else "torch"
+
+
 def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32,
                progress=None):
     from attnlrp_fast import recall
@@ -54,8 +60,10 @@ def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), p
     predicted = logits[torch.arange(ids.shape[0]), last].argmax(-1).cpu()
     results = ev.evaluate(model, ids, methods, attention_mask=mask, steps=steps, perturb=perturb,
                           replace_id=recall.PAD, eligible=context, evidence=evidence, seed=seed, ig_steps=ig_steps,
-                          progress=progress)
-    return {"task": "recall", "model": "tiny Llama (2 layers, hidden 64) trained on associative recall",
+                          backend=_backend(device), progress=progress)
+    c = model.config
+    return {"task": "recall", "model": f"tiny Llama ({c.num_hidden_layers} layers, hidden {c.hidden_size}) trained on "
+                                      "associative recall",
             "samples": n, "tokens_mean": float(mask.sum(1).float().mean()),
             "model_accuracy": float((predicted == answers).float().mean()),
             "target": "logit of the predicted value at the last position", "methods": results}
@@ -87,7 +95,7 @@ def run_minilm(methods, *, steps=10, seed=0, device=torch.device("cpu"), perturb
                                    device=device).bool()[None]
             out = ev.evaluate(model, ids, methods, attention_mask=mask, target=target, steps=steps, perturb=perturb,
                               replace_id=tokenizer.mask_token_id, eligible=mask.bool() & ~special, seed=seed + this,
-                              ig_steps=ig_steps)
+                              ig_steps=ig_steps, backend=_backend(device))
             for m in methods:
                 per_method[m].append(out[m])
             rows.append({"text": texts[this], "similarity": float(vectors[this] @ vectors[other])})
@@ -138,15 +146,31 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
     return result
 
 
+def paired(a, b):
+    """Mean of a - b over samples, its standard error, and in how many samples a > b."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else float("nan")
+    return mean, se, sum(x > 0 for x in d)
+
+
 def table(result):
-    """Markdown: one row per task and method."""
-    lines = ["| task | method | ABPC (higher is better) | pointing accuracy | evidence rank | attribution s |",
-             "|---|---|---|---|---|---|"]
+    """Markdown: one row per task and method, with each method's paired ABPC difference to AttnLRP's."""
+    lines = ["| task | method | ABPC (higher is better) | ABPC - AttnLRP's (paired, ± s.e.; samples better) | "
+             "pointing accuracy | evidence rank | attribution s |",
+             "|---|---|---|---|---|---|---|"]
     for task, out in result["tasks"].items():
-        for m, r in sorted(out["methods"].items(), key=lambda kv: -kv[1]["abpc"]):
+        methods = out["methods"]
+        ref = next((m for m in methods if m.split("[")[0] == "attnlrp"), None)
+        for m, r in sorted(methods.items(), key=lambda kv: -kv[1]["abpc"]):
             acc = f"{r['pointing_accuracy']:.1%}" if "pointing_accuracy" in r else "-"
             rank = f"{r['evidence_rank']:.2f}" if "evidence_rank" in r else "-"
-            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {acc} | {rank} | {r['seconds']:.2f} |")
+            diff = "-"
+            if ref is not None and m.split("[")[0] != "attnlrp":
+                mean, se, wins = paired(r["abpc_per_row"], methods[ref]["abpc_per_row"])
+                diff = f"{mean:+.3f} ± {se:.3f}; {wins} of {len(r['abpc_per_row'])}"
+            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {acc} | {rank} | {r['seconds']:.2f} |")
     return "\n".join(lines)
 
 
@@ -161,7 +185,8 @@ def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, pertur
     eligible = torch.zeros_like(ids, dtype=torch.bool)
     eligible[0, prompt.doc_start:prompt.doc_end] = True
     results = ev.evaluate(model, ids, methods, target=target, steps=steps, perturb=perturb, replace_id=replace_id,
-                          eligible=eligible, seed=seed, ig_steps=ig_steps, batch_size=8, progress=progress)
+                          eligible=eligible, seed=seed, ig_steps=ig_steps, batch_size=8, backend=_backend(device),
+                          progress=progress)
     return {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),
             "document_tokens": prompt.doc_end - prompt.doc_start,
             "target": "sum of the answer tokens' logits", "methods": results}

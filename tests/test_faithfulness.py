@@ -63,6 +63,14 @@ def test_minilm_task_runs_on_real_weights():
         assert len(r["morf"]) == 5 and r["morf"][0] == pytest.approx(r["lerf"][0])
 
 
+def test_paired_difference():
+    mean, se, wins = faithfulness.paired([3.0, 1.0, 2.0], [1.0, 1.5, 0.0])
+    d = [2.0, -0.5, 2.0]
+    m = sum(d) / 3
+    assert mean == pytest.approx(m) and wins == 2
+    assert se == pytest.approx((sum((x - m) ** 2 for x in d) / 2) ** 0.5 / 3 ** 0.5)
+
+
 def test_available_methods_follow_the_machine():
     methods = faithfulness.available_methods(torch.device("cpu"))
     from attnlrp_fast.kernels import interpreting
