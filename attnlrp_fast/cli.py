@@ -176,6 +176,25 @@ def _print_summary(pieces, relevance, paths, lines):
     print("reports: " + ", ".join(str(p) for p in paths))
 
 
+def _prompt_and_answer(args, model, tokenizer, document, bar, backend):
+    """The prompt (document + --question) and the answer's token ids: --answer's, else the model's greedy answer.
+    Returns (prompt, answer ids, seconds spent generating or None)."""
+    import time
+
+    from attnlrp_fast import longdoc
+
+    prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
+    answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
+    longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+    if answer_ids is not None:
+        return prompt, answer_ids, None
+    t = time.perf_counter()
+    with bar(total=args.max_new_tokens, desc="generating the answer", unit="token") as b:
+        answer_ids = longdoc.generate_answer(model, tokenizer, prompt.ids, args.max_new_tokens, tick=b.update,
+                                             backend=backend)
+    return prompt, answer_ids, time.perf_counter() - t
+
+
 def cmd_explain(args):
     import time
 
@@ -196,15 +215,9 @@ def cmd_explain(args):
     model, tokenizer = longdoc.load_model(args.model, device, dtype)
     timings["load"] = time.perf_counter() - t0
 
-    prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
-    answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
-    longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
-    if answer_ids is None:
-        t = time.perf_counter()
-        with bar(total=args.max_new_tokens, desc="generating the answer", unit="token") as b:
-            answer_ids = longdoc.generate_answer(model, tokenizer, prompt.ids, args.max_new_tokens, tick=b.update,
-                                                 backend=backend)
-        timings["generate"] = time.perf_counter() - t
+    prompt, answer_ids, seconds = _prompt_and_answer(args, model, tokenizer, document, bar, backend)
+    if seconds is not None:
+        timings["generate"] = seconds
     answer = tokenizer.decode(answer_ids)
     n_layers = len(transformer_layers(model))
     progress = _layer_progress(bar, n_layers, f"explaining {len(prompt.ids) + len(answer_ids)} tokens")
@@ -370,12 +383,8 @@ def cmd_evaluate(args):
     else:
         dtype = longdoc.pick_dtype(args.dtype, device)
         model, tokenizer = longdoc.load_model(args.model, device, dtype)
-        prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
-        answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
-        longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
-        if answer_ids is None:
-            with bar(total=args.max_new_tokens, desc="generating the answer", unit="token") as b:
-                answer_ids = longdoc.generate_answer(model, tokenizer, prompt.ids, args.max_new_tokens, tick=b.update)
+        prompt, answer_ids, _ = _prompt_and_answer(args, model, tokenizer, document, bar,
+                                                   None if device.type == "cuda" else "torch")
         methods = methods or ["attnlrp", "cp", "grad_x_input", "attention", "random"]
         replace = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         if args.perturb == "token" and replace is None:

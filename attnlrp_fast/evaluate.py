@@ -26,11 +26,11 @@ A callable target f(outputs) -> (B,) must accept outputs whose rows are variants
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from attnlrp_fast.explain import Contrast, _forward_parameters, _score, _target_rows, _token_positions
+from attnlrp_fast.explain import (Contrast, _check_inputs, _forward_parameters, _score, _target_rows,
+                                  _token_positions)
 from attnlrp_fast.lrp import active_handle
 
 METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random")
@@ -72,25 +72,9 @@ def parse_method(method):
     return name, backend
 
 
-def _device(model):
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 def _as_batch(model, input_ids, attention_mask):
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError("input_ids must be an integer torch.Tensor of token ids")
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if attention_mask is not None and attention_mask.dim() == 1:
-        attention_mask = attention_mask[None]
-    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape (B, N) with N > 0, got {tuple(input_ids.shape)}")
-    if input_ids.device != _device(model):
-        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {_device(model)}")
-    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
-    return input_ids, attention_mask
+    """(B, N) ids and mask, checked as af.explain checks them (types, shapes, devices, vocabulary)."""
+    return _check_inputs(model, input_ids, attention_mask, None)
 
 
 def _forward(model, input_ids, attention_mask, target, position, keep=None):
@@ -237,7 +221,6 @@ def last_layer_attention(model, input_ids, attention_mask, target, position, bac
     B, H, N, D = q.shape
     M = k.shape[2]
     k = k.repeat_interleave(H // k.shape[1], 1)
-    P = positions.shape[1]
     qs = q[torch.arange(B)[:, None], :, positions].transpose(1, 2)            # (B, H, P, D)
     scale = captured["scaling"] if captured["scaling"] is not None else D ** -0.5
     s = (qs @ k.transpose(-1, -2)) * scale                                      # (B, H, P, M)
