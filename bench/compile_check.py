@@ -27,9 +27,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-SHARED_LIMIT = {90: 232448, 80: 166912}
-REPORTED = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE", "center",
-            "LRP", "ACT")  # bytes per block (opt-in maximum)
+SHARED_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum)
+REPORTED = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE", "DQ_ATOMIC",
+            "center", "LRP", "ACT")
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
          torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
 
@@ -137,7 +137,12 @@ def record_cases(autotune, quick=False):
                           partial(attention_fwd, q, k, v, kpm, scale=0.1, config=config, **kw)))
         for config, rule in itertools.product(candidates(BWD_CONFIGS, D), ("grad", "attnlrp", "cp")):
             cases.append((f"attention_bwd[{rule}] {label} {config or ''}",
-                          partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config, **kw)))
+                          partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config,
+                                  dq_mode="separate", **kw)))
+            if rule != "cp":  # dQ by atomics in the dK/dV launch (cp has no dQ)
+                cases.append((f"attention_bwd[{rule},dq=atomic] {label} {config or ''}",
+                              partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config,
+                                      dq_mode="atomic", **kw)))
     for dtype, D in [(torch.bfloat16, 4096)] if quick else itertools.product((torch.bfloat16, torch.float32), (96, 4096)):
         x, w, stats = torch.randn(3, D, dtype=dtype), torch.randn(D, dtype=dtype), torch.empty(3)
         tag = f"{str(dtype)[6:]} D={D}"

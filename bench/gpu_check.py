@@ -17,6 +17,7 @@ forward+backward, less what was allocated before it (inputs excluded).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -61,29 +62,51 @@ def eager(q, k, v, causal, lrp=False):
 
 
 def methods(smoke):
-    """name -> (forward fn, rule of the backward it implements)."""
+    """name -> (forward fn, rule of the backward it implements, environment variables it runs under).
+
+    Ours run in both dQ modes of the backward (kernels/attention_bwd.py): "separate" (the default, deterministic)
+    and "atomic" (FlashAttention-2's fp32 atomics), so one run says which is faster on this device."""
     import attnlrp_fast as af
 
     backend = "torch" if smoke else None
-    out = {
-        "attnlrp_fast[grad]": (lambda q, k, v, c: af.attention(q, k, v, causal=c, backend=backend), "grad"),
-        "attnlrp_fast[attnlrp]": (lambda q, k, v, c: af.attention(q, k, v, causal=c, rule="attnlrp", backend=backend),
-                                  "attnlrp"),
-        "sdpa[default]": (lambda q, k, v, c: sdpa(q, k, v, c), "grad"),
-        "lxt_style[sdpa]": (lambda q, k, v, c: sdpa(q, k, v, c, lrp=True), "attnlrp"),
-        "eager": (lambda q, k, v, c: eager(q, k, v, c), "grad"),
-        "lxt_style[eager]": (lambda q, k, v, c: eager(q, k, v, c, lrp=True), "attnlrp"),
-    }
+    out = {}
+    for mode, tag in (("separate", ""), ("atomic", ",dq=atomic")):
+        env = {"ATTNLRP_FAST_DQ": mode}
+        out[f"attnlrp_fast[grad{tag}]"] = (lambda q, k, v, c: af.attention(q, k, v, causal=c, backend=backend),
+                                           "grad", env)
+        out[f"attnlrp_fast[attnlrp{tag}]"] = (
+            lambda q, k, v, c: af.attention(q, k, v, causal=c, rule="attnlrp", backend=backend), "attnlrp", env)
+    out.update({
+        "sdpa[default]": (lambda q, k, v, c: sdpa(q, k, v, c), "grad", {}),
+        "lxt_style[sdpa]": (lambda q, k, v, c: sdpa(q, k, v, c, lrp=True), "attnlrp", {}),
+        "eager": (lambda q, k, v, c: eager(q, k, v, c), "grad", {}),
+        "lxt_style[eager]": (lambda q, k, v, c: eager(q, k, v, c, lrp=True), "attnlrp", {}),
+    })
     if not smoke:
         from torch.nn.attention import SDPBackend
 
         for name in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
             be = getattr(SDPBackend, name, None)
             if be is not None:
-                out[f"sdpa[{name.lower()}]"] = (lambda q, k, v, c, be=be: sdpa(q, k, v, c, be), "grad")
+                out[f"sdpa[{name.lower()}]"] = (lambda q, k, v, c, be=be: sdpa(q, k, v, c, be), "grad", {})
                 out[f"lxt_style[sdpa_{name.lower()}]"] = (lambda q, k, v, c, be=be: sdpa(q, k, v, c, be, lrp=True),
-                                                          "attnlrp")
+                                                          "attnlrp", {})
     return out
+
+
+@contextlib.contextmanager
+def environment(env):
+    """Set env (a dict) for the duration of the block, then put back what was there."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def bench_ms(fn, cuda, grad_to_none=None):
@@ -152,13 +175,14 @@ def run_timings(args, cuda, device, on_row=None):
         k = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
         v = torch.randn(B, Hkv, N, D, generator=g).to(device, dtype)
         fl = flops_fwd(B, H, N, N, D, causal)
-        for name, (fn, rule) in methods(args.smoke).items():
+        for name, (fn, rule, env) in methods(args.smoke).items():
             if name.startswith(("eager", "lxt_style[eager")) and (name, D, causal, H == Hkv) in oom:
                 continue
             row = {"method": name, "rule": rule, "B": B, "H": H, "Hkv": Hkv, "N": N, "D": D, "causal": causal,
                    "dtype": str(dtype).split(".")[-1]}
             try:
-                row.update(measure(fn, q, k, v, causal, cuda))
+                with environment(env):
+                    row.update(measure(fn, q, k, v, causal, cuda))
                 row["fwd_tflops"] = fl / row["fwd_ms"] / 1e9
                 bwd_ms = row["fwd_bwd_ms"] - row["fwd_ms"]
                 row["bwd_ms"] = bwd_ms

@@ -48,6 +48,7 @@ def attention_summary(timings):
     for (D, causal, gqa, N, B, H, Hkv), rows in attention_groups(timings).items():
         ours = {r["method"]: r for r in rows if r["method"].startswith("attnlrp_fast") and _ok(r)}
         grad, lrp = ours.get("attnlrp_fast[grad]"), ours.get("attnlrp_fast[attnlrp]")
+        lrp_atomic = ours.get("attnlrp_fast[attnlrp,dq=atomic]")   # the backward's other dQ mode
         sdpa_fwd = _best(rows, "sdpa[", "fwd_tflops")
         sdpa_bwd = _best(rows, "sdpa[", "bwd_tflops")
         sdpa_mem = _best(rows, "sdpa[", "peak_mib", highest=False)
@@ -64,6 +65,10 @@ def attention_summary(timings):
             "attnlrp_bwd_tflops": lrp and lrp.get("bwd_tflops"),
             "best_lxt_bwd": lxt_bwd and lxt_bwd["method"], "best_lxt_bwd_tflops": lxt_bwd and lxt_bwd["bwd_tflops"],
             "attnlrp_bwd_vs_lxt": _ratio(lrp and lrp.get("bwd_tflops"), lxt_bwd and lxt_bwd["bwd_tflops"]),
+            "atomic_bwd_tflops": lrp_atomic and lrp_atomic.get("bwd_tflops"),
+            "atomic_bwd_vs_lxt": _ratio(lrp_atomic and lrp_atomic.get("bwd_tflops"),
+                                        lxt_bwd and lxt_bwd["bwd_tflops"]),
+            "atomic_peak_mib": lrp_atomic and lrp_atomic.get("peak_mib"),
             "peak_mib": lrp and lrp.get("peak_mib"), "sdpa_peak_mib": sdpa_mem and sdpa_mem["peak_mib"],
             "peak_vs_sdpa": _ratio(lrp and lrp.get("peak_mib"), sdpa_mem and sdpa_mem["peak_mib"]),
             "eager": ("out of memory" if eager and not _ok(eager) else
@@ -88,15 +93,16 @@ def attention_table(result):
         "baseline in the same run.",
         "",
         "| D | causal | B x H/Hkv x N | fwd | best SDPA fwd | ratio | grad bwd | SDPA bwd | attnlrp bwd | "
-        "LXT-style bwd | ratio | peak MiB | SDPA peak | eager fwd/bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "LXT-style bwd | ratio | attnlrp bwd, atomic dQ | ratio | peak MiB | SDPA peak | eager fwd/bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in attention_summary(result.get("timings", [])):
         lines.append(
             f"| {s['D']} | {'yes' if s['causal'] else 'no'} | {s['B']} x {s['H']}/{s['Hkv']} x {_tokens(s['N'])} | "
             f"{_f(s['fwd_tflops'])} | {_f(s['best_sdpa_fwd_tflops'])} | {_f(s['fwd_vs_sdpa'], '{:.2f}x')} | "
             f"{_f(s['grad_bwd_tflops'])} | {_f(s['best_sdpa_bwd_tflops'])} | {_f(s['attnlrp_bwd_tflops'])} | "
-            f"{_f(s['best_lxt_bwd_tflops'])} | {_f(s['attnlrp_bwd_vs_lxt'], '{:.2f}x')} | {_f(s['peak_mib'])} | "
+            f"{_f(s['best_lxt_bwd_tflops'])} | {_f(s['attnlrp_bwd_vs_lxt'], '{:.2f}x')} | "
+            f"{_f(s['atomic_bwd_tflops'])} | {_f(s['atomic_bwd_vs_lxt'], '{:.2f}x')} | {_f(s['peak_mib'])} | "
             f"{_f(s['sdpa_peak_mib'])} | {s['eager'] or '-'} |")
     lines += ["", "Targets:"] + targets_lines(result)
     if result.get("unfinished"):
@@ -125,6 +131,7 @@ def targets(timings):
         ("forward / best SDPA backend, d = 128, causal, N >= 4k (worst shape)", worst("fwd_vs_sdpa", fwd_rows),
          1.0, ">="),
         ("attnlrp backward / LXT-style backward (worst shape)", worst("attnlrp_bwd_vs_lxt", summary), 1.0, ">="),
+        ("the same with ATTNLRP_FAST_DQ=atomic (not the default)", worst("atomic_bwd_vs_lxt", summary), 1.0, ">="),
         ("peak memory of forward + backward / SDPA's, N = 128k", most("peak_vs_sdpa", long_rows), 1.1, "<="),
     ]
 

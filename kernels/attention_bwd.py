@@ -8,14 +8,21 @@ With S = cap(scale * Q K^T) (masked), P = softmax(S) recomputed from the saved L
                    Q K^T (dQ and dK halved): dV = 1/2 exact, dQ = dK = 1/4 (exact with cap -> cap/U).
   "cp":            attention weights are constants: dV exact, dQ = dK = 0 (no score gradient computed).
 
-Three launches, no atomics (deterministic):
+Three launches by default, no atomics (deterministic):
   1. delta = rowsum(dO * O) per query row                        reads O, dO once.
   2. dK, dV: one program per key block of a K/V head, looping over the queries of every head of its GQA
      group; FLOPs 8 * B * H * N * M * D (4 for "cp": no dP, no dK).
   3. dQ: one program per query block, looping over the visible keys; FLOPs 6 * B * H * N * M * D
      (skipped for "cp").
 Memory: dQ, dK, dV plus an fp32 delta (B, H, N); no N x M buffer.
+
+dq_mode="atomic" (or ATTNLRP_FAST_DQ=atomic) drops launch 3: launch 2 also computes dS^T K for each block
+and adds it into an fp32 (B, H, N, D) buffer with relaxed atomics, 10 instead of 14 units of N*M*D FLOPs,
+as FlashAttention-2's backward does; the float summation order then varies between runs. Which is faster
+on a GPU is for bench/gpu_check.py to say (both are timed).
 """
+
+import os
 
 import torch
 import triton
@@ -39,6 +46,8 @@ from .attention_common import (
     softcap_grad_factor,
     softcap_logits,
     store_rows,
+    unmasked_key_end,
+    unmasked_query_start,
     visible,
 )
 
@@ -58,8 +67,50 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, st
 
 
 @triton.jit
+def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, offs_n, lo, hi,
+                stride_qn, stride_qd, stride_don, stride_dod, N, shift, window, scale, softcap,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, mid):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head. Blocks from
+    `mid` on are known to see every key of the block, so they skip the mask (key padding still applies).
+    DQ_ATOMIC: also add this key block's share of dQ (unscaled) into the fp32 rows at dq_base."""
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N
+        qt = load_rows(q_base, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, True)
+        do = load_rows(do_base, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        # Transposed scores (keys x queries), so dK and dV accumulate without transposes.
+        ut = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale
+        st = ut
+        if HAS_SOFTCAP:
+            st, tt = softcap_logits(ut, softcap)
+        pt = tl.exp2((st - lse[None, :]) * LOG2E)
+        if start_m < mid:
+            keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
+            pt = tl.where(keep, pt, 0.0)
+        elif HAS_KPM:
+            pt = tl.where(key_ok[:, None], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if RULE != CP_RULE:
+            delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            if HAS_SOFTCAP:
+                dst = dst * softcap_grad_factor(ut, tt, softcap, RULE)
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+            if DQ_ATOMIC:
+                dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION)
+                offs_d = tl.arange(0, BLOCK_D)
+                tl.atomic_add(dq_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], dq_part,
+                              mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
+    Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -70,7 +121,7 @@ def attention_bwd_dkdv_kernel(
     H, HKV, GROUP, N, M, shift, window, scale, softcap, dk_factor, dv_factor,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-    RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -85,6 +136,9 @@ def attention_bwd_dkdv_kernel(
 
     k_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, M) - 1
     lo, hi = query_range(pid_n * BLOCK_N, k_last, shift, window, N, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+    # Query blocks from `mid` on see the whole key block: no mask there. Keys past M need none either:
+    # their rows of dK, dV are never stored.
+    mid = unmasked_query_start(k_last, shift, N, lo, hi, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -93,32 +147,47 @@ def attention_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * H + h) * N
-        for start_m in tl.range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < N
-            qt = load_rows(q_base, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, True)
-            do = load_rows(do_base, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
-            lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf"))
-            # Transposed scores (keys x queries), so dK and dV accumulate without transposes.
-            ut = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale
-            st = ut
-            if HAS_SOFTCAP:
-                st, tt = softcap_logits(ut, softcap)
-            keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
-            pt = tl.where(keep, tl.exp2((st - lse[None, :]) * LOG2E), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
-            if RULE != CP_RULE:
-                delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-                dst = pt * (dpt - delta[None, :])
-                if HAS_SOFTCAP:
-                    dst = dst * softcap_grad_factor(ut, tt, softcap, RULE)
-                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             DQ_ACC + row_base.to(tl.int64) * BLOCK_D, offs_n, lo, hi, stride_qn, stride_qd,
+                             stride_don, stride_dod, N, shift, window, scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION, DQ_ATOMIC, mid)
 
     store_rows(DK + b * stride_dkb + hk * stride_dkh, dk * dk_factor, offs_n, M, stride_dkn, stride_dkd,
                HEAD_DIM, BLOCK_D)
     store_rows(DV + b * stride_dvb + hk * stride_dvh, dv * dv_factor, offs_n, M, stride_dvn, stride_dvd,
                HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, lo, hi,
+              stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+              RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, mid):
+    """Accumulate dQ of one query block over the key blocks [lo, hi). Blocks before `mid` are known to be
+    whole and visible to every row, so they skip the mask (key padding still applies)."""
+    qpos = offs_m[:, None] + shift
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = load_rows(k_base, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, True)
+        vt = load_rows(v_base, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True)
+        u = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
+        s = u
+        if HAS_SOFTCAP:
+            s, t = softcap_logits(u, softcap)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        if start_n >= mid:
+            keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
+                           IS_CAUSAL, HAS_WINDOW)
+            p = tl.where(keep, p, 0.0)
+        elif HAS_KPM:
+            p = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * softcap_grad_factor(u, t, softcap, RULE)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -148,48 +217,57 @@ def attention_bwd_dq_kernel(
     do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
     lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_ok, other=0.0)
-    qpos = offs_m[:, None] + shift
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    q_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, N) - 1
-    lo, hi = key_range(pid_m * BLOCK_M, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    kpm_base = KPM + b * stride_kpm_b
+    q_first = pid_m * BLOCK_M
+    q_last = tl.minimum(q_first + BLOCK_M, N) - 1
+    lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    mid = unmasked_key_end(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in tl.range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = load_rows(k_base, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, True)
-        vt = load_rows(v_base, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True)
-        u = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-        s = u
-        if HAS_SOFTCAP:
-            s, t = softcap_logits(u, softcap)
-        keep = visible(qpos, offs_n[None, :], window, key_mask(KPM + b * stride_kpm_b, offs_n, M, HAS_KPM)[None, :],
-                       IS_CAUSAL, HAS_WINDOW)
-        p = tl.where(keep, tl.exp2((s - lse[:, None]) * LOG2E), 0.0)
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * softcap_grad_factor(u, t, softcap, RULE)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, lo, hi,
+                   stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION,
+                   mid)
 
     store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * dq_factor, offs_m, N, stride_dqn, stride_dqd,
                HEAD_DIM, BLOCK_D)
 
 
+DQ_MODES = ("separate", "atomic")
+
 _KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE"]
-_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, key=_KEY)
+_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ_ACC"])
 _tuned_dq = autotuned(attention_bwd_dq_kernel, BWD_CONFIGS, key=_KEY)
 
 # Per rule: factor on (dQ, dK) on top of the scale, and on dV.
 RULE_FACTORS = {0: (1.0, 1.0), RULE_ATTNLRP: (0.25, 0.5), RULE_CP: (0.0, 1.0)}
 
 
+def dq_mode_default():
+    """The dQ strategy when the caller names none: ATTNLRP_FAST_DQ ("separate", the default, or "atomic")."""
+    mode = os.environ.get("ATTNLRP_FAST_DQ", "separate").strip().lower() or "separate"
+    if mode not in DQ_MODES:
+        raise ValueError(f"ATTNLRP_FAST_DQ must be one of {', '.join(DQ_MODES)}, got {mode!r}")
+    return mode
+
+
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                  softcap=None, rule="grad", config=None):
+                  softcap=None, rule="grad", config=None, dq_mode=None):
     """Launch the backward for `rule` ("grad" | "attnlrp" | "cp"). Shapes as in attention_fwd; do like o.
-    Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v."""
+    Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v.
+
+    dq_mode: "separate" (a third launch recomputes the scores per query block: deterministic, 14 units of
+    N*M*D FLOPs in all) or "atomic" (the dK/dV launch also adds each block's dQ into an fp32 buffer with
+    atomics, as FlashAttention-2 does: 10 units, an fp32 (B, H, N, D) buffer, and a summation order that
+    varies from run to run). None: dq_mode_default()."""
     rule_id = RULE_IDS[rule]
+    dq_mode = dq_mode or dq_mode_default()
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {', '.join(DQ_MODES)}, got {dq_mode!r}")
+    atomic = dq_mode == "atomic" and rule_id != RULE_CP
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
@@ -212,13 +290,18 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     )
     kpm_arg = kpm if kpm is not None else q
     kpm_stride = kpm.stride(0) if kpm is not None else 0
+    # fp32 dQ rows padded to BLOCK_D (a 1-element placeholder when unused: the autotuner zeroes it)
+    dq_acc = torch.zeros((B, H, N, block_d) if atomic else (1,), dtype=torch.float32, device=q.device)
     dkdv_args = (
-        q, k, v, do, lse, delta, kpm_arg, dk, dv,
+        q, k, v, do, lse, delta, kpm_arg, dk, dv, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
         H, Hkv, H // Hkv, *common, float(scale) * qk_factor, dv_factor,
     )
-    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, flags, config, "bwd", q.element_size())
-    if rule_id != RULE_CP:
+    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, dict(flags, DQ_ATOMIC=atomic),
+           config, "bwd", q.element_size())
+    if atomic:
+        dq.copy_(dq_acc[..., :D].mul_(float(scale) * qk_factor))
+    elif rule_id != RULE_CP:
         dq_args = (
             q, k, v, do, lse, delta, kpm_arg, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride,

@@ -124,6 +124,38 @@ def key_range(q_first, q_last, shift, window, M, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
+def unmasked_key_end(q_first, shift, M, lo, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr):
+    """End of the run of whole key blocks from `lo` that every query from q_first on sees (in bounds and,
+    causal, at or before q_first's position): the loop over [lo, hi) splits there into unmasked blocks
+    [lo, end) and masked ones [end, hi). With a window every block keeps the mask (end = lo)."""
+    end = lo
+    if not HAS_WINDOW:
+        full = M
+        if IS_CAUSAL:
+            full = tl.minimum(full, tl.maximum(q_first + shift + 1, 0))
+        # full >= 0 here, so // rounds down the same way in the interpreter and on the GPU
+        end = tl.minimum(tl.maximum((full // BLOCK_N) * BLOCK_N, lo), hi)
+    return end
+
+
+@triton.jit
+def unmasked_query_start(k_last, shift, N, lo, hi, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                         HAS_WINDOW: tl.constexpr):
+    """Start of the query blocks, up to `hi`, whose every row sees every key up to k_last (causal: rows at
+    or after k_last's position): the loop over [lo, hi) splits into masked blocks [lo, start) and unmasked
+    ones [start, hi). Rows past N need no mask in the dK/dV loop (they load zeros and an LSE of +inf, so
+    their probabilities are 0). With a window every block keeps the mask (start = hi)."""
+    start = hi
+    if not HAS_WINDOW:
+        first = 0
+        if IS_CAUSAL:
+            first = tl.maximum(k_last - shift, 0)
+        start = tl.minimum(tl.maximum(((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), hi)
+    return start
+
+
+@triton.jit
 def query_range(k_first, k_last, shift, window, N, BLOCK_M: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """[lo, hi) of queries that may see keys k_first..k_last; lo rounded down to a block start."""
@@ -201,11 +233,13 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def autotuned(kernel, configs, key):
-    """The kernel under triton.autotune (used when autotune_enabled()); unchanged under the interpreter."""
+def autotuned(kernel, configs, key, reset_to_zero=None):
+    """The kernel under triton.autotune (used when autotune_enabled()); unchanged under the interpreter.
+    reset_to_zero: arguments the kernel accumulates into (zeroed before each timing run)."""
     if interpreting():
         return kernel
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune_configs})(kernel)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune_configs},
+                           reset_to_zero=reset_to_zero)(kernel)
 
 
 def launch(kernel, tuned, rows, block_key, grid_y, args, flags, config, kind, itemsize):

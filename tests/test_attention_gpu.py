@@ -70,8 +70,26 @@ def test_gpu_agrees_with_sdpa():
         assert rel_err(a, b) < 2e-2
 
 
-def test_gpu_deterministic():
-    """No atomics: two backward passes give bit-identical gradients."""
+@pytest.mark.parametrize("feature", ["causal", "window_softcap", "padding"])
+@pytest.mark.parametrize("rule", ["grad", "attnlrp"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=lambda d: str(d).split(".")[-1])
+def test_gpu_atomic_dq_matches_float64(dtype, rule, feature, monkeypatch):
+    """ATTNLRP_FAST_DQ=atomic: dQ summed by fp32 atomics in the dK/dV launch, GQA, D = 128."""
+    monkeypatch.setenv("ATTNLRP_FAST_DQ", "atomic")
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, N, M = 2, 8, 2, 1000, 1037
+    q, k, v = make_qkv(B, H, Hkv, N, M, 128, dtype, device="cuda", layout="bnhd", generator=g)
+    do = torch.randn(B, H, N, 128, generator=g).to("cuda", dtype)
+    kw = dict(FEATURES[feature])
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = (torch.rand(B, M, generator=g) > 0.2).cuda()
+    outs = run_attention(af.attention, q, k, v, do, rule=rule, **kw)
+    assert_close_all(outs, dense_reference(q, k, v, do, rule=rule, **kw), TOL[dtype], f"atomic {rule}/{feature}")
+
+
+def test_gpu_deterministic(monkeypatch):
+    """The default dQ mode has no atomics: two backward passes give bit-identical gradients."""
+    monkeypatch.setenv("ATTNLRP_FAST_DQ", "separate")
     q, k, v = make_qkv(1, 16, 4, 1500, 1500, 128, torch.bfloat16, device="cuda")
     do = torch.randn_like(q)
     first = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")

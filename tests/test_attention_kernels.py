@@ -117,6 +117,67 @@ def test_kernels_with_small_blocks(rule):
         assert_close_all((o, dq, dk, dv), refs, TOL[torch.float32], f"{kw}")
 
 
+@needs_interpreter
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16)], ids=str)
+@pytest.mark.parametrize("N,M", [(75, 75), (40, 54), (40, 93), (93, 40), (1, 70)])
+def test_unmasked_block_split(blocks, N, M):
+    """The loops split into whole, fully visible blocks (no mask) and masked ones (diagonal, last partial
+    block): unequal query and key blocks, N = M, N < M (prefill after a cache), N > M (rows that see
+    nothing), causal or not, with and without key padding. M - N = 14 with 16-wide blocks puts a block edge
+    one position from the diagonal, where an off-by-one in the split would unmask a hidden key."""
+    g = torch.Generator().manual_seed(N * 1000 + M + blocks[0])
+    D = 24
+    q, k, v = make_qkv(1, 2, 1, N, M, D, generator=g)
+    do = torch.randn(1, 2, N, D, generator=g)
+    kpm = torch.rand(1, M, generator=g) > 0.2
+    kpm[:, -1] = True
+    config = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}
+    scale = 1 / math.sqrt(D)
+    for causal, mask in ((True, None), (False, None), (True, kpm)):
+        o, lse = attention_fwd(q, k, v, mask, causal=causal, scale=scale, config=config)
+        for rule in RULES:
+            grads = attention_bwd(do, q, k, v, o, lse, mask, causal=causal, scale=scale, rule=rule, config=config)
+            refs = dense_reference(q, k, v, do, key_padding_mask=mask, causal=causal, rule=rule)
+            assert_close_all((o, *grads), refs, TOL[torch.float32], f"causal={causal} kpm={mask is not None} {rule}")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rule", RULES)
+def test_atomic_dq_mode(rule, monkeypatch):
+    """dq_mode="atomic" (dQ added by the dK/dV launch with atomics) against float64: GQA, every mask feature
+    at once and none, 16-wide blocks so several key blocks add into each dQ row; also through
+    ATTNLRP_FAST_DQ and af.attention."""
+    g = torch.Generator().manual_seed(23)
+    D = 40
+    q, k, v = make_qkv(1, 4, 2, 53, 61, D, generator=g)
+    do = torch.randn(1, 4, 53, D, generator=g)
+    kpm = torch.rand(1, 61, generator=g) > 0.3
+    scale = 1 / math.sqrt(D)
+    for kw, mask in (({"causal": True, "window": 17, "softcap": 2.0}, kpm), ({}, None)):
+        o, lse = attention_fwd(q, k, v, mask, scale=scale, config={"BLOCK_M": 16, "BLOCK_N": 16}, **kw)
+        grads = attention_bwd(do, q, k, v, o, lse, mask, scale=scale, rule=rule, dq_mode="atomic",
+                              config={"BLOCK_M": 16, "BLOCK_N": 16}, **kw)
+        refs = dense_reference(q, k, v, do, key_padding_mask=mask, rule=rule, **kw)
+        assert_close_all((o, *grads), refs, TOL[torch.float32], f"atomic {kw} {rule}")
+    monkeypatch.setenv("ATTNLRP_FAST_DQ", "atomic")
+    outs = run_attention(af.attention, q, k, v, do, causal=True, rule=rule, backend="triton")
+    assert_close_all(outs, dense_reference(q, k, v, do, causal=True, rule=rule), TOL[torch.float32], "env")
+
+
+def test_dq_mode_is_checked(monkeypatch):
+    from attnlrp_fast.kernels.attention_bwd import dq_mode_default
+
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 16)
+    o, lse = torch.zeros_like(q), torch.zeros(1, 2, 8)
+    with pytest.raises(ValueError, match="dq_mode must be one of separate, atomic, got 'fast'"):
+        attention_bwd(q, q, k, v, o, lse, dq_mode="fast")
+    monkeypatch.setenv("ATTNLRP_FAST_DQ", "Atomic")
+    assert dq_mode_default() == "atomic"
+    monkeypatch.setenv("ATTNLRP_FAST_DQ", "sometimes")
+    with pytest.raises(ValueError, match="ATTNLRP_FAST_DQ must be one of separate, atomic, got 'sometimes'"):
+        dq_mode_default()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_log_sum_exp(backend):
     from attnlrp_fast.bindings import attention_fwd_op

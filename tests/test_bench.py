@@ -41,8 +41,8 @@ def test_harness_smoke_records_every_part(smoke_json):
     assert set(result["dates"]) == {"spot", "kernels", "e2e"}          # "tests" needs CUDA
     assert all(e is None or e < 1e-4 for errs in result["spot_check_rel_err"].values() for e in errs.values())
     methods = {row["method"] for row in result["timings"]}
-    assert {"attnlrp_fast[attnlrp]", "attnlrp_fast[grad]", "lxt_style[sdpa]", "sdpa[default]", "eager",
-            "lxt_style[eager]"} <= methods
+    assert {"attnlrp_fast[attnlrp]", "attnlrp_fast[grad]", "attnlrp_fast[attnlrp,dq=atomic]",
+            "attnlrp_fast[grad,dq=atomic]", "lxt_style[sdpa]", "sdpa[default]", "eager", "lxt_style[eager]"} <= methods
     for row in result["timings"]:
         assert "error" not in row and math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0
         assert row["fwd_tflops"] == pytest.approx(gpu_check.flops_fwd(row["B"], row["H"], row["N"], row["N"], row["D"],
@@ -174,6 +174,7 @@ def test_report_targets_take_the_worst_shape_and_say_missed():
     for N, ours in ((4096, 420.0), (8192, 380.0)):
         timings += [_row("attnlrp_fast[grad]", N, fwd_tflops=ours, bwd_tflops=300.0),
                     _row("attnlrp_fast[attnlrp]", N, fwd_tflops=ours, bwd_tflops=310.0, peak_mib=100.0),
+                    _row("attnlrp_fast[attnlrp,dq=atomic]", N, fwd_tflops=ours, bwd_tflops=N / 40, peak_mib=110.0),
                     _row("sdpa[flash_attention]", N, fwd_tflops=350.0, bwd_tflops=280.0, peak_mib=90.0),
                     _row("sdpa[cudnn_attention]", N, fwd_tflops=400.0, bwd_tflops=290.0, peak_mib=95.0),
                     _row("lxt_style[sdpa]", N, fwd_tflops=350.0, bwd_tflops=200.0)]
@@ -183,7 +184,8 @@ def test_report_targets_take_the_worst_shape_and_say_missed():
     lines = bench_report.targets_lines({"timings": timings})
     assert lines[0].endswith(f"{380 / 400:.2f}x (MISSED; target >= 1.0x)")      # 8k is the worst shape
     assert lines[1].endswith(f"{310 / 200:.2f}x (met; target >= 1.0x)")
-    assert lines[2].endswith("1.05x (met; target <= 1.1x)")                       # the failed baseline is skipped
+    assert lines[2].endswith(f"{4096 / 40 / 200:.2f}x (MISSED; target >= 1.0x)")  # atomic dQ, worst at 4k
+    assert lines[3].endswith("1.05x (met; target <= 1.1x)")                       # the failed baseline is skipped
     assert bench_report.targets_lines({"timings": []})[0].endswith("not measured")
 
 
