@@ -138,7 +138,7 @@ def attention_bwd_dkdv_kernel(
     lo, hi = query_range(pid_n * BLOCK_N, k_last, shift, window, N, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
     # Query blocks from `mid` on see the whole key block: no mask there. Keys past M need none either:
     # their rows of dK, dV are never stored.
-    mid = unmasked_query_start(k_last, shift, N, lo, hi, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+    mid = unmasked_query_start(k_last, shift, lo, hi, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)

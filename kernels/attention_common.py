@@ -140,7 +140,7 @@ def unmasked_key_end(q_first, shift, M, lo, hi, BLOCK_N: tl.constexpr, IS_CAUSAL
 
 
 @triton.jit
-def unmasked_query_start(k_last, shift, N, lo, hi, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def unmasked_query_start(k_last, shift, lo, hi, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          HAS_WINDOW: tl.constexpr):
     """Start of the query blocks, up to `hi`, whose every row sees every key up to k_last (causal: rows at
     or after k_last's position): the loop over [lo, hi) splits into masked blocks [lo, start) and unmasked
