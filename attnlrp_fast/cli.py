@@ -357,10 +357,10 @@ def cmd_evaluate(args):
                 name, backend = ev.parse_method(m)
             except ValueError as e:
                 raise UsageError(f"--methods: {e}") from None
-            if backend == "triton" and device.type != "cuda":
-                from attnlrp_fast.kernels import interpreting
+            if backend == "triton":
+                from attnlrp_fast.bindings.attention import triton_runs_on
 
-                if not interpreting():
+                if not triton_runs_on(device):
                     raise UsageError(f"--methods {m}: the Triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
     bar = _bar_factory(args.quiet)
     if document is None:
@@ -384,7 +384,7 @@ def cmd_evaluate(args):
         dtype = longdoc.pick_dtype(args.dtype, device)
         model, tokenizer = longdoc.load_model(args.model, device, dtype)
         prompt, answer_ids, _ = _prompt_and_answer(args, model, tokenizer, document, bar,
-                                                   None if device.type == "cuda" else "torch")
+                                                   faithfulness.default_backend(device))
         methods = methods or ["attnlrp", "cp", "grad_x_input", "attention", "random"]
         replace = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
         if args.perturb == "token" and replace is None:

@@ -32,6 +32,7 @@ import torch
 from attnlrp_fast.explain import (Contrast, _check_inputs, _forward_parameters, _score, _target_rows,
                                   _token_positions)
 from attnlrp_fast.lrp import active_handle
+from attnlrp_fast.reference import visibility
 
 METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random")
 _RULES = {"attnlrp": "attnlrp", "cp": "cp", "grad_x_input": "grad"}
@@ -110,11 +111,16 @@ def _forward(model, input_ids, attention_mask, target, position, keep=None):
             handle.remove()
 
 
+def _chooses_argmax(target):
+    """Whether the target picks its token / class on the input (None: argmax; an int or 0-d tensor: a position)."""
+    return target is None or isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0)
+
+
 def fix_target(model, input_ids, attention_mask=None, target=None, position=None):
     """The target with an argmax choice fixed to what the model chose on this input, and its score (B,)."""
     input_ids, attention_mask = _as_batch(model, input_ids, attention_mask)
     score, ids = _forward(model, input_ids, attention_mask, target, position)
-    if target is None or isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0):
+    if _chooses_argmax(target):
         target = ids.reshape(ids.shape[0], -1)[:, 0].clone()
     return target, score
 
@@ -226,17 +232,8 @@ def last_layer_attention(model, input_ids, attention_mask, target, position, bac
     s = (qs @ k.transpose(-1, -2)) * scale                                      # (B, H, P, M)
     if captured["softcap"]:
         s = captured["softcap"] * torch.tanh(s / captured["softcap"])
-    qpos = (positions + (M - N))[:, None, :, None]
-    kpos = torch.arange(M, device=s.device)[None, None, None, :]
-    keep = torch.ones_like(s, dtype=torch.bool)
-    if captured["causal"]:
-        keep &= kpos <= qpos
-    if captured["window"]:
-        keep &= (qpos - kpos) < captured["window"]
-        if not captured["causal"]:
-            keep &= (kpos - qpos) < captured["window"]
-    if captured["key_padding_mask"] is not None:
-        keep &= captured["key_padding_mask"][:, None, None, :]
+    keep = visibility(positions, N, M, causal=captured["causal"], window=captured["window"] or None,
+                      key_padding_mask=captured["key_padding_mask"], device=s.device)   # (B, 1, P, M)
     w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
     return w.mean(dim=(1, 2))
 
@@ -274,7 +271,8 @@ def perturbation_curves(model, input_ids, relevance, *, attention_mask=None, tar
         raise ValueError(f"relevance has shape {tuple(relevance.shape)}, the input {(B, N)}")
     if not torch.isfinite(relevance).all():
         raise ValueError("relevance holds NaN or inf")
-    target, _ = fix_target(model, input_ids, attention_mask, target, position)
+    if _chooses_argmax(target):   # a fixed target needs no forward here (evaluate and attribute fix it already)
+        target, _ = fix_target(model, input_ids, attention_mask, target, position)
     if eligible is None:
         eligible = default_eligible(model, input_ids, attention_mask, target, position)
     eligible = torch.as_tensor(eligible, device=input_ids.device).bool()

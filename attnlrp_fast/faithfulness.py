@@ -22,9 +22,9 @@ TASKS = ("recall", "minilm")
 
 def available_methods(device):
     """Every method; AttnLRP on each backend this machine runs (Triton needs CUDA or TRITON_INTERPRET=1)."""
-    from attnlrp_fast.kernels import interpreting
+    from attnlrp_fast.bindings.attention import triton_runs_on
 
-    backends = ["torch"] + (["triton"] if device.type == "cuda" or interpreting() else [])
+    backends = ["torch"] + (["triton"] if triton_runs_on(device) else [])
     return [f"attnlrp[{b}]" for b in backends] + [m for m in ev.METHODS if m != "attnlrp"]
 
 
@@ -42,7 +42,7 @@ def recall_inputs(n=64, seed=0, pairs=(16, 24), device="cpu"):
     return (b.input_ids.to(device), b.attention_mask.to(device), evidence, context.to(device), b.answers[:, 0])
 
 
-def _backend(device):
+def default_backend(device):
     """The backend of methods named without one: the kernels on CUDA, the torch path on CPU (Triton's interpreter
     is for checking the kernels, far too slow for integrated gradients' many passes)."""
     return None if device.type == "cuda" else "torch"
@@ -60,7 +60,7 @@ def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), p
     predicted = logits[torch.arange(ids.shape[0]), last].argmax(-1).cpu()
     results = ev.evaluate(model, ids, methods, attention_mask=mask, steps=steps, perturb=perturb,
                           replace_id=recall.PAD, eligible=context, evidence=evidence, seed=seed, ig_steps=ig_steps,
-                          backend=_backend(device), progress=progress)
+                          backend=default_backend(device), progress=progress)
     c = model.config
     return {"task": "recall", "model": f"tiny Llama ({c.num_hidden_layers} layers, hidden {c.hidden_size}) trained on "
                                       "associative recall",
@@ -95,7 +95,7 @@ def run_minilm(methods, *, steps=10, seed=0, device=torch.device("cpu"), perturb
                                    device=device).bool()[None]
             out = ev.evaluate(model, ids, methods, attention_mask=mask, target=target, steps=steps, perturb=perturb,
                               replace_id=tokenizer.mask_token_id, eligible=mask.bool() & ~special, seed=seed + this,
-                              ig_steps=ig_steps, backend=_backend(device))
+                              ig_steps=ig_steps, backend=default_backend(device))
             for m in methods:
                 per_method[m].append(out[m])
             rows.append({"text": texts[this], "similarity": float(vectors[this] @ vectors[other])})
@@ -185,8 +185,8 @@ def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, pertur
     eligible = torch.zeros_like(ids, dtype=torch.bool)
     eligible[0, prompt.doc_start:prompt.doc_end] = True
     results = ev.evaluate(model, ids, methods, target=target, steps=steps, perturb=perturb, replace_id=replace_id,
-                          eligible=eligible, seed=seed, ig_steps=ig_steps, batch_size=8, backend=_backend(device),
-                          progress=progress)
+                          eligible=eligible, seed=seed, ig_steps=ig_steps, batch_size=8,
+                          backend=default_backend(device), progress=progress)
     return {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),
             "document_tokens": prompt.doc_end - prompt.doc_start,
             "target": "sum of the answer tokens' logits", "methods": results}

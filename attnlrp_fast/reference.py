@@ -28,17 +28,18 @@ def scale_grad(x, factor):
 
 
 def visibility(rows, n, m, *, causal=False, window=None, key_padding_mask=None, device=None):
-    """Bool mask (B or 1, 1, len(rows), M): may query row i (position i + m - n) see key j?"""
-    qpos = (torch.as_tensor(rows, device=device) + (m - n))[:, None]
-    kpos = torch.arange(m, device=device)[None, :]
-    keep = torch.ones(qpos.shape[0], m, dtype=torch.bool, device=device)
+    """Bool mask (B or 1, 1, P, M): may query row i (position i + m - n) see key j? rows: P row indices shared
+    by the batch, or (B, P), rows per batch element."""
+    qpos = (torch.as_tensor(rows, device=device) + (m - n))[..., None]
+    kpos = torch.arange(m, device=device)
+    keep = torch.ones(qpos.shape[:-1] + (m,), dtype=torch.bool, device=device)
     if causal:
         keep &= kpos <= qpos
     if window is not None:
         keep &= qpos - kpos < window
         if not causal:
             keep &= kpos - qpos < window
-    keep = keep[None, None]
+    keep = keep[None, None] if keep.dim() == 2 else keep[:, None]
     if key_padding_mask is not None:
         keep = keep & key_padding_mask[:, None, None, :].to(device=keep.device, dtype=torch.bool)
     return keep

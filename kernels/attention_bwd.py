@@ -103,7 +103,7 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_
             if DQ_ATOMIC:
                 dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION)
                 offs_d = tl.arange(0, BLOCK_D)
-                tl.atomic_add(dq_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], dq_part,
+                tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
                               mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
@@ -148,7 +148,7 @@ def attention_bwd_dkdv_kernel(
         do_base = DO + b * stride_dob + h * stride_doh
         row_base = (b * H + h) * N
         dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, LSE + row_base, DELTA + row_base,
-                             DQ_ACC + row_base.to(tl.int64) * BLOCK_D, offs_n, lo, hi, stride_qn, stride_qd,
+                             DQ_ACC + row_base.to(tl.int64) * HEAD_DIM, offs_n, lo, hi, stride_qn, stride_qd,
                              stride_don, stride_dod, N, shift, window, scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M,
                              IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION, DQ_ATOMIC, mid)
 
@@ -290,8 +290,8 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     )
     kpm_arg = kpm if kpm is not None else q
     kpm_stride = kpm.stride(0) if kpm is not None else 0
-    # fp32 dQ rows padded to BLOCK_D (a 1-element placeholder when unused: the autotuner zeroes it)
-    dq_acc = torch.zeros((B, H, N, block_d) if atomic else (1,), dtype=torch.float32, device=q.device)
+    # fp32 dQ, contiguous (a 1-element placeholder when unused: the autotuner zeroes it)
+    dq_acc = torch.zeros((B, H, N, D) if atomic else (1,), dtype=torch.float32, device=q.device)
     dkdv_args = (
         q, k, v, do, lse, delta, kpm_arg, dk, dv, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
@@ -300,7 +300,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, dict(flags, DQ_ATOMIC=atomic),
            config, "bwd", q.element_size())
     if atomic:
-        dq.copy_(dq_acc[..., :D].mul_(float(scale) * qk_factor))
+        dq.copy_(dq_acc.mul_(float(scale) * qk_factor))
     elif rule_id != RULE_CP:
         dq_args = (
             q, k, v, do, lse, delta, kpm_arg, dq,

@@ -25,6 +25,11 @@ from attnlrp_fast.kernels import interpreting
 BACKENDS = ("auto", "triton", "torch")
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors on `device`: CUDA, or any device under TRITON_INTERPRET=1."""
+    return device.type == "cuda" or interpreting()
+
+
 def uses_triton(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
     """Whether `backend` means the Triton kernels for tensors on `device` of `dtype`."""
     if backend == "torch":
@@ -32,14 +37,14 @@ def uses_triton(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
     if backend == "triton":
         if dtype == torch.float64:
             raise TypeError("backend='triton' does not take float64 tensors; use backend='torch' for float64")
-        if device.type != "cuda" and not interpreting():
+        if not triton_runs_on(device):
             raise RuntimeError(
                 f"backend='triton' on {device.type} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before importing attnlrp_fast (or use backend='torch' / move the tensors to CUDA)")
         return True
     if dtype == torch.float64:
         return False
-    return device.type == "cuda" or interpreting()
+    return triton_runs_on(device)
 
 
 def _opt(window: int, softcap: float):
