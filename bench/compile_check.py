@@ -105,7 +105,7 @@ def record_cases(autotune, quick=False):
     from functools import partial
 
     from attnlrp_fast.kernels import attention_bwd, attention_fwd
-    from attnlrp_fast.kernels.attention_common import BWD_CONFIGS, FWD_CONFIGS, head_block, prune_configs
+    from attnlrp_fast.kernels.attention_common import CONFIGS, head_dim_block, prune_configs
     from attnlrp_fast.kernels.glu import activation_bwd, activation_fwd, glu_bwd, glu_fwd
     from attnlrp_fast.kernels.norm import norm_bwd, norm_fwd
 
@@ -116,7 +116,7 @@ def record_cases(autotune, quick=False):
                 "num_stages": c.num_stages}
 
     def candidates(configs, D):  # what the autotuner would try for this head dim (after its pruning)
-        return [as_dict(c) for c in prune_configs(configs, {}, BLOCK_D=head_block(D))] if autotune else [None]
+        return [as_dict(c) for c in prune_configs(configs, {}, BLOCK_D=head_dim_block(D))] if autotune else [None]
 
     # masks: "plain" (none), "causal" (the benchmark's), "all" (causal, window, softcap, key padding)
     variants = itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256),
@@ -132,10 +132,10 @@ def record_cases(autotune, quick=False):
         q, k, v = (torch.randn(1, h, 40, D, dtype=dtype) for h in (4, 2, 2))
         o, lse = torch.empty_like(q), torch.empty(1, 4, 40)
         label = f"{str(dtype)[6:]} D={D} {masks}"
-        for config in candidates(FWD_CONFIGS, D):
+        for config in candidates(CONFIGS["fwd"], D):
             cases.append((f"attention_fwd {label} {config or ''}",
                           partial(attention_fwd, q, k, v, kpm, scale=0.1, config=config, **kw)))
-        for config, rule in itertools.product(candidates(BWD_CONFIGS, D), ("grad", "attnlrp", "cp")):
+        for config, rule in itertools.product(candidates(CONFIGS["dkdv"], D), ("grad", "attnlrp", "cp")):
             cases.append((f"attention_bwd[{rule}] {label} {config or ''}",
                           partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config,
                                   dq_mode="separate", **kw)))

@@ -29,25 +29,29 @@ import triton
 import triton.language as tl
 
 from .attention_common import (
-    BWD_CONFIGS,
     CP_RULE,
     LOG2E,
     RULE_ATTNLRP,
     RULE_CP,
     RULE_IDS,
     autotuned,
+    base2_logits,
+    batch_slices,
     dot_precision,
-    head_block,
+    fit_int32_tiles,
+    head_base,
+    head_dim_block,
     key_mask,
     key_range,
     launch,
+    length_bucket,
     load_rows,
+    masked_keys_from,
+    masked_queries_until,
+    on_device,
     query_range,
     softcap_grad_factor,
-    softcap_logits,
     store_rows,
-    unmasked_key_end,
-    unmasked_query_start,
     visible,
 )
 
@@ -56,38 +60,37 @@ from .attention_common import (
 def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, stride_od,
                                stride_dob, stride_doh, stride_don, stride_dod, H, N,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o = load_rows(O + b * stride_ob + h * stride_oh, offs_m, N, stride_on, stride_od, HEAD_DIM, BLOCK_D, False)
-    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
-    tl.store(DELTA + pid_bh * N + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < N)
+    start = tl.program_id(0) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    o = load_rows(head_base(O, b, h, stride_ob, stride_oh), start, N, stride_on, stride_od, BLOCK_M, HEAD_DIM,
+                  BLOCK_D, False)
+    do = load_rows(head_base(DO, b, h, stride_dob, stride_doh), start, N, stride_don, stride_dod, BLOCK_M, HEAD_DIM,
+                   BLOCK_D, False)
+    offs_m = tl.arange(0, BLOCK_M)
+    tl.store(DELTA + (b.to(tl.int64) * H + h) * N + start + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1),
+             mask=offs_m < N - start)
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, offs_n, lo, hi,
+def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, offs_n, lo, hi, masked_until,
                 stride_qn, stride_qd, stride_don, stride_dod, N, shift, window, scale, softcap,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-                RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, mid):
-    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head. Blocks from
-    `mid` on are known to see every key of the block, so they skip the mask (key padding still applies).
-    DQ_ATOMIC: also add this key block's share of dQ (unscaled) into the fp32 rows at dq_base."""
+                RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head. Blocks before
+    `masked_until` are masked; the others see every key of the block, so they skip the mask (key padding still
+    applies). DQ_ATOMIC: also add this key block's share of dQ (unscaled) into the fp32 rows at dq_base."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
-        qt = load_rows(q_base, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, True)
-        do = load_rows(do_base, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
-        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        qt = load_rows(q_base, start_m, N, stride_qn, stride_qd, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+        do = load_rows(do_base, start_m, N, stride_don, stride_dod, BLOCK_M, HEAD_DIM, BLOCK_D, False)
+        lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
         # Transposed scores (keys x queries), so dK and dV accumulate without transposes.
-        ut = tl.dot(k, qt, input_precision=DOT_PRECISION) * scale
-        st = ut
-        if HAS_SOFTCAP:
-            st, tt = softcap_logits(ut, softcap)
-        pt = tl.exp2((st - lse[None, :]) * LOG2E)
-        if start_m < mid:
+        st, ut, tt = base2_logits(tl.dot(k, qt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        pt = tl.exp2(st - lse2[None, :])
+        if start_m < masked_until:
             keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
             pt = tl.where(keep, pt, 0.0)
         elif HAS_KPM:
@@ -102,9 +105,10 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=DOT_PRECISION)
             if DQ_ATOMIC:
                 dq_part = tl.dot(tl.trans(dst.to(k.dtype)), k, input_precision=DOT_PRECISION)
+                offs_r = tl.arange(0, BLOCK_M)
                 offs_d = tl.arange(0, BLOCK_D)
-                tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq_part,
-                              mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+                tl.atomic_add(dq_base + tl.cast(start_m, tl.int64) * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
+                              dq_part, mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -118,65 +122,66 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     stride_kpm_b,
-    H, HKV, GROUP, N, M, shift, window, scale, softcap, dk_factor, dv_factor,
+    H, GROUP, N, M, shift, window, scale, softcap, dk_factor, dv_factor, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
     RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
+    k_first = tl.program_id(0) * BLOCK_N
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = load_rows(K + b * stride_kb + hk * stride_kh, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, False)
-    v = load_rows(V + b * stride_vb + hk * stride_vh, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, False)
-    key_ok = key_mask(KPM + b * stride_kpm_b, offs_n, M, HAS_KPM)
+    offs_n = k_first + tl.arange(0, BLOCK_N)
+    k = load_rows(head_base(K, b, hk, stride_kb, stride_kh), k_first, M, stride_kn, stride_kd, BLOCK_N, HEAD_DIM,
+                  BLOCK_D, False)
+    v = load_rows(head_base(V, b, hk, stride_vb, stride_vh), k_first, M, stride_vn, stride_vd, BLOCK_N, HEAD_DIM,
+                  BLOCK_D, False)
+    key_ok = key_mask(KPM + b.to(tl.int64) * stride_kpm_b, offs_n, M, HAS_KPM)
 
-    k_last = tl.minimum(pid_n * BLOCK_N + BLOCK_N, M) - 1
-    lo, hi = query_range(pid_n * BLOCK_N, k_last, shift, window, N, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
-    # Query blocks from `mid` on see the whole key block: no mask there. Keys past M need none either:
-    # their rows of dK, dV are never stored.
-    mid = unmasked_query_start(k_last, shift, lo, hi, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+    k_last = tl.minimum(k_first + BLOCK_N, M) - 1
+    lo, hi = query_range(k_first, k_last, shift, window, N, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+    # Query blocks from `masked_until` on see the whole key block: no mask there. Keys past M need none for dK,
+    # dV (their rows are never stored), but they do for atomic dQ: zero-filled keys there give logits of 0, and
+    # exp(0 - LSE) can overflow to inf when every real logit is very negative; inf * 0 in dS^T K would be NaN.
+    masked_until = masked_queries_until(k_last, shift, lo, hi, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+    if DQ_ATOMIC:
+        if k_first + BLOCK_N > M:
+            masked_until = hi
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(0, GROUP):
         h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        row_base = (b * H + h) * N
-        dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, LSE + row_base, DELTA + row_base,
-                             DQ_ACC + row_base.to(tl.int64) * HEAD_DIM, offs_n, lo, hi, stride_qn, stride_qd,
+        row_base = (b.to(tl.int64) * H + h) * N
+        dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, head_base(Q, b, h, stride_qb, stride_qh),
+                             head_base(DO, b, h, stride_dob, stride_doh), LSE + row_base, DELTA + row_base,
+                             DQ_ACC + row_base * HEAD_DIM, offs_n, lo, hi, masked_until, stride_qn, stride_qd,
                              stride_don, stride_dod, N, shift, window, scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION, DQ_ATOMIC, mid)
+                             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION, DQ_ATOMIC)
 
-    store_rows(DK + b * stride_dkb + hk * stride_dkh, dk * dk_factor, offs_n, M, stride_dkn, stride_dkd,
-               HEAD_DIM, BLOCK_D)
-    store_rows(DV + b * stride_dvb + hk * stride_dvh, dv * dv_factor, offs_n, M, stride_dvn, stride_dvd,
-               HEAD_DIM, BLOCK_D)
+    store_rows(head_base(DK, b, hk, stride_dkb, stride_dkh), dk * dk_factor, k_first, M, stride_dkn, stride_dkd,
+               BLOCK_N, HEAD_DIM, BLOCK_D)
+    store_rows(head_base(DV, b, hk, stride_dvb, stride_dvh), dv * dv_factor, k_first, M, stride_dvn, stride_dvd,
+               BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, lo, hi,
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, offs_m, lo, hi, masked_from,
               stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, mid):
-    """Accumulate dQ of one query block over the key blocks [lo, hi). Blocks before `mid` are known to be
-    whole and visible to every row, so they skip the mask (key padding still applies)."""
+              RULE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [lo, hi). Blocks before `masked_from` are known to
+    be whole and visible to every row, so they skip the mask (key padding still applies)."""
     qpos = offs_m[:, None] + shift
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = load_rows(k_base, offs_n, M, stride_kn, stride_kd, HEAD_DIM, BLOCK_D, True)
-        vt = load_rows(v_base, offs_n, M, stride_vn, stride_vd, HEAD_DIM, BLOCK_D, True)
-        u = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale
-        s = u
-        if HAS_SOFTCAP:
-            s, t = softcap_logits(u, softcap)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        if start_n >= mid:
+        kt = load_rows(k_base, start_n, M, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+        vt = load_rows(v_base, start_n, M, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+        s, u, t = base2_logits(tl.dot(q, kt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        p = tl.exp2(s - lse2[:, None])
+        if start_n >= masked_from:
             keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
                            IS_CAUSAL, HAS_WINDOW)
             p = tl.where(keep, p, 0.0)
@@ -199,48 +204,49 @@ def attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
     stride_kpm_b,
-    H, GROUP, N, M, shift, window, scale, softcap, dq_factor,
+    H, GROUP, N, M, shift, window, scale, softcap, dq_factor, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
     RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    if IS_CAUSAL:   # the last query blocks see the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    q_first = pid_m * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
     hk = h // GROUP
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = q_first + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N
-    q = load_rows(Q + b * stride_qb + h * stride_qh, offs_m, N, stride_qn, stride_qd, HEAD_DIM, BLOCK_D, False)
-    do = load_rows(DO + b * stride_dob + h * stride_doh, offs_m, N, stride_don, stride_dod, HEAD_DIM, BLOCK_D, False)
-    lse = tl.load(LSE + pid_bh * N + offs_m, mask=m_ok, other=float("inf"))
-    delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_ok, other=0.0)
+    q = load_rows(head_base(Q, b, h, stride_qb, stride_qh), q_first, N, stride_qn, stride_qd, BLOCK_M, HEAD_DIM,
+                  BLOCK_D, False)
+    do = load_rows(head_base(DO, b, h, stride_dob, stride_doh), q_first, N, stride_don, stride_dod, BLOCK_M,
+                   HEAD_DIM, BLOCK_D, False)
+    row_base = (b.to(tl.int64) * H + h) * N
+    lse2 = tl.load(LSE + row_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
 
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    kpm_base = KPM + b * stride_kpm_b
-    q_first = pid_m * BLOCK_M
     q_last = tl.minimum(q_first + BLOCK_M, N) - 1
     lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
-    mid = unmasked_key_end(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    masked_from = masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, kpm_base, offs_m, lo, hi,
-                   stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION,
-                   mid)
+    dq = _dq_inner(dq, q, do, lse2, delta, head_base(K, b, hk, stride_kb, stride_kh),
+                   head_base(V, b, hk, stride_vb, stride_vh), KPM + b.to(tl.int64) * stride_kpm_b, offs_m, lo, hi,
+                   masked_from, stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION)
 
-    store_rows(DQ + b * stride_dqb + h * stride_dqh, dq * dq_factor, offs_m, N, stride_dqn, stride_dqd,
-               HEAD_DIM, BLOCK_D)
+    store_rows(head_base(DQ, b, h, stride_dqb, stride_dqh), dq * dq_factor, q_first, N, stride_dqn, stride_dqd,
+               BLOCK_M, HEAD_DIM, BLOCK_D)
 
 
 DQ_MODES = ("separate", "atomic")
 
-_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE"]
-_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, BWD_CONFIGS, key=_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ_ACC"])
-_tuned_dq = autotuned(attention_bwd_dq_kernel, BWD_CONFIGS, key=_KEY)
+TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE", "GROUP", "N_BUCKET"]
+_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, "dkdv", key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ_ACC"])
+_tuned_dq = autotuned(attention_bwd_dq_kernel, "dq", key=TUNE_KEY)
 
 # Per rule: factor on (dQ, dK) on top of the scale, and on dV.
 RULE_FACTORS = {0: (1.0, 1.0), RULE_ATTNLRP: (0.25, 0.5), RULE_CP: (0.0, 1.0)}
@@ -262,50 +268,79 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     dq_mode: "separate" (a third launch recomputes the scores per query block: deterministic, 14 units of
     N*M*D FLOPs in all) or "atomic" (the dK/dV launch also adds each block's dQ into an fp32 buffer with
     atomics, as FlashAttention-2 does: 10 units, an fp32 (B, H, N, D) buffer, and a summation order that
-    varies from run to run). None: dq_mode_default()."""
+    varies from run to run). None: dq_mode_default().
+    config: None, one {"BLOCK_M", "BLOCK_N", "num_warps"?, "num_stages"?} for both kernels, or one per kernel
+    under the keys "dkdv" and "dq"."""
     rule_id = RULE_IDS[rule]
     dq_mode = dq_mode or dq_mode_default()
     if dq_mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {', '.join(DQ_MODES)}, got {dq_mode!r}")
     atomic = dq_mode == "atomic" and rule_id != RULE_CP
     B, H, N, D = q.shape
-    Hkv, M = k.shape[1], k.shape[2]
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    M = k.shape[2]
+    # The kernels write every element of dK, dV and (unless cp, or with no keys) dQ: no zero fill there.
+    no_dq = rule_id == RULE_CP or M == 0
+    dq = (torch.zeros_like if no_dq else torch.empty_like)(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if B * H * N == 0 or M == 0:
-        return dq, dk, dv
-    qk_factor, dv_factor = RULE_FACTORS[rule_id]
-    block_d = head_block(D)
-    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    block_rows = 64 if block_d <= 128 else 32
-    attention_bwd_delta_kernel[(triton.cdiv(N, block_rows), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, N, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_rows)
-
+        return dq, dk.zero_(), dv.zero_()
+    q, k, v, o, do = (fit_int32_tiles(x) for x in (q, k, v, o, do))
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
-    common = (N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0))
+    with on_device(q):
+        delta = _delta(o, do)
+        # fp32 dQ for the atomics, contiguous (a 1-element placeholder when unused: the autotuner zeroes it)
+        dq_acc = torch.zeros((B, H, N, D) if atomic else (1,), dtype=torch.float32, device=q.device)
+        for part in batch_slices(B):
+            acc = dq_acc[part] if atomic else dq_acc
+            _launch_bwd(do[part], q[part], k[part], v[part], lse[part], delta[part],
+                        None if kpm is None else kpm[part], dq[part], dk[part], dv[part], acc,
+                        causal, scale, window, softcap, rule_id, config, atomic)
+        if atomic:
+            dq.copy_(dq_acc.mul_(float(scale) * RULE_FACTORS[rule_id][0]))
+    return dq, dk, dv
+
+
+def _delta(o, do):
+    """rowsum(dO * O) per query row, fp32 (B, H, N)."""
+    B, H, N, D = o.shape
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=o.device)
+    block_d = head_dim_block(D)
+    block_rows = 64 if block_d <= 128 else 32
+    for part in batch_slices(B):
+        o_, do_ = o[part], do[part]
+        attention_bwd_delta_kernel[(triton.cdiv(N, block_rows), H, o_.shape[0])](
+            o_, do_, delta[part], *o_.stride(), *do_.stride(), H, N, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_M=block_rows)
+    return delta
+
+
+def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale, window, softcap, rule_id, config,
+                atomic):
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    qk_factor, dv_factor = RULE_FACTORS[rule_id]
+    common = (H, H // Hkv, N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0))
     flags = dict(
-        HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, RULE=rule_id, DOT_PRECISION=dot_precision(q.dtype),
+        HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, RULE=rule_id,
+        DOT_PRECISION=dot_precision(q.dtype),
     )
     kpm_arg = kpm if kpm is not None else q
     kpm_stride = kpm.stride(0) if kpm is not None else 0
-    # fp32 dQ, contiguous (a 1-element placeholder when unused: the autotuner zeroes it)
-    dq_acc = torch.zeros((B, H, N, D) if atomic else (1,), dtype=torch.float32, device=q.device)
+    bucket = length_bucket(max(N, M))
     dkdv_args = (
         q, k, v, do, lse, delta, kpm_arg, dk, dv, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
-        H, Hkv, H // Hkv, *common, float(scale) * qk_factor, dv_factor,
+        *common, float(scale) * qk_factor, dv_factor, bucket,
     )
-    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, M, "BLOCK_N", B * Hkv, dkdv_args, dict(flags, DQ_ATOMIC=atomic),
-           config, "bwd", q.element_size())
-    if atomic:
-        dq.copy_(dq_acc.mul_(float(scale) * qk_factor))
-    elif rule_id != RULE_CP:
+    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, "dkdv", M, "BLOCK_N", Hkv, B, dkdv_args,
+           dict(flags, DQ_ATOMIC=atomic), config, q.element_size())
+    if not atomic and rule_id != RULE_CP:
         dq_args = (
             q, k, v, do, lse, delta, kpm_arg, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride,
-            H, H // Hkv, *common, float(scale) * qk_factor,
+            *common, float(scale) * qk_factor, bucket,
         )
-        launch(attention_bwd_dq_kernel, _tuned_dq, N, "BLOCK_M", B * H, dq_args, flags, config, "bwd", q.element_size())
-    return dq, dk, dv
+        launch(attention_bwd_dq_kernel, _tuned_dq, "dq", N, "BLOCK_M", H, B, dq_args, flags, config,
+               q.element_size())

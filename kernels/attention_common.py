@@ -34,7 +34,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def head_block(head_dim: int) -> int:
+def head_dim_block(head_dim: int) -> int:
     """Head dims are padded to the next power of two (at least 16, for tl.dot) and masked."""
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -59,26 +59,41 @@ def tanh(x):
 
 
 @triton.jit
-def load_rows(base, offs_r, n_rows, stride_r, stride_d,
+def load_rows(base, start, n_rows, stride_r, stride_d, BLOCK_R: tl.constexpr,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Rows offs_r of a (n_rows, HEAD_DIM) matrix as a zero-padded (rows, BLOCK_D) tile, or its transpose
-    (BLOCK_D, rows) when TRANSPOSED (read straight from memory in that order: no tl.trans)."""
+    """Rows start .. start + BLOCK_R of a (n_rows, HEAD_DIM) matrix as a zero-padded (BLOCK_R, BLOCK_D) tile, or
+    its transpose (BLOCK_D, BLOCK_R) when TRANSPOSED (read straight from memory in that order: no tl.trans).
+    The block's first row is addressed in 64 bits (start * stride_r can pass 2**31); offsets inside the block
+    stay 32-bit (the launchers keep BLOCK * stride under 2**31: fit_int32_tiles)."""
+    base = base + tl.cast(start, tl.int64) * stride_r
+    offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
+    rows_ok = offs_r < n_rows - start
     if TRANSPOSED:
         tile = tl.load(base + offs_r[None, :] * stride_r + offs_d[:, None] * stride_d,
-                       mask=(offs_d < HEAD_DIM)[:, None] & (offs_r < n_rows)[None, :], other=0.0)
+                       mask=(offs_d < HEAD_DIM)[:, None] & rows_ok[None, :], other=0.0)
     else:
         tile = tl.load(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
-                       mask=(offs_r < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+                       mask=rows_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
     return tile
 
 
 @triton.jit
-def store_rows(base, tile, offs_r, n_rows, stride_r, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Write a (rows, BLOCK_D) fp32 tile into rows offs_r of a (n_rows, HEAD_DIM) matrix, in its dtype."""
+def store_rows(base, tile, start, n_rows, stride_r, stride_d, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Write a (BLOCK_R, BLOCK_D) fp32 tile into rows start .. start + BLOCK_R of a (n_rows, HEAD_DIM) matrix, in
+    its dtype (64-bit block start, 32-bit offsets inside the block, as load_rows)."""
+    base = base + tl.cast(start, tl.int64) * stride_r
+    offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     tl.store(base + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d, tile.to(base.dtype.element_ty),
-             mask=(offs_r < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :])
+             mask=(offs_r < n_rows - start)[:, None] & (offs_d < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def head_base(ptr, b, h, stride_b, stride_h):
+    """ptr advanced to batch b, head h, in 64-bit arithmetic (b * stride_b passes 2**31 on long batches)."""
+    return ptr + tl.cast(b, tl.int64) * stride_b + tl.cast(h, tl.int64) * stride_h
 
 
 @triton.jit
@@ -124,11 +139,11 @@ def key_range(q_first, q_last, shift, window, M, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def unmasked_key_end(q_first, shift, M, lo, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      HAS_WINDOW: tl.constexpr):
-    """End of the run of whole key blocks from `lo` that every query from q_first on sees (in bounds and,
-    causal, at or before q_first's position): the loop over [lo, hi) splits there into unmasked blocks
-    [lo, end) and masked ones [end, hi). With a window every block keeps the mask (end = lo)."""
+    """Where the masked key blocks start: the blocks [lo, end) are whole and seen by every query from q_first
+    on (in bounds and, causal, at or before q_first's position), so they need no mask; [end, hi) are masked.
+    With a window every block keeps the mask (end = lo)."""
     end = lo
     if not HAS_WINDOW:
         full = M
@@ -140,12 +155,12 @@ def unmasked_key_end(q_first, shift, M, lo, hi, BLOCK_N: tl.constexpr, IS_CAUSAL
 
 
 @triton.jit
-def unmasked_query_start(k_last, shift, lo, hi, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+def masked_queries_until(k_last, shift, lo, hi, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
                          HAS_WINDOW: tl.constexpr):
-    """Start of the query blocks, up to `hi`, whose every row sees every key up to k_last (causal: rows at
-    or after k_last's position): the loop over [lo, hi) splits into masked blocks [lo, start) and unmasked
-    ones [start, hi). Rows past N need no mask in the dK/dV loop (they load zeros and an LSE of +inf, so
-    their probabilities are 0). With a window every block keeps the mask (start = hi)."""
+    """Where the masked query blocks end: the blocks [start, hi) have every row see every key up to k_last
+    (causal: rows at or after k_last's position), so they need no mask; [lo, start) are masked. Rows past N
+    need no mask in the dK/dV loop (they load zeros and an LSE of +inf, so their probabilities are 0). With a
+    window every block keeps the mask (start = hi)."""
     start = hi
     if not HAS_WINDOW:
         first = 0
@@ -191,18 +206,76 @@ def softcap_grad_factor(u, t, softcap, RULE: tl.constexpr):
     return f
 
 
-# GPU candidates for the autotuner (ATTNLRP_FAST_AUTOTUNE=1). The key holds the head dim, the mask flags and
-# the dtypes (Triton adds those), never N or M, so a model that sees a new sequence length at every call
-# does not retune.
-FWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)]
-]
-BWD_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2), (32, 128, 8, 2),
-                         (128, 32, 8, 2)]
-]
+@triton.jit
+def base2_logits(dot, scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """log2(e) * cap(scale * dot) for the exp2-based softmax, and what the softcap's derivative needs: the
+    scaled logits u and tanh(u / c) (both unused without a softcap). Without a softcap that is one multiply by
+    scale * log2(e)."""
+    if HAS_SOFTCAP:
+        u = dot * scale
+        s, t = softcap_logits(u, softcap)
+        s2 = s * LOG2E
+    else:
+        s2 = dot * (scale * LOG2E)
+        u = s2
+        t = s2
+    return s2, u, t
+
+
+# ---- launching -------------------------------------------------------------------------------------------
+
+# Grid dimensions 1 and 2 hold at most 65,535 programs: heads go on one, the batch on the other, in slices.
+MAX_GRID_YZ = 65535
+# Offsets inside a block are 32-bit: a block spans at most MAX_BLOCK rows (or columns), so strides below
+# 2**31 / MAX_BLOCK keep them in range. Block starts and batch / head offsets are 64-bit in the kernels.
+MAX_BLOCK = 256
+
+
+def fit_int32_tiles(t):
+    """t itself, or a contiguous copy when a stride of its last two dims is so large that offsets inside one
+    block could pass 2**31 (a view into a vast buffer; contiguous rows have strides of a few hundred)."""
+    if all(abs(s) * MAX_BLOCK < 2**31 for s in t.stride()[-2:]):
+        return t
+    return t.contiguous()
+
+
+def batch_slices(batch: int):
+    """Slices of the batch small enough for one grid dimension (each launch covers one slice)."""
+    return [slice(b, min(b + MAX_GRID_YZ, batch)) for b in range(0, batch, MAX_GRID_YZ)]
+
+
+def on_device(t):
+    """Context under which Triton launches on t's CUDA device and its current stream (layers of one model can
+    live on several GPUs; Triton launches on the current device); a no-op for CPU tensors (interpreter)."""
+    import contextlib
+
+    import torch
+
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def length_bucket(n: int) -> int:
+    """Autotuning key for a sequence length: powers of 4 from 1 to 65,536 (so 1k, 4k, 16k, 64k+ tune apart but a
+    model that sees a new length at every call does not retune every time)."""
+    bucket = 1
+    while bucket < n and bucket < 65536:
+        bucket *= 4
+    return bucket
+
+
+# GPU candidates for the autotuner (ATTNLRP_FAST_AUTOTUNE=1), one list per kernel. The key holds the head dim, the
+# mask flags, the GQA group, a length bucket (length_bucket) and the dtypes (Triton adds those).
+def _configs(rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)])
+# dK/dV programs own BLOCK_N keys and loop over BLOCK_M queries; dQ programs the other way round. The wide side
+# is the one each program owns, so that two warpgroups (8 warps) split its rows and no MMA is issued twice.
+DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)])
+DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 1), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)])
+CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+KERNEL_KINDS = tuple(CONFIGS)
 
 # The interpreter has no driver to autotune with: one config, small enough to stay fast on CPU.
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
@@ -214,16 +287,33 @@ def autotune_enabled() -> bool:
 
 
 def gpu_config(kind: str, block_d: int, itemsize: int) -> dict:
-    """Fixed launch configuration for `kind` ("fwd" | "bwd") when not autotuning: sized so the tiles of
-    a (block_d)-wide head fit shared memory and registers for 2-byte and 4-byte inputs."""
-    wide = block_d > 128
+    """Fixed launch configuration of kernel `kind` ("fwd" | "dkdv" | "dq") when not autotuning, for a
+    (block_d)-wide head and 2- or 4-byte inputs (bench/NOTES.md has what ptxas makes of each on sm_90).
+
+    Half precision, head dim <= 128: the forward takes 128 x 128 blocks (8 warps); the backward kernels own
+    128 rows (keys for dK/dV, queries for dQ) and stream 64-row blocks of the other side, 8 warps, so each of
+    the two warpgroups computes its own 64 rows. fp32 and head dims over 128 take smaller tiles."""
+    half = itemsize < 4 and block_d <= 128
+    warps = 4 if block_d <= 64 else 8
     if kind == "fwd":
-        bm, bn = (64, 32) if itemsize == 4 or wide else (128, 64)
-        stages = 3 if itemsize < 4 and not wide else 2
+        bm, bn, stages = (128, 128 if warps == 8 else 64, 2 if warps == 8 else 3) if half else (64, 32, 2)
     else:
-        bm, bn = (32, 32) if itemsize == 4 or wide else (64, 64)
-        stages = 2 if itemsize < 4 and not wide else 1
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4 if block_d <= 64 else 8, "num_stages": stages}
+        own, other, stages = (64 * warps // 4, 64, 2) if half else (64, 32, 1)
+        bm, bn = (other, own) if kind == "dkdv" else (own, other)
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+
+
+def kernel_config(config, kind: str):
+    """The caller's configuration for kernel `kind`: config is None, one dict for every kernel of the call
+    ({"BLOCK_M", "BLOCK_N", "num_warps"?, "num_stages"?}), or a dict per kind ({"fwd": {...}, "dq": {...}})."""
+    if config is None:
+        return None
+    if any(k in config for k in KERNEL_KINDS):
+        unknown = set(config) - set(KERNEL_KINDS)
+        if unknown:
+            raise ValueError(f"config keys must be kernel kinds {KERNEL_KINDS}, got {sorted(unknown)}")
+        return config.get(kind)
+    return config
 
 
 def prune_configs(configs, named_args, **kwargs):
@@ -233,24 +323,26 @@ def prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-def autotuned(kernel, configs, key, reset_to_zero=None):
-    """The kernel under triton.autotune (used when autotune_enabled()); unchanged under the interpreter.
-    reset_to_zero: arguments the kernel accumulates into (zeroed before each timing run)."""
+def autotuned(kernel, kind, key, reset_to_zero=None):
+    """The kernel under triton.autotune over CONFIGS[kind] (used when autotune_enabled()); unchanged under the
+    interpreter. reset_to_zero: arguments the kernel accumulates into (zeroed before each timing run)."""
     if interpreting():
         return kernel
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune_configs},
+    return triton.autotune(configs=CONFIGS[kind], key=key, prune_configs_by={"early_config_prune": prune_configs},
                            reset_to_zero=reset_to_zero)(kernel)
 
 
-def launch(kernel, tuned, rows, block_key, grid_y, args, flags, config, kind, itemsize):
-    """One program per `block_key`-sized block of `rows`, times grid_y. The configuration is the caller's,
-    else the interpreter's, else the autotuner's (if enabled), else gpu_config(kind, ...)."""
+def launch(kernel, tuned, kind, rows, block_key, heads, batch, args, flags, config, itemsize):
+    """Grid (blocks of `rows`, heads, batch): one program per `block_key`-sized block of rows of one head of one
+    batch entry (batch <= MAX_GRID_YZ: callers slice with batch_slices). The configuration is the caller's
+    (kernel_config), else the interpreter's, else the autotuner's (if enabled), else gpu_config."""
+    config = kernel_config(config, kind)
     if config is None:
         if interpreting():
             config = INTERPRET_CONFIG
         elif autotune_enabled():
-            tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), grid_y)](*args, **flags)
+            tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), heads, batch)](*args, **flags)
             return
         else:
             config = gpu_config(kind, flags["BLOCK_D"], itemsize)
-    kernel[(triton.cdiv(rows, config[block_key]), grid_y)](*args, **flags, **config)
+    kernel[(triton.cdiv(rows, config[block_key]), heads, batch)](*args, **flags, **config)

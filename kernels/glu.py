@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import tanh
+from .attention_common import on_device, tanh
 from .norm import rows_2d
 
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "tanh": 3, "relu": 4}
@@ -134,8 +134,9 @@ def _fwd(x, up, act):
     y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     if y.numel() > 0:
         grid, blocks = _grid(rows, cols)
-        act_fwd_kernel[grid](x2, up2, y, x2.stride(0), up2.stride(0), y.stride(0), rows, cols,
-                             ACT=ACT_IDS[act], HAS_UP=up is not None, **blocks)
+        with on_device(x2):
+            act_fwd_kernel[grid](x2, up2, y, x2.stride(0), up2.stride(0), y.stride(0), rows, cols,
+                                 ACT=ACT_IDS[act], HAS_UP=up is not None, **blocks)
     return y.reshape(x.shape)
 
 
@@ -147,9 +148,10 @@ def _bwd(dy, x, up, act, lrp):
     dup = dx if up is None else torch.empty((rows, cols), dtype=up.dtype, device=x.device)
     if dx.numel() > 0:
         grid, blocks = _grid(rows, cols)
-        act_bwd_kernel[grid](dy2, x2, up2, dx, dup, dy2.stride(0), x2.stride(0), up2.stride(0), dx.stride(0),
-                             dup.stride(0), rows, cols, ACT=ACT_IDS[act], LRP=bool(lrp), HAS_UP=up is not None,
-                             **blocks)
+        with on_device(x2):
+            act_bwd_kernel[grid](dy2, x2, up2, dx, dup, dy2.stride(0), x2.stride(0), up2.stride(0), dx.stride(0),
+                                 dup.stride(0), rows, cols, ACT=ACT_IDS[act], LRP=bool(lrp), HAS_UP=up is not None,
+                                 **blocks)
     return dx.reshape(x.shape), dup.reshape(x.shape)
 
 

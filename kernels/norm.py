@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import load_rows, store_rows
+from .attention_common import fit_int32_tiles, load_rows, on_device, store_rows
 
 MAX_D = 65536
 MAX_PARTIALS = 512
@@ -51,11 +51,12 @@ def _row_factor(W, offs_d, d_ok, offset, HAS_W: tl.constexpr):
 def norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_rows, eps, offset,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
                     CENTER: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
-    offs_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    start = tl.program_id(0).to(tl.int64) * BLOCK_R
+    offs_r = start + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     r_ok = offs_r < n_rows
-    x = load_rows(X, offs_r, n_rows, stride_x, 1, D, BLOCK_D, False).to(tl.float32)
+    x = load_rows(X, start, n_rows, stride_x, 1, BLOCK_R, D, BLOCK_D, False).to(tl.float32)
     if CENTER:
         mean = tl.sum(x, 1) / D
         x = tl.where(d_ok[None, :], x - mean[:, None], 0.0)
@@ -64,7 +65,7 @@ def norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, n_rows, eps, off
     y = x * rstd[:, None] * _row_factor(W, offs_d, d_ok, offset, HAS_W)[None, :]
     if HAS_B:
         y += tl.load(B + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    store_rows(Y, y, offs_r, n_rows, stride_y, 1, D, BLOCK_D)
+    store_rows(Y, y, start, n_rows, stride_y, 1, BLOCK_R, D, BLOCK_D)
     tl.store(RSTD + offs_r, rstd, mask=r_ok)
 
 
@@ -85,8 +86,8 @@ def norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW, DB, stride_dy, stride_x, strid
     for r0 in tl.range(start, end, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_ok = offs_r < end
-        x = load_rows(X, offs_r, end, stride_x, 1, D, BLOCK_D, False).to(tl.float32)
-        dy = load_rows(DY, offs_r, end, stride_dy, 1, D, BLOCK_D, False).to(tl.float32)
+        x = load_rows(X, r0, end, stride_x, 1, BLOCK_R, D, BLOCK_D, False).to(tl.float32)
+        dy = load_rows(DY, r0, end, stride_dy, 1, BLOCK_R, D, BLOCK_D, False).to(tl.float32)
         rstd = tl.load(RSTD + offs_r, mask=r_ok, other=0.0)
         if CENTER:
             mean = tl.load(MEAN + offs_r, mask=r_ok, other=0.0)
@@ -98,7 +99,7 @@ def norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW, DB, stride_dy, stride_x, strid
             g = g - (tl.sum(gy, 1) / D)[:, None]
         if not LRP:
             g = g - xhat * (tl.sum(gy * xhat, 1) / D)[:, None]
-        store_rows(DX, g * rstd[:, None], offs_r, end, stride_dx, 1, D, BLOCK_D)
+        store_rows(DX, g * rstd[:, None], r0, end, stride_dx, 1, BLOCK_R, D, BLOCK_D)
         if COMPUTE_DW:
             dw += tl.sum(dy * xhat, 0)
         if COMPUTE_DB:
@@ -110,10 +111,11 @@ def norm_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW, DB, stride_dy, stride_x, strid
 
 
 def rows_2d(t, D):
-    """(rows, D) view of t with a contiguous last dim (a copy only when the last dim is strided)."""
+    """(rows, D) view of t with a contiguous last dim (a copy only when the last dim is strided, or the row stride
+    is too large for 32-bit offsets inside a block: fit_int32_tiles)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    return t.reshape(math.prod(t.shape[:-1]), D)
+    return fit_int32_tiles(t.reshape(math.prod(t.shape[:-1]), D))
 
 
 def _blocks(D):
@@ -138,11 +140,12 @@ def norm_fwd(x, weight, bias, eps, *, offset=0.0, out_dtype=None, center=False):
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     mean = torch.empty_like(rstd) if center else None
     if rows > 0:
-        norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
-            x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
-            rstd, x2.stride(0), y.stride(0), rows, float(eps), float(offset),
-            D=D, BLOCK_D=block_d, BLOCK_R=block_r, CENTER=center, HAS_W=weight is not None,
-            HAS_B=bias is not None, num_warps=num_warps)
+        with on_device(x2):
+            norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
+                x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
+                rstd, x2.stride(0), y.stride(0), rows, float(eps), float(offset),
+                D=D, BLOCK_D=block_d, BLOCK_R=block_r, CENTER=center, HAS_W=weight is not None,
+                HAS_B=bias is not None, num_warps=num_warps)
     return y.reshape(x.shape), mean, rstd
 
 
@@ -164,13 +167,14 @@ def norm_bwd(dy, x, weight, mean, rstd, *, offset=0.0, lrp=False, need_dw=False,
     programs = triton.cdiv(blocks, per_program)
     partial = torch.empty((2 if need_db else 1, programs, D), dtype=torch.float32, device=x.device) if reduce else None
     if rows > 0:
-        norm_bwd_kernel[(programs,)](
-            dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,
-            dx if partial is None else partial[0], dx if partial is None else partial[-1],
-            dy2.stride(0), x2.stride(0), dx.stride(0), rows, per_program * block_r,
-            float(offset), D=D, BLOCK_D=block_d, BLOCK_R=block_r, CENTER=mean is not None,
-            HAS_W=weight is not None, LRP=bool(lrp), COMPUTE_DW=bool(need_dw), COMPUTE_DB=bool(need_db),
-            num_warps=num_warps)
+        with on_device(x2):
+            norm_bwd_kernel[(programs,)](
+                dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,
+                dx if partial is None else partial[0], dx if partial is None else partial[-1],
+                dy2.stride(0), x2.stride(0), dx.stride(0), rows, per_program * block_r,
+                float(offset), D=D, BLOCK_D=block_d, BLOCK_R=block_r, CENTER=mean is not None,
+                HAS_W=weight is not None, LRP=bool(lrp), COMPUTE_DW=bool(need_dw), COMPUTE_DB=bool(need_db),
+                num_warps=num_warps)
     dw = partial[0].sum(0) if need_dw else None
     db = partial[-1].sum(0) if need_db else None
     return dx.reshape(x.shape), dw, db

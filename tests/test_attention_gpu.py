@@ -104,3 +104,15 @@ def test_gpu_fully_masked_rows():
     o, dq, dk, dv = run_attention(af.attention, q, k, v, torch.randn_like(q), causal=True, key_padding_mask=kpm)
     assert (o[1] == 0).all() and (dq[1] == 0).all() and (o[0, :, :100] == 0).all()
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device():
+    """Layers of a device_map="auto" model live on several GPUs: the kernels launch on their tensors' device even
+    when another one is current."""
+    torch.cuda.set_device(0)
+    q, k, v = make_qkv(2, 8, 2, 700, 700, 128, torch.bfloat16, device="cuda:1")
+    do = torch.randn_like(q)
+    outs = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")
+    assert all(x.device == torch.device("cuda", 1) for x in outs)
+    assert_close_all(outs, dense_reference(q, k, v, do, causal=True, rule="attnlrp"), TOL[torch.bfloat16], "cuda:1")
