@@ -274,7 +274,23 @@ FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64,
 # is the one each program owns, so that two warpgroups (8 warps) split its rows and no MMA is issued twice.
 DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 1), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)])
-CONFIGS = {"fwd": FWD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+
+
+def set_descriptor_blocks(nargs):
+    """Autotuner pre-hook of the descriptor forward: each candidate's block shapes into the tensor descriptors."""
+    for name, key in (("q_desc", "BLOCK_M"), ("k_desc", "BLOCK_N"), ("v_desc", "BLOCK_N")):
+        nargs[name].block_shape[2] = nargs[key]
+
+
+FWD_TMA_CONFIGS = [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
+                                 pre_hook=set_descriptor_blocks) for c in FWD_CONFIGS]
+# Warp-specialised: num_warps is per consumer warpgroup group (4; Triton 3.6 specialises nothing at 8) and the
+# kernel runs 12 warps: a producer warpgroup and two consumers that split BLOCK_M.
+FWD_WS_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=st,
+                                pre_hook=set_descriptor_blocks) for bm, bn, st in [(128, 128, 2), (128, 64, 3),
+                                                                                   (128, 128, 3), (128, 64, 2)]]
+CONFIGS = {"fwd": FWD_CONFIGS, "fwd_tma": FWD_TMA_CONFIGS, "fwd_ws": FWD_WS_CONFIGS, "dkdv": DKDV_CONFIGS,
+           "dq": DQ_CONFIGS}
 KERNEL_KINDS = tuple(CONFIGS)
 
 # The interpreter has no driver to autotune with: one config, small enough to stay fast on CPU.
@@ -287,7 +303,7 @@ def autotune_enabled() -> bool:
 
 
 def gpu_config(kind: str, block_d: int, itemsize: int) -> dict:
-    """Fixed launch configuration of kernel `kind` ("fwd" | "dkdv" | "dq") when not autotuning, for a
+    """Fixed launch configuration of kernel `kind` (a key of CONFIGS) when not autotuning, for a
     (block_d)-wide head and 2- or 4-byte inputs (bench/NOTES.md has what ptxas makes of each on sm_90).
 
     Half precision, head dim <= 128: the forward takes 128 x 128 blocks (8 warps); the backward kernels own
@@ -295,7 +311,9 @@ def gpu_config(kind: str, block_d: int, itemsize: int) -> dict:
     the two warpgroups computes its own 64 rows. fp32 and head dims over 128 take smaller tiles."""
     half = itemsize < 4 and block_d <= 128
     warps = 4 if block_d <= 64 else 8
-    if kind == "fwd":
+    if kind == "fwd_ws":   # 4 warps per consumer warpgroup, two consumers: 128 rows at every head dim
+        return {"BLOCK_M": 128, "BLOCK_N": 128 if block_d <= 128 else 64, "num_warps": 4, "num_stages": 2}
+    if kind in ("fwd", "fwd_tma"):
         bm, bn, stages = (128, 128 if warps == 8 else 64, 2 if warps == 8 else 3) if half else (64, 32, 2)
     else:
         own, other, stages = (64 * warps // 4, 64, 2) if half else (64, 32, 1)
@@ -332,17 +350,24 @@ def autotuned(kernel, kind, key, reset_to_zero=None):
                            reset_to_zero=reset_to_zero)(kernel)
 
 
+def resolve_config(config, kind, block_d, itemsize):
+    """The launch configuration of kernel `kind`: the caller's (kernel_config), else the interpreter's, else None
+    when the autotuner picks (autotune_enabled()), else gpu_config."""
+    chosen = kernel_config(config, kind)
+    if chosen is None:
+        if interpreting():
+            chosen = INTERPRET_CONFIG
+        elif not autotune_enabled():
+            chosen = gpu_config(kind, block_d, itemsize)
+    return chosen
+
+
 def launch(kernel, tuned, kind, rows, block_key, heads, batch, args, flags, config, itemsize):
     """Grid (blocks of `rows`, heads, batch): one program per `block_key`-sized block of rows of one head of one
-    batch entry (batch <= MAX_GRID_YZ: callers slice with batch_slices). The configuration is the caller's
-    (kernel_config), else the interpreter's, else the autotuner's (if enabled), else gpu_config."""
-    config = kernel_config(config, kind)
+    batch entry (batch <= MAX_GRID_YZ: callers slice with batch_slices), in the configuration resolve_config
+    gives (the autotuned kernel `tuned` when that is None)."""
+    config = resolve_config(config, kind, flags["BLOCK_D"], itemsize)
     if config is None:
-        if interpreting():
-            config = INTERPRET_CONFIG
-        elif autotune_enabled():
-            tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), heads, batch)](*args, **flags)
-            return
-        else:
-            config = gpu_config(kind, flags["BLOCK_D"], itemsize)
-    kernel[(triton.cdiv(rows, config[block_key]), heads, batch)](*args, **flags, **config)
+        tuned[lambda meta: (triton.cdiv(rows, meta[block_key]), heads, batch)](*args, **flags)
+    else:
+        kernel[(triton.cdiv(rows, config[block_key]), heads, batch)](*args, **flags, **config)

@@ -11,9 +11,17 @@ Cost for q (B, H, N, D), k/v (B, Hkv, M, D):
 Rows that see no key get O = 0 and LSE = +inf (so the backward's exp(S - LSE) is 0 for them).
 """
 
+import os
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
+
+try:  # Triton >= 3.4; the "tma" and "hopper" forward variants need it (descriptor_path_unsupported)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 from .attention_common import (
     LN2,
@@ -24,6 +32,7 @@ from .attention_common import (
     fit_int32_tiles,
     head_base,
     head_dim_block,
+    interpreting,
     key_mask,
     key_range,
     launch,
@@ -31,6 +40,7 @@ from .attention_common import (
     load_rows,
     masked_keys_from,
     on_device,
+    resolve_config,
     store_rows,
     visible,
 )
@@ -80,15 +90,17 @@ def fwd_block_start(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def fwd_finish(acc, l_i, m_i, o_base, lse_row, q_first, N, stride_on, stride_od,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """O = acc / l and the natural-log LSE (+inf, with O = 0, for rows that saw no key)."""
+def normalise(acc, l_i, m_i):
+    """O = acc / l and the natural-log LSE; rows that saw no key get O = 0 and LSE = +inf."""
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
-    store_rows(o_base, acc / l_safe[:, None], q_first, N, stride_on, stride_od, BLOCK_M, HEAD_DIM, BLOCK_D)
-    offs_m = tl.arange(0, BLOCK_M)
-    tl.store(lse_row + q_first + offs_m, lse, mask=offs_m < N - q_first)
+    return acc / l_safe[:, None], tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2)
+
+
+@triton.jit
+def store_lse(lse_row, lse, q_first, N, BLOCK_M: tl.constexpr):
+    offs = tl.arange(0, BLOCK_M)
+    tl.store(lse_row + q_first + offs, lse, mask=offs < N - q_first)
 
 
 @triton.jit
@@ -126,21 +138,169 @@ def attention_fwd_kernel(
         M, shift, window, scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, DOT_PRECISION,
     )
-    fwd_finish(acc, l_i, m_i, head_base(O, b, h, stride_ob, stride_oh), LSE + (b.to(tl.int64) * H + h) * N,
-               q_first, N, stride_on, stride_od, HEAD_DIM, BLOCK_D, BLOCK_M)
+    o, lse = normalise(acc, l_i, m_i)
+    # O by pointer stores: the warp specialisation splits the rows between the consumer warpgroups, and Triton
+    # 3.6 cannot split a descriptor store (a pointer load of Q breaks it too, so Q comes by descriptor)
+    store_rows(head_base(O, b, h, stride_ob, stride_oh), o, q_first, N, stride_on, stride_od, BLOCK_M, HEAD_DIM,
+               BLOCK_D)
+    store_lse(LSE + (b.to(tl.int64) * H + h) * N, lse, q_first, N, BLOCK_M)
+
+
+@triton.jit
+def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kpm_base, b, hk, offs_m, lo, hi, M, shift, window, scale,
+                   softcap, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr, MASKED: tl.constexpr,
+                   WARP_SPECIALIZE: tl.constexpr):
+    """_fwd_inner with K and V brought in by the tensor memory accelerator (TMA: descriptor loads, zero-filled past
+    M and past the head dim), the mask on every block (MASKED) or on none (key padding aside), and the loop
+    warp-specialised when WARP_SPECIALIZE."""
+    qpos = offs_m[:, None] + shift
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+        k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        s, _u, _t = base2_logits(tl.dot(q, k.T), scale, softcap, HAS_SOFTCAP)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
+                           IS_CAUSAL, HAS_WINDOW)
+            s = tl.where(keep, s, float("-inf"))
+        elif HAS_KPM:
+            s = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_tma_kernel(
+    q_desc, k_desc, v_desc, O, LSE, KPM, stride_ob, stride_oh, stride_on, stride_od, stride_kpm_b,
+    H, GROUP, N, M, shift, window, scale, softcap, N_BUCKET,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The forward for Hopper (sm_90, Triton >= 3.6): Q, K and V through (B, H, N, D) tensor descriptors in the
+    tensors' own strides, the unmasked key blocks and the masked ones in two loops (warp-specialised when
+    WARP_SPECIALIZE). Same results as attention_fwd_kernel; rows past N are neither read nor written."""
+    q_first = fwd_block_start(BLOCK_M, IS_CAUSAL)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GROUP
+    offs_m = q_first + tl.arange(0, BLOCK_M)
+    q = q_desc.load([b, h, q_first, 0]).reshape(BLOCK_M, BLOCK_D)
+    q_last = tl.minimum(q_first + BLOCK_M, N) - 1
+    lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    kpm_base = KPM + b.to(tl.int64) * stride_kpm_b
+    if WARP_SPECIALIZE:
+        # Triton 3.6 specialises one branch-free loop only (two loops in a row, or a branch inside, fail to
+        # compile or are left alone): every block takes the mask.
+        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kpm_base, b, hk, offs_m, lo, hi, M, shift,
+                                       window, scale, softcap, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                                       HAS_KPM, True, True)
+    else:
+        masked_from = masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kpm_base, b, hk, offs_m, lo, masked_from,
+                                       M, shift, window, scale, softcap, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, HAS_KPM, False, False)
+        acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kpm_base, b, hk, offs_m, masked_from, hi,
+                                       M, shift, window, scale, softcap, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW,
+                                       HAS_SOFTCAP, HAS_KPM, True, False)
+    o, lse = normalise(acc, l_i, m_i)
+    # O by pointer stores: the warp specialisation splits the rows between the consumer warpgroups, and Triton
+    # 3.6 cannot split a descriptor store (a pointer load of Q breaks it too, so Q comes by descriptor)
+    store_rows(head_base(O, b, h, stride_ob, stride_oh), o, q_first, N, stride_on, stride_od, BLOCK_M, HEAD_DIM,
+               BLOCK_D)
+    store_lse(LSE + (b.to(tl.int64) * H + h) * N, lse, q_first, N, BLOCK_M)
 
 
 TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "GROUP", "N_BUCKET"]
 _tuned_fwd = autotuned(attention_fwd_kernel, "fwd", key=TUNE_KEY)
+_tuned_fwd_tma = autotuned(attention_fwd_tma_kernel, "fwd_tma", key=TUNE_KEY + ["WARP_SPECIALIZE"])
+_tuned_fwd_ws = autotuned(attention_fwd_tma_kernel, "fwd_ws", key=TUNE_KEY + ["WARP_SPECIALIZE"])
+
+# Which forward kernel runs: "portable" (pointer loads, any GPU and Triton >= 3.4), "tma" (tensor descriptors,
+# Hopper, Triton >= 3.6), "hopper" (tensor descriptors and a warp-specialised loop, Hopper, Triton 3.6), or "auto":
+# the first of "hopper", "tma", "portable" these tensors and this machine can take. ATTNLRP_FAST_FWD sets it when
+# the caller does not.
+FWD_VARIANTS = ("auto", "portable", "tma", "hopper")
+# Triton's Hopper warp specialisation is experimental: 3.6 (the GPU machines' version) compiles this kernel's
+# loop; 3.9 fails on it (it splits the Q descriptor copy between the consumers). Other versions take "tma".
+WARP_SPECIALIZED_TRITON = (3, 6)
+
+
+def _triton_version():
+    return tuple(int(x) for x in triton.__version__.split(".")[:2])
+
+
+def forward_variant(q, k, v, key_padding_mask=None, variant=None) -> str:
+    """The forward kernel for these tensors: "portable", "tma" or "hopper" (see FWD_VARIANTS). Asking for a
+    descriptor variant the tensors or the machine cannot take is an error that says why; "auto" falls back
+    (and under the interpreter, where only tests force the others, is "portable")."""
+    asked = (variant or os.environ.get("ATTNLRP_FAST_FWD", "auto")).strip().lower() or "auto"
+    if asked not in FWD_VARIANTS:
+        raise ValueError(f"the forward variant must be one of {', '.join(FWD_VARIANTS)}, got {asked!r} "
+                         "(argument or ATTNLRP_FAST_FWD)")
+    if asked == "portable" or (asked == "auto" and interpreting()):
+        return "portable"
+    for candidate in (("hopper", "tma") if asked == "auto" else (asked,)):
+        reason = descriptor_path_unsupported(q, k, v, key_padding_mask, warp_specialize=candidate == "hopper")
+        if reason is None:
+            return candidate
+    if asked == "auto":
+        return "portable"
+    raise ValueError(f"forward variant {asked!r} cannot run here: {reason}")
+
+
+def descriptor_path_unsupported(q, k, v, key_padding_mask=None, warp_specialize=False):
+    """Why the tensor-descriptor forward cannot take these tensors here (None when it can)."""
+    version = _triton_version()
+    if TensorDescriptor is None or version < (3, 6):
+        return f"it needs Triton >= 3.6 with tensor descriptors (this is {triton.__version__})"
+    if warp_specialize and not interpreting():
+        if version != WARP_SPECIALIZED_TRITON:
+            return (f"its warp-specialised loop compiles with Triton {'.'.join(map(str, WARP_SPECIALIZED_TRITON))} "
+                    f"only (this is {triton.__version__}); 'tma' runs the same kernel without it")
+        if key_padding_mask is not None:   # a pointer load in the loop: Triton 3.6 cannot specialise it
+            return "its warp-specialised loop takes no key padding mask; 'tma' does"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it takes float16 or bfloat16 inputs, not {q.dtype}"
+    reason = descriptor_device_unsupported(q.device)
+    if reason:
+        return reason
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * t.element_size() % 16 for s in t.stride()[:-1]):
+            return f"{name} needs a contiguous last dim and 16-byte aligned start and strides"
+    return None
+
+
+def descriptor_device_unsupported(device):
+    """Why the descriptor forward cannot run on `device` (None when it can: a Hopper GPU, or the interpreter).
+    bench/compile_check.py stands in a GPU here to compile it without one."""
+    if interpreting():
+        return None
+    if device.type != "cuda":
+        return f"it runs on CUDA tensors, not {device.type}"
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        return "it needs a Hopper GPU (compute capability 9.x)"
+    return None
 
 
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                  config=None):
+                  config=None, variant=None):
     """Launch the forward. q (B,H,N,D), k/v (B,Hkv,M,D) of one dtype and device, any strides;
     key_padding_mask: uint8/bool (B, M), nonzero = real key. Returns O (B,H,N,D) and LSE (B,H,N) fp32.
 
     config: optional {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} overriding the tuned choice (or such a
-    dict under the key "fwd").
+    dict under the key "fwd"). variant: the kernel (FWD_VARIANTS; None: ATTNLRP_FAST_FWD, else "auto").
     """
     B, H, N, D = q.shape
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -149,24 +309,46 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
         return o, lse
     q, k, v = (fit_int32_tiles(x) for x in (q, k, v))
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+    variant = forward_variant(q, k, v, kpm, variant)
+    run = _launch_fwd if variant == "portable" else partial(_launch_fwd_tma, warp_specialize=variant == "hopper")
     with on_device(q):
         for part in batch_slices(B):
-            _launch_fwd(q[part], k[part], v[part], o[part], lse[part], None if kpm is None else kpm[part],
-                        causal, scale, window, softcap, config)
+            run(q[part], k[part], v[part], o[part], lse[part], None if kpm is None else kpm[part], causal, scale,
+                window, softcap, config)
     return o, lse
 
 
+def _scalars(q, k, kpm, window, scale, softcap):
+    """The kernels' shared scalar arguments, from stride_kpm_b to N_BUCKET."""
+    H, N, Hkv, M = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    return (kpm.stride(0) if kpm is not None else 0, H, H // Hkv, N, M, M - N, int(window or 0), float(scale),
+            float(softcap or 1.0), length_bucket(max(N, M)))
+
+
+def _flags(q, kpm, causal, window, softcap):
+    D = q.shape[-1]
+    return dict(HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+                HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None)
+
+
 def _launch_fwd(q, k, v, o, lse, kpm, causal, scale, window, softcap, config):
-    B, H, N, D = q.shape
-    Hkv, M = k.shape[1], k.shape[2]
-    args = (
-        q, k, v, o, lse, kpm if kpm is not None else q,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        kpm.stride(0) if kpm is not None else 0,
-        H, H // Hkv, N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0), length_bucket(max(N, M)),
-    )
-    flags = dict(
-        HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, DOT_PRECISION=dot_precision(q.dtype),
-    )
-    launch(attention_fwd_kernel, _tuned_fwd, "fwd", N, "BLOCK_M", H, B, args, flags, config, q.element_size())
+    args = (q, k, v, o, lse, kpm if kpm is not None else q, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            *_scalars(q, k, kpm, window, scale, softcap))
+    flags = dict(_flags(q, kpm, causal, window, softcap), DOT_PRECISION=dot_precision(q.dtype))
+    launch(attention_fwd_kernel, _tuned_fwd, "fwd", q.shape[2], "BLOCK_M", q.shape[1], q.shape[0], args, flags,
+           config, q.element_size())
+
+
+def _launch_fwd_tma(q, k, v, o, lse, kpm, causal, scale, window, softcap, config, *, warp_specialize):
+    """The descriptor forward. Descriptors are made with the configuration's block shapes (under the autotuner,
+    its pre-hook sets them per candidate: set_descriptor_blocks)."""
+    block_d = head_dim_block(q.shape[-1])
+    kind = "fwd_ws" if warp_specialize else "fwd_tma"
+    chosen = resolve_config(config, kind, block_d, q.element_size())
+    rows = chosen or {"BLOCK_M": 64, "BLOCK_N": 64}   # placeholders the autotuner's pre-hook replaces
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows[key], block_d])
+             for t, key in ((q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N"))]
+    args = (*descs, o, lse, kpm if kpm is not None else q, *o.stride(), *_scalars(q, k, kpm, window, scale, softcap))
+    flags = dict(_flags(q, kpm, causal, window, softcap), WARP_SPECIALIZE=bool(warp_specialize))
+    launch(attention_fwd_tma_kernel, _tuned_fwd_ws if warp_specialize else _tuned_fwd_tma, kind, q.shape[2], "BLOCK_M", q.shape[1], q.shape[0], args,
+           flags, chosen, q.element_size())

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnlrp_fast as af
+from attnlrp_fast.reference import attention_dense
 from helpers import TOL, assert_close_all, dense_reference, make_qkv, rel_err, run_attention
 
 pytestmark = pytest.mark.gpu
@@ -116,3 +117,27 @@ def test_gpu_second_device():
     outs = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")
     assert all(x.device == torch.device("cuda", 1) for x in outs)
     assert_close_all(outs, dense_reference(q, k, v, do, causal=True, rule="attnlrp"), TOL[torch.bfloat16], "cuda:1")
+
+
+@pytest.mark.parametrize("D", [64, 128, 80])
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("variant", ["portable", "tma", "hopper"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bfloat16"])
+def test_gpu_forward_variants(dtype, variant, feature, D):
+    """Each forward kernel (pointer loads; TMA descriptors; TMA with the warp-specialised loop) against float64,
+    HF-layout views, GQA, N and M not multiples of the block; a variant this machine cannot run is skipped with
+    its reason (e.g. the warp-specialised loop needs Triton 3.6 and takes no key padding)."""
+    from attnlrp_fast.kernels.attention_fwd import attention_fwd, descriptor_path_unsupported
+
+    g = torch.Generator().manual_seed(D + 7)
+    B, H, Hkv, N, M = 2, 8, 2, 1000, 1037
+    q, k, v = make_qkv(B, H, Hkv, N, M, D, dtype, device="cuda", layout="bnhd", generator=g)
+    kw = dict(FEATURES[feature])
+    kpm = (torch.rand(B, M, generator=g) > 0.2).cuda() if kw.pop("padding", False) else None
+    if variant != "portable":
+        reason = descriptor_path_unsupported(q, k, v, kpm, warp_specialize=variant == "hopper")
+        if reason:
+            pytest.skip(reason)
+    o, lse = attention_fwd(q, k, v, kpm, scale=D ** -0.5, variant=variant, **kw)
+    ref = attention_dense(q.double(), k.double(), v.double(), key_padding_mask=kpm, **kw)
+    assert rel_err(o, ref) < TOL[dtype], f"{variant}/{feature}/D={D}"

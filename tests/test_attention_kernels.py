@@ -2,12 +2,14 @@
 materialised float64 reference, for every rule and mask feature."""
 
 import math
+import zlib
 
 import pytest
 import torch
 
 import attnlrp_fast as af
 from attnlrp_fast.kernels import attention_bwd, attention_fwd, interpreting
+from attnlrp_fast.reference import attention_dense
 from helpers import TOL, assert_close_all, dense_reference, make_qkv, rel_err, run_attention
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
@@ -24,6 +26,11 @@ FEATURES = {
     "padding": {"padding": True},
     "everything": {"causal": True, "window": 21, "softcap": 3.0, "padding": True},
 }
+
+
+def zlib_seed(*key):
+    """A seed from the test's parameters, the same in every process (hash() of a str is not)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def _case(feature, B, M, seed):
@@ -181,7 +188,6 @@ def test_dq_mode_is_checked(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_log_sum_exp(backend):
     from attnlrp_fast.bindings import attention_fwd_op
-    from attnlrp_fast.reference import attention_dense
 
     g = torch.Generator().manual_seed(5)
     q, k, v = make_qkv(1, 2, 2, 30, 12, 16, generator=g)
@@ -213,3 +219,45 @@ def test_torch_chunking_matches(backend):
         g2 = attention_bwd_torch(do, q, k, v, o1, l1, **kw, rule=rule, chunk=6)
         for a, b in zip(g1, g2):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", ["tma", "hopper"])
+@pytest.mark.parametrize("feature", ["plain", "causal", "causal_window", "causal_softcap", "padding", "everything"])
+def test_descriptor_forward_variants(variant, feature):
+    """The tensor-descriptor forwards (TMA; "hopper" adds the warp-specialised loop, a no-op in the interpreter,
+    where it runs its single always-masked loop) against float64: fp16, HF-layout views, GQA, N and M not
+    multiples of the block, head dims padded (24 -> 32, 80 -> 128)."""
+    g = torch.Generator().manual_seed(zlib_seed(variant, feature))
+    for D in (24, 80):
+        q, k, v = make_qkv(2, 4, 2, 45, 71, D, torch.float16, layout="bnhd", generator=g)
+        kw = _case(feature, 2, 71, seed=D)
+        o, lse = attention_fwd(q, k, v, kw.pop("key_padding_mask", None), scale=1 / math.sqrt(D), variant=variant, **kw)
+        ref, ref_lse = attention_dense(q.double(), k.double(), v.double(), return_lse=True,
+                                       key_padding_mask=_case(feature, 2, 71, seed=D).get("key_padding_mask"), **kw)
+        assert rel_err(o, ref) < TOL[torch.float16], f"{variant} {feature} D={D}"
+        finite = torch.isfinite(ref_lse)
+        assert torch.equal(finite, torch.isfinite(lse)) and rel_err(lse[finite], ref_lse[finite]) < 1e-3
+
+
+def test_forward_variant_choice(monkeypatch):
+    from attnlrp_fast.kernels.attention_fwd import forward_variant
+
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16, torch.float16)
+    assert forward_variant(q, k, v, variant="portable") == "portable"
+    monkeypatch.setenv("ATTNLRP_FAST_FWD", "portable")
+    assert forward_variant(q, k, v) == "portable"
+    monkeypatch.setenv("ATTNLRP_FAST_FWD", "fastest")
+    with pytest.raises(ValueError, match="one of auto, portable, tma, hopper, got 'fastest'"):
+        forward_variant(q, k, v)
+    monkeypatch.delenv("ATTNLRP_FAST_FWD")
+    if interpreting():
+        assert forward_variant(q, k, v) == "portable"          # auto under the interpreter
+        with pytest.raises(ValueError, match="float16 or bfloat16 inputs, not torch.float32"):
+            forward_variant(q.float(), k.float(), v.float(), variant="tma")
+        odd = torch.randn(1, 8, 2, 17, dtype=torch.float16)[..., :16].transpose(1, 2)   # rows 34 bytes apart
+        with pytest.raises(ValueError, match="q needs a contiguous last dim and 16-byte aligned"):
+            forward_variant(odd, k, v, variant="hopper")
+    else:
+        with pytest.raises(ValueError, match="cannot run here"):
+            forward_variant(q, k, v, variant="tma")          # CPU tensors, no interpreter
