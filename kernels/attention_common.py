@@ -272,7 +272,7 @@ def _configs(rows):
 FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)])
 # dK/dV programs own BLOCK_N keys and loop over BLOCK_M queries; dQ programs the other way round. The wide side
 # is the one each program owns, so that two warpgroups (8 warps) split its rows and no MMA is issued twice.
-DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 1), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2)])
+DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 1), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)])
 
 
@@ -306,18 +306,22 @@ def gpu_config(kind: str, block_d: int, itemsize: int) -> dict:
     """Fixed launch configuration of kernel `kind` (a key of CONFIGS) when not autotuning, for a
     (block_d)-wide head and 2- or 4-byte inputs (bench/NOTES.md has what ptxas makes of each on sm_90).
 
-    Half precision, head dim <= 128: the forward takes 128 x 128 blocks (8 warps); the backward kernels own
-    128 rows (keys for dK/dV, queries for dQ) and stream 64-row blocks of the other side, 8 warps, so each of
-    the two warpgroups computes its own 64 rows. fp32 and head dims over 128 take smaller tiles."""
+    Chosen from what Triton 3.6 makes of each for sm_90 (bench/compile_check.py --resources, bench/NOTES.md):
+    every warpgroup computes its own rows of every product (no MMA issued twice) and, where possible, nothing
+    spills. Half precision, head dim 65..128: the forward takes 128 x 128 blocks on 8 warps; dK/dV programs own
+    128 keys and stream 32 queries (64 spills at D = 128), dQ programs own 128 queries and stream 64 keys."""
     half = itemsize < 4 and block_d <= 128
-    warps = 4 if block_d <= 64 else 8
     if kind == "fwd_ws":   # 4 warps per consumer warpgroup, two consumers: 128 rows at every head dim
         return {"BLOCK_M": 128, "BLOCK_N": 128 if block_d <= 128 else 64, "num_warps": 4, "num_stages": 2}
-    if kind in ("fwd", "fwd_tma"):
-        bm, bn, stages = (128, 128 if warps == 8 else 64, 2 if warps == 8 else 3) if half else (64, 32, 2)
-    else:
-        own, other, stages = (64 * warps // 4, 64, 2) if half else (64, 32, 1)
-        bm, bn = (other, own) if kind == "dkdv" else (own, other)
+    if block_d > 128:      # 128 query rows on 8 warps (one 64-row half per warpgroup), narrow key blocks
+        table = {"fwd": (128, 32, 8, 2), "fwd_tma": (128, 32, 8, 2), "dkdv": (32, 64, 8, 1), "dq": (128, 32, 8, 1)}
+    elif not half:         # fp32 (tests, CPU-sized problems): small tiles
+        table = {"fwd": (64, 32, 4, 2), "fwd_tma": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+    elif block_d <= 64:
+        table = {"fwd": (128, 64, 4, 3), "fwd_tma": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+    else:                  # 65..128: the wide side of each kernel is 128 rows, split by its two warpgroups
+        table = {"fwd": (128, 128, 8, 2), "fwd_tma": (128, 128, 8, 2), "dkdv": (32, 128, 8, 2), "dq": (128, 64, 8, 2)}
+    bm, bn, warps, stages = table[kind]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
