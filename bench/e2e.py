@@ -13,8 +13,9 @@ peak memory is torch.cuda.max_memory_allocated during the run minus what was all
 `--longest` doubles N from the last timed N until a method runs out of memory (or its run exceeds
 --longest-seconds, or N passes --longest-max).
 
-    python bench/e2e.py                    # GPU: 8k and 32k, then --longest; prints JSON rows
-    python bench/e2e.py --smoke            # CPU, a tiny Llama, the torch path: checks the harness
+    python bench/e2e.py --longest          # GPU: 8k and 32k, then the longest N; prints JSON rows
+    python bench/e2e.py --smoke            # CPU, a tiny Llama (Triton's interpreter under TRITON_INTERPRET=1)
+    python bench/e2e.py --sizes 8192 32768 --repeats 1 --out e2e.json   # what bench/gpu_check.py's e2e step runs
 """
 
 import argparse
@@ -50,11 +51,14 @@ def _default_dtype(dtype):
         torch.set_default_dtype(old)
 
 
-def build(shape, device, dtype, max_positions):
+def build(shape, device, dtype, max_positions, layers=None):
+    """The model of SHAPES[shape] with random weights (layers: fewer layers than the shape's, e.g. to warm
+    the kernel cache)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    config = tf.LlamaConfig(**SHAPES[shape], max_position_embeddings=max_positions, attn_implementation="sdpa")
+    sizes = dict(SHAPES[shape], **({"num_hidden_layers": layers} if layers else {}))
+    config = tf.LlamaConfig(**sizes, max_position_embeddings=max_positions, attn_implementation="sdpa")
     with torch.device(device), _default_dtype(dtype):
         model = tf.LlamaForCausalLM(config)
     for p in model.parameters():
@@ -110,54 +114,46 @@ def _is_oom(e):
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def main(argv=None, on_update=None):
-    """Returns the result dict; on_update(result) after each measurement (for saving partial results)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, torch path")
-    p.add_argument("--sizes", type=int, nargs="*", help="default: 8192 32768 (smoke: 64 128)")
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--longest", action="store_true", help="then double N per method until it fails")
-    p.add_argument("--longest-max", type=int, default=None, help="default: 1M tokens (smoke: 256)")
-    p.add_argument("--longest-seconds", type=float, default=150.0, help="stop a method's search after a run this long")
-    p.add_argument("--out", default=None, help="also write the result JSON here")
-    args = p.parse_args(argv)
+def _writer(out, on_update):
+    """save(result): rewrite `out` (atomically: a kill leaves the last complete JSON) and call on_update."""
+    def save(result):
+        if out:
+            tmp = Path(str(out) + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1))
+            tmp.replace(out)
+        if on_update:
+            on_update(result)
+    return save
 
-    cuda = torch.cuda.is_available() and not args.smoke
-    if not cuda and not args.smoke:
-        p.error("no CUDA device: run with --smoke to check the harness on CPU")
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    shape = "llama3-8b" if cuda else "tiny"
-    backend = None if cuda else "torch"
-    sizes = args.sizes or ([8192, 32768] if cuda else [64, 128])
-    if args.longest_max is None:
-        args.longest_max = (1 << 20) if cuda else 256
-    max_positions = max(max(sizes), args.longest_max if args.longest else 0)
 
-    model = build(shape, device, dtype, max_positions)
-    baseline = _shallow_patch_copy(model)
+def _measured(fn, row):
+    """row with seconds and peak MiB from fn() -> (rel, seconds, peak), or "out of memory"; returns rel."""
+    try:
+        rel, seconds, peak = fn()
+    except Exception as e:  # noqa: BLE001 - out of memory is recorded, the run goes on
+        if not _is_oom(e):
+            raise
+        row["error"] = "out of memory"
+        return None
+    row.update(seconds=seconds, peak_mib=peak)
+    return rel
 
-    result = {"shape": {**SHAPES[shape], "name": shape}, "dtype": str(dtype).split(".")[-1], "rows": [],
-              "agreement": None, "longest": {}}
-    g = torch.Generator().manual_seed(1)
+
+def time_sizes(ctx, sizes, repeats, result, save):
+    """Each method at each size (median of `repeats` after a warm-up); the ratio to the forward; agreement of
+    the two relevance maps at the first size."""
+    model, baseline, backend, g = ctx
     for i, n in enumerate(sizes):
-        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(device)
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
         rels = {}
         for method in ("forward",) + METHODS:
             row = {"method": method, "tokens": n}
-            try:
-                rel, seconds, peak = timed(method, model, baseline, ids, backend, args.repeats)
-                row.update(seconds=seconds, peak_mib=peak)
-                if rel is not None:
-                    rels[method] = rel
-            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                if not _is_oom(e):
-                    raise
-                row["error"] = "out of memory"
+            rel = _measured(lambda: timed(method, model, baseline, ids, backend, repeats), row)
+            if rel is not None:
+                rels[method] = rel
             result["rows"].append(row)
+            save(result)
             print(json.dumps(row), flush=True)
-            if on_update:
-                on_update(result)
         fwd = next((r["seconds"] for r in result["rows"] if r["method"] == "forward" and r["tokens"] == n
                     and "seconds" in r), None)
         for r in result["rows"]:
@@ -165,41 +161,65 @@ def main(argv=None, on_update=None):
                 r["explain_over_forward"] = r["seconds"] / fwd
         if i == 0 and len(rels) == 2:
             result["agreement"] = {"tokens": n, **agreement(rels["attnlrp_fast"], rels["lxt_style"])}
+            save(result)
             print(json.dumps({"agreement": result["agreement"]}), flush=True)
 
+
+def search_longest(ctx, first, longest_max, longest_seconds, result, save):
+    """Per method, double N from its largest timed N until it fails, passes longest_max or a run takes too long."""
+    model, baseline, backend, g = ctx
+    for method in METHODS:
+        ok = [r["tokens"] for r in result["rows"] if r["method"] == method and "seconds" in r]
+        n, best = (max(ok), max(ok)) if ok else (first, None)
+        while n * 2 <= longest_max:
+            n *= 2
+            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
+            row = {"method": method, "tokens": n, "search": "longest"}
+            _measured(lambda: run_once(method, model, baseline, ids, backend), row)
+            del ids
+            result["rows"].append(row)
+            save(result)
+            print(json.dumps(row), flush=True)
+            if "error" in row:
+                break
+            best = n
+            if row["seconds"] > longest_seconds:
+                row["stopped"] = f"run took over {longest_seconds:.0f} s"
+                break
+        result["longest"][method] = best
+    print(json.dumps({"longest": result["longest"]}), flush=True)
+
+
+def main(argv=None, on_update=None):
+    """Returns the result dict; on_update(result) after each measurement (for saving partial results)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny model (Triton's interpreter under TRITON_INTERPRET=1)")
+    p.add_argument("--sizes", type=int, nargs="*", help="default: 8192 32768 (smoke: 64 128)")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--longest", action="store_true", help="then double N per method until it fails")
+    p.add_argument("--longest-max", type=int, default=None, help="default: 1M tokens (smoke: 256)")
+    p.add_argument("--longest-seconds", type=float, default=150.0, help="stop a method's search after a run this long")
+    p.add_argument("--out", default=None, help="also write the result JSON here (rewritten after every row)")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.smoke
+    if not cuda and not args.smoke:
+        p.error("no CUDA device: run with --smoke to check the harness on CPU")
+    if args.repeats < 1 or any(n < 1 for n in args.sizes or ()):
+        p.error("--repeats and --sizes must be positive")
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    shape = "llama3-8b" if cuda else "tiny"
+    sizes = args.sizes or ([8192, 32768] if cuda else [64, 128])
+    longest_max = args.longest_max or ((1 << 20) if cuda else 256)
+    model = build(shape, device, dtype, max(max(sizes), longest_max if args.longest else 0))
+    # backend None: Triton on CUDA; on CPU Triton's interpreter under TRITON_INTERPRET=1, else the torch path
+    ctx = (model, _shallow_patch_copy(model), None, torch.Generator().manual_seed(1))
+    result = {"shape": {**SHAPES[shape], "name": shape}, "dtype": str(dtype).split(".")[-1], "rows": [],
+              "agreement": None, "longest": {}}
+    save = _writer(args.out, on_update)
+    time_sizes(ctx, sizes, args.repeats, result, save)
     if args.longest:
-        for method in METHODS:
-            ok = [r["tokens"] for r in result["rows"] if r["method"] == method and "seconds" in r]
-            n = max(ok) if ok else sizes[0]
-            best = n if ok else None
-            while n * 2 <= args.longest_max:
-                n *= 2
-                ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(device)
-                row = {"method": method, "tokens": n, "search": "longest"}
-                try:
-                    _, seconds, peak = run_once(method, model, baseline, ids, backend)
-                    row.update(seconds=seconds, peak_mib=peak)
-                except Exception as e:  # noqa: BLE001
-                    if not _is_oom(e):
-                        raise
-                    row["error"] = "out of memory"
-                del ids
-                result["rows"].append(row)
-                print(json.dumps(row), flush=True)
-                if on_update:
-                    on_update(result)
-                if "error" in row:
-                    break
-                best = n
-                if row["seconds"] > args.longest_seconds:
-                    row["stopped"] = f"run took over {args.longest_seconds:.0f} s"
-                    break
-            result["longest"][method] = best
-        print(json.dumps({"longest": result["longest"]}), flush=True)
-    if on_update:
-        on_update(result)
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        search_longest(ctx, sizes[0], longest_max, args.longest_seconds, result, save)
+    save(result)
     return result
 
 

@@ -3,12 +3,14 @@
     python bench/report.py bench/results/<date>-<device>.json [--readme README.md]   # gpu_check.py's JSON
     python bench/report.py bench/results/<date>-cpu-memory.json --readme README.md   # memory.py's JSON
     python bench/report.py bench/results/faithfulness.json --readme README.md        # attnlrp-fast evaluate's
+    python bench/report.py $OUT/<date>-<device>.json --summary      # targets and the run's steps only; writes nothing
 
 Writes PNGs next to the JSON (<stem>-attention.png, <stem>-memory.png, <stem>-e2e.png, or <stem>.png for a
 memory.py file) and, with --readme, replaces the text between the file's markers
 `<!-- table:KIND -->` and `<!-- /table:KIND -->` (KIND: attention, e2e, cpu-memory, faithfulness) with tables generated
 from the JSON. Every figure in them comes from the JSON; a missing or failed measurement shows as "-" or its
-error.
+error. The attention section holds the timing table, the peak memory at 128k (gpu_check's memory step), the time
+per kernel (its profile step), the target lines and how the run went (steps cut off, GPU tests, compiles).
 """
 
 import argparse
@@ -49,6 +51,8 @@ def attention_summary(timings):
         ours = {r["method"]: r for r in rows if r["method"].startswith("attnlrp_fast") and _ok(r)}
         grad, lrp = ours.get("attnlrp_fast[grad]"), ours.get("attnlrp_fast[attnlrp]")
         lrp_atomic = ours.get("attnlrp_fast[attnlrp,dq=atomic]")   # the backward's other dQ mode
+        portable = ours.get("attnlrp_fast[grad,fwd=portable]")     # the forward kernel for any GPU
+        tma = ours.get("attnlrp_fast[grad,fwd=tma]")               # descriptors, no warp specialisation
         sdpa_fwd = _best(rows, "sdpa[", "fwd_tflops")
         sdpa_bwd = _best(rows, "sdpa[", "bwd_tflops")
         sdpa_mem = _best(rows, "sdpa[", "peak_mib", highest=False)
@@ -59,6 +63,8 @@ def attention_summary(timings):
             "fwd_tflops": grad and grad.get("fwd_tflops"),
             "best_sdpa_fwd": sdpa_fwd and sdpa_fwd["method"], "best_sdpa_fwd_tflops": sdpa_fwd and sdpa_fwd["fwd_tflops"],
             "fwd_vs_sdpa": _ratio(grad and grad.get("fwd_tflops"), sdpa_fwd and sdpa_fwd["fwd_tflops"]),
+            "portable_fwd_tflops": portable and portable.get("fwd_tflops"),
+            "tma_fwd_tflops": tma and tma.get("fwd_tflops"),
             "grad_bwd_tflops": grad and grad.get("bwd_tflops"),
             "best_sdpa_bwd_tflops": sdpa_bwd and sdpa_bwd["bwd_tflops"],
             "grad_bwd_vs_sdpa": _ratio(grad and grad.get("bwd_tflops"), sdpa_bwd and sdpa_bwd["bwd_tflops"]),
@@ -92,53 +98,129 @@ def attention_table(result):
         f"Triton {result['versions'].get('triton')}); TFLOP/s, higher is better; ratios are ours / the best "
         "baseline in the same run.",
         "",
-        "| D | causal | B x H/Hkv x N | fwd | best SDPA fwd | ratio | grad bwd | SDPA bwd | attnlrp bwd | "
-        "LXT-style bwd | ratio | attnlrp bwd, atomic dQ | ratio | peak MiB | SDPA peak | eager fwd/bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| D | causal | B x H/Hkv x N | fwd | TMA fwd | portable fwd | best SDPA fwd | ratio | grad bwd | SDPA bwd | "
+        "attnlrp bwd | LXT-style bwd | ratio | attnlrp bwd, atomic dQ | ratio | peak MiB | SDPA peak | eager fwd/bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in attention_summary(result.get("timings", [])):
         lines.append(
             f"| {s['D']} | {'yes' if s['causal'] else 'no'} | {s['B']} x {s['H']}/{s['Hkv']} x {_tokens(s['N'])} | "
-            f"{_f(s['fwd_tflops'])} | {_f(s['best_sdpa_fwd_tflops'])} | {_f(s['fwd_vs_sdpa'], '{:.2f}x')} | "
+            f"{_f(s['fwd_tflops'])} | {_f(s['tma_fwd_tflops'])} | {_f(s['portable_fwd_tflops'])} | "
+            f"{_f(s['best_sdpa_fwd_tflops'])} | "
+            f"{_f(s['fwd_vs_sdpa'], '{:.2f}x')} | "
             f"{_f(s['grad_bwd_tflops'])} | {_f(s['best_sdpa_bwd_tflops'])} | {_f(s['attnlrp_bwd_tflops'])} | "
             f"{_f(s['best_lxt_bwd_tflops'])} | {_f(s['attnlrp_bwd_vs_lxt'], '{:.2f}x')} | "
             f"{_f(s['atomic_bwd_tflops'])} | {_f(s['atomic_bwd_vs_lxt'], '{:.2f}x')} | {_f(s['peak_mib'])} | "
             f"{_f(s['sdpa_peak_mib'])} | {s['eager'] or '-'} |")
-    lines += ["", "Targets:"] + targets_lines(result)
+    for part in (memory_table(result), profile_table(result)):
+        if part:
+            lines += [""] + part
+    return "\n".join(lines + [""] + summary_lines(result))
+
+
+def memory_table(result):
+    """Peak memory above the inputs of one forward+backward at the long shape (the memory step)."""
+    mem = result.get("memory")
+    if not mem or not mem.get("rows"):
+        return []
+    sh = mem["shape"]
+    lines = [f"Peak memory above the inputs, one forward+backward, {sh['B']} x {sh['H']}/{sh['Hkv']} x "
+             f"{_tokens(sh['N'])}, D = {sh['D']}, {'causal' if sh['causal'] else 'full'}, {mem.get('dtype', '?')}:", "",
+             "| method | peak MiB | seconds (one run) |", "|---|---|---|"]
+    for r in mem["rows"]:
+        peak = r.get("error") or _f(r.get("peak_mib"))
+        lines.append(f"| {r['method']} | {peak} | {_f(r.get('seconds_one_run'), '{:.2f}')} |")
+    return lines
+
+
+def profile_table(result, top=6):
+    """Time per kernel of one profiled forward+backward of ours (the profile step), largest first."""
+    prof = result.get("profile")
+    if not prof or not prof.get("methods"):
+        return []
+    sh = prof["shape"]
+    unit = "GPU" if prof.get("activity") == "cuda" else "CPU (smoke: ops, not kernels)"
+    lines = [f"{unit} time per kernel, one forward+backward at {sh['B']} x {sh['H']}/{sh['Hkv']} x {_tokens(sh['N'])}, "
+             f"D = {sh['D']}, {'causal' if sh['causal'] else 'full'} (torch.profiler):", "",
+             "| method | kernel | ms | calls | share |", "|---|---|---|---|---|"]
+    for method, p in prof["methods"].items():
+        for name, k in list(p["kernels"].items())[:top]:
+            share = k["ms"] / p["total_ms"] if p["total_ms"] else None
+            lines.append(f"| {method} | `{name[:70]}` | {k['ms']:.3f} | {k['count']} | {_f(share, '{:.0%}')} |")
+    return lines
+
+
+def summary_lines(result):
+    """Targets, then how the run went: steps cut off, the GPU tests, each step's seconds and compiles."""
+    lines = ["Targets:"] + targets_lines(result)
     if result.get("unfinished"):
-        lines += ["", f"Unfinished parts (cut off by the time limit): {', '.join(result['unfinished'])}."]
+        lines += ["", f"Unfinished steps (cut off by their time budget or failed): {', '.join(result['unfinished'])}."]
     tests = result.get("gpu_tests")
     if tests:
-        last = next((t for t in reversed(tests.get("tail", [])) if t.strip()), "")
-        lines += ["", f"GPU test suite in the same run: {last.strip('= ') or 'no output'}"]
-    return "\n".join(lines)
+        counts = ", ".join(f"{n} {o.lower()}" for o, n in tests.get("counts", {}).items())
+        last = tests.get("summary") or next((t for t in reversed(tests.get("tail", [])) if t.strip()), "no output")
+        timed_out = " (stopped at its time limit)" if tests.get("timed_out") else ""
+        workers = tests.get("workers", 1)
+        lines += ["", f"GPU tests in the same run ({tests.get('selection', 'pytest -m gpu')}, "
+                      f"{f'{workers} pytest-xdist workers' if workers > 1 else 'one process'}){timed_out}: "
+                      f"{counts or last.strip('= ')}."]
+        if tests.get("failed"):
+            lines.append("Failed: " + ", ".join(tests["failed"][:10]))
+    steps = result.get("steps")
+    if steps:
+        lines += ["", "Steps (seconds / budget, Triton compiles): " + "; ".join(
+            f"{n} {r.get('seconds', '-')}/{_f(r.get('budget_s'))} s, {r.get('triton_compiles', '-')} "
+            f"({r.get('status', '?')})" for n, r in steps.items()) + "."]
+    return lines
 
 
-def targets(timings):
-    """Issue 5's three targets from the summary rows: (name, worst measured ratio or None, goal, comparison)."""
-    summary = attention_summary(timings)
+def _worst(key, rows, highest=False):
+    vals = [s[key] for s in rows if s[key] is not None]
+    return (max if highest else min)(vals) if vals else None
 
-    def worst(key, rows):
-        vals = [s[key] for s in rows if s[key] is not None]
-        return min(vals) if vals else None
 
-    def most(key, rows):
-        vals = [s[key] for s in rows if s[key] is not None]
-        return max(vals) if vals else None
+def memory_ratio(result):
+    """Peak memory of ours (attnlrp, default dQ mode) / the lowest SDPA peak at N >= 128k: the memory step's rows,
+    else the sweep's rows at that N."""
+    mem = result.get("memory")
+    if mem and mem.get("rows") and mem["shape"]["N"] >= 131072:
+        rows = {r["method"]: r for r in mem["rows"] if _ok(r) and r.get("peak_mib") is not None}
+        ours = rows.get("attnlrp_fast[attnlrp]")
+        sdpa = [r["peak_mib"] for m, r in rows.items() if m.startswith("sdpa[")]
+        return _ratio(ours and ours["peak_mib"], min(sdpa) if sdpa else None)
+    long_rows = [s for s in attention_summary(result.get("timings", [])) if s["N"] >= 131072]
+    return _worst("peak_vs_sdpa", long_rows, highest=True)
+
+
+def e2e_ratio(result, tokens=32768):
+    """LXT-style seconds / ours for the explanation at `tokens` or more (worst size): >= 1.0 is no slower."""
+    rows = [r for r in (result.get("e2e") or {}).get("rows", []) if _ok(r) and r.get("seconds") and
+            not r.get("search") and r["tokens"] >= tokens]
+    ratios = []
+    for n in sorted({r["tokens"] for r in rows}):
+        secs = {r["method"]: r["seconds"] for r in rows if r["tokens"] == n}
+        if "attnlrp_fast" in secs and "lxt_style" in secs:
+            ratios.append(secs["lxt_style"] / secs["attnlrp_fast"])
+    return min(ratios) if ratios else None
+
+
+def targets(result):
+    """The benchmark targets: (name, worst measured ratio or None, goal, comparison)."""
+    summary = attention_summary(result.get("timings", []))
     fwd_rows = [s for s in summary if s["D"] == 128 and s["causal"] and s["N"] >= 4096]
-    long_rows = [s for s in summary if s["N"] >= 131072]
     return [
-        ("forward / best SDPA backend, d = 128, causal, N >= 4k (worst shape)", worst("fwd_vs_sdpa", fwd_rows),
+        ("forward / best SDPA backend, d = 128, causal, N >= 4k (worst shape)", _worst("fwd_vs_sdpa", fwd_rows),
          1.0, ">="),
-        ("attnlrp backward / LXT-style backward (worst shape)", worst("attnlrp_bwd_vs_lxt", summary), 1.0, ">="),
-        ("the same with ATTNLRP_FAST_DQ=atomic (not the default)", worst("atomic_bwd_vs_lxt", summary), 1.0, ">="),
-        ("peak memory of forward + backward / SDPA's, N = 128k", most("peak_vs_sdpa", long_rows), 1.1, "<="),
+        ("attnlrp backward / LXT-style backward (worst shape)", _worst("attnlrp_bwd_vs_lxt", summary), 1.0, ">="),
+        ("the same with ATTNLRP_FAST_DQ=atomic (not the default)", _worst("atomic_bwd_vs_lxt", summary), 1.0, ">="),
+        ("peak memory of forward + backward / SDPA's, N = 128k", memory_ratio(result), 1.1, "<="),
+        ("8B-shaped explanation at 32k: LXT-style seconds / ours", e2e_ratio(result), 1.0, ">="),
     ]
 
 
 def targets_lines(result):
     lines = []
-    for name, value, goal, op in targets(result.get("timings", [])):
+    for name, value, goal, op in targets(result):
         if value is None:
             verdict = "not measured"
         else:
@@ -316,7 +398,7 @@ def render(json_path, readme=None):
     else:                                # bench/gpu_check.py
         written += [p for p in (plot_attention(result, f"{stem}-attention.png"), plot_e2e(result, f"{stem}-e2e.png"))
                     if p]
-        if result.get("timings"):
+        if result.get("timings") or result.get("memory") or result.get("profile"):
             tables["attention"] = attention_table(result)
         if result.get("e2e"):
             tables["e2e"] = e2e_table(result)
@@ -333,7 +415,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a results JSON from bench/gpu_check.py or bench/memory.py")
     p.add_argument("--readme", help="replace the tables between this file's markers")
+    p.add_argument("--summary", action="store_true", help="print the targets and how the run went; write nothing")
     args = p.parse_args(argv)
+    if args.summary:
+        print("\n".join(summary_lines(json.loads(Path(args.json).read_text()))))
+        return
     written, tables = render(args.json, args.readme)
     for body in tables.values():
         print(body + "\n")

@@ -25,7 +25,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 SHAPES = ([(16384 // n, 2048 // d, n, d) for d in (64, 128) for n in (1024, 4096, 16384)] if CUDA
           else [(1, 2, 96, 32)])
-METHODS = gpu_check.methods(smoke=not CUDA)
+METHODS = gpu_check.methods(smoke=not CUDA, backend=None if CUDA else "torch")
 
 
 def _sync():
@@ -46,20 +46,22 @@ def _skip_if_too_big(method, N):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-H{s[1]}-N{s[2]}-D{s[3]}")
 @pytest.mark.parametrize("method", list(METHODS))
-def test_forward(benchmark, method, shape, causal):
+def test_forward(benchmark, method, shape, causal, monkeypatch):
     _skip_if_too_big(method, shape[2])
     if "dq=atomic" in method:
         pytest.skip("the dQ mode changes the backward only")
-    fn = METHODS[method][0]
+    m = METHODS[method]
     q, k, v = _inputs(*shape)
     benchmark.group = f"forward {shape} causal={causal}"
 
     def run():
         with torch.no_grad():
-            out = fn(q, k, v, causal)
+            out = m.fn(q, k, v, causal)
         _sync()
         return out
 
+    for name, value in m.env.items():   # e.g. the forward kernel
+        monkeypatch.setenv(name, value)
     out = benchmark(run)
     assert out.shape == q.shape and torch.isfinite(out).all()
 
@@ -69,17 +71,19 @@ def test_forward(benchmark, method, shape, causal):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_forward_backward(benchmark, method, shape, causal, monkeypatch):
     _skip_if_too_big(method, shape[2])
-    fn, rule, env = METHODS[method]
-    for name, value in env.items():  # e.g. the backward's dQ mode
+    m = METHODS[method]
+    if m.fwd_only:
+        pytest.skip("a forward-only variant")
+    for name, value in m.env.items():  # e.g. the backward's dQ mode
         monkeypatch.setenv(name, value)
     leaves = [x.requires_grad_() for x in _inputs(*shape)]
     do = torch.randn_like(leaves[0])
-    benchmark.group = f"forward+backward ({rule} rule) {shape} causal={causal}"
+    benchmark.group = f"forward+backward ({m.rule} rule) {shape} causal={causal}"
 
     def run():
         for x in leaves:
             x.grad = None
-        fn(*leaves, causal).backward(do)
+        m.fn(*leaves, causal).backward(do)
         _sync()
 
     benchmark(run)

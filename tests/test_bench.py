@@ -1,6 +1,8 @@
-"""The benchmark harness on CPU: gpu_check.py's smoke mode (spot check, attention sweep, end to end), the
-LXT-style baseline computing the same relevance as af.explain, plots and README tables from the JSON, the
-CPU memory benchmark, and the pytest-benchmark suite running once per benchmark."""
+"""The benchmark harness on CPU: bench/device_run.sh's whole GPU check run end to end in smoke mode (Triton's
+interpreter, tiny sizes: the tests step, the warm-up, spot check, timings, profile, memory, end to end, sweep),
+the plan, time caps and partial results, the LXT-style baseline computing the same relevance as af.explain, plots
+and README tables from the JSON, the CPU memory benchmark, and the pytest-benchmark suite running once per
+benchmark."""
 
 import copy
 import json
@@ -8,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,87 +26,271 @@ import gpu_check  # noqa: E402
 import lxt_style  # noqa: E402
 import memory  # noqa: E402
 import report as bench_report  # noqa: E402
+import runner  # noqa: E402
+import warm_cache  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
+DEVICE_RUN = str(ROOT / "bench" / "device_run.sh")
+
+
+def _smoke_check(**kw):
+    return gpu_check.Check(smoke=True, cuda=False, out=Path("."), e2e_args="", **kw)
+
+
+def _device_check():
+    return gpu_check.Check(smoke=False, cuda=False, out=Path("."), e2e_args="")
 
 
 @pytest.fixture(scope="module")
-def smoke_json(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    assert gpu_check.main(["--smoke", "--out", str(out)]) == 0
+def device_smoke(tmp_path_factory):
+    """`SMOKE=1 bash bench/device_run.sh`, no argument: the whole check, as one device call runs it."""
+    out = tmp_path_factory.mktemp("out")
+    env = {k: v for k, v in os.environ.items() if k not in ("SKIP_INSTALL", "LIMIT_S", "GPU_CHECK_ARGS")}
+    t = time.monotonic()
+    proc = subprocess.run(["bash", DEVICE_RUN], capture_output=True, text=True, timeout=400,
+                          env={**env, "SMOKE": "1", "OUT": str(out)})
+    return out, proc, time.monotonic() - t
+
+
+@pytest.fixture(scope="module")
+def smoke_json(device_smoke):
+    out, proc, _ = device_smoke
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = out.glob("*-smoke.json")
     return path
 
 
-def test_harness_smoke_records_every_part(smoke_json):
+def _jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- the whole check, end to end ----------------------------------------------------------------------------
+def test_device_script_runs_every_step_and_returns_its_files(device_smoke, smoke_json):
+    out, proc, seconds = device_smoke
+    files = sorted(p.name for p in out.iterdir())
+    assert all((out / f).is_file() for f in files) and len(files) <= 8       # what the device tool brings back
+    assert set(files) == {smoke_json.name, smoke_json.stem + ".jsonl", "env.txt", "run.log", "pytest-bf16.log",
+                          "warm.log"}
+    assert "torch" in (out / "env.txt").read_text() and "[sweep] done" in (out / "run.log").read_text()
     result = json.loads(smoke_json.read_text())
-    assert result["device"] and result["versions"]["torch"] == torch.__version__
-    assert set(result["dates"]) == {"spot", "kernels", "e2e"}          # "tests" needs CUDA
+    assert "unfinished" not in result and set(result["dates"]) == set(gpu_check.STEPS)
+    assert [r["status"] for r in result["steps"].values()] == ["done"] * len(gpu_check.STEPS)
+    assert sum(r["seconds"] for r in result["steps"].values()) < result["limit_s"] < 500
+    events = _jsonl(out / (smoke_json.stem + ".jsonl"))
+    for step in gpu_check.STEPS:                     # each step's start and end, in order, as JSON lines
+        assert [e["event"] for e in events if e["step"] == step and e["event"] in ("start", "end")] == ["start", "end"]
+    logged = [e for e in events if e["event"] == "row" and e["step"] in ("timings", "sweep")]
+    assert [e["method"] for e in logged] == [r["method"] for r in result["timings"]]
+    assert "Targets:" in proc.stdout and "Steps (seconds / budget" in proc.stdout
+    print(f"device_run.sh smoke: {seconds:.0f} s")
+
+
+def test_smoke_tests_step_selects_bf16_and_warms_every_later_kernel(smoke_json):
+    result = json.loads(smoke_json.read_text())
+    tests = result["gpu_tests"]
+    log = (smoke_json.parent / "pytest-bf16.log").read_text()
+    assert tests["returncode"] == 0 and tests["counts"] == {"SKIPPED": tests["counts"]["SKIPPED"]}   # no CUDA here
+    assert tests["counts"]["SKIPPED"] >= 40 and "-k bfloat16" in tests["selection"]
+    ids = [line.split()[0] for line in log.splitlines() if line.startswith("tests/") and "::" in line]
+    assert len(ids) == tests["counts"]["SKIPPED"] and all("bfloat16" in i for i in ids)
+    items, _ = gpu_check.warm_items(_smoke_check())
+    warm = result["warm"]
+    assert warm["returncode"] == 0 and warm["planned"] == warm["warmed"] == len(items) and warm["errors"] == []
+    assert result["plan"]["timings"]["compiled_here"] == 0 and result["plan"]["tests"]["kernels"] > 0
+
+
+def test_smoke_measures_each_step(smoke_json):
+    result = json.loads(smoke_json.read_text())
     assert all(e is None or e < 1e-4 for errs in result["spot_check_rel_err"].values() for e in errs.values())
-    methods = {row["method"] for row in result["timings"]}
-    assert {"attnlrp_fast[attnlrp]", "attnlrp_fast[grad]", "attnlrp_fast[attnlrp,dq=atomic]",
-            "attnlrp_fast[grad,dq=atomic]", "lxt_style[sdpa]", "sdpa[default]", "eager", "lxt_style[eager]"} <= methods
+    timed = [r for r in result["timings"] if r["step"] == "timings"]
+    core = gpu_check.core_names(gpu_check.methods(smoke=True))
+    assert [(gpu_check.shape_of(r), r["method"]) for r in timed] == \
+        [(s, m) for s in gpu_check.timing_shapes(True) for m in core]
     for row in result["timings"]:
         assert "error" not in row and math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0
         assert row["fwd_tflops"] == pytest.approx(gpu_check.flops_fwd(row["B"], row["H"], row["N"], row["N"], row["D"],
                                                                        row["causal"]) / row["fwd_ms"] / 1e9)
+        assert ("fwd_bwd_ms" in row) == (row["method"] != "attnlrp_fast[grad,fwd=portable]")   # forward only
+    assert "attnlrp_fast[grad,fwd=tma]" in gpu_check.methods(smoke=False) and gpu_check.methods(smoke=False)[
+        "attnlrp_fast[grad,fwd=tma]"].fwd_only              # bf16 only, so on the GPU only
+    swept = {gpu_check.shape_of(r) for r in result["timings"] if r["step"] == "sweep"}
+    assert swept == set(gpu_check.sweep_shapes(True)) - set(gpu_check.timing_shapes(True)) and swept
+    assert {"eager", "lxt_style[eager]"} <= {r["method"] for r in result["timings"] if r["step"] == "sweep"}
+    prof = result["profile"]
+    assert set(prof["methods"]) == set(gpu_check.PROFILE_METHODS)
+    for p in prof["methods"].values():
+        assert p["total_ms"] > 0 and any("attention_bwd" in k for k in p["kernels"])
+        assert all(k["ms"] > 0 and k["count"] >= 1 for k in p["kernels"].values())
+    mem = result["memory"]
+    assert mem["shape"] == gpu_check.shape_dict(gpu_check.memory_shape(True))
+    assert [r["method"] for r in mem["rows"]] == ["attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]",
+                                                  "sdpa[default]"]
+    assert all("error" not in r and r["seconds_one_run"] > 0 for r in mem["rows"])
     e = result["e2e"]
-    assert e["agreement"]["rel_err"] < 1e-5 and e["agreement"]["cosine"] > 0.99999
+    assert e["process"]["returncode"] == 0 and e["agreement"]["rel_err"] < 1e-5 and e["agreement"]["cosine"] > 0.99999
     assert {r["method"] for r in e["rows"]} == {"forward", "attnlrp_fast", "lxt_style"}
-    assert all(r["explain_over_forward"] > 0 for r in e["rows"] if r["method"] != "forward" and not r.get("search"))
-    assert set(e["longest"]) == {"attnlrp_fast", "lxt_style"} and all(n == 256 for n in e["longest"].values())
+    assert all(r["explain_over_forward"] > 0 for r in e["rows"] if r["method"] != "forward")
 
 
-def test_parts_merge_into_one_file(tmp_path):
-    assert gpu_check.main(["--smoke", "--parts", "spot", "--out", str(tmp_path)]) == 0
+# --- steps, budgets, partial results ------------------------------------------------------------------------
+def test_steps_merge_into_one_file_and_bad_arguments_are_errors(tmp_path, capsys):
+    assert gpu_check.main(["--smoke", "--steps", "spot", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*-smoke.json")
     first = json.loads(path.read_text())
     assert "timings" not in first and "spot_check_rel_err" in first
-    assert gpu_check.main(["--smoke", "--parts", "kernels", "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--smoke", "--steps", "memory", "--out", str(tmp_path)]) == 0
     both = json.loads(path.read_text())
-    assert both["spot_check_rel_err"] == first["spot_check_rel_err"] and both["timings"]
-    assert set(both["dates"]) == {"spot", "kernels"}
-    with pytest.raises(SystemExit):
-        gpu_check.main(["--smoke", "--parts", "kernels,warp", "--out", str(tmp_path)])
+    assert both["spot_check_rel_err"] == first["spot_check_rel_err"] and both["memory"]["rows"]
+    assert set(both["dates"]) == {"spot", "memory"}
+    for bad, message in ((["--steps", "kernels,warp"], "unknown step 'warp'"),
+                         (["--budget", "timings=soon"], "give STEP=SECONDS"),
+                         (["--budget", "warp=3"], "unknown step 'warp'"),
+                         (["--warm-n", "500"], "multiple of 16")):
+        with pytest.raises(SystemExit):
+            gpu_check.main(["--smoke", "--out", str(tmp_path)] + bad)
+        assert message in capsys.readouterr().err
 
 
-def test_a_part_cut_off_keeps_its_rows_and_is_marked_unfinished(tmp_path, monkeypatch):
+def _fake_measure(pause, fwd_ms=1.0):
+    """gpu_check.measure's stand-in: fixed figures after `pause` seconds."""
+    def measure(method, q, k, v, causal, cuda):
+        time.sleep(pause)
+        return {"fwd_ms": fwd_ms} if method.fwd_only else {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_ms + 2.0}
+    return measure
+
+
+def test_a_step_stops_at_its_budget_and_keeps_its_rows(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "measure", _fake_measure(0.4))
+    assert gpu_check.main(["--smoke", "--steps", "timings", "--budget", "timings=2", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-smoke.json")
+    result = json.loads(path.read_text())
+    total = len(gpu_check.timing_shapes(True)) * len(gpu_check.core_names(gpu_check.methods(True)))
+    assert result["unfinished"] == ["timings"] and result["steps"]["timings"]["status"] == "out of time"
+    assert 2 <= len(result["timings"]) < total and all(r["bwd_ms"] == 2.0 for r in result["timings"] if "bwd_ms" in r)
+    assert result["steps"]["timings"]["seconds"] < 2 + 1      # stopped at the budget, not after all rows
+
+
+def test_an_interrupted_step_keeps_its_rows_and_a_rerun_replaces_them(tmp_path, monkeypatch):
     calls = []
-    real = gpu_check.measure
 
     def measure_then_stop(*args):
         if len(calls) == 3:   # as the device call's time limit would (timeout --signal=INT)
             raise KeyboardInterrupt
         calls.append(1)
-        return real(*args)
+        return _fake_measure(0)(*args)
     monkeypatch.setattr(gpu_check, "measure", measure_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        gpu_check.main(["--smoke", "--parts", "spot,kernels", "--out", str(tmp_path)])
+        gpu_check.main(["--smoke", "--steps", "spot,timings", "--out", str(tmp_path)])
     (path,) = tmp_path.glob("*-smoke.json")
     result = json.loads(path.read_text())
-    assert result["unfinished"] == ["kernels"] and set(result["dates"]) == {"spot"}
-    assert len(result["timings"]) == 3 and all(math.isfinite(r["fwd_ms"]) for r in result["timings"])
-    monkeypatch.setattr(gpu_check, "measure", real)
-    assert gpu_check.main(["--smoke", "--parts", "kernels", "--out", str(tmp_path)]) == 0
+    assert result["unfinished"] == ["timings"] and set(result["dates"]) == {"spot"}
+    assert result["steps"]["timings"]["status"] == "interrupted" and len(result["timings"]) == 3
+    monkeypatch.setattr(gpu_check, "measure", _fake_measure(0, fwd_ms=2.0))
+    assert gpu_check.main(["--smoke", "--steps", "timings", "--out", str(tmp_path)]) == 0
     result = json.loads(path.read_text())
     assert "unfinished" not in result and len(result["timings"]) > 3
+    assert all(r["fwd_ms"] == 2.0 for r in result["timings"])          # the interrupted run's rows replaced
 
 
-def test_device_script_runs_parts_and_returns_the_json(tmp_path):
-    out, results = tmp_path / "out", tmp_path / "results"
-    out.mkdir()
-    env = {**os.environ, "SKIP_INSTALL": "1", "GPU_CHECK_ARGS": "--smoke", "RESULTS": str(results), "OUT": str(out),
-           "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh"), "spot"], capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (path,) = out.glob("*.json")
-    assert "spot_check_rel_err" in json.loads(path.read_text())
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "device_run.sh")], capture_output=True, text=True, env=env)
-    assert proc.returncode != 0 and "which parts" in proc.stderr
+def _run(tmp_path, seconds=60.0):
+    return runner.Run({}, tmp_path / "r.json", tmp_path / "r.jsonl", deadline=time.monotonic() + seconds)
 
 
-def test_sweep_shapes_are_the_issue_grid():
+def test_run_step_stops_an_overrunning_step_and_records_a_failing_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "GRACE_S", 0.2)
+    run = _run(tmp_path)
+    t = time.monotonic()
+    record = runner.run_step(run, "slow", 1.5, lambda r: time.sleep(20))   # SIGALRM at 1.5 + 0.2 s
+    assert record["status"].startswith("out of time") and time.monotonic() - t < 5
+    record = runner.run_step(run, "broken", 5, lambda r: 1 / 0)
+    assert record["status"] == "error: ZeroDivisionError: division by zero"
+    assert run.result["unfinished"] == ["slow", "broken"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["steps"]["broken"]["status"].startswith("error") and "slow" in saved["unfinished"]
+    late = tmp_path / "late"
+    late.mkdir()
+    assert runner.run_step(_run(late, seconds=0.5), "late", 30, lambda r: None)["status"] == "skipped: no time left"
+
+
+def test_capped_child_is_killed_with_its_children(tmp_path):
+    pidfile = tmp_path / "pid"
+    t = time.monotonic()
+    status = runner.Capped(["bash", "-c", f"sleep 30 & echo $! > {pidfile}; wait"], 1.0, subprocess.DEVNULL).wait()
+    assert status["timed_out"] and status["returncode"] is None and time.monotonic() - t < 10
+    grandchild = int(pidfile.read_text())
+    for _ in range(50):      # killed with its group; gone once reaped
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the child's own child outlived the time limit")
+    assert runner.Capped(["true"], 5.0, subprocess.DEVNULL).wait() == {"returncode": 0, "timed_out": False,
+                                                                         "seconds": pytest.approx(0, abs=2)}
+
+
+def test_test_outcomes_reads_xdist_and_plain_pytest_output():
+    text = ("[gw1] [ 10%] PASSED tests/test_a.py::test_x[bfloat16-64]\n"
+            "[gw0] [ 20%] FAILED tests/test_a.py::test_x[bfloat16-128]\n"
+            "tests/test_b.py::test_y[bfloat16] PASSED [ 30%]\n"
+            "tests/test_b.py::test_z[bfloat16] SKIPPED (needs a CUDA device) [ 40%]\n"
+            "========== 1 failed, 2 passed, 1 skipped in 12.3s ==========\n")
+    out = gpu_check.test_outcomes(text)
+    assert out["counts"] == {"FAILED": 1, "PASSED": 2, "SKIPPED": 1}
+    assert out["failed"] == ["tests/test_a.py::test_x[bfloat16-128]"]
+    assert out["summary"] == "1 failed, 2 passed, 1 skipped in 12.3s"
+    assert gpu_check.test_outcomes("")["counts"] == {} and gpu_check.exit_status({"gpu_tests": out}) == 1
+
+
+# --- the plan and the warm-up -------------------------------------------------------------------------------
+def _plan_rows(text):
+    """{step: (budget, kernels, compiled here)} from the plan's table."""
+    rows = {}
+    for line in text.splitlines():
+        t = line.split()
+        if t and t[0] in gpu_check.STEPS:
+            rows[t[0]] = ("rest", int(t[2]), int(t[3])) if t[1] == "rest" else (float(t[1]), int(t[3]), int(t[4]))
+    return rows
+
+
+def test_plan_prints_each_steps_compiles_and_budget_and_runs_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", DEVICE_RUN, "--plan"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OUT": str(out), "LIMIT_S": "500"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not out.exists()                       # nothing ran, nothing was written
+    rows = _plan_rows(proc.stdout)
+    assert list(rows) == list(gpu_check.STEPS)
+    assert [r[0] for r in rows.values()] == [b if b is not None else "rest" for b, _, _ in gpu_check.STEPS.values()]
+    # timings: 3 kinds of shape (D=128 causal, D=128 full, D=64 causal) x (3 forward kernels + 4 dK/dV + 2 dQ)
+    # + the delta kernel for (D=128, H=16) and (D=64, H=32); profile and memory: forward, delta, 2 dK/dV, 1 dQ;
+    # spot: forward, delta, 3 dK/dV (one per rule), 2 dQ (cp has none)
+    assert {s: rows[s][1] for s in ("spot", "timings", "profile", "memory")} == \
+        {"spot": 7, "timings": 29, "profile": 5, "memory": 5}
+    assert all(r[2] == 0 for s, r in rows.items() if s != "tests")      # all compiled by the warm-up
+    assert rows["tests"][1] == rows["tests"][2] == len(gpu_check.warm_items(_device_check())[1])
+    n_tests = int(proc.stdout.split(" bf16 test cases")[0].split()[-1])
+    assert n_tests >= 40
+    assert f"within --limit-s {500 - 40} s" in proc.stdout
+
+
+def test_warm_runs_have_the_specialisation_of_the_timed_runs():
+    check = _device_check()
+    items, warmed = gpu_check.warm_items(check)
+    for step in gpu_check.WARMED_STEPS:              # every kernel a later step runs is compiled by the warm-up
+        assert gpu_check.step_kernels(step, check) <= warmed, step
+    timed = [s for step in ("spot", "timings", "memory", "sweep") for _, _, s in gpu_check.step_calls(step, check)]
+    for shape in timed:
+        small = warm_cache.warm_shape(shape, 512)
+        assert small[3] <= 512 and small[3] % 16 == 0 and small[1:3] + small[4:] == shape[1:3] + shape[4:]
+        assert warm_cache.int_classes(small) == warm_cache.int_classes(shape)
+    assert warm_cache.int_classes((1, 16, 16, 500, 128, True)) != warm_cache.int_classes((1, 16, 16, 512, 128, True))
+    assert items[0][2] == gpu_check.spot_shape(False) and items[-1][0] != "e2e"   # spot first, sweep last
+    assert sum(name == "e2e" for name, _, _ in items) == 1
+
+
+def test_shapes_are_the_issue_grid():
     shapes = gpu_check.sweep_shapes(smoke=False)
     mha = [s for s in shapes if s[1] == s[2]]
     assert {s[4] for s in mha} == {64, 128} and {s[5] for s in mha} == {True, False}
@@ -111,6 +298,13 @@ def test_sweep_shapes_are_the_issue_grid():
     assert all(s[0] == max(1, 16384 // s[3]) and s[1] * s[4] == 2048 for s in mha)   # B * N = 16k, at least B = 1
     assert sorted(s[3] for s in shapes if s[1] != s[2]) == [32768, 131072]
     assert all(s[1:3] == (32, 8) for s in shapes if s[1] != s[2])
+    assert gpu_check.timing_shapes(False) == [(1, 16, 16, 16384, 128, True), (4, 16, 16, 4096, 128, True),
+                                              (1, 16, 16, 16384, 128, False), (1, 32, 32, 16384, 64, True),
+                                              (16, 16, 16, 1024, 128, True)]
+    assert set(gpu_check.timing_shapes(False)) <= set(shapes)
+    assert gpu_check.memory_shape(False) == (1, 32, 8, 131072, 128, True)
+    rest = gpu_check.sweep_rest(False, set(gpu_check.timing_shapes(False)))
+    assert len(rest) == len(shapes) - 5 and rest[-1][3] == 131072 and rest[0][4:] == (128, True)
 
 
 # --- the LXT-style baseline ---------------------------------------------------------------------------------
@@ -146,23 +340,45 @@ def test_lxt_style_refuses_a_model_without_llama_parts():
 
 # --- plots and README tables --------------------------------------------------------------------------------
 def test_report_writes_plots_and_tables_from_the_json(smoke_json, tmp_path):
+    path = tmp_path / smoke_json.name          # plots go next to the JSON: keep the device run's folder as it was
+    path.write_text(smoke_json.read_text())
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- table:attention -->\nold\n<!-- /table:attention -->\nmiddle\n"
                       "<!-- table:e2e -->\n<!-- /table:e2e -->\nend\n")
-    written, tables = bench_report.render(smoke_json, readme)
+    written, tables = bench_report.render(path, readme)
     pngs = [Path(p) for p in written if p.endswith(".png")]
     assert len(pngs) == 2 and all(p.read_bytes()[:8] == PNG for p in pngs)
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
-    result = json.loads(smoke_json.read_text())
+    result = json.loads(path.read_text())
     summary = bench_report.attention_summary(result["timings"])
-    assert len(summary) == len({(r["B"], r["H"], r["N"], r["D"], r["causal"]) for r in result["timings"]})
+    assert len(summary) == len({gpu_check.shape_of(r) for r in result["timings"]})
     for s in summary:
-        ours = next(r for r in result["timings"] if r["method"] == "attnlrp_fast[grad]" and r["N"] == s["N"])
-        best = max(r["fwd_tflops"] for r in result["timings"] if r["method"].startswith("sdpa[") and r["N"] == s["N"])
+        same = [r for r in result["timings"] if gpu_check.shape_of(r) == (s["B"], s["H"], s["Hkv"], s["N"], s["D"],
+                                                                          s["causal"])]
+        ours, portable = (next(r for r in same if r["method"] == m) for m in ("attnlrp_fast[grad]",
+                                                                               "attnlrp_fast[grad,fwd=portable]"))
+        best = max(r["fwd_tflops"] for r in same if r["method"].startswith("sdpa["))
         assert s["fwd_vs_sdpa"] == pytest.approx(ours["fwd_tflops"] / best)
-        assert f"{s['fwd_tflops']:.0f} | {best:.0f} | {s['fwd_vs_sdpa']:.2f}x" in tables["attention"]
+        assert s["portable_fwd_tflops"] == portable["fwd_tflops"]
+        assert f"{s['fwd_tflops']:.0f} | - | {portable['fwd_tflops']:.0f} | {best:.0f} | {s['fwd_vs_sdpa']:.2f}x" \
+            in tables["attention"]
+    for row in result["memory"]["rows"]:                   # the memory step's table
+        assert f"| {row['method']} | - | {row['seconds_one_run']:.2f} |" in tables["attention"]   # no peak on CPU
+    for method, prof in result["profile"]["methods"].items():     # the profile step's table, largest first
+        name, k = next(iter(prof["kernels"].items()))
+        assert f"| {method} | `{name[:70]}` | {k['ms']:.3f} | {k['count']} |" in tables["attention"]
+    assert "Steps (seconds / budget, Triton compiles): tests " in tables["attention"]
     assert "attnlrp_fast" in tables["e2e"] and "lxt_style" in tables["e2e"] and "agree" in tables["e2e"]
+
+
+def test_report_summary_prints_the_targets_and_writes_nothing(smoke_json, capsys):
+    before = sorted(smoke_json.parent.iterdir())
+    bench_report.main([str(smoke_json), "--summary"])
+    out = capsys.readouterr().out
+    skipped = json.loads(smoke_json.read_text())["gpu_tests"]["counts"]["SKIPPED"]
+    assert out.startswith("Targets:\n- forward / best SDPA backend") and f"{skipped} skipped" in out
+    assert sorted(smoke_json.parent.iterdir()) == before
 
 
 def _row(method, N, D=128, causal=True, H=16, Hkv=16, **figures):
@@ -186,7 +402,19 @@ def test_report_targets_take_the_worst_shape_and_say_missed():
     assert lines[1].endswith(f"{310 / 200:.2f}x (met; target >= 1.0x)")
     assert lines[2].endswith(f"{4096 / 40 / 200:.2f}x (MISSED; target >= 1.0x)")  # atomic dQ, worst at 4k
     assert lines[3].endswith("1.05x (met; target <= 1.1x)")                       # the failed baseline is skipped
-    assert bench_report.targets_lines({"timings": []})[0].endswith("not measured")
+    assert lines[4].endswith("not measured")
+    assert all(line.endswith("not measured") for line in bench_report.targets_lines({"timings": []}))
+    # the memory step's rows come before the sweep's; the e2e target takes the worst size from 32k up
+    memory_step = {"shape": {"B": 1, "H": 32, "Hkv": 8, "N": 131072, "D": 128, "causal": True}, "rows": [
+        {"method": "attnlrp_fast[attnlrp]", "peak_mib": 1200.0}, {"method": "sdpa[flash_attention]", "peak_mib": 1000.0},
+        {"method": "sdpa[cudnn_attention]", "error": "No available kernel"}]}
+    e2e_rows = [{"method": m, "tokens": n, "seconds": sec} for m, n, sec in (
+        ("attnlrp_fast", 8192, 9.0), ("lxt_style", 8192, 3.0),                  # below 32k: not the target
+        ("attnlrp_fast", 32768, 10.0), ("lxt_style", 32768, 12.0),
+        ("attnlrp_fast", 65536, 30.0), ("lxt_style", 65536, 33.0))]
+    lines = bench_report.targets_lines({"timings": timings, "memory": memory_step, "e2e": {"rows": e2e_rows}})
+    assert lines[3].endswith("1.20x (MISSED; target <= 1.1x)")
+    assert lines[4].endswith(f"{33 / 30:.2f}x (met; target >= 1.0x)")
 
 
 def test_report_without_markers_is_an_error(tmp_path):
