@@ -119,7 +119,7 @@ def attention_cases(dtype, D, masks, autotune, variants, override=None):
 
     def candidates(kind):  # what the autotuner would try (after its pruning), or the launcher's own choice
         if override is not None:
-            return [override.get(kind)]
+            return [override.get(kind, override.get({"dkdv_atomic": "dkdv"}.get(kind)))]
         if not autotune:
             return [None]
         kept = prune_configs(CONFIGS[kind], {}, BLOCK_D=head_dim_block(D))
@@ -135,7 +135,9 @@ def attention_cases(dtype, D, masks, autotune, variants, override=None):
     for rule, mode in itertools.product(RULES, ("separate", "atomic")):
         if rule == "cp" and mode == "atomic":   # cp has no dQ
             continue
-        for dkdv, dq in itertools.product(candidates("dkdv"), candidates("dq")[:1] if autotune or override else [None]):
+        dkdv_kind = "dkdv_atomic" if mode == "atomic" else "dkdv"
+        dqs = candidates("dq")[:1] if autotune or override else [None]
+        for dkdv, dq in itertools.product(candidates(dkdv_kind), dqs):
             config = None if dkdv is None and dq is None else {"dkdv": dkdv, "dq": dq}
             cases.append((f"attention_bwd[{rule},dq={mode}] {label} {config or ''}",
                           partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule, config=config,
@@ -144,7 +146,7 @@ def attention_cases(dtype, D, masks, autotune, variants, override=None):
             for dq in candidates("dq")[1:]:
                 cases.append((f"attention_bwd[{rule},dq={mode}] {label} dq {dq}",
                               partial(attention_bwd, q, q, k, v, o, lse, kpm, scale=0.1, rule=rule,
-                                      config={"dkdv": candidates("dkdv")[0], "dq": dq}, dq_mode=mode, **kw)))
+                                      config={"dkdv": candidates(dkdv_kind)[0], "dq": dq}, dq_mode=mode, **kw)))
     return cases
 
 
@@ -259,26 +261,39 @@ def mma_groups(ptx):
     return groups
 
 
-def mma_per_tile(rec):
-    """What each warpgroup MMA group computes, over every warpgroup that runs it, as a multiple of one tile
-    product BLOCK_M * BLOCK_N * BLOCK_D (every matrix product in the attention kernels has that size: Q K^T and P V
-    in the forward, S^T, dV, dP^T, dK (and dS^T K) in dK/dV, S, dP, dQ in dQ). 1.0 everywhere: no product is
-    computed twice, so one loop iteration does exactly its FLOP minimum (the number of products times the tile).
-    Above 1: warpgroups repeat each other's work (e.g. a 64-row tile on 8 warps). Without warp specialisation all
-    num_warps / 4 warpgroups run each group; warp-specialised, each consumer partition (one warpgroup here) runs
-    its own copy of the loop on its share of the rows, so a group times the number of consumers is one product."""
+def products(rec):
+    """How many matrix products one loop iteration of an attention kernel does: Q K^T and P V in the forward; S^T,
+    dV, dP^T, dK (and dS^T K with atomic dQ; only S^T and dV for cp) in dK/dV; S, dP, dQ in dQ."""
+    if rec.kernel.startswith("attention_fwd"):
+        return 2
+    if rec.kernel == "attention_bwd_dq_kernel":
+        return 3
+    return 2 if rec.constexprs["RULE"] == 2 else 4 + bool(rec.constexprs["DQ_ATOMIC"])
+
+
+def mma_check(rec):
+    """What the warpgroup MMA does per loop iteration, read off the PTX: the number of products it computes (each
+    tl.dot on the warpgroup MMA is one group of wgmma closed by a commit; fewer than products() means some product
+    fell back to the older MMA; a multiple where the kernel has two loops, unmasked and masked blocks) and what each
+    group computes over the warpgroups that run it, as a multiple of one
+    tile product BLOCK_M * BLOCK_N * BLOCK_D (every product in these kernels has that size). All 1.0 and every
+    product there: no product is computed twice, one iteration does exactly its FLOP minimum. Above 1: warpgroups
+    repeat each other's work (a 64-row tile on 8 warps). Without warp specialisation all num_warps / 4 warpgroups
+    run each group; warp-specialised, each consumer partition runs its own copy of the loop on its share of the
+    rows, so a group times the number of consumer warpgroups is one product."""
     c = rec.constexprs
     tile = c["BLOCK_M"] * c["BLOCK_N"] * c["BLOCK_D"]
     ttgir = rec.binary.asm["ttgir"]
+    copies = 1
     if "ttg.warp_specialize" in ttgir:
-        # partitions that do matrix products, each with its own warps: (num_warps / 4) warpgroups times the
-        # number of such partitions run one product between them
         parts = [p for p in re.split(r"\n\s*partition\d+\(", ttgir)[1:] if "warp_group_dot" in p]
         warps = [int(re.search(r"\) num_warps\((\d+)\) \{", p).group(1)) for p in parts]
-        warpgroups = len(parts) * max(warps) // 4
+        copies, warpgroups = len(parts), len(parts) * max(warps) // 4
     else:
         warpgroups = rec.binary.metadata.num_warps // 4
-    return sorted({round(g * warpgroups / tile, 3) for g in mma_groups(rec.binary.asm["ptx"])})
+    groups = mma_groups(rec.binary.asm["ptx"])
+    return {"mma_per_tile": sorted({round(g * warpgroups / tile, 3) for g in groups}),
+            "mma_products": f"{len(groups) // copies}/{products(rec)}"}
 
 
 # ---- the check ----------------------------------------------------------------------------------------------------
@@ -321,12 +336,12 @@ def describe(rec):
     info = dict(cubin_resources(rec.binary), shared=rec.binary.metadata.shared, warps=rec.binary.metadata.num_warps,
                 pipeline=pipeline_depth(rec.binary), **specialisation(rec.binary))
     if rec.kernel.startswith(("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")) and info["mma"] == "HGMMA":
-        info["mma_per_tile"] = mma_per_tile(rec)
+        info.update(mma_check(rec))
     flags = " ".join(f"{k}={rec.constexprs[k]}" for k in REPORTED if k in rec.constexprs)
     conf = " ".join(f"{k}={v}" for k, v in rec.options.items())
     ratio = ""
     if "mma_per_tile" in info:
-        ratio = "  mma/tile " + ",".join(f"{w:g}" for w in info["mma_per_tile"])
+        ratio = (f"  products {info['mma_products']}  per tile " + ",".join(f"{w:g}" for w in info["mma_per_tile"]))
     line = (f"{rec.kernel:<28} {flags:<84} {conf:<24} regs {info['registers']:>3}  stack {info['stack']:>4} B  "
             f"shared {info['shared']:>6} B  warps {info['warps']:>2}  pipeline {info['pipeline']}  {info['mma']}{ratio}")
     return line, info

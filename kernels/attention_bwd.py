@@ -245,7 +245,9 @@ def attention_bwd_dq_kernel(
 DQ_MODES = ("separate", "atomic")
 
 TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE", "GROUP", "N_BUCKET"]
-_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, "dkdv", key=TUNE_KEY + ["DQ_ATOMIC"], reset_to_zero=["DQ_ACC"])
+_tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, "dkdv", key=TUNE_KEY + ["DQ_ATOMIC"])
+_tuned_dkdv_atomic = autotuned(attention_bwd_dkdv_kernel, "dkdv_atomic", key=TUNE_KEY + ["DQ_ATOMIC"],
+                               reset_to_zero=["DQ_ACC"])
 _tuned_dq = autotuned(attention_bwd_dq_kernel, "dq", key=TUNE_KEY)
 
 # Per rule: factor on (dQ, dK) on top of the scale, and on dV.
@@ -334,8 +336,8 @@ def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
         *common, float(scale) * qk_factor, dv_factor, bucket,
     )
-    launch(attention_bwd_dkdv_kernel, _tuned_dkdv, "dkdv", M, "BLOCK_N", Hkv, B, dkdv_args,
-           dict(flags, DQ_ATOMIC=atomic), config, q.element_size())
+    launch(attention_bwd_dkdv_kernel, _tuned_dkdv_atomic if atomic else _tuned_dkdv, "dkdv_atomic" if atomic else "dkdv",
+           M, "BLOCK_N", Hkv, B, dkdv_args, dict(flags, DQ_ATOMIC=atomic), config, q.element_size())
     if not atomic and rule_id != RULE_CP:
         dq_args = (
             q, k, v, do, lse, delta, kpm_arg, dq,

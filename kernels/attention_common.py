@@ -273,6 +273,8 @@ FWD_CONFIGS = _configs([(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (64,
 # dK/dV programs own BLOCK_N keys and loop over BLOCK_M queries; dQ programs the other way round. The wide side
 # is the one each program owns, so that two warpgroups (8 warps) split its rows and no MMA is issued twice.
 DKDV_CONFIGS = _configs([(32, 128, 8, 2), (64, 128, 8, 1), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 2)])
+# dK/dV adding dQ by atomics: dS^T K is a product with BLOCK_M rows, and only 64+ rows run on the warpgroup MMA.
+DKDV_ATOMIC_CONFIGS = _configs([(64, 128, 8, 2), (64, 128, 8, 1), (64, 64, 4, 2), (64, 64, 8, 2)])
 DQ_CONFIGS = _configs([(128, 64, 8, 2), (128, 64, 8, 1), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)])
 
 
@@ -290,7 +292,9 @@ FWD_WS_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num
                                 pre_hook=set_descriptor_blocks) for bm, bn, st in [(128, 128, 2), (128, 64, 3),
                                                                                    (128, 128, 3), (128, 64, 2)]]
 CONFIGS = {"fwd": FWD_CONFIGS, "fwd_tma": FWD_TMA_CONFIGS, "fwd_ws": FWD_WS_CONFIGS, "dkdv": DKDV_CONFIGS,
-           "dq": DQ_CONFIGS}
+           "dkdv_atomic": DKDV_ATOMIC_CONFIGS, "dq": DQ_CONFIGS}
+# A caller's per-kernel configuration may name the general kind for its variants.
+CONFIG_FALLBACK = {"dkdv_atomic": "dkdv", "fwd_tma": "fwd", "fwd_ws": "fwd"}
 KERNEL_KINDS = tuple(CONFIGS)
 
 # The interpreter has no driver to autotune with: one config, small enough to stay fast on CPU.
@@ -309,18 +313,25 @@ def gpu_config(kind: str, block_d: int, itemsize: int) -> dict:
     Chosen from what Triton 3.6 makes of each for sm_90 (bench/compile_check.py --resources, bench/NOTES.md):
     every warpgroup computes its own rows of every product (no MMA issued twice) and, where possible, nothing
     spills. Half precision, head dim 65..128: the forward takes 128 x 128 blocks on 8 warps; dK/dV programs own
-    128 keys and stream 32 queries (64 spills at D = 128), dQ programs own 128 queries and stream 64 keys."""
+    128 keys and stream 32 queries (64 spills at D = 128), or 64 with atomic dQ (dS^T K needs 64 rows for the
+    warpgroup MMA; 168 bytes spill), dQ programs own 128 queries and stream 64 keys. Head dims over 128 (256):
+    128-row forward and dQ tiles; dK/dV on 32 x 64 still has the two warpgroups repeat part of the S^T and dP^T
+    products (8 warps on 64 rows), the lesser cost next to 4 warps, which spill 1.7 KB."""
     half = itemsize < 4 and block_d <= 128
     if kind == "fwd_ws":   # 4 warps per consumer warpgroup, two consumers: 128 rows at every head dim
         return {"BLOCK_M": 128, "BLOCK_N": 128 if block_d <= 128 else 64, "num_warps": 4, "num_stages": 2}
     if block_d > 128:      # 128 query rows on 8 warps (one 64-row half per warpgroup), narrow key blocks
-        table = {"fwd": (128, 32, 8, 2), "fwd_tma": (128, 32, 8, 2), "dkdv": (32, 64, 8, 1), "dq": (128, 32, 8, 1)}
+        table = {"fwd": (128, 32, 8, 2), "fwd_tma": (128, 32, 8, 2), "dkdv": (32, 64, 8, 1),
+                 "dkdv_atomic": (32, 64, 8, 1), "dq": (128, 32, 8, 1)}
     elif not half:         # fp32 (tests, CPU-sized problems): small tiles
-        table = {"fwd": (64, 32, 4, 2), "fwd_tma": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
+        table = {"fwd": (64, 32, 4, 2), "fwd_tma": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1),
+                 "dkdv_atomic": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
     elif block_d <= 64:
-        table = {"fwd": (128, 64, 4, 3), "fwd_tma": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
+        table = {"fwd": (128, 64, 4, 3), "fwd_tma": (128, 64, 4, 3), "dkdv": (64, 64, 4, 2),
+                 "dkdv_atomic": (64, 64, 4, 2), "dq": (64, 64, 4, 2)}
     else:                  # 65..128: the wide side of each kernel is 128 rows, split by its two warpgroups
-        table = {"fwd": (128, 128, 8, 2), "fwd_tma": (128, 128, 8, 2), "dkdv": (32, 128, 8, 2), "dq": (128, 64, 8, 2)}
+        table = {"fwd": (128, 128, 8, 2), "fwd_tma": (128, 128, 8, 2), "dkdv": (32, 128, 8, 2),
+                 "dkdv_atomic": (64, 128, 8, 2), "dq": (128, 64, 8, 2)}
     bm, bn, warps, stages = table[kind]
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
@@ -334,7 +345,7 @@ def kernel_config(config, kind: str):
         unknown = set(config) - set(KERNEL_KINDS)
         if unknown:
             raise ValueError(f"config keys must be kernel kinds {KERNEL_KINDS}, got {sorted(unknown)}")
-        return config.get(kind)
+        return config.get(kind, config.get(CONFIG_FALLBACK.get(kind)))
     return config
 
 

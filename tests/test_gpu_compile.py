@@ -55,13 +55,16 @@ def test_the_checked_binary_is_the_jits(quick):
 
 
 def test_no_matrix_product_is_computed_twice(quick):
-    """Every warpgroup MMA group, over the warpgroups that run it, computes exactly one tile product: an iteration
-    of each attention loop issues its FLOP minimum (half precision, head dims up to 128: the model shapes)."""
+    """Every product of every attention loop runs on Hopper's warpgroup MMA, and each wgmma group, over the
+    warpgroups that run it, computes exactly one tile product: an iteration issues its FLOP minimum (half
+    precision, head dims up to 128: the model shapes)."""
     checked = 0
     for v in quick["variants"]:
         if v["kernel"].startswith("attention") and v["kernel"] != "attention_bwd_delta_kernel" \
                 and v["constexprs"]["HEAD_DIM"] <= 128 and v["mma"] == "HGMMA":
             assert v["mma_per_tile"] == [1.0], (v["label"], v["kernel"], v["mma_per_tile"])
+            found, expected = map(int, v["mma_products"].split("/"))   # a multiple with two loops (unmasked, masked)
+            assert found and found % expected == 0, (v["label"], v["kernel"], v["mma_products"])
             checked += 1
     assert checked >= 12   # forwards, dK/dV (each rule, each dQ mode) and dQ at D = 128
 
