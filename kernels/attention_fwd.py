@@ -47,6 +47,32 @@ from .attention_common import (
 
 
 @triton.jit
+def online_softmax(s, m_i, l_i):
+    """One key block of the online softmax (base 2): the block's probabilities against the new running max, the
+    factor that rescales what was accumulated, the new max and the new row sums. A row with nothing visible yet
+    keeps m = -inf; it is shifted by 0 there so that no inf - inf appears."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def hide_keys(s, masked, qpos, offs_n, window, kpm_base, M, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              HAS_KPM: tl.constexpr):
+    """Logits s (rows: queries at qpos; columns: keys offs_n) with the keys a row may not see at -inf: every
+    visibility rule where `masked` (a block the mask split could not clear), else key padding only."""
+    if masked:
+        keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], IS_CAUSAL,
+                       HAS_WINDOW)
+        s = tl.where(keep, s, float("-inf"))
+    elif HAS_KPM:
+        s = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, lo, hi, masked_from,
                stride_kn, stride_kd, stride_vn, stride_vd,
                M, shift, window, scale, softcap,
@@ -61,18 +87,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, lo, hi, maske
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_rows(k_base, start_n, M, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
         s, _u, _t = base2_logits(tl.dot(q, kt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
-        if start_n >= masked_from:
-            keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
-                           IS_CAUSAL, HAS_WINDOW)
-            s = tl.where(keep, s, float("-inf"))
-        elif HAS_KPM:
-            s = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing visible yet keeps m = -inf; shift by 0 there so no inf - inf appears.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = hide_keys(s, start_n >= masked_from, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         v = load_rows(v_base, start_n, M, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -159,17 +175,8 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kpm_base, b, hk, offs_m, lo
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         s, _u, _t = base2_logits(tl.dot(q, k.T), scale, softcap, HAS_SOFTCAP)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
-                           IS_CAUSAL, HAS_WINDOW)
-            s = tl.where(keep, s, float("-inf"))
-        elif HAS_KPM:
-            s = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        s = hide_keys(s, MASKED, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM)
+        p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
