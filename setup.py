@@ -9,7 +9,8 @@ setup(
     python_requires=">=3.10",
     # One import namespace: kernels/ and python_bindings/ live at the top of the repository but are
     # installed as attnlrp_fast.kernels and attnlrp_fast.bindings (never as a top-level `kernels`).
-    packages=["attnlrp_fast", "attnlrp_fast.models", "attnlrp_fast.kernels", "attnlrp_fast.bindings"],
+    packages=["attnlrp_fast", "attnlrp_fast.app", "attnlrp_fast.evaluation", "attnlrp_fast.models",
+              "attnlrp_fast.kernels", "attnlrp_fast.bindings"],
     package_dir={
         "attnlrp_fast": "attnlrp_fast",
         "attnlrp_fast.kernels": "kernels",
@@ -24,5 +25,5 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
         "bench": ["pytest-benchmark>=4"],
     },
-    entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.cli:main"]},
+    entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.app.cli:main"]},
 )

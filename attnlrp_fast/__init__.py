@@ -1,11 +1,18 @@
-"""attnlrp-fast: AttnLRP explanations of transformers with fused Triton flash-attention kernels."""
+"""attnlrp-fast: AttnLRP explanations of transformers with fused Triton flash-attention kernels.
 
-from .attention import RULES, attention
+The core: attention (bindings/attention.py), lrp (lrp_patch.py), explain (explanation.py), low_memory (memory.py),
+the model maps (models/), the rules index (rules.py) and the float64 oracles (reference.py). The long-document
+application lives in attnlrp_fast.app, the evaluation in attnlrp_fast.evaluation.
+"""
+
+from .bindings.attention import attention
 from .bindings.hf import register as _register_with_transformers
-from .explain import Contrast, Explanation, contrast, explain
-from .lrp import LRPHandle, lrp
+from .explanation import Explanation, explain
+from .kernels.rules import RULES
+from .lrp_patch import LRPHandle, lrp
 from .memory import LowMemoryHandle, low_memory
 from .models import UnsupportedModelError
+from .targets import Contrast, contrast
 
 __version__ = "0.1.0"
 

@@ -23,6 +23,8 @@ import contextlib
 import torch
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from attnlrp_fast.patching import Patches
+
 # Attribute names under which HF layers keep their position-wise MLP (or mixture of experts).
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
 
@@ -59,25 +61,21 @@ class LowMemoryHandle:
         if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 0):
             raise ValueError(f"mlp_chunk must be a positive number of tokens, 0 or None (no chunking), got {mlp_chunk!r}")
         self.model, self.checkpoint, self.mlp_chunk, self.progress = model, bool(checkpoint), mlp_chunk or 0, progress
-        self._saved = []
+        self._patches = Patches()
         self.layers = transformer_layers(model)
         self.mlps = []
         try:
             for _, layer in self.layers:
-                self._patch(layer, self._layer_forward(layer.forward))
+                self._patches.set(layer, "forward", self._layer_forward(layer.forward))
                 if self.mlp_chunk:
                     for attr in MLP_NAMES:
                         mlp = getattr(layer, attr, None)
                         if isinstance(mlp, torch.nn.Module):
-                            self._patch(mlp, self._chunked_forward(mlp.forward))
+                            self._patches.set(mlp, "forward", self._chunked_forward(mlp.forward))
                             self.mlps.append(mlp)
         except BaseException:
             self.remove()
             raise
-
-    def _patch(self, module, forward):
-        self._saved.append((module, module.__dict__.get("forward")))
-        module.forward = forward
 
     def _layer_forward(self, inner):
         def forward(*args, **kwargs):
@@ -114,12 +112,7 @@ class LowMemoryHandle:
         return forward
 
     def remove(self):
-        for module, previous in reversed(self._saved):
-            if previous is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-        self._saved = []
+        self._patches.restore()
 
     def __enter__(self):
         return self

@@ -18,7 +18,6 @@ pipelining depth, and the warpgroup MMA work per loop iteration against the FLOP
 
 import argparse
 import contextlib
-import importlib
 import itertools
 import json
 import os
@@ -74,7 +73,7 @@ class Compiled:
 def jit_compiling(arch):
     """Within: every launch compiles through JITFunction.run (warm-up mode, the JIT's own specialisation and cache)
     for sm_{arch} and is recorded instead of run; the descriptor forward believes it runs on a Hopper GPU."""
-    fwd = importlib.import_module("attnlrp_fast.kernels.attention_fwd")
+    from attnlrp_fast.kernels import attention_fwd as fwd
     records, real_run, real_device_check = [], JITFunction.run, fwd.descriptor_device_unsupported
     previous = getattr(driver, "_active", None)   # None until a driver was first asked for
 
@@ -105,7 +104,7 @@ def hf_layout(B, heads, N, D, dtype):
 def attention_cases(dtype, D, masks, autotune, variants, override=None):
     """(label, call) pairs for one dtype, head dim and mask set ("plain", "causal", "all": causal + window + softcap
     + key padding): the forward in each variant, the backward in each rule and dQ mode."""
-    from attnlrp_fast.kernels import attention_bwd
+    from attnlrp_fast.kernels.attention_bwd import attention_bwd
     from attnlrp_fast.kernels.attention_common import CONFIGS, head_dim_block, prune_configs
     from attnlrp_fast.kernels.attention_fwd import attention_fwd
 

@@ -23,14 +23,15 @@ import contextlib
 import gc
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lxt_style  # noqa: E402
+if __package__:   # imported as bench.<module> (the tests)
+    from . import lxt_style
+else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
+    import lxt_style
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -47,10 +47,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import e2e  # noqa: E402
-import runner  # noqa: E402
-from lxt_style import ScaleGrad as _ScaleGrad  # noqa: E402
+if __package__:   # imported as bench.<module> (the tests)
+    from . import e2e, runner
+    from .lxt_style import ScaleGrad as _ScaleGrad
+else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
+    import e2e
+    import runner
+    from lxt_style import ScaleGrad as _ScaleGrad
 
 RULES = ("grad", "attnlrp", "cp")
 PROFILE_METHODS = ("attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]")
@@ -285,33 +288,15 @@ def make_inputs(shape, device, dtype):
     return [torch.randn(B, h, N, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv)]
 
 
-def _rel_err(a, ref):
-    """||a - ref|| / ||ref||, None where the reference is missing or zero (cp's dQ, dK)."""
-    if ref is None or ref.norm() == 0:
-        return None
-    return ((a.detach().double() - ref.detach()).norm() / ref.detach().norm()).item()
-
-
 def spot_check(cuda, device, shape=None):
-    """bf16 (fp32 on CPU) output and gradients of each rule against float64: relative errors."""
-    import attnlrp_fast as af
-    from attnlrp_fast.reference import attention_dense
+    """bf16 (fp32 on CPU) output and gradients of each rule against float64: relative errors (selfcheck)."""
+    from attnlrp_fast.selfcheck import attention_errors
 
     B, H, Hkv, N, D, causal = shape or spot_shape(not cuda)
     dtype = torch.bfloat16 if cuda else torch.float32
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(B, h, N, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv, H))
-    out = {}
-    for rule in RULES:
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        o = af.attention(*leaves, causal=causal, rule=rule)
-        o.backward(do)
-        ref_leaves = [x.double().requires_grad_() for x in (q, k, v)]
-        ref = attention_dense(*ref_leaves, causal=causal, rule=rule)
-        ref.backward(do.double())
-        got, want = [o] + [x.grad for x in leaves], [ref] + [x.grad for x in ref_leaves]
-        out[rule] = {n: _rel_err(a, r) for n, a, r in zip(("o", "dq", "dk", "dv"), got, want)}
-    return out
+    return {rule: attention_errors(q, k, v, do, causal=causal, rule=rule) for rule in RULES}
 
 
 def kernel_times(prof, cuda, top=20):

@@ -261,7 +261,7 @@ def e2e_table(result):
 
 
 def faithfulness_table(result):
-    from attnlrp_fast import faithfulness
+    from attnlrp_fast.evaluation import faithfulness
 
     lines = [f"Measured {result.get('date', '?')} on {result.get('device', '?')} (torch "
              f"{result.get('versions', {}).get('torch', '?')}); {result['settings']['steps']} perturbation steps, "
@@ -388,7 +388,7 @@ def render(json_path, readme=None):
     stem = json_path.with_suffix("")
     written, tables = [], {}
     if "tasks" in result:                # attnlrp-fast evaluate
-        from attnlrp_fast import faithfulness
+        from attnlrp_fast.evaluation import faithfulness
 
         written.append(faithfulness.plot_curves(result, f"{stem}.png"))
         tables["faithfulness"] = faithfulness_table(result)

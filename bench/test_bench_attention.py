@@ -9,16 +9,16 @@ On CUDA the shapes are bf16, B*N = 16k tokens, H = 2048 / D; on CPU they are tin
 comparison with TFLOP/s and peak memory into one JSON.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e  # noqa: E402
-import gpu_check  # noqa: E402
-import lxt_style  # noqa: E402
+if __package__:   # imported as bench.<module> (the tests)
+    from . import e2e, gpu_check, lxt_style
+else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
+    import e2e
+    import gpu_check
+    import lxt_style
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

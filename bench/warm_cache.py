@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import e2e  # noqa: E402
-import gpu_check  # noqa: E402
+if __package__:   # imported as bench.<module> (the tests)
+    from . import e2e, gpu_check
+else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
+    import e2e
+    import gpu_check
 
 
 def warm_shape(shape, n):

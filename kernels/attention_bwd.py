@@ -31,9 +31,6 @@ import triton.language as tl
 from .attention_common import (
     CP_RULE,
     LOG2E,
-    RULE_ATTNLRP,
-    RULE_CP,
-    RULE_IDS,
     autotuned,
     base2_logits,
     batch_slices,
@@ -54,6 +51,7 @@ from .attention_common import (
     store_rows,
     visible,
 )
+from .rules import ATTENTION_FACTORS, RULE_IDS
 
 
 @triton.jit
@@ -250,8 +248,6 @@ _tuned_dkdv_atomic = autotuned(attention_bwd_dkdv_kernel, "dkdv_atomic", key=TUN
                                reset_to_zero=["DQ_ACC"])
 _tuned_dq = autotuned(attention_bwd_dq_kernel, "dq", key=TUNE_KEY)
 
-# Per rule: factor on (dQ, dK) on top of the scale, and on dV.
-RULE_FACTORS = {0: (1.0, 1.0), RULE_ATTNLRP: (0.25, 0.5), RULE_CP: (0.0, 1.0)}
 
 
 def dq_mode_default():
@@ -273,15 +269,17 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     varies from run to run). None: dq_mode_default().
     config: None, one {"BLOCK_M", "BLOCK_N", "num_warps"?, "num_stages"?} for both kernels, or one per kernel
     under the keys "dkdv" and "dq"."""
-    rule_id = RULE_IDS[rule]
+    if rule not in RULE_IDS:
+        raise ValueError(f"rule must be one of {tuple(RULE_IDS)}, got {rule!r}")
+    cp = rule == "cp"
     dq_mode = dq_mode or dq_mode_default()
     if dq_mode not in DQ_MODES:
         raise ValueError(f"dq_mode must be one of {', '.join(DQ_MODES)}, got {dq_mode!r}")
-    atomic = dq_mode == "atomic" and rule_id != RULE_CP
+    atomic = dq_mode == "atomic" and not cp
     B, H, N, D = q.shape
     M = k.shape[2]
     # The kernels write every element of dK, dV and (unless cp, or with no keys) dQ: no zero fill there.
-    no_dq = rule_id == RULE_CP or M == 0
+    no_dq = cp or M == 0
     dq = (torch.zeros_like if no_dq else torch.empty_like)(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -297,9 +295,9 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
             acc = dq_acc[part] if atomic else dq_acc
             _launch_bwd(do[part], q[part], k[part], v[part], lse[part], delta[part],
                         None if kpm is None else kpm[part], dq[part], dk[part], dv[part], acc,
-                        causal, scale, window, softcap, rule_id, config, atomic)
+                        causal, scale, window, softcap, rule, config, atomic)
         if atomic:
-            dq.copy_(dq_acc.mul_(float(scale) * RULE_FACTORS[rule_id][0]))
+            dq.copy_(dq_acc.mul_(float(scale) * ATTENTION_FACTORS[rule][0]))
     return dq, dk, dv
 
 
@@ -317,15 +315,15 @@ def _delta(o, do):
     return delta
 
 
-def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale, window, softcap, rule_id, config,
+def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale, window, softcap, rule, config,
                 atomic):
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
-    qk_factor, dv_factor = RULE_FACTORS[rule_id]
+    qk_factor, dv_factor = ATTENTION_FACTORS[rule]
     common = (H, H // Hkv, N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0))
     flags = dict(
         HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, RULE=rule_id,
+        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, RULE=RULE_IDS[rule],
         DOT_PRECISION=dot_precision(q.dtype),
     )
     kpm_arg = kpm if kpm is not None else q
@@ -338,7 +336,7 @@ def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale,
     )
     launch(attention_bwd_dkdv_kernel, _tuned_dkdv_atomic if atomic else _tuned_dkdv, "dkdv_atomic" if atomic else "dkdv",
            M, "BLOCK_N", Hkv, B, dkdv_args, dict(flags, DQ_ATOMIC=atomic), config, q.element_size())
-    if not atomic and rule_id != RULE_CP:
+    if not atomic and rule != "cp":
         dq_args = (
             q, k, v, do, lse, delta, kpm_arg, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride,

@@ -15,18 +15,16 @@ import os
 import triton
 import triton.language as tl
 
+from .rules import RULE_IDS
+
 # Globals a @triton.jit function reads must be tl.constexpr (the interpreter accepts plain floats, the
 # compiler does not).
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
-# Backward rules, passed to the kernels as a constexpr: ids on the Python side, and as constexpr globals.
-RULE_GRAD = 0
-RULE_ATTNLRP = 1
-RULE_CP = 2
-RULE_IDS = {"grad": RULE_GRAD, "attnlrp": RULE_ATTNLRP, "cp": RULE_CP}
-ATTNLRP_RULE = tl.constexpr(RULE_ATTNLRP)
-CP_RULE = tl.constexpr(RULE_CP)
+# Backward rules (kernels/rules.py), passed to the kernels as a constexpr id; the ids as constexpr globals.
+ATTNLRP_RULE = tl.constexpr(RULE_IDS["attnlrp"])
+CP_RULE = tl.constexpr(RULE_IDS["cp"])
 
 
 def interpreting() -> bool:

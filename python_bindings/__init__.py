@@ -1,12 +1,18 @@
-"""The torch face of the kernels (installed as attnlrp_fast.bindings): custom ops, autograd, dispatch."""
+"""The torch face of the kernels (installed as attnlrp_fast.bindings): custom ops, autograd, dispatch, the CPU path.
 
-from .attention import BACKENDS, attention_bwd_op, attention_fwd_op, uses_triton
+  attention.py   attention custom ops and the public attention() function (attention.attention)
+  norm.py, glu.py  RMSNorm / LayerNorm, GLU products and activations as custom ops (rms_norm, layer_norm,
+                 glu_product, activation_op: the public functions)
+  torch_path.py  the CPU path of every op        dispatch.py  which implementation, device and dtype run
+  checks.py      the argument checks             hf.py        registration with transformers
+Nothing here imports from attnlrp_fast above it (tests/test_layers.py walks the imports). The package re-exports
+only names that differ from its modules' names, so every module stays reachable as itself.
+"""
 
-__all__ = ["BACKENDS", "attention_fwd_op", "attention_bwd_op", "uses_triton"]
+from .attention import attention_bwd_op, attention_fwd_op
+from .dispatch import BACKENDS, triton_runs_on, uses_triton
+from .glu import ACTIVATIONS, GLU_ACTIVATIONS, activation, glu_product
+from .norm import layer_norm, rms_norm
 
-# The attribute `glu` of this package is the function, not the module: `from attnlrp_fast.bindings.glu import
-# glu_fwd_op` reaches the module (as does importlib.import_module), `import attnlrp_fast.bindings.glu as m` does not.
-from .glu import ACTIVATIONS, GLU_ACTIVATIONS, activation, glu  # noqa: E402
-from .norm import layer_norm, rms_norm  # noqa: E402
-
-__all__ += ["rms_norm", "layer_norm", "glu", "activation", "ACTIVATIONS", "GLU_ACTIVATIONS"]
+__all__ = ["attention_fwd_op", "attention_bwd_op", "BACKENDS", "uses_triton", "triton_runs_on",
+           "rms_norm", "layer_norm", "glu_product", "activation", "ACTIVATIONS", "GLU_ACTIVATIONS"]

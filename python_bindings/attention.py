@@ -8,43 +8,20 @@
 for every rule; the rule only picks the backward. Both ops have fake implementations, so torch.compile
 traces through them without graph breaks.
 
-Dispatch ("auto"): CUDA tensors -> Triton kernels; CPU tensors -> the chunked torch path, or the
-Triton kernels in the interpreter when TRITON_INTERPRET=1 was set before import. float64 always takes
-the torch path (Triton has no float64 tensor-core dot). "triton" / "torch" force one side.
+Dispatch: dispatch.py (CUDA -> Triton, CPU -> the chunked torch path of torch_path.py or Triton's interpreter,
+float64 -> torch). attention() below is the public function (attnlrp_fast.attention re-exports it).
 """
 
+import math
 from typing import Optional
 
 import torch
 
-from attnlrp_fast import reference
-from attnlrp_fast.kernels import attention_bwd as triton_bwd
-from attnlrp_fast.kernels import attention_fwd as triton_fwd
-from attnlrp_fast.kernels import interpreting
-
-BACKENDS = ("auto", "triton", "torch")
-
-
-def triton_runs_on(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors on `device`: CUDA, or any device under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or interpreting()
-
-
-def uses_triton(device: torch.device, dtype: torch.dtype, backend: str) -> bool:
-    """Whether `backend` means the Triton kernels for tensors on `device` of `dtype`."""
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        if dtype == torch.float64:
-            raise TypeError("backend='triton' does not take float64 tensors; use backend='torch' for float64")
-        if not triton_runs_on(device):
-            raise RuntimeError(
-                f"backend='triton' on {device.type} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
-                "before importing attnlrp_fast (or use backend='torch' / move the tensors to CUDA)")
-        return True
-    if dtype == torch.float64:
-        return False
-    return triton_runs_on(device)
+from ..kernels.attention_bwd import attention_bwd as triton_bwd
+from ..kernels.attention_fwd import attention_fwd as triton_fwd
+from . import torch_path
+from .checks import check_attention_arguments
+from .dispatch import pick
 
 
 def _opt(window: int, softcap: float):
@@ -56,7 +33,7 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
                      causal: bool, scale: float, window: int, softcap: float, rule: str,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
-    fwd = triton_fwd if uses_triton(q.device, q.dtype, backend) else reference.attention_fwd_torch
+    fwd = pick(triton_fwd, torch_path.attention_fwd_torch, q, backend)
     return fwd(q, k, v, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap)
 
 
@@ -72,7 +49,7 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                      window: int, softcap: float, rule: str,
                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
-    bwd = triton_bwd if uses_triton(q.device, q.dtype, backend) else reference.attention_bwd_torch
+    bwd = pick(triton_bwd, torch_path.attention_bwd_torch, q, backend)
     return bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap,
                rule=rule)
 
@@ -97,3 +74,26 @@ def _backward(ctx, do, _dlse):
 
 
 torch.library.register_autograd("attnlrp_fast::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, softcap=None,
+              key_padding_mask=None, backend=None):
+    """Scaled dot-product attention whose backward follows an explanation rule.
+
+    q (B, H, N, D); k, v (B, Hkv, M, D) with H % Hkv == 0 (grouped-query attention without copying
+    K/V); any strides. Returns (B, H, N, D) in q's dtype.
+
+    rule: "grad" exact gradients | "attnlrp" (AttnLRP: dV = 1/2, dQ = dK = 1/4 of the exact gradients, the
+    softcap's tanh under the identity rule) | "cp" (CP-LRP: dQ = dK = 0, dV exact). The forward is the same.
+    causal: queries aligned to the end of the keys (query i sees key j iff j <= i + M - N).
+    window=W: also (i + M - N) - j < W, and j - (i + M - N) < W when not causal.
+    softcap=c: logits -> c * tanh(logits / c). key_padding_mask: bool (B, M), True = real token.
+    scale: defaults to 1 / sqrt(D). backend: None (auto) | "triton" | "torch".
+    A query row that sees no key outputs zeros and gets zero gradient.
+    """
+    check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[3])
+    o, _ = attention_fwd_op(q, k, v, key_padding_mask, causal, float(scale), int(window or 0),
+                            float(softcap or 0.0), rule, backend or "auto")
+    return o

@@ -7,15 +7,15 @@
 
 The forward is the same in both modes; `lrp` picks the backward: for the GLU product the uniform rule (each
 factor's gradient halved) with the identity rule on act (act'(x) -> act(x) / x), for an activation the identity
-rule. Only the inputs are saved; act is recomputed in the backward. Dispatch as in attention.py.
+rule. Only the inputs are saved; act is recomputed in the backward. Dispatch: dispatch.py.
 """
 
 import torch
 
-from attnlrp_fast import reference
-from attnlrp_fast.kernels import glu as triton_glu
-
-from .norm import check_backend, check_flag, check_float_tensor, check_same_device, pick
+from ..kernels import glu as triton_glu
+from . import torch_path
+from .checks import check_flag, check_float_tensor, check_same_device
+from .dispatch import check_backend, pick
 
 ACTIVATIONS = tuple(triton_glu.ACT_IDS)
 GLU_ACTIVATIONS = triton_glu.GLU_ACTS
@@ -32,7 +32,7 @@ def _check_common(act, valid, lrp, backend):
 
 @torch.library.custom_op("attnlrp_fast::glu_fwd", mutates_args=())
 def glu_fwd_op(gate: torch.Tensor, up: torch.Tensor, act: str, lrp: bool, backend: str) -> torch.Tensor:
-    return pick(triton_glu.glu_fwd, reference.glu_fwd_torch, gate, backend)(gate, up, act=act)
+    return pick(triton_glu.glu_fwd, torch_path.glu_fwd_torch, gate, backend)(gate, up, act=act)
 
 
 @glu_fwd_op.register_fake
@@ -43,7 +43,7 @@ def _(gate, up, act, lrp, backend):
 @torch.library.custom_op("attnlrp_fast::glu_bwd", mutates_args=())
 def glu_bwd_op(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, lrp: bool,
                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return pick(triton_glu.glu_bwd, reference.glu_bwd_torch, gate, backend)(dout, gate, up, act=act, lrp=lrp)
+    return pick(triton_glu.glu_bwd, torch_path.glu_bwd_torch, gate, backend)(dout, gate, up, act=act, lrp=lrp)
 
 
 @glu_bwd_op.register_fake
@@ -66,7 +66,7 @@ def _glu_backward(ctx, dout):
 torch.library.register_autograd("attnlrp_fast::glu_fwd", _glu_backward, setup_context=_glu_setup_context)
 
 
-def glu(gate, up, *, act="silu", lrp=False, backend=None):
+def glu_product(gate, up, *, act="silu", lrp=False, backend=None):
     """act(gate) * up element-wise (the GLU MLP product), in gate's dtype.
 
     gate, up: one shape, dtype and device; any strides (e.g. the halves of a fused gate_up projection from
@@ -90,7 +90,7 @@ def glu(gate, up, *, act="silu", lrp=False, backend=None):
 
 @torch.library.custom_op("attnlrp_fast::activation_fwd", mutates_args=())
 def activation_fwd_op(x: torch.Tensor, act: str, lrp: bool, backend: str) -> torch.Tensor:
-    return pick(triton_glu.activation_fwd, reference.activation_fwd_torch, x, backend)(x, act=act)
+    return pick(triton_glu.activation_fwd, torch_path.activation_fwd_torch, x, backend)(x, act=act)
 
 
 @activation_fwd_op.register_fake
@@ -100,7 +100,7 @@ def _(x, act, lrp, backend):
 
 @torch.library.custom_op("attnlrp_fast::activation_bwd", mutates_args=())
 def activation_bwd_op(dy: torch.Tensor, x: torch.Tensor, act: str, lrp: bool, backend: str) -> torch.Tensor:
-    return pick(triton_glu.activation_bwd, reference.activation_bwd_torch, x, backend)(dy, x, act=act, lrp=lrp)
+    return pick(triton_glu.activation_bwd, torch_path.activation_bwd_torch, x, backend)(dy, x, act=act, lrp=lrp)
 
 
 @activation_bwd_op.register_fake

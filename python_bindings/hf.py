@@ -13,10 +13,11 @@ the backend from `module.attnlrp_fast_backend`.
 
 import torch
 
+from .attention import attention
+
 NAME = "attnlrp_fast"
 RULE_ATTR = "attnlrp_fast_rule"
 BACKEND_ATTR = "attnlrp_fast_backend"
-CAPTURE_ATTR = "attnlrp_fast_capture"   # a callable set on one module: gets its query, key and mask flags
 
 # The mask-function building blocks of transformers.masking_utils that the kernel's flags express.
 _EXPRESSIBLE = {
@@ -74,8 +75,6 @@ def attention_modules(model):
 def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                            softcap=None, is_causal=None, **kwargs):
     """transformers attention interface: query (B, H, N, D), key/value (B, Hkv, M, D) -> ((B, N, H, D), None)."""
-    from attnlrp_fast.attention import attention
-
     if dropout:
         raise ValueError(
             f"attn_implementation='{NAME}' has no attention dropout (got p={dropout}): call model.eval(), or set the "
@@ -91,10 +90,6 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
                 "mask its own mask function makes. Was the mask built for another attn_implementation?")
         kpm = attention_mask.to(torch.bool)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    capture = getattr(module, CAPTURE_ATTR, None)
-    if capture is not None:   # af.evaluate's attention baseline
-        capture(query=query.detach(), key=key.detach(), scaling=scaling, softcap=softcap, window=sliding_window,
-                causal=bool(causal), key_padding_mask=kpm)
     out = attention(query, key, value, causal=bool(causal), scale=scaling, window=sliding_window, softcap=softcap,
                     key_padding_mask=kpm, rule=getattr(module, RULE_ATTR, "grad"),
                     backend=getattr(module, BACKEND_ATTR, None))

@@ -9,59 +9,18 @@ The forward is the same in both modes; `lrp` picks the backward (identity rule o
 held constant; the exact gradient otherwise). The per-row statistics (fp32; fp64 for fp64 inputs) are kept
 for the backward. dweight / dbias come back as (D,) sums in that statistics dtype, or empty (0,) tensors
 when not asked for (a custom op cannot return None); the autograd formula casts them to the parameters'
-dtypes. Dispatch as in attention.py (uses_triton): CUDA -> Triton, CPU -> the torch path in
-attnlrp_fast.reference, TRITON_INTERPRET=1 or backend="triton" -> Triton on CPU, float64 -> torch.
-
-Argument checks shared with glu.py live here too.
+dtypes. Dispatch: dispatch.py (CUDA -> Triton, CPU -> the torch path of torch_path.py, TRITON_INTERPRET=1 or
+backend="triton" -> Triton on CPU, float64 -> torch); argument checks: checks.py.
 """
 
-import math
-import numbers
 from typing import Optional
 
 import torch
 
-from attnlrp_fast import reference
-from attnlrp_fast.kernels import norm as triton_norm
-
-from .attention import uses_triton
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-# ---- argument checks (public functions) ----
-
-def check_float_tensor(name, x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
-
-
-def check_same_device(name, x, ref_name, ref):
-    if x.device != ref.device:
-        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}; they must be on one device")
-
-
-def check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def check_backend(backend):
-    if backend not in (None, "triton", "torch"):
-        raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
-
-
-def check_number(name, value, *, non_negative=False):
-    if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
-            or (non_negative and value < 0)):
-        raise ValueError(f"{name} must be a {'non-negative ' if non_negative else ''}finite number, got {value!r}")
-
-
-def pick(triton_fn, torch_fn, x, backend):
-    """The Triton launcher or the torch path for tensors like x under backend ("auto" | "triton" | "torch")."""
-    return triton_fn if uses_triton(x.device, x.dtype, backend) else torch_fn
+from ..kernels import norm as triton_norm
+from . import torch_path
+from .checks import FLOAT_DTYPES, check_flag, check_float_tensor, check_number, check_same_device
+from .dispatch import check_backend, pick, uses_triton
 
 
 def _check_norm_arguments(x, params, eps, lrp, backend, out_dtype):
@@ -88,23 +47,19 @@ def _check_norm_arguments(x, params, eps, lrp, backend, out_dtype):
 
 
 def _fwd(x, backend):
-    return pick(triton_norm.norm_fwd, reference.norm_fwd_torch, x, backend)
+    return pick(triton_norm.norm_fwd, torch_path.norm_fwd_torch, x, backend)
 
 
 def _bwd(x, backend):
-    return pick(triton_norm.norm_bwd, reference.norm_bwd_torch, x, backend)
-
-
-def _stats_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return pick(triton_norm.norm_bwd, torch_path.norm_bwd_torch, x, backend)
 
 
 def _sum_or_empty(s, x):
-    return s if s is not None else x.new_empty((0,), dtype=_stats_dtype(x))
+    return s if s is not None else x.new_empty((0,), dtype=torch_path.compute_dtype(x.dtype))
 
 
 def _fake_sum(x, needed):
-    return x.new_empty((x.shape[-1],) if needed else (0,), dtype=_stats_dtype(x))
+    return x.new_empty((x.shape[-1],) if needed else (0,), dtype=torch_path.compute_dtype(x.dtype))
 
 
 def _param_grad(g, p, needed):
@@ -122,7 +77,7 @@ def rms_norm_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
 
 @rms_norm_fwd_op.register_fake
 def _(x, weight, eps, offset, out_dtype, lrp, backend):
-    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x.shape[:-1], dtype=torch_path.compute_dtype(x.dtype))
 
 
 @torch.library.custom_op("attnlrp_fast::rms_norm_bwd", mutates_args=())
@@ -181,7 +136,7 @@ def layer_norm_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Opt
 
 @layer_norm_fwd_op.register_fake
 def _(x, weight, bias, eps, out_dtype, lrp, backend):
-    stats = x.new_empty(x.shape[:-1], dtype=_stats_dtype(x))
+    stats = x.new_empty(x.shape[:-1], dtype=torch_path.compute_dtype(x.dtype))
     return x.new_empty(x.shape, dtype=out_dtype), stats, torch.empty_like(stats)
 
 

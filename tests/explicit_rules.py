@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from attnlrp_fast.reference import visibility
+from attnlrp_fast.reference import attention_mask_dense
 
 
 def _safe_div(a, b):
@@ -36,7 +36,7 @@ def attention_relevance(q, k, v, relevance_out, *, rule="attnlrp", causal=False,
     kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     a = q @ kr.transpose(-1, -2)
     s = scale * a if softcap is None else softcap * torch.tanh(scale * a / softcap)
-    keep = visibility(range(N), N, M, causal=causal, window=window, key_padding_mask=key_padding_mask)
+    keep = attention_mask_dense(N, M, causal=causal, window=window, key_padding_mask=key_padding_mask)
     row_any = keep.any(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0), -1).masked_fill(~row_any, 0.0)
     o = p @ vr

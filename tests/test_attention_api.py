@@ -5,9 +5,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnlrp_fast as af
-from attnlrp_fast.bindings import attention as bindings_attention
+from attnlrp_fast.bindings import dispatch as bindings_dispatch
 from attnlrp_fast.kernels import interpreting
-from helpers import make_qkv, run_attention
+from helpers import assert_close_all, dense_reference, make_qkv, rel_err, run_attention
 
 BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
             "torch"]
@@ -61,7 +61,7 @@ def test_head_dim_over_kernel_limit():
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(bindings_attention, "interpreting", lambda: False)
+    monkeypatch.setattr(bindings_dispatch, "interpreting", lambda: False)
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         af.attention(q, k, v, backend="triton")
@@ -96,10 +96,25 @@ def test_empty_sequences(backend):
     assert (o == 0).all() and (leaves[0].grad == 0).all()
 
 
-def test_float64_goes_through_the_torch_path():
+def test_float64_goes_through_the_torch_path(monkeypatch):
+    """float64 takes the torch path (Triton has no float64 dot) whatever the device: the torch functions run, the
+    Triton launchers do not, and the output is the oracle's to float64 precision."""
+    from attnlrp_fast.bindings import attention as ops
+    from attnlrp_fast.bindings import torch_path
+
+    ran = []
+    for name in ("attention_fwd_torch", "attention_bwd_torch"):
+        real = getattr(torch_path, name)
+        monkeypatch.setattr(torch_path, name, lambda *a, _real=real, _n=name, **kw: ran.append(_n) or _real(*a, **kw))
+    for name in ("triton_fwd", "triton_bwd"):
+        monkeypatch.setattr(ops, name, lambda *a, **kw: pytest.fail("a Triton launcher ran on float64"))
     q, k, v = (x.double() for x in _qkv())
-    o = af.attention(q, k, v, causal=True)
-    assert o.dtype == torch.float64
+    do = torch.randn_like(q)
+    outs = run_attention(af.attention, q, k, v, do, causal=True, rule="attnlrp")
+    assert outs[0].dtype == torch.float64 and ran == ["attention_fwd_torch", "attention_bwd_torch"]
+    assert rel_err(outs[0], dense_reference(q, k, v, do, causal=True)[0]) < 1e-12
+    # the saved log-sum-exp is fp32 on every path (the contract), so the gradients carry fp32's 1e-7
+    assert_close_all(outs, dense_reference(q, k, v, do, causal=True, rule="attnlrp"), 1e-6, "float64")
 
 
 @pytest.mark.parametrize("rule", ["grad", "attnlrp"])

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import attnlrp_fast as af
-from attnlrp_fast.kernels import attention_bwd, attention_fwd, interpreting
+from attnlrp_fast.kernels import interpreting
+from attnlrp_fast.kernels.attention_bwd import attention_bwd
+from attnlrp_fast.kernels.attention_fwd import attention_fwd
 from attnlrp_fast.reference import attention_dense
 from helpers import TOL, assert_close_all, dense_reference, make_qkv, rel_err, run_attention
 
@@ -205,7 +207,7 @@ def test_log_sum_exp(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_chunking_matches(backend):
     """The chunked torch path gives the same result for every chunk size (rows split across chunks)."""
-    from attnlrp_fast.reference import attention_bwd_torch, attention_fwd_torch
+    from attnlrp_fast.bindings.torch_path import attention_bwd_torch, attention_fwd_torch
 
     g = torch.Generator().manual_seed(8)
     q, k, v = make_qkv(1, 4, 2, 37, 50, 16, generator=g)

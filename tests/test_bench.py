@@ -20,14 +20,8 @@ import transformers as tf
 import attnlrp_fast as af
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import e2e  # noqa: E402
-import gpu_check  # noqa: E402
-import lxt_style  # noqa: E402
-import memory  # noqa: E402
-import report as bench_report  # noqa: E402
-import runner  # noqa: E402
-import warm_cache  # noqa: E402
+from bench import e2e, gpu_check, lxt_style, memory, runner, warm_cache  # the repository root: python -m pytest
+from bench import report as bench_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DEVICE_RUN = str(ROOT / "bench" / "device_run.sh")

@@ -19,10 +19,10 @@ def test_check_passes_and_prints_a_table(capsys):
 
 def test_check_fails_on_a_wrong_engine(monkeypatch, capsys):
     """The check compares with the reference for real: a broken backward makes it fail."""
-    import attnlrp_fast.reference as reference
+    from attnlrp_fast.bindings import torch_path
 
-    real = reference.attention_bwd_torch
-    monkeypatch.setattr(reference, "attention_bwd_torch",
+    real = torch_path.attention_bwd_torch
+    monkeypatch.setattr(torch_path, "attention_bwd_torch",
                         lambda *a, **kw: tuple(1.01 * g for g in real(*a, **kw)))
     assert cli.main(["check", "--device", "cpu", "--dtype", "float32", "--backend", "torch"]) == 1
     assert "FAIL" in capsys.readouterr().out
@@ -34,7 +34,8 @@ def test_missing_cuda_is_one_clear_line():
     proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.cli", "check", "--device", "cuda"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "attnlrp-fast: error: --device cuda: no CUDA device is available here (try --device cpu)"
+    assert proc.stderr.strip() == ("attnlrp-fast: error: --device 'cuda': no CUDA device is available here "
+                                   "(use cpu or auto)")
     assert "Traceback" not in proc.stderr
 
 
@@ -45,6 +46,35 @@ def test_triton_backend_without_interpreter_is_one_clear_line():
                           capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("attnlrp-fast: error: --backend triton: backend='triton' on cpu tensors needs")
+
+
+def test_explain_with_a_backend_that_cannot_run_is_one_line_before_loading_the_model(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A short document.", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.cli", "explain", "--model", str(tmp_path / "no-model"),
+                           "--document", str(doc), "--backend", "triton", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    # the backend is refused first: the missing model folder is not reached
+    assert proc.stderr.startswith("attnlrp-fast: error: --backend triton: backend='triton' on cpu tensors needs")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_old_module_paths_are_the_application_modules(monkeypatch, capsys):
+    """attnlrp_fast.cli / longdoc / demo / report are the modules in attnlrp_fast.app, so a patch through the old
+    path reaches the code that runs."""
+    import attnlrp_fast.app as app
+    import attnlrp_fast.demo
+    import attnlrp_fast.longdoc
+    import attnlrp_fast.report
+
+    assert cli is app.cli and attnlrp_fast.longdoc is app.longdoc
+    assert attnlrp_fast.demo is app.demo and attnlrp_fast.report is app.report
+    monkeypatch.setattr(attnlrp_fast.report, "summary", lambda *a, **kw: ["patched summary"])
+    app.cli._print_summary(["a"], [1.0], [], [])
+    assert capsys.readouterr().out.splitlines()[0] == "patched summary"
 
 
 def test_info(capsys):

@@ -1,7 +1,6 @@
 """Faithfulness evaluation: perturbation curves and ABPC on models whose true relevance is known, pointing,
 and every baseline attribution method against an independent computation."""
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +9,8 @@ import transformers as tf
 
 import attnlrp_fast as af
 from attnlrp_fast import evaluate as ev
+from attnlrp_fast.bindings.hf import attention_modules
+from attnlrp_fast.evaluation import capture
 from tiny_models import build, inputs
 
 
@@ -170,7 +171,7 @@ def test_integrated_gradients_is_complete_and_matches_a_plain_loop(llama):
     emb = smooth.get_input_embeddings()
     zero = emb.register_forward_hook(lambda m, i, o: o * 0)
     try:
-        f0, _ = ev._forward(smooth, ids, None, a.target, None)
+        f0 = ev.target_score(smooth, ids, target=a.target).value
     finally:
         zero.remove()
     gap = a.score - f0
@@ -198,7 +199,9 @@ def test_attention_baseline_is_the_last_layers_weights(name):
     ids = x["input_ids"]
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0 if name == "bert" else 1        # right padding where a classifier allows it
+    implementation = model.config._attn_implementation
     a = ev.attribute(model, ids, "attention", attention_mask=mask)
+    assert model.config._attn_implementation == implementation        # the capture and its af.lrp undone
     eager = build(name, seed=12).double()
     eager.set_attn_implementation("eager")
     with torch.no_grad():
@@ -212,27 +215,104 @@ def test_attention_baseline_is_the_last_layers_weights(name):
     assert torch.allclose(a.relevance.sum(-1), torch.ones(2), atol=1e-5)
 
 
+def test_the_capture_records_the_module_asked_for_and_restores_the_model(llama):
+    ids = inputs("llama", batch=1, length=7, seed=8)["input_ids"]
+    modules = attention_modules(llama)
+    with af.lrp(llama, "attnlrp", backend="torch"):
+        first = capture.capture_attention(llama, modules[0], lambda: llama(input_ids=ids))
+        last = capture.capture_attention(llama, modules[-1], lambda: llama(input_ids=ids))
+        assert llama.config._attn_implementation == "attnlrp_fast"
+        with pytest.raises(ZeroDivisionError):
+            capture.capture_attention(llama, modules[0], lambda: 1 / 0)
+        assert llama.config._attn_implementation == "attnlrp_fast"
+        assert all(capture.RECORDER_ATTR not in vars(m) for m in modules)
+    # the first layer's query is its projection of the embeddings (up to RoPE, which keeps each position's norm)
+    a = modules[0]
+    x = llama.model.layers[0].input_layernorm(llama.get_input_embeddings()(ids))
+    q = a.q_proj(x).view(1, 7, -1, a.head_dim).transpose(1, 2)
+    torch.testing.assert_close(first.query.norm(dim=-1), q.norm(dim=-1).detach())
+    assert first.query.shape == last.query.shape == (1, 4, 7, 16) and first.key.shape == (1, 2, 7, 16)
+    assert first.causal and first.key_padding_mask is None and not torch.allclose(first.query, last.query)
+
+
+def test_the_capture_restores_each_sub_models_attention():
+    """A model whose parts use different attention implementations gets each one back (also when its last
+    attention did not run)."""
+    config = tf.CLIPConfig(text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, max_position_embeddings=16, bos_token_id=0,
+                                            eos_token_id=1),
+                           vision_config=dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=48,
+                                              num_hidden_layers=1, num_attention_heads=4), projection_dim=16)
+    model = tf.CLIPModel(config)
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    during = []
+    with pytest.raises(RuntimeError, match="did not run through"):
+        capture.capture_attention(model, attention_modules(model)[-1],
+                                  lambda: during.append(model.text_model.config._attn_implementation))
+    assert during == [capture.NAME]
+    assert model.text_model.config._attn_implementation == "eager"
+    assert model.vision_model.config._attn_implementation == "sdpa"
+
+
+def test_default_eligible_stops_at_the_target_and_leaves_the_mask_alone(llama):
+    ids = inputs("llama", batch=1, length=8, seed=7)["input_ids"]
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    eligible = ev.default_eligible(llama, ids, mask, None, 4)        # the target reads position 4
+    assert eligible[0].tolist() == [True] * 5 + [False] * 3 and mask.all()
+
+
 def test_random_is_seeded_and_masked(llama):
     ids = inputs("llama", batch=2, length=9, seed=5)["input_ids"]
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
     a = ev.attribute(llama, ids, "random", attention_mask=mask, seed=3)
     b = ev.attribute(llama, ids, "random", attention_mask=mask, seed=3)
+    other = ev.attribute(llama, ids, "random", attention_mask=mask, seed=4)
     assert torch.equal(a.relevance, b.relevance) and (a.relevance[0, :2] == 0).all() and (a.relevance[1] > 0).all()
+    assert not torch.equal(a.relevance[1], other.relevance[1])             # the seed, not a fixed stream, decides
 
 
 def test_evaluate_runs_every_method_on_the_same_perturbations(llama):
+    model = llama.float()
     ids = inputs("llama", batch=2, length=11, seed=6)["input_ids"]
     evidence = torch.zeros_like(ids, dtype=torch.bool)
     evidence[:, 3] = True
-    out = ev.evaluate(llama.float(), ids, ev.METHODS, steps=4, evidence=evidence, ig_steps=8, backend="torch")
-    assert set(out) == set(ev.METHODS)
-    for m, r in out.items():
-        assert math.isfinite(r["abpc"]) and len(r["morf"]) == len(r["lerf"]) == 5
-        assert r["morf"][0] == pytest.approx(r["lerf"][0])            # nothing removed: the same score
-        assert r["morf"][-1] == pytest.approx(r["lerf"][-1])          # everything removed: the same score
-        assert 1 <= r["evidence_rank"] <= 11 and 0 <= r["pointing_accuracy"] <= 1
-    llama.double()
+    eligible = torch.ones_like(ids, dtype=torch.bool)
+    eligible[:, :2] = False
+    settings = ev.Perturbation(steps=4, seed=3)
+    try:
+        out = ev.evaluate(model, ids, ev.METHODS, evidence=evidence, eligible=eligible, ig_steps=8, backend="torch",
+                          steps=4, seed=3)
+        assert set(out) == set(ev.METHODS)
+        target, score = ev.fix_target(model, ids)
+        for m, r in out.items():   # each row is the public parts run one after the other with the same settings
+            a = ev.attribute(model, ids, m, target=target, ig_steps=8, backend="torch", seed=3)
+            c = ev.perturbation_curves(model, ids, a.relevance, target=target, eligible=eligible,
+                                       perturbation=settings)
+            _, rank = ev.pointing(a.relevance, evidence, eligible)
+            assert r["abpc_per_row"] == pytest.approx(c.abpc.tolist(), rel=1e-5, abs=1e-6), m
+            assert r["morf"] == pytest.approx(c.morf.mean(0).tolist(), rel=1e-5, abs=1e-6), m
+            assert r["ranks"] == rank.tolist() and r["evidence_rank"] == pytest.approx(rank.float().mean().item())
+            # nothing removed: every method starts from the same score, the model's on the input
+            assert r["morf"][0] == pytest.approx(r["lerf"][0])
+            assert r["morf"][0] == pytest.approx(score.mean().item(), rel=1e-5)
+            assert r["morf"][-1] == pytest.approx(r["lerf"][-1])      # every eligible token removed: the same
+    finally:
+        llama.double()
+
+
+def test_a_perturbation_is_one_object_or_its_fields():
+    model = Additive(seed=9)
+    ids = _ids(B=2, seed=10)
+    rel = torch.randn(2, 12, generator=torch.Generator().manual_seed(11))
+    settings = ev.Perturbation(steps=3, perturb="token", replace_id=0, batch_size=2, seed=5)
+    a = ev.perturbation_curves(model, ids, rel, perturbation=settings)
+    b = ev.perturbation_curves(model, ids, rel, steps=3, perturb="token", replace_id=0, batch_size=2, seed=5)
+    zeroed = ev.perturbation_curves(model, ids, rel, steps=3)
+    assert torch.equal(a.morf, b.morf) and torch.equal(a.lerf, b.lerf) and a.fractions == [0, 1 / 3, 2 / 3, 1]
+    assert not torch.equal(a.morf, zeroed.morf)                          # the settings were used, not the defaults
+    with pytest.raises(TypeError, match="not both"):
+        ev.perturbation_curves(model, ids, rel, perturbation=settings, steps=3)
 
 
 def test_callable_target_on_minilm_shape_model():

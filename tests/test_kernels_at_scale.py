@@ -3,7 +3,6 @@ into a buffer of more than 2**31 elements), batches past the grid's 65,535 limit
 the tensors' CUDA device, every output element written (outputs come from torch.empty), and atomic dQ when a
 partial key block meets very negative logits."""
 
-import importlib
 import math
 from types import SimpleNamespace
 
@@ -11,15 +10,19 @@ import pytest
 import torch
 
 import attnlrp_fast as af
-from attnlrp_fast.kernels import attention_bwd, attention_fwd, interpreting
+from attnlrp_fast.kernels import attention_bwd as bwd_module
+from attnlrp_fast.kernels import attention_common as common
+from attnlrp_fast.kernels import attention_fwd as fwd_module
 from attnlrp_fast.kernels import glu as triton_glu
+from attnlrp_fast.kernels import interpreting
 from attnlrp_fast.kernels import norm as triton_norm
+from attnlrp_fast.kernels.attention_bwd import attention_bwd
+from attnlrp_fast.kernels.attention_fwd import attention_fwd
 from attnlrp_fast.reference import glu_dense, rms_norm_dense
 from helpers import TOL, assert_close_all, dense_reference, make_qkv, rel_err, run_attention
 
 pytestmark = pytest.mark.skipif(not interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
-common = importlib.import_module("attnlrp_fast.kernels.attention_common")
 RULES = ["grad", "attnlrp", "cp"]
 
 
@@ -112,8 +115,8 @@ def test_batches_past_the_grid_limit_are_sliced(monkeypatch):
         return real(kernel, *args, **kwargs)
 
     monkeypatch.setattr(common, "MAX_GRID_YZ", 2)
-    for name in ("attnlrp_fast.kernels.attention_fwd", "attnlrp_fast.kernels.attention_bwd"):
-        monkeypatch.setattr(importlib.import_module(name), "launch", counting)
+    for module in (fwd_module, bwd_module):
+        monkeypatch.setattr(module, "launch", counting)
     g = torch.Generator().manual_seed(4)
     q, k, v = make_qkv(5, 4, 2, 33, 37, 16, generator=g)
     do = torch.randn_like(q)
@@ -172,8 +175,8 @@ def test_launches_run_under_the_tensors_device(monkeypatch):
         seen.append(t.device)
         return common.on_device(t)
 
-    for name in ("attention_fwd", "attention_bwd", "norm", "glu"):
-        monkeypatch.setattr(importlib.import_module(f"attnlrp_fast.kernels.{name}"), "on_device", recording)
+    for module in (fwd_module, bwd_module, triton_norm, triton_glu):
+        monkeypatch.setattr(module, "on_device", recording)
     q, k, v = make_qkv(1, 2, 1, 9, 9, 16)
     o, lse = attention_fwd(q, k, v, scale=0.25)
     attention_bwd(torch.randn_like(o), q, k, v, o, lse, scale=0.25, rule="attnlrp")

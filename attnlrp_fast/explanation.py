@@ -1,0 +1,240 @@
+"""af.explain(): one forward and one backward pass give the relevance of every input token (and of any
+module's output) for a target score of a HuggingFace model.
+
+Relevance of token i = sum_d e[i, d] * g(e)[i, d], where e is the output of the model's input-embedding module
+and g the modified gradient of the rule (attnlrp_fast/rules.py), seeded with g(target score) = 1 so that the
+relevance of the target is its logit. Under Gemma2/3's final logit softcap the identity rule applies there too.
+Targets: targets.py; input checks: inputs.py.
+"""
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from attnlrp_fast.inputs import check_inputs, forward_parameters
+from attnlrp_fast.lrp_patch import active_handle, lrp
+from attnlrp_fast.memory import maybe_low_memory
+from attnlrp_fast.rules import final_softcap_identity
+from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
+
+
+@dataclass
+class Explanation:
+    relevance: torch.Tensor                 # (B, N) float32: input-token (or image-patch) relevance
+    target_ids: Optional[torch.Tensor]      # (B,) explained token/class ids; (B, P) for several; None for callables
+    target_logit: torch.Tensor              # (B,) float32: the explained score (= total relevance seeded)
+    rule: str
+    latent: dict = field(default_factory=dict)   # name -> (B, N, D) float32 relevance of that module's output
+    positions: Optional[torch.Tensor] = None     # (B,) or (B, P) positions whose logits were explained
+    target_logits: Optional[torch.Tensor] = None  # (B, P) float32: each (position, token) target's own logit
+
+    def top_neurons(self, name: str, k: int = 10):
+        """The k neurons of latent `name` with the largest relevance summed over batch and positions:
+        (values, indices), each (k,)."""
+        r = self._latent(name)
+        total = r.reshape(-1, r.shape[-1]).sum(0)
+        return total.topk(min(k, total.numel()))
+
+    def head_relevance(self, name: str, num_heads: int) -> torch.Tensor:
+        """Relevance of latent `name` (e.g. "model.layers.3.self_attn.o_proj:input") per attention head:
+        (B, N, num_heads)."""
+        r = self._latent(name)
+        if r.shape[-1] % num_heads:
+            raise ValueError(f"latent {name!r} has {r.shape[-1]} features, not a multiple of {num_heads} heads")
+        return r.reshape(*r.shape[:-1], num_heads, -1).sum(-1)
+
+    def _latent(self, name):
+        if name not in self.latent:
+            raise KeyError(f"no latent {name!r}; explained latents: {sorted(self.latent)}")
+        return self.latent[name]
+
+
+def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
+            position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None) -> Explanation:
+    """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT) with `rule`.
+
+    target: None = argmax at the target position (classification heads: the argmax class); an int token/class id;
+            a list of (position, token_id) pairs (relevance of the sum of their logits); contrast(a, b) for
+            logit(a) - logit(b); or a callable f(model_outputs) -> (B,) tensor (any scalar of the output).
+    rule: "attnlrp" (default), "cp" or "grad"; inside `with af.lrp(model, rule)` the active rule (a different one
+          is an error). explain() applies lrp(model, rule) for the call when the model is not inside lrp().
+    latent: module names whose output relevance to return; "name:input" for the module's input instead.
+    position: the position whose logits int/None/contrast targets read (default: each row's last real token).
+    checkpoint: checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens (af.low_memory),
+          for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
+    progress: called with "forward" / "backward" per transformer layer (progress bars).
+    """
+    handle = active_handle(model)
+    if handle is not None:
+        if rule is not None and rule != handle.rule:
+            raise ValueError(f"the model is inside af.lrp(rule={handle.rule!r}) but explain() was asked for rule={rule!r}")
+        if backend is not None and backend != handle.backend:
+            raise ValueError(f"the model is inside af.lrp(backend={handle.backend!r}); explain() got backend={backend!r}")
+        scope, active_rule = contextlib.nullcontext(handle), handle.rule
+    else:
+        active_rule = rule or "attnlrp"
+        scope = lrp(model, active_rule, backend=backend)
+    with scope as h, maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
+                                      mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
+        return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
+                                          (latent,) if isinstance(latent, str) else tuple(latent)))
+
+
+class _Capture:
+    """Forward hooks: the input-embedding output as a leaf that requires grad, latent outputs/inputs, and the
+    output-embedding (lm_head) output for the final-softcap identity rule."""
+
+    def __init__(self, model, latent, want_pre_logits):
+        self.handles, self.latent, self.embeds, self.pre_logits = [], {}, None, None
+        self.frozen = False  # set after the forward: checkpointed layers re-run their hooks in the backward
+        emb = model.get_input_embeddings()
+        if emb is None:
+            raise ValueError(f"{type(model).__name__} has no input-embedding module (get_input_embeddings())")
+        self.handles.append(emb.register_forward_hook(self._embeds_hook))
+        for spec in latent:
+            name, _, where = spec.partition(":")
+            if where not in ("", "input"):
+                raise ValueError(f"latent {spec!r}: use 'module.name' or 'module.name:input'")
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"latent {spec!r}: the model has no module named {name!r}") from None
+            if where == "input":
+                self.handles.append(module.register_forward_pre_hook(self._store(spec, from_input=True)))
+            else:
+                self.handles.append(module.register_forward_hook(self._store(spec)))
+        if want_pre_logits:
+            head = model.get_output_embeddings()
+            self.handles.append(head.register_forward_hook(lambda m, i, o: setattr(self, "pre_logits", o)))
+
+    def _embeds_hook(self, module, inputs, output):
+        if self.frozen:
+            return None
+        self.embeds = output.detach().requires_grad_(True)
+        return self.embeds
+
+    def _store(self, spec, from_input=False):
+        def hook(module, *args):
+            if self.frozen:
+                return
+            value = args[0] if from_input else args[1]
+            if isinstance(value, (tuple, list)):
+                value = value[0]
+            self.latent[spec] = value
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+    def inputs(self, latent):
+        """The tensors whose relevance is asked for: the input embeddings, then each latent in order."""
+        missing = [k for k in latent if k not in self.latent]
+        if missing:
+            raise ValueError(f"latent modules {missing} did not run in the forward pass")
+        return [self.embeds] + [self.latent[k] for k in latent]
+
+
+@dataclass
+class Request:
+    """What one explain() call asks for (inputs checked by inputs.check_inputs)."""
+    input_ids: Optional[torch.Tensor]
+    attention_mask: Optional[torch.Tensor]
+    target: object
+    position: Optional[int]
+    pixel_values: Optional[torch.Tensor]
+    latent: tuple
+
+
+@dataclass
+class Scored:
+    """The target score of one forward, per row, with what it was read from."""
+    score: torch.Tensor                     # (B,)
+    ids: Optional[torch.Tensor]
+    parts: Optional[torch.Tensor]           # (B, P) per-target logits for a list target
+    logits: Optional[torch.Tensor]
+    positions: Optional[torch.Tensor]
+
+
+def _forward_kwargs(model, req):
+    """The model's keyword arguments, and the positions / kept logits a token target reads (logits_to_keep: the
+    forward computes logits only where the target reads them)."""
+    forward_args = forward_parameters(model)
+    if req.pixel_values is not None:
+        kwargs = {"pixel_values": req.pixel_values}
+    else:
+        kwargs = {"input_ids": req.input_ids}
+        if req.attention_mask is not None:
+            kwargs["attention_mask"] = req.attention_mask
+    if "use_cache" in forward_args:
+        kwargs["use_cache"] = False
+    positions = kept = None
+    if not callable(req.target) and req.input_ids is not None and "logits_to_keep" in forward_args:
+        positions = token_positions(req.target, req.input_ids, req.attention_mask, req.position)
+        kept = torch.unique(positions)
+        kwargs["logits_to_keep"] = kept
+    return kwargs, positions, kept
+
+
+def _target_score(model, req, outputs, positions, kept) -> Scored:
+    target = req.target
+    if callable(target) and not isinstance(target, Contrast):
+        value = target(outputs)
+        if not isinstance(value, torch.Tensor) or value.dim() > 1:
+            raise TypeError("a callable target must return a (B,) tensor or a scalar tensor")
+        return Scored(value.reshape(-1), None, None, getattr(outputs, "logits", None), positions)
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        raise ValueError(f"{type(model).__name__} returns no logits: pass target as a callable "
+                         "f(outputs) -> (B,) (e.g. a similarity of pooled embeddings)")
+    if positions is None and logits.dim() == 3:
+        positions = token_positions(target, req.input_ids, req.attention_mask, req.position)
+    value, ids, parts = score(target, logits, positions, kept)
+    return Scored(value, ids, parts, logits, positions)
+
+
+def _modified_gradients(scored, inputs, pre_logits, softcap):
+    """The rule's gradients of the target score at `inputs`; under a final logit softcap the identity rule there."""
+    if softcap is not None and scored.logits is not None and pre_logits is not None:
+        (g_capped,) = torch.autograd.grad(scored.score.sum(), scored.logits, retain_graph=True)
+        return torch.autograd.grad(pre_logits, inputs, grad_outputs=final_softcap_identity(g_capped, scored.logits,
+                                                                                           pre_logits),
+                                   allow_unused=True)
+    return torch.autograd.grad(scored.score.sum(), inputs, allow_unused=True)
+
+
+@contextlib.contextmanager
+def _parameters_frozen(model):
+    """No parameter gradients for the duration (they are not asked for, and would cost memory)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _explain(model, handle, req: Request) -> Explanation:
+    input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, req.pixel_values)
+    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent)
+    softcap = handle.final_logit_softcap if handle.rule != "grad" else None
+    capture = _Capture(model, req.latent, want_pre_logits=softcap is not None)
+    kwargs, positions, kept = _forward_kwargs(model, req)
+    try:
+        with _parameters_frozen(model), torch.enable_grad():
+            outputs = model(**kwargs)
+            capture.frozen = True
+            scored = _target_score(model, req, outputs, positions, kept)
+            inputs = capture.inputs(req.latent)
+            grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap)
+    finally:
+        capture.remove()
+    rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
+    return Explanation(
+        relevance=rel[0].sum(-1), target_ids=scored.ids, target_logit=scored.score.detach().float(),
+        rule=handle.rule, latent=dict(zip(req.latent, rel[1:])), positions=scored.positions,
+        target_logits=scored.parts.detach().float() if scored.parts is not None else None)

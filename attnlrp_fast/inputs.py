@@ -1,0 +1,53 @@
+"""The model inputs explain() and the evaluation take, checked once: each problem named, nothing computed first."""
+
+import inspect
+
+import torch
+
+
+def model_device(model):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def check_inputs(model, input_ids, attention_mask, pixel_values):
+    device = model_device(model)
+    if (input_ids is None) == (pixel_values is None):
+        raise ValueError("pass exactly one of input_ids (token models) or pixel_values (vision models)")
+    if pixel_values is not None:
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            raise ValueError("pixel_values must be a (B, C, H, W) tensor")
+        if pixel_values.device != device:
+            raise ValueError(f"pixel_values is on {pixel_values.device} but the model is on {device}")
+        return None, None
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (B, N) with N > 0, got {tuple(input_ids.shape)}")
+    if input_ids.device != device:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {device}")
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if vocab is not None and (input_ids.min() < 0 or input_ids.max() >= vocab):
+        raise ValueError(f"input_ids holds ids outside the model's vocabulary [0, {vocab})")
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask[None]
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+        if attention_mask.device != device:
+            raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
+        if not attention_mask.bool().any(-1).all():
+            raise ValueError("attention_mask leaves a row with no real token")
+    return input_ids, attention_mask
+
+
+def forward_parameters(model):
+    """Names of the keyword arguments the model's forward takes (empty when its signature is opaque)."""
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
