@@ -15,6 +15,7 @@ Only Llama-type models (LlamaRMSNorm / LlamaMLP and the attention interface) are
 import torch
 
 NAME = "lxt_style_sdpa"
+EAGER_NAME = "lxt_style_eager"     # the same rules on eager attention (the N x N matrix materialised)
 
 
 class ScaleGrad(torch.autograd.Function):
@@ -37,12 +38,21 @@ def _attention(module, query, key, value, attention_mask, **kwargs):
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def _eager_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    query, key, value = ScaleGrad.apply(query, 0.25), ScaleGrad.apply(key, 0.25), ScaleGrad.apply(value, 0.5)
+    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 def register():
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register(NAME, _attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionInterface.register(EAGER_NAME, _eager_attention)
+    AttentionMaskInterface.register(EAGER_NAME, eager_mask)
 
 
 def _rms_norm_forward(module):

@@ -294,6 +294,50 @@ def cpu_memory_table(result):
     return "\n".join(lines)
 
 
+def cpu_explain_table(result):
+    """bench/cpu_explain.py: one explanation on CPU, time and peak memory of each method with the ratios to
+    attnlrp-fast, and the targets (at 4k and 16k: time and memory <= 1.0x the LXT-style approach)."""
+    rows = {(r["method"], r["tokens"]): r for r in result["rows"]}
+    sizes = sorted({r["tokens"] for r in result["rows"]})
+    lines = [f"One AttnLRP explanation on {result['device']}, {result['threads']} threads, torch "
+             f"{result['versions']['torch']} (bench/cpu_explain.py: 4-layer Llama, hidden 256, 8/2 heads, fp32; median "
+             f"of {result['repeats']} runs; peak memory above the model). Ratio: the method over attnlrp-fast.", "",
+             "| N | method | seconds | ratio | peak MB | ratio |", "|---|---|---|---|---|---|"]
+    for n in sizes:
+        ours = rows.get(("attnlrp_fast", n), {})
+        for method in ("attnlrp_fast", "lxt_style", "lxt_style_eager"):
+            r = rows.get((method, n))
+            if r is None:
+                continue
+            if "error" in r:
+                lines.append(f"| {_tokens(n)} | {method} | {r['error']} | - | - | - |")
+                continue
+            t, m = _ratio(r["seconds"], ours.get("seconds")), _ratio(r["peak_extra_mb"], ours.get("peak_extra_mb"))
+            lines.append(f"| {_tokens(n)} | {method} | {r['seconds']:.2f} | {_f(t, '{:.2f}x')} | "
+                         f"{r['peak_extra_mb']:.0f} | {_f(m, '{:.2f}x')} |")
+    lines += ["", *cpu_explain_targets(result)]
+    agree = result.get("agreement", {})
+    if agree:
+        lines += ["", "Relevance agreement with attnlrp-fast (relative difference): " +
+                     ", ".join(f"{k} {v:.1e}" for k, v in sorted(agree.items())) + "."]
+    return "\n".join(lines)
+
+
+def cpu_explain_targets(result):
+    """One line per target size: ours over the LXT-style approach, time and memory, met or missed."""
+    rows = {(r["method"], r["tokens"]): r for r in result["rows"] if "error" not in r}
+    out = []
+    for n in (4096, 16384):
+        ours, lxt = rows.get(("attnlrp_fast", n)), rows.get(("lxt_style", n))
+        if not ours or not lxt:
+            out.append(f"- {_tokens(n)}: not measured")
+            continue
+        t, m = ours["seconds"] / lxt["seconds"], ours["peak_extra_mb"] / lxt["peak_extra_mb"]
+        verdict = "met" if t <= 1.0 and m <= 1.0 else "MISSED"
+        out.append(f"- {_tokens(n)}: time {t:.2f}x, memory {m:.2f}x the LXT-style approach ({verdict}; target <= 1.0x)")
+    return out
+
+
 def replace_between(text, kind, body):
     pattern = re.compile(rf"(<!-- table:{re.escape(kind)} -->\n)(?:.*?\n)?(<!-- /table:{re.escape(kind)} -->)", re.S)
     if not pattern.search(text):
@@ -392,6 +436,8 @@ def render(json_path, readme=None):
 
         written.append(faithfulness.plot_curves(result, f"{stem}.png"))
         tables["faithfulness"] = faithfulness_table(result)
+    elif result.get("kind") == "cpu-explain":    # bench/cpu_explain.py
+        tables["cpu-explain"] = cpu_explain_table(result)
     elif "linear_fits" in result:        # bench/memory.py
         written.append(plot_cpu_memory(result, f"{stem}.png"))
         tables["cpu-memory"] = cpu_memory_table(result)
@@ -413,7 +459,8 @@ def render(json_path, readme=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", help="a results JSON from bench/gpu_check.py or bench/memory.py")
+    p.add_argument("json", help="a results JSON from bench/gpu_check.py, bench/memory.py, bench/cpu_explain.py or "
+                                "attnlrp-fast evaluate")
     p.add_argument("--readme", help="replace the tables between this file's markers")
     p.add_argument("--summary", action="store_true", help="print the targets and how the run went; write nothing")
     args = p.parse_args(argv)
@@ -423,7 +470,8 @@ def main(argv=None):
     written, tables = render(args.json, args.readme)
     for body in tables.values():
         print(body + "\n")
-    print("wrote " + ", ".join(written))
+    if written:
+        print("wrote " + ", ".join(written))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@
 for every rule; the rule only picks the backward. Both ops have fake implementations, so torch.compile
 traces through them without graph breaks.
 
-Dispatch: dispatch.py (CUDA -> Triton, CPU -> the chunked torch path of torch_path.py or Triton's interpreter,
-float64 -> torch). attention() below is the public function (attnlrp_fast.attention re-exports it).
+Dispatch: dispatch.py (CUDA -> Triton, CPU -> the torch path of torch_path.py or Triton's interpreter,
+float64 -> torch). attention() below is the public function (af.attention).
 """
 
 import math

@@ -1,9 +1,10 @@
-"""The CPU path of every op: plain torch with the kernels' explicit forward and backward formulas.
+"""The CPU path of every op, in torch: what the Triton kernels compute, for CPU tensors when Triton's interpreter is
+off (and float64 anywhere).
 
-What the Triton kernels compute, for CPU tensors when Triton's interpreter is off (and float64 anywhere):
-attention processes queries in chunks so that memory stays linear in N (never an N x M tensor), and applies the
-rules through the factors of kernels/rules.py; the norm, GLU and activation functions mirror kernels/norm.py
-and kernels/glu.py. Computation in float32 (float64 for float64 inputs). The float64 oracles the tests compare
+Attention runs on torch's fused flash attention for CPU (below: the exact gradients times the rules' factors of
+kernels/rules.py), or, with a window or softcap, processes queries in chunks with the kernels' explicit formulas;
+memory stays linear in N either way (never an N x M tensor). The norm, GLU and activation functions mirror
+kernels/norm.py and kernels/glu.py. Computation in float32 (float64 for float64 inputs). The float64 oracles the tests compare
 this path with live apart, in attnlrp_fast/reference.py, and share no code with it.
 """
 
@@ -57,8 +58,8 @@ def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask)
     return u, s, keep[:, :, None]
 
 
-def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                        chunk=None):
+def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
+                           chunk=None):
     """Chunked forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key)."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -80,8 +81,8 @@ def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1
     return o.reshape(B, H, N, D), lse.reshape(B, H, N)
 
 
-def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                        softcap=None, rule="grad", chunk=None):
+def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
+                           softcap=None, rule="grad", chunk=None):
     """Chunked backward under `rule`; the formulas of kernels/attention_bwd.py (o is not needed: delta comes
     from each chunk's P and dP)."""
     B, H, N, D = q.shape
@@ -118,6 +119,128 @@ def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=Fa
         dk += torch.einsum("bhgnm,bhgnd->bhmd", ds, qc)
     f = scale * qk_factor
     return ((dq * f).reshape(B, H, N, D).to(q.dtype), (dk * f).to(k.dtype), (dv * dv_factor).to(v.dtype))
+
+
+# --- on torch's fused CPU attention ----------------------------------------------------------------------------
+#
+# torch's flash attention for CPU (aten._scaled_dot_product_flash_attention_for_cpu and its backward) keeps only O
+# and the log-sum-exp and takes them back in its backward, blockwise, with no N x M tensor: the exact gradients,
+# scaled by the rule's factors (kernels/rules.py). It knows a causal mask aligned to the top-left corner and an
+# additive mask; so causal attention of N queries on M > N keys (a cache) runs as two key segments, the first
+# M - N keys seen by every query and the last N causal, merged by their log-sum-exps; GQA it takes as it is (no
+# copy of K/V; its backward returns dK, dV reduced over each group). Each segment's backward,
+# given the merged O and log-sum-exp, is exactly the whole softmax's gradient restricted to its keys. Key padding is
+# a (B, 1, 1, M) additive mask. Windows and softcaps need an N x M mask there: those keep the chunked path.
+
+_FUSED_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def fused_eligible(q, k, window, softcap, chunk=None):
+    """Whether torch's fused CPU attention computes this call (else the chunked path)."""
+    return (_FUSED_FWD is not None and chunk is None and window is None and softcap is None
+            and q.device.type == "cpu" and q.shape[2] > 0 and k.shape[2] > 0)
+
+
+def _segments(N, M, causal):
+    """(first query, first key, end key, causal) of the fused calls covering the attention."""
+    if not causal:
+        return [(0, 0, M, False)]
+    if N > M:   # the first N - M queries see no key
+        return [(N - M, 0, M, True)]
+    return ([(0, 0, M - N, False)] if M > N else []) + [(0, M - N, M, True)]
+
+
+def _segment_mask(kpm, k0, k1, dtype):
+    return None if kpm is None else torch.zeros(kpm.shape[0], 1, 1, k1 - k0, dtype=dtype, device=kpm.device) \
+        .masked_fill(~kpm[:, None, None, k0:k1].bool(), float("-inf"))
+
+
+def _segment_sees(kpm, q0, k0, k1, causal, N):
+    """(B, 1, N - q0) bool: which query rows of a segment see at least one real key in it."""
+    rows = N - q0
+    if kpm is None:
+        return torch.ones(1, 1, rows, dtype=torch.bool)
+    real = kpm[:, k0:k1].bool()
+    if not causal:
+        return real.any(-1)[:, None, None].expand(-1, 1, rows)
+    first = torch.where(real.any(-1), real.int().argmax(-1), k1 - k0)   # first real key of the segment
+    return (torch.arange(rows, device=kpm.device)[None] >= first[:, None])[:, None]
+
+
+def _attention_fwd_fused(q, k, v, kpm, causal, scale):
+    B, H, N, D = q.shape
+    ct = compute_dtype(q.dtype)
+    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)      # GQA: the fused kernel reads each K/V head for its group
+    segments = _segments(N, k.shape[2], causal)
+    o = lse = None
+    for q0, k0, k1, seg_causal in segments:
+        o_s, l_s = _FUSED_FWD(qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], 0.0, seg_causal,
+                              attn_mask=_segment_mask(kpm, k0, k1, ct), scale=scale)
+        if kpm is not None or len(segments) > 1 or q0 > 0:   # rows that may see nothing in this segment
+            l_s = l_s.masked_fill(~_segment_sees(kpm, q0, k0, k1, seg_causal, N), float("-inf"))
+        if o is None and q0 == 0:
+            o, lse = o_s, l_s
+            continue
+        if o is None:   # N > M: the first q0 rows see no key
+            o = torch.zeros((B, H, N, D), dtype=ct)
+            lse = torch.full((B, H, N), float("-inf"), dtype=ct)
+        merged = torch.logaddexp(lse[:, :, q0:], l_s)
+        safe = torch.where(merged == float("-inf"), 0.0, merged)
+        o[:, :, q0:] = o[:, :, q0:] * torch.exp(lse[:, :, q0:] - safe)[..., None] + \
+            o_s * torch.exp(l_s - safe)[..., None]
+        lse[:, :, q0:] = merged
+    return o.to(q.dtype), lse.masked_fill(lse == float("-inf"), float("inf")).float()
+
+
+def _attention_bwd_fused(do, q, k, v, o, lse, kpm, causal, scale, rule):
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    ct = compute_dtype(q.dtype)
+    qf, kf, vf, dof, of = q.to(ct), k.to(ct), v.to(ct), do.to(ct), o.to(ct)   # dK, dV come reduced over each group
+    # rows that see no key: every logit is masked there, so any finite log-sum-exp gives them P = 0
+    lse_f = lse.to(ct).masked_fill(torch.isinf(lse), 0.0)
+    segments = _segments(N, M, causal)
+    grads = None
+    for q0, k0, k1, seg_causal in segments:
+        part = _FUSED_BWD(dof[:, :, q0:], qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], of[:, :, q0:],
+                          lse_f[:, :, q0:], 0.0, seg_causal, attn_mask=_segment_mask(kpm, k0, k1, ct), scale=scale)
+        if len(segments) == 1 and q0 == 0:
+            grads = part
+            break
+        if grads is None:
+            grads = (torch.zeros((B, H, N, D), dtype=ct), torch.zeros((B, Hkv, M, D), dtype=ct),
+                     torch.zeros((B, Hkv, M, D), dtype=ct))
+        grads[0][:, :, q0:] += part[0]
+        grads[1][:, :, k0:k1] += part[1]
+        grads[2][:, :, k0:k1] += part[2]
+    dq, dk, dv = grads
+    qk_factor, dv_factor = ATTENTION_FACTORS[rule]
+    return _scaled(dq, qk_factor, q.dtype), _scaled(dk, qk_factor, k.dtype), _scaled(dv, dv_factor, v.dtype)
+
+
+def _scaled(x, factor, dtype):
+    """x * factor in dtype, with no pass over x where the factor is 1."""
+    return (x if factor == 1.0 else x.mul_(factor)).to(dtype)
+
+
+def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
+                        chunk=None):
+    """The CPU forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key), on torch's
+    fused attention where it applies (fused_eligible), else in query chunks (also when `chunk` is given)."""
+    if fused_eligible(q, k, window, softcap, chunk):
+        return _attention_fwd_fused(q, k, v, key_padding_mask, causal, scale)
+    return _attention_fwd_chunked(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
+                                  softcap=softcap, chunk=chunk)
+
+
+def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
+                        softcap=None, rule="grad", chunk=None):
+    """The CPU backward under `rule`: dq, dk, dv, on the path the forward took."""
+    if fused_eligible(q, k, window, softcap, chunk):
+        return _attention_bwd_fused(do, q, k, v, o, lse, key_padding_mask, causal, scale, rule)
+    return _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=window,
+                                  softcap=softcap, rule=rule, chunk=chunk)
 
 
 # --- norms, GLU products, activations: the formulas of kernels/norm.py and kernels/glu.py ---
@@ -160,49 +283,81 @@ def norm_bwd_torch(dy, x, weight, mean, rstd, *, offset=0.0, lrp=False, need_dw=
     return (dx * r).to(x.dtype), dw, db
 
 
-def act_and_factor_torch(x, act, lrp):
-    """act(x) and act'(x) (or, lrp, act(x) / x in closed form), as kernels/glu.py act_and_factor."""
+def act_ratio_torch(x, act):
+    """act(x) / x in closed form, with its limit at 0 (the identity rule's factor, kernels/glu.py act_and_factor):
+    sigmoid(x) (silu), Phi(x) (gelu), sigmoid(2u) (gelu_tanh), tanh(x) / x, and relu's 0 / 1."""
     if act == "silu":
-        s = torch.sigmoid(x)
-        return x * s, s if lrp else s * (1.0 + x * (1.0 - s))
+        return torch.sigmoid(x)
     if act == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
-        return x * cdf, cdf if lrp else cdf + x * torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        return 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
     if act == "gelu_tanh":
-        k = math.sqrt(2.0 / math.pi)
-        h = torch.sigmoid(2.0 * k * x * (1.0 + 0.044715 * x * x))
-        return x * h, h if lrp else h + x * 2.0 * h * (1.0 - h) * k * (1.0 + 3.0 * 0.044715 * x * x)
+        return torch.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * x * (1.0 + 0.044715 * x * x))
     if act == "tanh":
-        t = torch.tanh(x)
-        if not lrp:
-            return t, 1.0 - t * t
         small = x.abs() < 1e-6
-        return t, torch.where(small, 1.0, t / torch.where(small, 1.0, x))
+        return torch.where(small, 1.0, torch.tanh(x) / torch.where(small, 1.0, x))
     if act == "relu":
-        return torch.relu(x), (x > 0).to(x.dtype)
+        return (x > 0).to(x.dtype)
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def act_and_factor_torch(x, act, lrp):
+    """act(x) and act'(x) (or, lrp, act(x) / x), as kernels/glu.py act_and_factor."""
+    if act == "tanh" and not lrp:
+        t = torch.tanh(x)
+        return t, 1.0 - t * t
+    r = act_ratio_torch(x, act)   # act(x) = x * r for every act here
+    if lrp or act == "relu":      # relu: the ratio is its gradient
+        return x * r, r
+    if act == "silu":
+        return x * r, r * (1.0 + x * (1.0 - r))
+    if act == "gelu":
+        return x * r, r + x * torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    k = math.sqrt(2.0 / math.pi)  # gelu_tanh
+    return x * r, r + x * 2.0 * r * (1.0 - r) * k * (1.0 + 3.0 * 0.044715 * x * x)
+
+
+# torch's own element-wise kernels for the forward (one pass each); the backward needs act(x) / x or act'(x)
+_ACT_FORWARD = {
+    "silu": torch.nn.functional.silu,
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+}
 
 
 def glu_fwd_torch(gate, up, *, act="silu"):
     """CPU path of kernels/glu.py glu_fwd: act(gate) * up in gate's dtype."""
     ct = compute_dtype(gate.dtype)
-    return (act_and_factor_torch(gate.to(ct), act, False)[0] * up.to(ct)).to(gate.dtype)
+    if act not in _ACT_FORWARD:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    return _ACT_FORWARD[act](gate.to(ct)).mul_(up.to(ct)).to(gate.dtype)
 
 
 def glu_bwd_torch(dout, gate, up, *, act="silu", lrp=False):
-    """CPU path of kernels/glu.py glu_bwd: (dgate, dup)."""
+    """CPU path of kernels/glu.py glu_bwd: (dgate, dup). Under the rules act(x) = x * f with f = act(x) / x, so
+    with gf = dout / 2 * f: dgate = gf * up and dup = gf * gate (act itself is never formed)."""
     ct = compute_dtype(gate.dtype)
-    a, f = act_and_factor_torch(gate.to(ct), act, lrp)
-    g = dout.to(ct) * (0.5 if lrp else 1.0)
-    return (g * up.to(ct) * f).to(gate.dtype), (g * a).to(up.dtype)
+    x, u = gate.to(ct), up.to(ct)
+    if lrp:
+        gf = dout.to(ct) * 0.5
+        gf.mul_(act_ratio_torch(x, act))
+        return (gf * u).to(gate.dtype), gf.mul_(x).to(up.dtype)
+    a, f = act_and_factor_torch(x, act, False)
+    g = dout.to(ct)
+    return (g * u * f).to(gate.dtype), (g * a).to(up.dtype)
 
 
 def activation_fwd_torch(x, *, act="gelu"):
     """CPU path of kernels/glu.py activation_fwd."""
-    return act_and_factor_torch(x.to(compute_dtype(x.dtype)), act, False)[0].to(x.dtype)
+    if act not in _ACT_FORWARD:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    return _ACT_FORWARD[act](x.to(compute_dtype(x.dtype))).to(x.dtype)
 
 
 def activation_bwd_torch(dy, x, *, act="gelu", lrp=False):
     """CPU path of kernels/glu.py activation_bwd: dy * act'(x), or (lrp) dy * act(x) / x."""
     ct = compute_dtype(x.dtype)
-    return (dy.to(ct) * act_and_factor_torch(x.to(ct), act, lrp)[1]).to(x.dtype)
+    xc = x.to(ct)
+    factor = act_ratio_torch(xc, act) if lrp else act_and_factor_torch(xc, act, False)[1]
+    return (dy.to(ct) * factor).to(x.dtype)

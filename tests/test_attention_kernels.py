@@ -263,3 +263,50 @@ def test_forward_variant_choice(monkeypatch):
     else:
         with pytest.raises(ValueError, match="cannot run here"):
             forward_variant(q, k, v, variant="tma")          # CPU tensors, no interpreter
+
+
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("N,M,causal,padding", [
+    (45, 71, True, False),      # prefill after a cache: two key segments merged by log-sum-exp
+    (45, 71, True, True),       # ... with key padding (left padding: the first rows of a row may see nothing)
+    (70, 31, True, True),       # N > M: the first N - M queries see no key
+    (33, 33, False, True),
+    (1, 64, True, False),       # decode
+])
+def test_torch_path_on_fused_cpu_attention(rule, N, M, causal, padding, monkeypatch):
+    """Without a window or softcap the CPU path runs on torch's fused attention: GQA, causal aligned to the end
+    of the keys, key padding (a batch entry with every key padded, rows that see nothing), against float64."""
+    from attnlrp_fast.bindings import torch_path
+
+    calls = []
+    real = torch_path._FUSED_FWD
+    monkeypatch.setattr(torch_path, "_FUSED_FWD", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(zlib_seed(rule, N, M, causal, padding))
+    q, k, v = make_qkv(3, 6, 2, N, M, 16, generator=g)
+    do = torch.randn(3, 6, N, 16, generator=g)
+    kw = {"causal": causal}
+    if padding:
+        kpm = torch.rand(3, M, generator=g) > 0.3
+        kpm[0, : M // 2] = False          # left padding
+        kpm[1] = False                    # nothing to see at all
+        kw["key_padding_mask"] = kpm
+    outs = run_attention(af.attention, q, k, v, do, rule=rule, backend="torch", **kw)
+    assert calls, "the fused path did not run"
+    assert_close_all(outs, dense_reference(q, k, v, do, rule=rule, **kw), TOL[torch.float32], f"{rule} {N} {M}")
+    if padding:
+        assert (outs[0][1] == 0).all() and (outs[1][1] == 0).all()
+    o, lse = torch_path.attention_fwd_torch(q, k, v, kw.get("key_padding_mask"), causal=causal, scale=0.25)
+    ref_o, ref_lse = attention_dense(q.double(), k.double(), v.double(), scale=0.25, return_lse=True, **kw)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(finite, torch.isfinite(lse)) and (lse[~finite] == float("inf")).all()
+    assert rel_err(lse[finite], ref_lse[finite]) < 1e-6
+
+
+def test_window_and_softcap_keep_the_chunked_path(monkeypatch):
+    from attnlrp_fast.bindings import torch_path
+
+    monkeypatch.setattr(torch_path, "_FUSED_FWD", lambda *a, **kw: pytest.fail("fused path with a window"))
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 16)
+    for kw in ({"window": 5}, {"softcap": 3.0}):
+        outs = run_attention(af.attention, q, k, v, torch.randn_like(q), causal=True, backend="torch", **kw)
+        assert torch.isfinite(outs[0]).all()
