@@ -173,7 +173,9 @@ def _forward_kwargs(model, req):
     positions = kept = None
     if not callable(req.target) and req.input_ids is not None and "logits_to_keep" in forward_args:
         positions = token_positions(req.target, req.input_ids, req.attention_mask, req.position)
-        kept = torch.unique(positions)
+        # the distinct positions; on the meta device (af.estimate_memory) their count is unknown: one per target
+        # position is the most it can be
+        kept = positions[0] if positions.is_meta else torch.unique(positions)
         kwargs["logits_to_keep"] = kept
     return kwargs, positions, kept
 

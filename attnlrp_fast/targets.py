@@ -69,7 +69,7 @@ def score(target, logits, positions, kept):
     vocab = sel.shape[-1]
 
     def check(ids):
-        if (ids < 0).any() or (ids >= vocab).any():
+        if not ids.is_meta and ((ids < 0).any() or (ids >= vocab).any()):
             raise ValueError(f"target id outside the model's {vocab} outputs")
         return ids
 

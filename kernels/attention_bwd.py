@@ -41,6 +41,7 @@ from .attention_common import (
     key_mask,
     key_range,
     launch,
+    launchable,
     length_bucket,
     load_rows,
     masked_keys_from,
@@ -291,7 +292,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
         delta = _delta(o, do)
         # fp32 dQ for the atomics, contiguous (a 1-element placeholder when unused: the autotuner zeroes it)
         dq_acc = torch.zeros((B, H, N, D) if atomic else (1,), dtype=torch.float32, device=q.device)
-        for part in batch_slices(B):
+        for part in batch_slices(B) if launchable(q) else ():   # meta: the allocations above, no launch
             acc = dq_acc[part] if atomic else dq_acc
             _launch_bwd(do[part], q[part], k[part], v[part], lse[part], delta[part],
                         None if kpm is None else kpm[part], dq[part], dk[part], dv[part], acc,
@@ -307,7 +308,7 @@ def _delta(o, do):
     delta = torch.empty((B, H, N), dtype=torch.float32, device=o.device)
     block_d = head_dim_block(D)
     block_rows = 64 if block_d <= 128 else 32
-    for part in batch_slices(B):
+    for part in batch_slices(B) if launchable(o) else ():
         o_, do_ = o[part], do[part]
         attention_bwd_delta_kernel[(triton.cdiv(N, block_rows), H, o_.shape[0])](
             o_, do_, delta[part], *o_.stride(), *do_.stride(), H, N, HEAD_DIM=D, BLOCK_D=block_d,

@@ -252,6 +252,12 @@ def on_device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
+def launchable(t) -> bool:
+    """Whether kernels launch on t: not on the meta device, where the launchers allocate exactly what they allocate
+    on a GPU and launch nothing (af.estimate_memory counts those allocations)."""
+    return not t.is_meta
+
+
 def length_bucket(n: int) -> int:
     """Autotuning key for a sequence length: powers of 4 from 1 to 65,536 (so 1k, 4k, 16k, 64k+ tune apart but a
     model that sees a new length at every call does not retune every time)."""

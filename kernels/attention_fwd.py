@@ -36,6 +36,7 @@ from .attention_common import (
     key_mask,
     key_range,
     launch,
+    launchable,
     length_bucket,
     load_rows,
     masked_keys_from,
@@ -318,6 +319,8 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
     variant = forward_variant(q, k, v, kpm, variant)
     run = _launch_fwd if variant == "portable" else partial(_launch_fwd_tma, warp_specialize=variant == "hopper")
+    if not launchable(q):
+        return o, lse
     with on_device(q):
         for part in batch_slices(B):
             run(q[part], k[part], v[part], o[part], lse[part], None if kpm is None else kpm[part], causal, scale,

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import on_device, tanh
+from .attention_common import launchable, on_device, tanh
 from .norm import rows_2d
 
 ACT_IDS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "tanh": 3, "relu": 4}
@@ -132,7 +132,7 @@ def _fwd(x, up, act):
     up2 = x2 if up is None else _as_rows(up)
     rows, cols = x2.shape
     y = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
-    if y.numel() > 0:
+    if y.numel() > 0 and launchable(x2):
         grid, blocks = _grid(rows, cols)
         with on_device(x2):
             act_fwd_kernel[grid](x2, up2, y, x2.stride(0), up2.stride(0), y.stride(0), rows, cols,
@@ -146,7 +146,7 @@ def _bwd(dy, x, up, act, lrp):
     rows, cols = x2.shape
     dx = torch.empty((rows, cols), dtype=x.dtype, device=x.device)
     dup = dx if up is None else torch.empty((rows, cols), dtype=up.dtype, device=x.device)
-    if dx.numel() > 0:
+    if dx.numel() > 0 and launchable(x2):
         grid, blocks = _grid(rows, cols)
         with on_device(x2):
             act_bwd_kernel[grid](dy2, x2, up2, dx, dup, dy2.stride(0), x2.stride(0), up2.stride(0), dx.stride(0),

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import fit_int32_tiles, load_rows, on_device, store_rows
+from .attention_common import fit_int32_tiles, launchable, load_rows, on_device, store_rows
 
 MAX_D = 65536
 MAX_PARTIALS = 512
@@ -139,7 +139,7 @@ def norm_fwd(x, weight, bias, eps, *, offset=0.0, out_dtype=None, center=False):
     y = torch.empty((rows, D), dtype=out_dtype or x.dtype, device=x.device)
     rstd = torch.empty(x.shape[:-1], dtype=torch.float32, device=x.device)
     mean = torch.empty_like(rstd) if center else None
-    if rows > 0:
+    if rows > 0 and launchable(x2):
         with on_device(x2):
             norm_fwd_kernel[(triton.cdiv(rows, block_r),)](
                 x2, x2 if weight is None else weight, x2 if bias is None else bias, y, rstd if mean is None else mean,
@@ -166,7 +166,7 @@ def norm_bwd(dy, x, weight, mean, rstd, *, offset=0.0, lrp=False, need_dw=False,
     per_program = triton.cdiv(blocks, MAX_PARTIALS) if reduce and blocks > 0 else 1
     programs = triton.cdiv(blocks, per_program)
     partial = torch.empty((2 if need_db else 1, programs, D), dtype=torch.float32, device=x.device) if reduce else None
-    if rows > 0:
+    if rows > 0 and launchable(x2):
         with on_device(x2):
             norm_bwd_kernel[(programs,)](
                 dy2, x2, x2 if weight is None else weight, rstd if mean is None else mean, rstd, dx,

@@ -23,8 +23,10 @@ def check_backend(backend):
 
 
 def triton_runs_on(device: torch.device) -> bool:
-    """Whether the Triton kernels can run on tensors on `device`: CUDA, or any device under TRITON_INTERPRET=1."""
-    return device.type == "cuda" or interpreting()
+    """Whether the Triton kernels can run on tensors on `device`: CUDA, or any device under TRITON_INTERPRET=1; and
+    the meta device, where the launchers allocate what they would on a GPU and launch nothing (the memory estimate
+    models a GPU run)."""
+    return device.type in ("cuda", "meta") or interpreting()
 
 
 def uses_triton(device: torch.device, dtype: torch.dtype, backend) -> bool:
