@@ -2,8 +2,8 @@
 against the LXT-style baseline on the same device in the same run.
 
   attnlrp_fast   af.explain(checkpoint=True): fused kernels, every layer checkpointed, MLP in 1024-token chunks
-  lxt_style      bench/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs, HF gradient
-                 checkpointing (the reference implementation's approach)
+  lxt_style      attnlrp_fast/evaluation/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs,
+                 HF gradient checkpointing (the reference implementation's approach)
   forward        a plain inference forward (SDPA, no grad, logits at the last position): the unit for the
                  ratio explanation time / forward time
 
@@ -28,10 +28,7 @@ from pathlib import Path
 
 import torch
 
-if __package__:   # imported as bench.<module> (the tests)
-    from . import lxt_style
-else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
-    import lxt_style
+from attnlrp_fast.evaluation import lxt_style
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

@@ -46,14 +46,14 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from attnlrp_fast.evaluation.lxt_style import ScaleGrad as _ScaleGrad
+
 ROOT = Path(__file__).resolve().parent.parent
 if __package__:   # imported as bench.<module> (the tests)
     from . import e2e, runner
-    from .lxt_style import ScaleGrad as _ScaleGrad
 else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
     import e2e
     import runner
-    from lxt_style import ScaleGrad as _ScaleGrad
 
 RULES = ("grad", "attnlrp", "cp")
 PROFILE_METHODS = ("attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]")

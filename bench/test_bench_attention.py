@@ -13,12 +13,13 @@ comparison with TFLOP/s and peak memory into one JSON.
 import pytest
 import torch
 
+from attnlrp_fast.evaluation import lxt_style
+
 if __package__:   # imported as bench.<module> (the tests)
-    from . import e2e, gpu_check, lxt_style
+    from . import e2e, gpu_check
 else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
     import e2e
     import gpu_check
-    import lxt_style
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -9,7 +9,8 @@ AttnLRP relevance; af.explain computes the same quantity with fused kernels (ben
   GLU MLP     act(gate) * up with half of the gradient to each factor (uniform rule); act(x) as
               x * (act(x) / x).detach() (identity rule)
 
-Only Llama-type models (LlamaRMSNorm / LlamaMLP and the attention interface) are covered: what the benchmark needs.
+Only Llama-type models (LlamaRMSNorm / LlamaMLP and the attention interface) are covered: what the benchmarks
+(bench/) and the memory estimate's contrast mode (attnlrp_fast/estimate.py) need.
 """
 
 import torch
