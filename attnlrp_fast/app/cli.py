@@ -12,6 +12,10 @@
   attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output
       and gradients with the float64 reference, prints a table and exits non-zero on any mismatch.
+  attnlrp-fast estimate --model NAME|CONFIG_JSON|FOLDER|HUB_ID [--tokens 8k,32k,128k,1m] [--dtype bfloat16]
+                        [--gpu-memory 80GiB] [--mlp-chunk 1024] [--modes ...]
+      memory of one explanation per mode and length, from the config alone (no weights), and the longest document
+      that fits a GPU
   attnlrp-fast info
       versions, devices and which backend `auto` picks here.
 """
@@ -597,10 +601,35 @@ def _add_check(sub):
     c.set_defaults(func=cmd_check)
 
 
+def cmd_estimate(args):
+    from attnlrp_fast.app import estimate_cmd
+
+    try:
+        lines = estimate_cmd.run(args)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    print("\n".join(lines))
+    return 0
+
+
+def _add_estimate(sub):
+    from attnlrp_fast.estimate import MODES
+
+    s = sub.add_parser("estimate", help="memory of one explanation per length, for any model, from its config alone")
+    s.add_argument("--model", required=True, help="a shipped shape (llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, "
+                   "gemma-2-9b, mistral-7b), a config JSON file, a model folder or a hub id")
+    s.add_argument("--tokens", default="8k,32k,128k", help="lengths, e.g. 8k,32k,128k,1m (k = 1024)")
+    s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    s.add_argument("--gpu-memory", default=None, help="also find the longest document that fits, e.g. 80GiB")
+    s.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk in low_memory mode")
+    s.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    s.set_defaults(func=cmd_estimate)
+
+
 def build_parser():
     p = _Parser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_explain, _add_demo, _add_evaluate, _add_check):
+    for add in (_add_explain, _add_demo, _add_evaluate, _add_check, _add_estimate):
         add(sub)
     i = sub.add_parser("info", help="versions, devices and backend choice")
     i.set_defaults(func=cmd_info)
