@@ -9,7 +9,9 @@ against the LXT-style baseline on the same device in the same run.
 
 Target: the argmax logit at the last position. Both give the same relevance (checked at the first N:
 cosine similarity and relative error of the two maps). Seconds are medians of `--repeats` runs after one warm-up;
-peak memory is torch.cuda.max_memory_allocated during the run minus what was allocated before it.
+peak memory is torch.cuda.max_memory_allocated during the run minus what was allocated before it; beside it,
+`estimated_peak_mib`: what af.estimate_memory predicts for the same model config, length, dtype and mode on meta
+tensors (no GPU), so one run shows how far the estimate is from the GPU's allocator.
 `--longest` doubles N from the last timed N until a method runs out of memory (or its run exceeds
 --longest-seconds, or N passes --longest-max).
 
@@ -124,6 +126,23 @@ def _writer(out, on_update):
     return save
 
 
+ESTIMATE_MODES = {"attnlrp_fast": "low_memory", "lxt_style": "lxt_style"}
+
+
+def estimated(model, method, n):
+    """{"estimated_peak_mib": ...} for the method's explanation of n tokens (af.estimate_memory on meta tensors, the
+    explanation's peak on top of the weights, as peak_mib is), or {"estimate_error": ...}; {} for the forward."""
+    import attnlrp_fast as af
+
+    if method not in ESTIMATE_MODES:
+        return {}
+    try:
+        e = af.estimate_memory(model.config, n, dtype=model.dtype, mode=ESTIMATE_MODES[method])
+    except Exception as ex:  # noqa: BLE001 - a failing estimate must not cost the GPU measurements
+        return {"estimate_error": f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"}
+    return {"estimated_peak_mib": e.peak / 2**20, "estimated_where": e.where}
+
+
 def _measured(fn, row):
     """row with seconds and peak MiB from fn() -> (rel, seconds, peak), or "out of memory"; returns rel."""
     try:
@@ -145,7 +164,7 @@ def time_sizes(ctx, sizes, repeats, result, save):
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
         rels = {}
         for method in ("forward",) + METHODS:
-            row = {"method": method, "tokens": n}
+            row = {"method": method, "tokens": n, **estimated(model, method, n)}
             rel = _measured(lambda: timed(method, model, baseline, ids, backend, repeats), row)
             if rel is not None:
                 rels[method] = rel
@@ -172,7 +191,7 @@ def search_longest(ctx, first, longest_max, longest_seconds, result, save):
         while n * 2 <= longest_max:
             n *= 2
             ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
-            row = {"method": method, "tokens": n, "search": "longest"}
+            row = {"method": method, "tokens": n, "search": "longest", **estimated(model, method, n)}
             _measured(lambda: run_once(method, model, baseline, ids, backend), row)
             del ids
             result["rows"].append(row)

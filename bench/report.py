@@ -89,6 +89,8 @@ def _f(x, fmt="{:.0f}"):
 
 
 def _tokens(n):
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20}M"
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
@@ -240,16 +242,19 @@ def e2e_table(result):
         f"{sh['hidden_size']}, {sh['num_attention_heads']}/{sh['num_key_value_heads']} heads, FFN "
         f"{sh['intermediate_size']}, {e['dtype']}, random weights) on {result['device']}:",
         "",
-        "| tokens | method | seconds | explanation / forward | peak GiB |",
-        "|---|---|---|---|---|",
+        "| tokens | method | seconds | explanation / forward | peak GiB | estimated GiB | measured / estimated |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in e["rows"]:
         if r.get("search"):
             continue
         secs = r.get("error") or _f(r.get("seconds"), "{:.2f}")
-        peak = _f(r["peak_mib"] / 1024 if r.get("peak_mib") is not None else None, "{:.1f}")
+        peak, est = r.get("peak_mib"), r.get("estimated_peak_mib")
+        ratio = _f(peak / est if peak is not None and est else None, "{:.3f}")
         lines.append(f"| {_tokens(r['tokens'])} | {r['method']} | {secs} | "
-                     f"{_f(r.get('explain_over_forward'), '{:.1f}x')} | {peak} |")
+                     f"{_f(r.get('explain_over_forward'), '{:.1f}x')} | "
+                     f"{_f(peak / 1024 if peak is not None else None, '{:.1f}')} | "
+                     f"{_f(est / 1024 if est is not None else None, '{:.1f}')} | {ratio} |")
     if e.get("longest"):
         lines += ["", "Longest input that ran (doubling N): " + ", ".join(
             f"{m} {_tokens(n) if n else 'none'}" for m, n in e["longest"].items()) + "."]
@@ -336,6 +341,50 @@ def cpu_explain_targets(result):
         verdict = "met" if t <= 1.0 and m <= 1.0 else "MISSED"
         out.append(f"- {_tokens(n)}: time {t:.2f}x, memory {m:.2f}x the LXT-style approach ({verdict}; target <= 1.0x)")
     return out
+
+
+def _gb(n):
+    return f"{n / 1e9:.0f}" if n >= 100e9 else f"{n / 1e9:.1f}"
+
+
+def estimates_table(result):
+    """bench/estimate_table.py: predicted peak memory (weights + live tensors) of one explanation per model shape,
+    mode and length, and the longest document each mode fits on each GPU size."""
+    rows = result["rows"]
+    sizes = sorted({int(n) for r in rows for n in r.get("by_tokens", {})})
+    gpus = list(result["gpus"])
+    lines = [f"Predicted peak memory of one explanation, GB (10^9 bytes: weights + the peak of live tensors), batch 1, "
+             f"{result['dtype']}, from `attnlrp-fast estimate` on meta tensors (torch {result['torch']}, "
+             f"bench/estimate_table.py). Longest: the most tokens (a multiple of 4k) whose total fits the GPU's "
+             f"memory, with the `--mlp-chunk` that reaches it.", "",
+             "| model | mode | " + " | ".join(_tokens(n) for n in sizes) + " | " +
+             " | ".join(f"longest on {g}" for g in gpus) + " |",
+             "|" + "---|" * (2 + len(sizes) + len(gpus))]
+    notes = {}
+    for r in rows:
+        if "error" in r:
+            mark = notes.setdefault(r["error"], len(notes) + 1)
+            lines.append(f"| {r['model']} | {r['mode']} | " + " | ".join(["n/a"] * len(sizes)) + " | " +
+                         " | ".join([f"not covered ({mark})"] * len(gpus)) + " |")
+            continue
+        cells = [_gb(r["by_tokens"][str(n)]["total"]) if str(n) in r["by_tokens"] else "-" for n in sizes]
+        weights = next(iter(r["by_tokens"].values()))["weights"] if r["by_tokens"] else 0
+        longest = []
+        for g in gpus:
+            found = r["longest"].get(g)
+            if found is None:
+                longest.append("-")
+            elif found["tokens"] == 0 and weights >= result["gpus"][g]:
+                longest.append(f"does not fit on one GPU (weights {_gb(weights)} GB)")
+            elif found["tokens"] == 0:
+                longest.append("< 4k")
+            else:
+                chunk = f" (mlp-chunk {found['mlp_chunk']})" if found.get("mlp_chunk") else ""
+                longest.append(f"{_tokens(found['tokens'])}{chunk}")
+        lines.append(f"| {r['model']} | {r['mode']} | " + " | ".join(cells) + " | " + " | ".join(longest) + " |")
+    for error, mark in notes.items():
+        lines += ["", f"({mark}) {error}"]
+    return "\n".join(lines)
 
 
 def replace_between(text, kind, body):
@@ -436,6 +485,8 @@ def render(json_path, readme=None):
 
         written.append(faithfulness.plot_curves(result, f"{stem}.png"))
         tables["faithfulness"] = faithfulness_table(result)
+    elif result.get("kind") == "estimates":      # bench/estimate_table.py
+        tables["estimates"] = estimates_table(result)
     elif result.get("kind") == "cpu-explain":    # bench/cpu_explain.py
         tables["cpu-explain"] = cpu_explain_table(result)
     elif "linear_fits" in result:        # bench/memory.py
@@ -459,7 +510,8 @@ def render(json_path, readme=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("json", help="a results JSON from bench/gpu_check.py, bench/memory.py, bench/cpu_explain.py or "
+    p.add_argument("json", help="a results JSON from bench/gpu_check.py, bench/memory.py, bench/cpu_explain.py, "
+                                "bench/estimate_table.py or "
                                 "attnlrp-fast evaluate")
     p.add_argument("--readme", help="replace the tables between this file's markers")
     p.add_argument("--summary", action="store_true", help="print the targets and how the run went; write nothing")

@@ -20,7 +20,8 @@ import transformers as tf
 import attnlrp_fast as af
 
 ROOT = Path(__file__).resolve().parent.parent
-from bench import cpu_explain, e2e, gpu_check, lxt_style, memory, runner, warm_cache  # the repository root
+from attnlrp_fast.evaluation import lxt_style
+from bench import cpu_explain, e2e, gpu_check, memory, runner, warm_cache  # the repository root
 
 from bench import report as bench_report
 
@@ -125,6 +126,11 @@ def test_smoke_measures_each_step(smoke_json):
     assert e["process"]["returncode"] == 0 and e["agreement"]["rel_err"] < 1e-5 and e["agreement"]["cosine"] > 0.99999
     assert {r["method"] for r in e["rows"]} == {"forward", "attnlrp_fast", "lxt_style"}
     assert all(r["explain_over_forward"] > 0 for r in e["rows"] if r["method"] != "forward")
+    # beside each explanation, the meta estimate of the same config, length, dtype and mode (the GPU's peak is its
+    # measurement; on CPU there is none)
+    for r in e["rows"]:
+        assert (r["estimated_peak_mib"] > 0 and "layer" in r["estimated_where"]) if r["method"] != "forward" \
+            else "estimated_peak_mib" not in r
 
 
 # --- steps, budgets, partial results ------------------------------------------------------------------------
@@ -365,6 +371,19 @@ def test_report_writes_plots_and_tables_from_the_json(smoke_json, tmp_path):
         assert f"| {method} | `{name[:70]}` | {k['ms']:.3f} | {k['count']} |" in tables["attention"]
     assert "Steps (seconds / budget, Triton compiles): tests " in tables["attention"]
     assert "attnlrp_fast" in tables["e2e"] and "lxt_style" in tables["e2e"] and "agree" in tables["e2e"]
+    assert "| estimated GiB | measured / estimated |" in tables["e2e"]
+
+
+def test_the_e2e_table_sets_the_measured_peak_against_the_estimate():
+    e2e_result = {"shape": {**e2e.SHAPES["llama3-8b"], "name": "llama3-8b"}, "dtype": "bfloat16", "rows": [
+        {"method": "forward", "tokens": 8192, "seconds": 0.5, "peak_mib": 100.0},
+        {"method": "attnlrp_fast", "tokens": 8192, "seconds": 2.0, "peak_mib": 2662.4, "estimated_peak_mib": 2560.0,
+         "explain_over_forward": 4.0},
+        {"method": "lxt_style", "tokens": 8192, "error": "out of memory", "estimated_peak_mib": 4096.0}]}
+    table = bench_report.e2e_table({"e2e": e2e_result, "device": "H200"})
+    assert "| 8k | attnlrp_fast | 2.00 | 4.0x | 2.6 | 2.5 | 1.040 |" in table
+    assert "| 8k | lxt_style | out of memory | - | - | 4.0 | - |" in table
+    assert "| 8k | forward | 0.50 | - | 0.1 | - | - |" in table
 
 
 def test_report_summary_prints_the_targets_and_writes_nothing(smoke_json, capsys):
