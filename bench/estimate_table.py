@@ -1,0 +1,66 @@
+"""Predicted peak memory of one explanation for the shapes of well-known models (attnlrp_fast/data/model_shapes.json:
+configs as numbers, no download), per mode and length, in bf16, and the longest document each mode fits on an
+80 GB (H100) and a 141 GB (H200) GPU: bench/results/<date>-estimates.json, the README table via bench/report.py.
+
+    python bench/estimate_table.py
+    python bench/report.py bench/results/<date>-estimates.json --readme README.md
+"""
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from attnlrp_fast import estimate as est
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKENS = (8192, 32768, 131072, 524288, 1048576)
+GPUS = {"80 GB": 80 * 10**9, "141 GB": 141 * 10**9}
+
+
+def _entry(e):
+    return {"weights": e.weights, "peak": e.peak, "total": e.total, "where": e.where}
+
+
+def model_rows(name, tokens, modes, gpus, on_row=print):
+    config = est.load_config(name)
+    rows = []
+    for mode in modes:
+        row = {"model": name, "mode": mode, "by_tokens": {}, "longest": {}}
+        try:
+            for n in tokens:
+                row["by_tokens"][str(n)] = _entry(est.estimate_memory(config, n, mode=mode))
+            for gpu, budget in gpus.items():
+                chunks = (256, 1024) if mode == "low_memory" else (1024,)
+                found = max((est.longest_fitting(config, budget, mode=mode, mlp_chunk=c, start=4096,
+                                                 precision=1 / 32) + (c,) for c in chunks), key=lambda f: f[0])
+                row["longest"][gpu] = {"tokens": found[0], "mlp_chunk": found[2] if mode == "low_memory" else None}
+        except ValueError as e:      # a contrast mode that does not cover this family
+            row["error"] = str(e).splitlines()[0][:400]
+        rows.append(row)
+        on_row({k: v for k, v in row.items() if k != "by_tokens"})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(est.model_shapes()))
+    p.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    p.add_argument("--modes", nargs="+", default=list(est.MODES), choices=est.MODES)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    rows = [r for name in args.models for r in model_rows(name, args.tokens, args.modes, GPUS)]
+    result = {"kind": "estimates", "date": datetime.date.today().isoformat(), "dtype": "bfloat16",
+              "torch": torch.__version__, "tokens": args.tokens, "gpus": {k: v for k, v in GPUS.items()},
+              "rows": rows}
+    out = Path(args.out or ROOT / "bench" / "results" / f"{result['date']}-estimates.json")
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
