@@ -39,7 +39,7 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
 
 @attention_fwd_op.register_fake
 def _(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend):
-    B, H, N, D = q.shape
+    B, H, N, D = q.shape   # contiguous, as dispatch.pick returns every path's results
     return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
 
 
@@ -56,7 +56,8 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, window, softcap, rule, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as dispatch.pick returns every path's results
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

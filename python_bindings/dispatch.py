@@ -46,8 +46,17 @@ def uses_triton(device: torch.device, dtype: torch.dtype, backend) -> bool:
 
 
 def pick(triton_fn, torch_fn, x, backend):
-    """The Triton launcher or the torch-path function for tensors like x under `backend`."""
-    return triton_fn if uses_triton(x.device, x.dtype, backend) else torch_fn
+    """The Triton launcher or the torch-path function for tensors like x under `backend`, its tensor results made
+    contiguous: the layout the custom ops' fake implementations promise to torch.compile, whichever path ran (the
+    launchers allocate contiguous results; torch's fused CPU attention returns the layout of its inputs)."""
+    fn = triton_fn if uses_triton(x.device, x.dtype, backend) else torch_fn
+
+    def dense(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(t.contiguous() if isinstance(t, torch.Tensor) else t for t in out)
+        return out.contiguous() if isinstance(out, torch.Tensor) else out
+    return dense
 
 
 def backend_for_many_passes(device: torch.device):
