@@ -19,33 +19,61 @@ NAME = "attnlrp_fast"
 RULE_ATTR = "attnlrp_fast_rule"
 BACKEND_ATTR = "attnlrp_fast_backend"
 
-# The mask-function building blocks of transformers.masking_utils that the kernel's flags express.
-_EXPRESSIBLE = {
+# The mask-function building blocks of transformers.masking_utils that the kernel's flags express (a tuple: torch.compile
+# cannot hash the names it reads).
+_EXPRESSIBLE = (
     "causal_mask_function",
     "bidirectional_mask_function",
     "sliding_window_overlay.<locals>.inner_mask",
     "sliding_window_bidirectional_overlay.<locals>.inner_mask",
-}
+)
+_COMBINATIONS = ("and_masks.<locals>.and_mask", "remap_positions_for_packed_sequence.<locals>.inner_mask")
+_PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
 
 
 def _mask_parts(fn):
-    """The building blocks of a transformers mask function (and_masks nests them in a closure)."""
-    name = getattr(fn, "__qualname__", repr(fn))
-    if name == "and_masks.<locals>.and_mask" and fn.__closure__:
+    """The building blocks of a transformers mask function: intersections (and_masks) and the position remapping of
+    packed sequences are opened (their closures hold the parts); a packed-sequence mask whose rows each hold one
+    sequence is no constraint and drops out (transformers builds one whenever it cannot look at the positions'
+    values: when torch.compile traces it)."""
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    if name in _COMBINATIONS and cells:
         parts = []
-        for cell in fn.__closure__:
-            contents = cell.cell_contents
-            if isinstance(contents, (tuple, list)):
-                for inner in contents:
+        for contents in cells:
+            for inner in contents if isinstance(contents, (tuple, list)) else (contents,):
+                if callable(inner) and not isinstance(inner, torch.Tensor):
                     parts.extend(_mask_parts(inner))
         return parts
+    if name == _PACKED and len(cells) == 1 and isinstance(cells[0], torch.Tensor):
+        segments = cells[0]
+        if segments.dim() == 2 and bool((segments == segments[:, :1]).all()):
+            return []
     return [name]
+
+
+def _traced_mask_parts(fn, use_vmap, config):
+    """What _mask_parts says, while torch.compile traces: it cannot read closures, so an intersection's parts are
+    hidden. Traced with no cache and no padding mask, transformers always intersects the causal (or sliding-window)
+    mask with a packed-sequence mask, as it cannot look at the position ids' values: that intersection is taken as
+    the causal one (the window is the module's flag) and the graph asserts from the position ids that no row packs
+    several sequences (attnlrp_fast_attention). An intersection with a model's own mask function (use_vmap) or with
+    chunked attention stays refused, as do unions (image-token blocks)."""
+    name = fn.__name__   # (traced, a nested function has no __qualname__)
+    if name == "and_mask" and not use_vmap and getattr(config, "attention_chunk_size", None) is None:
+        return ["causal_mask_function"]
+    return [name if name in _EXPRESSIBLE else f"{name} (traced)"]
 
 
 def attnlrp_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                       attention_mask=None, **kwargs):
     """transformers mask interface: the (B, kv_length) bool padding mask, or None when nothing is padded."""
-    parts = _mask_parts(mask_function) if mask_function is not None else ["causal_mask_function"]
+    if mask_function is None:
+        parts = ["causal_mask_function"]
+    elif torch.compiler.is_compiling():
+        parts = _traced_mask_parts(mask_function, kwargs.get("use_vmap", False), kwargs.get("config"))
+    else:
+        parts = _mask_parts(mask_function)
     unsupported = [p for p in parts if p not in _EXPRESSIBLE]
     if unsupported:
         raise NotImplementedError(
@@ -89,6 +117,13 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
                 f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
                 "mask its own mask function makes. Was the mask built for another attn_implementation?")
         kpm = attention_mask.to(torch.bool)
+    position_ids = kwargs.get("position_ids")
+    if torch.compiler.is_compiling() and kpm is None and isinstance(position_ids, torch.Tensor) \
+            and position_ids.shape[-1] == query.shape[2] == key.shape[2]:
+        # the traced mask could not tell packed sequences apart (attnlrp_fast_mask): refuse them when the graph runs
+        torch._assert_async((position_ids.diff(dim=-1) == 1).all(),
+                            f"attn_implementation='{NAME}': these position ids pack several sequences into one row, "
+                            "which it cannot express; use attn_implementation='sdpa' for packed batches")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     out = attention(query, key, value, causal=bool(causal), scale=scaling, window=sliding_window, softcap=softcap,
                     key_padding_mask=kpm, rule=getattr(module, RULE_ATTR, "grad"),
