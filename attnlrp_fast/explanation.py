@@ -8,13 +8,14 @@ Targets: targets.py; input checks: inputs.py.
 """
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from attnlrp_fast.inputs import check_inputs, forward_parameters
-from attnlrp_fast.lrp_patch import active_handle, lrp
+from attnlrp_fast.lrp_patch import active_handle, lrp, unwrap
 from attnlrp_fast.memory import maybe_low_memory
 from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
@@ -66,6 +67,12 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
     progress: called with "forward" / "backward" per transformer layer (progress bars).
     """
+    model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
+    if getattr(model, "is_gradient_checkpointing", False) and not checkpoint:
+        # HF's checkpointing runs in training mode only and explain() runs in eval mode: its own is used instead
+        warnings.warn("the model has HF gradient checkpointing enabled, which runs in training mode only; explain() "
+                      "runs in eval mode and checkpoints every layer itself instead (checkpoint=True)", stacklevel=2)
+        checkpoint = True
     handle = active_handle(model)
     if handle is not None:
         if rule is not None and rule != handle.rule:

@@ -6,6 +6,15 @@ import torch
 
 
 def model_device(model):
+    """The device the model takes its inputs on: its input embeddings' (for a model accelerate dispatched or
+    offloaded, the device its hook runs them on; the meta device only holds offloaded weights), else its first
+    parameter's."""
+    from attnlrp_fast.models.common import compute_dtype_device
+
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if isinstance(embeddings, torch.nn.Module) and next(embeddings.parameters(), None) is not None:
+        return compute_dtype_device(embeddings)[1]
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
 

@@ -38,6 +38,7 @@ class LRPHandle:
             raise ValueError(f"gamma must be a non-negative number or None, got {gamma!r}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}")
+        model = unwrap(model)
         if getattr(model, HANDLE_ATTR, None) is not None:
             raise RuntimeError("this model is already inside af.lrp(); leave it (or call .remove()) first")
         self.model, self.rule, self.backend, self.gamma = model, rule, backend, gamma
@@ -58,7 +59,7 @@ class LRPHandle:
 
     # --- applying -------------------------------------------------------------------------------------
     def _set_forward(self, name, module, forward, what):
-        self._patches.set(module, "forward", forward)
+        self._patches.set(module, _forward_attr(module), forward)
         self.patched[name] = what
 
     def _apply(self):
@@ -111,9 +112,14 @@ class LRPHandle:
 
     def _matches(self, module, replacement, forward, spec):
         probe = replacement.probe(module, spec, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            want = type(module).forward(module, *probe)
-            got = forward(*probe)
+        with torch.no_grad(), Patches() as patches:
+            if _forward_attr(module) == "forward":
+                want = type(module).forward(module, *probe)
+                got = forward(*probe)
+            else:   # offloaded by accelerate: its hook brings the weights for the module's own forward and for ours
+                want = module.forward(*probe)
+                patches.set(module, "_old_forward", forward)
+                got = module.forward(*probe)
         if got.is_meta:   # a model on the meta device (af.estimate_memory): shapes and dtypes are all there is
             return got.shape == want.shape and got.dtype == want.dtype
         tol = 1e-4 if probe[0].dtype in (torch.float32, torch.float64) else 3e-2
@@ -171,6 +177,13 @@ class LRPHandle:
         return f"LRPHandle(rule={self.rule!r}, family={self.family.name!r}, patched={kinds})"
 
 
+def _forward_attr(module):
+    """Where a replacement forward goes: accelerate's hooked modules (device_map, CPU or disk offload) keep their own
+    forward as `_old_forward` and run it between the hook's weight loading and unloading; the replacement goes
+    there, inside the hook, so the weights are in place when it runs. Elsewhere: `forward`."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+
+
 def lrp(model, rule="attnlrp", *, backend=None, gamma=None) -> LRPHandle:
     """Patch this model instance so that its backward follows `rule` ("attnlrp" | "cp" | "grad").
     Use as a context manager, or keep the handle and call .remove(). See the module docstring."""
@@ -179,4 +192,12 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None) -> LRPHandle:
 
 def active_handle(model):
     """The LRPHandle the model is inside, or None."""
-    return getattr(model, HANDLE_ATTR, None)
+    return getattr(unwrap(model), HANDLE_ATTR, None)
+
+
+def unwrap(model):
+    """The model inside a torch.compile wrapper (OptimizedModule), else the model: the patches and the handle go on
+    the model itself, so that nothing is left on a wrapper that forwards attribute writes to it, and later calls
+    see them whether they go through the wrapper or not."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model

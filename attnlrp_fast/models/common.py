@@ -75,10 +75,27 @@ ACTIVATIONS = {
 }
 
 
+def compute_dtype_device(module):
+    """The dtype and device a module computes in: its first floating-point parameter's dtype (a quantized weight's
+    storage dtype, uint8 or int8, is not one: then a quantized layer's compute_dtype, else float32), and the device
+    accelerate runs it on when it offloads the weights (the meta device holds them between calls), else its
+    parameters' device."""
+    params = list(module.parameters())
+    floating = next((p for p in params if p.is_floating_point()), None)
+    dtype = floating.dtype if floating is not None else next(
+        (m.compute_dtype for m in module.modules() if isinstance(getattr(m, "compute_dtype", None), torch.dtype)),
+        torch.float32)
+    hook_device = next((getattr(m._hf_hook, "execution_device", None) for m in module.modules()
+                        if hasattr(m, "_hf_hook")), None)
+    if hook_device is not None:
+        device = torch.device(hook_device if not isinstance(hook_device, int) else f"cuda:{hook_device}")
+    else:
+        device = next((p.device for p in params if not p.is_meta), params[0].device if params else torch.device("cpu"))
+    return dtype, device
+
+
 def _random(shape, module, generator):
-    p = next(module.parameters(), None)
-    dtype = p.dtype if p is not None else torch.float32
-    device = p.device if p is not None else "cpu"
+    dtype, device = compute_dtype_device(module)
     return torch.randn(*shape, generator=generator).to(device, dtype)
 
 
