@@ -68,9 +68,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
     progress: called with "forward" / "backward" per transformer layer (progress bars).
     """
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
-    if getattr(model, "is_gradient_checkpointing", False) and not checkpoint:
+    if _hf_checkpointing(model) and not checkpoint:
         # HF's checkpointing runs in training mode only and explain() runs in eval mode: its own is used instead
-        warnings.warn("the model has HF gradient checkpointing enabled, which runs in training mode only; explain() "
+        warnings.warn("the model has HF activation (gradient) checkpointing enabled, which runs in training mode only; explain() "
                       "runs in eval mode and checkpoints every layer itself instead (checkpoint=True)", stacklevel=2)
         checkpoint = True
     handle = active_handle(model)
@@ -87,6 +87,15 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                                       mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
         return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
                                           (latent,) if isinstance(latent, str) else tuple(latent)))
+
+
+def _hf_checkpointing(model):
+    """Whether HF activation checkpointing is on (transformers 5: is_activation_checkpointing, earlier releases:
+    is_gradient_checkpointing, deprecated since)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 class _Capture:

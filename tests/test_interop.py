@@ -190,7 +190,7 @@ def test_hf_gradient_checkpointing_is_replaced_by_explains_own_with_a_warning():
     model = _frozen(build("llama"))
     ids = _ids()
     want = af.explain(model, input_ids=ids, backend="torch").relevance
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()            # transformers 5's name for gradient_checkpointing_enable
     layers = []
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(lambda m, i, o: layers.append(1))
@@ -198,4 +198,4 @@ def test_hf_gradient_checkpointing_is_replaced_by_explains_own_with_a_warning():
         got = af.explain(model, input_ids=ids, backend="torch").relevance
     assert torch.allclose(got, want, atol=1e-6)
     assert len(layers) == 2 * len(model.model.layers)   # each layer ran again in the backward: checkpointed
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
