@@ -4,22 +4,96 @@ The core: attention (bindings/attention.py), lrp (lrp_patch.py), explain (explan
 estimate_memory (estimate.py: the memory of one explanation, on meta tensors), the model maps (models/), the rules
 index (rules.py) and the float64 oracles (reference.py). The long-document application lives in attnlrp_fast.app,
 the evaluation in attnlrp_fast.evaluation.
+
+Importing the package is light (no torch): each public name is imported on first use (PEP 562), so that
+`attnlrp-fast --help` answers at once. attn_implementation="attnlrp_fast" is still registered with transformers
+by `import attnlrp_fast`: at once when transformers' modeling code is already imported, else right after it is.
 """
 
-from .bindings.attention import attention
-from .bindings.hf import register as _register_with_transformers
-from .estimate import MemoryEstimate, estimate_memory
-from .explanation import Explanation, explain
-from .kernels.rules import RULES
-from .lrp_patch import LRPHandle, lrp
-from .memory import LowMemoryHandle, low_memory
-from .models import UnsupportedModelError
-from .targets import Contrast, contrast
+import importlib
+import importlib.abc
+import sys
 
 __version__ = "0.1.0"
 
-# attn_implementation="attnlrp_fast" for any HF model whose attention goes through AttentionInterface.
-HF_REGISTERED = _register_with_transformers()
+# public name -> (module, attribute), imported on first access
+_PUBLIC = {
+    "attention": (".bindings.attention", "attention"),
+    "MemoryEstimate": (".estimate", "MemoryEstimate"),
+    "estimate_memory": (".estimate", "estimate_memory"),
+    "Explanation": (".explanation", "Explanation"),
+    "explain": (".explanation", "explain"),
+    "RULES": (".kernels.rules", "RULES"),
+    "LRPHandle": (".lrp_patch", "LRPHandle"),
+    "lrp": (".lrp_patch", "lrp"),
+    "LowMemoryHandle": (".memory", "LowMemoryHandle"),
+    "low_memory": (".memory", "low_memory"),
+    "UnsupportedModelError": (".models", "UnsupportedModelError"),
+    "Contrast": (".targets", "Contrast"),
+    "contrast": (".targets", "contrast"),
+}
 
 __all__ = ["attention", "lrp", "explain", "contrast", "Contrast", "Explanation", "LRPHandle", "UnsupportedModelError",
            "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate", "__version__"]
+
+_TRANSFORMERS_MODULE = "transformers.modeling_utils"   # holds AttentionInterface; imports masking_utils
+
+
+def _register_with_transformers():
+    """attn_implementation="attnlrp_fast" for any HF model whose attention goes through AttentionInterface;
+    True when registered (stored as HF_REGISTERED)."""
+    from .bindings.hf import register
+
+    registered = register()
+    globals()["HF_REGISTERED"] = registered
+    return registered
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when transformers' modeling code is imported, it lets the other finders find it and
+    registers the engine's attention right after that module has run, then takes itself off sys.meta_path."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRANSFORMERS_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            _register_with_transformers()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if _TRANSFORMERS_MODULE in sys.modules:
+    _register_with_transformers()
+elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformers())
+
+
+def __getattr__(name):
+    if name == "HF_REGISTERED":   # transformers not imported yet: register now (imports it)
+        return _register_with_transformers()
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC) | {"HF_REGISTERED"})

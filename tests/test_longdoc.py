@@ -178,7 +178,9 @@ def test_cli_explain_generates_and_explains_the_answer(lm_dir, doc, tmp_path, ca
                                               rel=1e-4, abs=1e-5)
     page = (out / "explanation.html").read_text()
     assert "pH &lt; 6.5 &amp; turbidity" in page and "pH < 6.5" not in page
-    assert "top sentences:" in stdout and "reports:" in stdout
+    assert "top sentences (share of the document's positive relevance):" in stdout and "reports:" in stdout
+    assert "of it on the document" in stdout
+    assert "<h2>Most relevant paragraphs</h2>" in page and "<th>Relevance on the document</th>" in page
 
 
 def test_cli_explain_per_token_maps_sum_to_the_joint_map(lm_dir, doc, tmp_path, capsys):

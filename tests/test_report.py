@@ -1,6 +1,7 @@
 """Reports: sentence and paragraph aggregation, HTML escaping and self-containment, JSON, terminal summary."""
 
 import json
+import re
 
 import pytest
 
@@ -65,14 +66,39 @@ def test_inline_heatmap_escapes_and_scales_by_the_largest_value():
 
 def test_summary_lines():
     lines = report.summary(PIECES, REL, k=2)
-    assert lines[0] == "top sentences:" and "74.3%" in lines[1] and "The cat sat." in lines[1]
-    assert "top paragraphs:" in lines
+    assert lines[0] == "top sentences (share of the document's positive relevance):"
+    assert "74.3%" in lines[1] and "The cat sat." in lines[1]
+    assert "top paragraphs (share of the document's positive relevance):" in lines
+
+
+def test_no_top_rows_that_print_as_zero_percent():
+    """Segments without positive relevance (a demo explains only some passages) are not listed as "top"."""
+    pieces = ["A", " b", ".", "\n\n", "C", " d", ".", "\n\n", "E", "."]
+    lines = report.summary(pieces, [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], k=5)
+    assert not any(re.search(r"(?<![0-9])0\.0%", line) for line in lines)
+    paragraphs = lines[lines.index("top paragraphs (share of the document's positive relevance):") + 1:]
+    assert paragraphs == ["  100.0%  A b."]
+    assert report.summary(["x", "."], [-1.0, 0.0])[1] == "  (none: no positive relevance in the document)"
+
+
+def test_html_has_top_paragraphs_and_a_facts_table_for_people(tmp_path):
+    _, html_path = report.write_reports(tmp_path, PIECES, REL, target_logit=12.345678901234, prompt_tokens=12345,
+                                        relevance_question_and_template=-0.000123456789, question=None)
+    page = html_path.read_text()
+    assert "<h2>Most relevant sentences</h2>" in page and "<h2>Most relevant paragraphs</h2>" in page
+    paragraphs = page.split("<h2>Most relevant paragraphs</h2>")[1].split("<h2>")[0]
+    assert "share of the document's positive relevance" in paragraphs
+    assert "<li><b>100.0%</b> (3.5): The cat sat. It was &lt;b&gt;happy&lt;/b&gt;!</li>" in paragraphs
+    assert "<tr><th>Target logit (the explained score)</th><td>12.35</td></tr>" in page
+    assert "<tr><th>Prompt tokens</th><td>12,345</td></tr>" in page
+    assert "<th>Relevance on the question and chat template</th><td>-0.0001235</td>" in page
+    assert "<tr><th>Question</th><td>-</td></tr>" in page
+    assert "12.345678901234" not in page and "_" not in "".join(re.findall(r"<th>(.*?)</th>", page))
 
 
 # --- plot_relevance, per-token map selector, write_reports(plot=..., maps=...) ---------------------------
 
 import math
-import re
 import shutil
 import subprocess
 
@@ -243,4 +269,5 @@ def test_write_reports_plot_marks_paragraphs_and_labels_top_sentences(tmp_path, 
     monkeypatch.setattr(report, "plot_relevance", fake_plot)
     report.write_reports(tmp_path, PIECES, REL, title="doc", plot=True)
     assert seen["boundaries"] == [0, 9] and seen["title"] == "doc" and seen["relevance"] == REL
-    assert seen["labels"] == [(0, "The cat sat."), (4, "It was <b>happy</b>!"), (9, "Dogs bark.")]
+    # the top sentences with a positive share ("Dogs bark." has negative relevance: not a top sentence)
+    assert seen["labels"] == [(0, "The cat sat."), (4, "It was <b>happy</b>!")]

@@ -4,6 +4,9 @@
                        [--out DIR] [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--no-chat]
                        [--max-new-tokens 32] [--per-token]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
+      (--model tiny: a tiny random Llama built here, no download; --document defaults to the shipped sample report)
+  attnlrp-fast make-model DIR [--layers 2] [--hidden 64]
+      saves that tiny random Llama with a BPE tokenizer and a chat template to DIR
   attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
       the same job offline on the embedded MiniLM: which words make the best passages match a query
   attnlrp-fast evaluate [--task recall|minilm] [--model PATH --document FILE] [--methods ...] [--steps 10]
@@ -20,14 +23,39 @@
       versions, devices and which backend `auto` picks here.
 """
 
+from __future__ import annotations
+
 import argparse
+import importlib
 import sys
 import time
 from dataclasses import dataclass
 
-from attnlrp_fast.app import demo, longdoc, report
-from attnlrp_fast.bindings import dispatch
-from attnlrp_fast.rules import RULES
+
+class _Module:
+    """A module imported on first attribute access: `--help` and option errors answer without torch, transformers or
+    the engine (the package's heavy modules load when a command runs)."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attribute):
+        return getattr(importlib.import_module(self._name), attribute)
+
+
+demo = _Module("attnlrp_fast.app.demo")
+longdoc = _Module("attnlrp_fast.app.longdoc")
+report = _Module("attnlrp_fast.app.report")
+tiny = _Module("attnlrp_fast.app.tiny")
+dispatch = _Module("attnlrp_fast.bindings.dispatch")
+
+# The options' choices, as the engine defines them (attnlrp_fast.bindings.dispatch, attnlrp_fast.kernels.rules,
+# attnlrp_fast.estimate); copied so that building the parser imports none of them (a test keeps them equal).
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+BACKENDS = ("auto", "triton", "torch")
+RULES = ("grad", "attnlrp", "cp")
+ESTIMATE_MODES = ("low_memory", "plain", "lxt_style", "eager")
 
 TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 2e-2}
 CASES = {
@@ -105,6 +133,23 @@ def _relative_errors(device, dtype, rule, case, generator, backend):
     return [errors[name] for name in OUTPUTS]
 
 
+def _engine_checked(device, dtype, backend):
+    """What `check` runs, in words, and (when it is not the kernels) how to check the kernels here."""
+    from attnlrp_fast.kernels import interpreting
+
+    if dispatch.uses_triton(device, dtype, backend):
+        if device.type == "cuda":
+            import torch
+
+            return f"the Triton kernels on {torch.cuda.get_device_name(device)}", None
+        return "the Triton kernels in Triton's interpreter on the CPU (TRITON_INTERPRET=1; slow, exact)", None
+    engine = f"the torch path on {device} (PyTorch operations, not the Triton kernels)"
+    if device.type == "cpu" and not interpreting():
+        return engine, ("to check the Triton kernels on this CPU: TRITON_INTERPRET=1 attnlrp-fast check "
+                        "(about a minute)")
+    return engine, None
+
+
 def cmd_check(args):
     import torch
 
@@ -114,9 +159,12 @@ def cmd_check(args):
     dtype = _checkable_dtype(args.dtype, device)
     backend = _choose_backend(args.backend, device, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    path = "triton" if dispatch.uses_triton(device, dtype, backend) else "torch"
-    print(f"attention engine check on {device} ({dtype_name}, {path} path, GQA 4 query heads per K/V head); "
-          f"relative error vs float64, tolerance {TOLERANCE[dtype_name]:g}")
+    engine, hint = _engine_checked(device, dtype, backend)
+    print(f"checked: {engine}, {dtype_name}")
+    if hint:
+        print(hint)
+    print(f"attention forward and backward, GQA 4 query heads per K/V head; relative error vs float64, "
+          f"tolerance {TOLERANCE[dtype_name]:g}")
     print(f"{'case':<16}{'rule':<9}" + "".join(f"{name:>10}" for name in OUTPUTS))
     g = torch.Generator().manual_seed(args.seed)
     failures = 0
@@ -154,15 +202,45 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _bar_factory(quiet):
+class _LineBar:
+    """A progress bar for a log: a line `desc: n/total unit` on stderr per step (at most about 20 per bar, and the
+    last), for output that is not a terminal, where tqdm's bars would be either off or a mess of carriage returns."""
+
+    def __init__(self, total=None, desc="", unit="it", disable=False, **_):
+        self.total, self.desc, self.unit, self.disable, self.n = total, desc, unit, disable, 0
+
+    def update(self, n=1):
+        self.n += n
+        every = max(1, (self.total or 0) // 20)
+        if not self.disable and (self.n % every == 0 or self.n == self.total):
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.desc}: {self.n}{of} {self.unit}{'s' if self.total != 1 else ''}", file=sys.stderr,
+                  flush=True)
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _bar_factory(quiet, lines=False):
+    """bar(total=, desc=, unit=, disable=): tqdm bars on a terminal; with lines=True, _LineBar lines when stderr is
+    not a terminal (a log, CI); nothing with quiet."""
     from tqdm.auto import tqdm
 
     if quiet:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    as_lines = lines and not quiet and not sys.stderr.isatty()
 
     def bar(disable=None, **kw):
+        if as_lines:
+            return _LineBar(disable=bool(disable), **kw)
         return tqdm(disable=True if quiet else disable, leave=False, dynamic_ncols=True, **kw)
     return bar
 
@@ -195,6 +273,27 @@ def _extend_json(path, extra):
     data = json.loads(path.read_text(encoding="utf-8"))
     data.update(extra)
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+TINY = "tiny"   # --model tiny: a tiny random Llama built on the spot (attnlrp_fast.app.tiny)
+
+
+def _load_model(args, device, dtype):
+    """--model's causal LM and tokenizer; `tiny` (when no folder has that name) is built in a temporary folder."""
+    import os
+
+    if args.model != TINY or os.path.exists(args.model):
+        return longdoc.load_model(args.model, device, dtype)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="attnlrp-tiny-") as folder:
+        tiny.make_model(folder)
+        return longdoc.load_model(folder, device, dtype)
+
+
+def _document_path(args):
+    """--document, or the shipped sample report when it is left out."""
+    return args.document if args.document is not None else demo.sample_document_path()
 
 
 @dataclass
@@ -300,22 +399,24 @@ def _explain_lines(args, device, done, facts):
     total = facts["relevance_total"]
     share = facts["relevance_document"] / total if total else float("nan")
     n_tokens = len(done.answer.prompt.ids) + len(done.answer.ids)
-    return [
+    note = ([f"--model {TINY}: a random 2-layer Llama built here, so the answer is noise; this run shows the command "
+             "and its reports, not a real explanation"] if args.model == TINY else [])
+    return note + [
         f"answer ({facts['answer_source']}): {done.text.strip()!r}",
         (f"explained {n_tokens} tokens with {args.rule} in {done.result.seconds:.1f} s on {device}; "
-         f"target logit {facts['target_logit']:.4g}, relevance total {total:.4g} (document {share:.0%})"),
+         f"target logit {facts['target_logit']:.4g}, relevance total {total:.4g}, {share:.0%} of it on the document"),
     ]
 
 
 def cmd_explain(args):
     t0 = time.perf_counter()
-    document = longdoc.read_document(args.document)
+    document = longdoc.read_document(_document_path(args))
     device = _choose_device(args.device)
     dtype = _choose_dtype(args.dtype, device)
     _check_explain_options(args)
     backend = _choose_backend(args.backend, device, dtype, many_passes=True)
     bar = _bar_factory(args.quiet)
-    model, tokenizer = longdoc.load_model(args.model, device, dtype)
+    model, tokenizer = _load_model(args, device, dtype)
     timings = {"load": time.perf_counter() - t0}
 
     answer = _prompt_and_answer(args, model, tokenizer, document, bar, backend)
@@ -460,7 +561,8 @@ def _evaluate_shipped_tasks(args, device, methods, bar):
     progress = _task_progress(bar, methods)
     try:
         return faithfulness.run(tasks, methods, steps=args.steps, seed=args.seed, device=device, perturb=args.perturb,
-                                samples=args.samples, ig_steps=args.ig_steps, progress=progress)
+                                samples=args.samples, ig_steps=args.ig_steps, progress=progress,
+                                partial=lambda result: _write_json(args, result, partial=True))
     finally:
         progress.close()
 
@@ -469,35 +571,54 @@ def _evaluate_document(args, device, document, methods, bar):
     """The evaluation on --model and --document: the answer (given or generated) explained by each method."""
     from attnlrp_fast.evaluation import faithfulness
     dtype = _choose_dtype(args.dtype, device)
-    model, tokenizer = longdoc.load_model(args.model, device, dtype)
+    model, tokenizer = _load_model(args, device, dtype)
     answer = _prompt_and_answer(args, model, tokenizer, document, bar, dispatch.backend_for_many_passes(device))
     methods = methods or list(DOCUMENT_METHODS)
     replace = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if args.perturb == "token" and replace is None:
         raise UsageError("--perturb token: the tokenizer has no pad or unknown token to put in")
-    with bar(total=len(methods), desc="evaluating", unit="method") as b:
+    result = {"device": str(device), "settings": {"steps": args.steps, "seed": args.seed, "perturb": args.perturb,
+                                                  "methods": methods},
+              "tasks": {"document": {"task": "document", "partial": True, "model": args.model,
+                                     "answer": tokenizer.decode(answer.ids), "methods": {}}}}
+
+    def method_done(method, out):
+        result["tasks"]["document"]["methods"][method] = out
+        _write_json(args, result, partial=True)
+
+    with bar(total=len(methods), desc="evaluating the document", unit="method") as b:
         out = faithfulness.run_document(model, answer.prompt, answer.ids, methods, steps=args.steps, seed=args.seed,
                                         perturb=args.perturb, ig_steps=args.ig_steps, replace_id=replace,
-                                        progress=lambda m: b.update())
+                                        progress=lambda m: b.update(), on_result=method_done)
     out.update(model=args.model, answer=tokenizer.decode(answer.ids))
-    return {"device": str(device), "settings": {"steps": args.steps, "seed": args.seed, "perturb": args.perturb,
-                                                "methods": methods}, "tasks": {"document": out}}
+    result["tasks"]["document"] = out
+    return result
+
+
+def _write_json(args, result, partial=False):
+    """evaluation.json in --out and the --json file; returns their paths. partial=True: a run still under way
+    (written after each task and method, "partial": true at the top and in unfinished tasks), replaced at the end."""
+    import json
+    from pathlib import Path
+
+    paths = [Path(args.out) / "evaluation.json"] + ([Path(args.json)] if args.json else [])
+    data = {**result, "partial": True} if partial else result
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        tmp.replace(path)   # a reader never sees half a file
+    return paths
 
 
 def _write_evaluation(args, result):
     """evaluation.json and curves.png in --out, the JSON also at --json; returns the paths."""
-    import json
     from pathlib import Path
 
     from attnlrp_fast.evaluation import faithfulness
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "evaluation.json"] + ([Path(args.json)] if args.json else [])
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    return paths + [faithfulness.plot_curves(result, out_dir / "curves.png")]
+    paths = _write_json(args, result)
+    return paths + [faithfulness.plot_curves(result, Path(args.out) / "curves.png")]
 
 
 def cmd_evaluate(args):
@@ -508,7 +629,7 @@ def cmd_evaluate(args):
     document = longdoc.read_document(args.document) if args.document else None
     device = _choose_device(args.device)
     methods = _parse_methods(args.methods, device)
-    bar = _bar_factory(args.quiet)
+    bar = _bar_factory(args.quiet, lines=True)
     if document is None:
         result = _evaluate_shipped_tasks(args, device, methods, bar)
     else:
@@ -527,16 +648,18 @@ def cmd_evaluate(args):
 def _add_explain(sub):
     """The `explain` command's options."""
     e = sub.add_parser("explain", help="which parts of a document made a causal LM give its answer")
-    e.add_argument("--model", required=True, help="a local model folder or a hub id")
-    e.add_argument("--document", required=True, help="UTF-8 text file")
+    e.add_argument("--model", required=True,
+                   help=f"a local model folder or a hub id; `{TINY}`: a tiny random Llama built here, no download "
+                        "(answers are noise: for trying the command)")
+    e.add_argument("--document", default=None, help="UTF-8 text file (default: the shipped sample report)")
     e.add_argument("--question", default=None, help="asked after the document (default: none, the document alone)")
     e.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
     e.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")
     e.add_argument("--out", default="attnlrp-report", help="folder for explanation.json/.html/.png")
-    e.add_argument("--device", choices=dispatch.DEVICES, default="auto")
-    e.add_argument("--dtype", choices=dispatch.DTYPES, default="auto",
+    e.add_argument("--device", choices=DEVICES, default="auto")
+    e.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU")
-    e.add_argument("--backend", choices=dispatch.BACKENDS, default="auto",
+    e.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: Triton kernels on CUDA, the chunked torch path on CPU")
     e.add_argument("--no-chat", action="store_true", help="plain text prompt even if the tokenizer has a chat template")
     e.add_argument("--max-new-tokens", type=int, default=32)
@@ -556,7 +679,7 @@ def _add_demo(sub):
     d.add_argument("--document", default=None, help="UTF-8 text file (default: the shipped sample report)")
     d.add_argument("--top", type=int, default=3, help="how many top passages to explain")
     d.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")
-    d.add_argument("--device", choices=dispatch.DEVICES, default="auto")
+    d.add_argument("--device", choices=DEVICES, default="auto")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
 
@@ -567,7 +690,8 @@ def _add_evaluate(sub):
     v.add_argument("--task", action="append", choices=("recall", "minilm"),
                    help="a shipped task (repeatable; default: all): recall (tiny Llama, ground-truth evidence), "
                         "minilm (real MiniLM weights, sentence-pair similarity)")
-    v.add_argument("--model", default=None, help="your causal LM (local folder or hub id), with --document")
+    v.add_argument("--model", default=None,
+                   help=f"your causal LM (local folder or hub id; `{TINY}`: a tiny random Llama), with --document")
     v.add_argument("--document", default=None, help="UTF-8 text file, with --model")
     v.add_argument("--question", default=None)
     v.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
@@ -582,8 +706,8 @@ def _add_evaluate(sub):
     v.add_argument("--samples", type=int, default=64, help="recall sequences")
     v.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients path points")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", choices=dispatch.DEVICES, default="auto")
-    v.add_argument("--dtype", choices=dispatch.DTYPES, default="auto")
+    v.add_argument("--device", choices=DEVICES, default="auto")
+    v.add_argument("--dtype", choices=DTYPES, default="auto")
     v.add_argument("--out", default="attnlrp-eval", help="folder for evaluation.json and curves.png")
     v.add_argument("--json", default=None, help="also write the result JSON here")
     v.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -593,9 +717,9 @@ def _add_evaluate(sub):
 def _add_check(sub):
     """The `check` command's options."""
     c = sub.add_parser("check", help="check the attention engine against the float64 reference on this machine")
-    c.add_argument("--device", choices=dispatch.DEVICES, default="auto")
-    c.add_argument("--dtype", choices=dispatch.DTYPES, default="auto")
-    c.add_argument("--backend", choices=dispatch.BACKENDS, default="auto",
+    c.add_argument("--device", choices=DEVICES, default="auto")
+    c.add_argument("--dtype", choices=DTYPES, default="auto")
+    c.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto: Triton on CUDA (and in the interpreter), the torch path on CPU")
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_check)
@@ -613,8 +737,6 @@ def cmd_estimate(args):
 
 
 def _add_estimate(sub):
-    from attnlrp_fast.estimate import MODES
-
     s = sub.add_parser("estimate", help="memory of one explanation per length, for any model, from its config alone")
     s.add_argument("--model", required=True, help="a shipped shape (llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, "
                    "gemma-2-9b, mistral-7b), a config JSON file, a model folder or a hub id")
@@ -622,14 +744,40 @@ def _add_estimate(sub):
     s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     s.add_argument("--gpu-memory", default=None, help="also find the longest document that fits, e.g. 80GiB")
     s.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk in low_memory mode")
-    s.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    s.add_argument("--modes", nargs="+", choices=ESTIMATE_MODES, default=list(ESTIMATE_MODES))
     s.set_defaults(func=cmd_estimate)
+
+
+def cmd_make_model(args):
+    from pathlib import Path
+
+    out = Path(args.folder)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"make-model {args.folder}: exists and is not an empty folder")
+    for flag, value, low in (("--layers", args.layers, 1), ("--hidden", args.hidden, 16)):
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if args.hidden % 16:
+        raise UsageError(f"--hidden must be a multiple of 16 (4 heads of at least 4 dims), got {args.hidden}")
+    tiny.make_model(out, layers=args.layers, hidden=args.hidden)
+    print(f"wrote a tiny random Llama ({args.layers} layers, hidden {args.hidden}) with a BPE tokenizer and a chat "
+          f"template to {out}; its answers are noise (random weights). Try:\n"
+          f"  attnlrp-fast explain --model {out} --question \"What caused the contamination?\"")
+    return 0
+
+
+def _add_make_model(sub):
+    m = sub.add_parser("make-model", help="save a tiny random Llama with a tokenizer to a folder (no download)")
+    m.add_argument("folder", help="a new or empty folder")
+    m.add_argument("--layers", type=int, default=2)
+    m.add_argument("--hidden", type=int, default=64)
+    m.set_defaults(func=cmd_make_model)
 
 
 def build_parser():
     p = _Parser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_explain, _add_demo, _add_evaluate, _add_check, _add_estimate):
+    for add in (_add_explain, _add_demo, _add_evaluate, _add_check, _add_estimate, _add_make_model):
         add(sub)
     i = sub.add_parser("info", help="versions, devices and backend choice")
     i.set_defaults(func=cmd_info)
@@ -637,9 +785,9 @@ def build_parser():
 
 
 def main(argv=None):
+    args = build_parser().parse_args(argv)   # --help and option errors end here, before torch is imported
     from attnlrp_fast.models import UnsupportedModelError
 
-    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (UsageError, longdoc.InputError, UnsupportedModelError) as e:

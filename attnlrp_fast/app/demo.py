@@ -52,7 +52,7 @@ def split_passages(tokenizer, document, max_tokens=MAX_PASSAGE_TOKENS):
         sentences = [(s.start(), s.group(0)) for s in re.finditer(r"\S.*?(?:[.!?](?=\s)|\Z)", text, flags=re.S)]
         chunk_start, chunk_end, n = None, None, 0
         for offset, sentence in sentences:
-            k = len(tokenizer(sentence, add_special_tokens=False)["input_ids"])
+            k = len(tokenizer(sentence, add_special_tokens=False, verbose=False)["input_ids"])
             if chunk_start is not None and n + k > max_tokens:
                 passages.append(Passage(start + chunk_start, start + chunk_end, text[chunk_start:chunk_end]))
                 chunk_start, n = None, 0

@@ -140,7 +140,8 @@ def build_prompt(tokenizer, document, question=None, chat=True):
     if not getattr(tokenizer, "is_fast", False):
         raise InputError(f"{type(tokenizer).__name__} is a slow tokenizer without character offsets; this job "
                          "needs a fast (tokenizers-backed) tokenizer")
-    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True,
+                    verbose=False)   # no "longer than the maximum" warning: check_length reports it
     ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
     if not inside:
@@ -220,7 +221,7 @@ def generate_answer(model, tokenizer, prompt_ids, max_new_tokens=32, tick=None, 
 
 
 def tokenize_answer(tokenizer, text):
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if not ids:
         raise InputError("--answer is empty")
     return list(ids)

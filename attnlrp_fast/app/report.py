@@ -59,11 +59,16 @@ def segments(pieces, relevance, kind="sentence"):
             for s, e in _spans(pieces, kind)]
 
 
+SHARE_OF = "share of the document's positive relevance"   # what top_segments' shares are, in the reports
+_MIN_SHARE = 0.0005   # smaller shares print as 0.0 %: such segments are not listed as "top"
+
+
 def top_segments(segs, k=5):
-    """The k segments with the largest relevance, with their share of the total positive relevance."""
+    """The k segments with the largest relevance, with their share of the total positive relevance (the sum of
+    the segments' relevance where it is positive); segments whose share would print as 0.0 % are left out."""
     positive = sum(max(s.relevance, 0.0) for s in segs) or 1.0
-    ranked = sorted(segs, key=lambda s: s.relevance, reverse=True)[:k]
-    return [(s, s.relevance / positive) for s in ranked]
+    ranked = sorted(segs, key=lambda s: s.relevance, reverse=True)
+    return [(s, s.relevance / positive) for s in ranked if s.relevance / positive >= _MIN_SHARE][:k]
 
 
 _RED = (214, 39, 40)      # positive relevance, in the HTML heatmap and the plot
@@ -177,9 +182,48 @@ def _map_selector(relevance, maps):
     return selector, script
 
 
-def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, maps=None, extra_html=""):
-    """A self-contained HTML page: the document as a heatmap (value on hover) and the top passages.
-    Every piece of text is escaped.
+_LABELS = {   # the facts table's row labels for the keys the commands pass; other keys: underscores to spaces
+    "dtype": "Data type", "answer_source": "Answer", "target_logit": "Target logit (the explained score)",
+    "prompt_tokens": "Prompt tokens", "document_tokens": "Document tokens", "relevance_total": "Relevance in total",
+    "relevance_document": "Relevance on the document",
+    "relevance_question_and_template": "Relevance on the question and chat template",
+    "relevance_earlier_answer_tokens": "Relevance on earlier answer tokens",
+    "passages_explained": "Passages explained",
+}
+
+
+def fact_label(key):
+    """A row label for people: 'relevance_total' -> 'Relevance in total', 'some_key' -> 'Some key'."""
+    key = str(key)
+    if key in _LABELS:
+        return _LABELS[key]
+    text = key.replace("_", " ").strip()
+    return text[:1].upper() + text[1:]
+
+
+def fact_value(value):
+    """A table cell for people: floats to 4 significant digits, integers with thousands separators, None as '-'."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _top_list(top):
+    return "".join(f"<li><b>{share:.1%}</b> ({seg.relevance:.4g}): {html.escape(seg.text)}</li>"
+                   for seg, share in (top or []))
+
+
+def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, maps=None, extra_html="",
+                top_paragraphs=None):
+    """A self-contained HTML page: the document as a heatmap (value on hover), the top sentences (`top`) and
+    paragraphs (`top_paragraphs`; both lists of top_segments), and `meta` as a table for people (labels,
+    rounded numbers). Every piece of text is escaped.
 
     maps: optional {label: per-token values (one per piece)}; when non-empty the page gets a selector between
     "all" (`relevance`) and each map, and a small inline script that recolours the document (no script
@@ -191,10 +235,11 @@ def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, ma
     for piece, r in zip(pieces, relevance):
         text = html.escape(piece).replace("\n", "<br>\n")
         spans.append(f'<span style="background:{colour(r, scale)}" title="{r:.4g}">{text}</span>')
-    rows = "".join(
-        f"<li><b>{share:.1%}</b> ({seg.relevance:.4g}): {html.escape(seg.text)}</li>" for seg, share in (top or []))
-    facts = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+    rows, paragraph_rows = _top_list(top), _top_list(top_paragraphs)
+    facts = "".join(f"<tr><th>{html.escape(fact_label(k))}</th><td>{html.escape(fact_value(v))}</td></tr>"
                     for k, v in (meta or {}).items())
+    paragraphs = (f"<h2>Most relevant paragraphs</h2><p class=\"note\">{SHARE_OF} (relevance in brackets)</p>"
+                  f"<ol>{paragraph_rows}</ol>\n" if top_paragraphs is not None else "")
     selector, script = _map_selector(relevance, maps) if maps else ("", "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -204,13 +249,14 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto;
 .doc span {{ border-radius: 2px; }}
 table {{ border-collapse: collapse; }} th {{ text-align: left; padding-right: 1rem; }}
 .legend span {{ padding: 0 .5rem; }}
+.note {{ color: #555; font-size: 90%; margin: 0; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <table>{facts}</table>{extra_html}
 <p class="legend">scale: <span style="background:{colour(-1, 1)}">negative</span>
 <span>0</span><span style="background:{colour(1, 1)}">positive</span> (max |relevance| = {scale:.4g})</p>
-<h2>Most relevant passages</h2><ol>{rows}</ol>
-<h2>Document</h2>{selector}<div class="doc">{''.join(spans)}</div>{script}
+<h2>Most relevant sentences</h2><p class="note">{SHARE_OF} (relevance in brackets)</p><ol>{rows}</ol>
+{paragraphs}<h2>Document</h2>{selector}<div class="doc">{''.join(spans)}</div>{script}
 </body></html>
 """
 
@@ -242,14 +288,15 @@ def write_reports(out_dir, pieces, relevance, *, title="Relevance", maps=None, p
     if checked:
         data["per_token_maps"] = checked
     sentences = segments(pieces, relevance, "sentence")
-    top = top_segments(sentences)
+    paragraphs = segments(pieces, relevance, "paragraph")
     (out / "explanation.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     (out / "explanation.html").write_text(
-        render_html(pieces, relevance, title=title, meta=meta, top=top, maps=checked, extra_html=extra_html),
+        render_html(pieces, relevance, title=title, meta=meta, top=top_segments(sentences), maps=checked,
+                    extra_html=extra_html, top_paragraphs=top_segments(paragraphs)),
         encoding="utf-8")
     if not plot:
         return out / "explanation.json", out / "explanation.html"
-    starts = [seg.start for seg in segments(pieces, relevance, "paragraph")]
+    starts = [seg.start for seg in paragraphs]
     labels = [(seg.start, seg.text) for seg, _ in top_segments(sentences, 3)]
     png = plot_relevance(out / "relevance.png", relevance, boundaries=starts, title=title, labels=labels)
     return out / "explanation.json", out / "explanation.html", png
@@ -393,11 +440,15 @@ def _heading(title, missing):
 
 
 def summary(pieces, relevance, k=5, width=100):
-    """Terminal lines: the top sentences and paragraphs with their share of the positive relevance."""
+    """Terminal lines: the top sentences and paragraphs with their share of the document's positive relevance
+    (none listed whose share prints as 0.0 %)."""
     lines = []
     for kind in ("sentence", "paragraph"):
-        lines.append(f"top {kind}s:")
-        for seg, share in top_segments(segments(pieces, relevance, kind), k):
+        lines.append(f"top {kind}s ({SHARE_OF}):")
+        top = top_segments(segments(pieces, relevance, kind), k)
+        if not top:
+            lines.append("  (none: no positive relevance in the document)")
+        for seg, share in top:
             text = " ".join(seg.text.split())
             text = text if len(text) <= width else text[: width - 3] + "..."
             lines.append(f"  {share:6.1%}  {text}")

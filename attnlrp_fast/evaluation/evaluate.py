@@ -444,13 +444,14 @@ def pointing(relevance, evidence, candidates=None):
 
 # --- everything at once ----------------------------------------------------------------------------------------
 def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=None, position=None, eligible=None,
-             evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, **fields):
+             evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, on_result=None, **fields):
     """Each method's attribution, perturbation curves and ABPC on the same inputs and perturbations.
 
     perturbation: a Perturbation, or its fields as keywords (steps, perturb, replace_id, batch_size, seed; the
     seed also seeds the random method). Returns {method: {"abpc": mean, "abpc_per_row": [...], "morf": mean
     curve, "lerf": mean curve, "fractions": [...], "seconds": attribution time, and with evidence (bool (B, N))
-    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...]}}. progress(method) is called after each.
+    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...]}}. progress(method) is called after each, and
+    on_result(method, its result) as soon as that result is there (partial reports).
     """
     perturbation = _perturbation(perturbation, fields)
     case = Case.of(model, input_ids, attention_mask, target, position)
@@ -460,6 +461,8 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     for method in methods:
         out[method] = _evaluate_method(case, method, eligible, evidence, perturbation,
                                        {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed})
+        if on_result:
+            on_result(method, out[method])
         if progress:
             progress(method)
     return out

@@ -55,7 +55,7 @@ def recall_inputs(n=64, seed=0, pairs=(16, 24), device="cpu") -> RecallInputs:
 
 
 def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32,
-               progress=None):
+               progress=None, on_result=None):
     model = recall.load_trained(device)
     x = recall_inputs(n, seed, device=device)
     with torch.no_grad():
@@ -64,7 +64,7 @@ def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), p
     predicted = logits[torch.arange(n), last].argmax(-1).cpu()
     results = ev.evaluate(model, x.input_ids, methods, attention_mask=x.attention_mask, eligible=x.context,
                           evidence=x.evidence, ig_steps=ig_steps, backend=backend_for_many_passes(device),
-                          progress=progress,
+                          progress=progress, on_result=on_result,
                           perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=recall.PAD, seed=seed))
     c = model.config
     return {"task": "recall", "model": f"tiny Llama ({c.num_hidden_layers} layers, hidden {c.hidden_size}) trained on "
@@ -121,8 +121,10 @@ def _mean_over_samples(outs):
 
 
 def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", samples=64,
-        ig_steps=32, progress=None):
-    """Every task; returns the JSON-able result with versions and settings."""
+        ig_steps=32, progress=None, partial=None):
+    """Every task; returns the JSON-able result with versions and settings. partial(result so far) is called after
+    each task, and in the recall task after each method (that task then holds {"partial": True, "methods": {...}}),
+    so that a long run can be reported as it goes."""
     import transformers
     import triton
 
@@ -136,11 +138,17 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
               "settings": {"steps": steps, "seed": seed, "perturb": perturb, "ig_steps": ig_steps,
                            "methods": methods},
               "tasks": {}}
+
+    def method_done(task, method, out):
+        result["tasks"].setdefault(task, {"task": task, "partial": True, "methods": {}})["methods"][method] = out
+        partial(result)
+
     for task in tasks:
         t = time.perf_counter()
         if task == "recall":
             out = run_recall(methods, n=samples, steps=steps, seed=seed, device=device, perturb=perturb,
-                             ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)))
+                             ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)),
+                             on_result=partial and (lambda m, r: method_done(task, m, r)))
         elif task == "minilm":
             out = run_minilm(methods, steps=steps, seed=seed, device=device, perturb=perturb, ig_steps=ig_steps,
                              progress=progress and (lambda i: progress(task, i)))
@@ -148,6 +156,8 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
         out["seconds"] = time.perf_counter() - t
         result["tasks"][task] = out
+        if partial:
+            partial(result)
     return result
 
 
@@ -174,13 +184,15 @@ def table(result):
             diff = "-"
             if ref is not None and m.split("[")[0] != "attnlrp":
                 mean, se, wins = paired(r["abpc_per_row"], methods[ref]["abpc_per_row"])
-                diff = f"{mean:+.3f} ± {se:.3f}; {wins} of {len(r['abpc_per_row'])}"
+                n = len(r["abpc_per_row"])
+                spread = f" ± {se:.3f}" if n > 1 else " (n=1: no s.e.)"
+                diff = f"{mean:+.3f}{spread}; {wins} of {n}"
             lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {acc} | {rank} | {r['seconds']:.2f} |")
     return "\n".join(lines)
 
 
 def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, perturb="zero", ig_steps=32,
-                 replace_id=None, progress=None):
+                 replace_id=None, progress=None, on_result=None):
     """The same evaluation on a user's causal LM and document: the target is the sum of the answer tokens' logits
     (as `attnlrp-fast explain` explains it), the tokens removed are the document's."""
     device = next(model.parameters()).device
@@ -190,7 +202,7 @@ def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, pertur
     eligible = torch.zeros_like(ids, dtype=torch.bool)
     eligible[0, prompt.doc_start:prompt.doc_end] = True
     results = ev.evaluate(model, ids, methods, target=target, eligible=eligible, ig_steps=ig_steps,
-                          backend=backend_for_many_passes(device), progress=progress,
+                          backend=backend_for_many_passes(device), progress=progress, on_result=on_result,
                           perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=replace_id, seed=seed,
                                                        batch_size=8))
     return {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),

@@ -180,6 +180,24 @@ def accuracy(model, n=512, seed=123, batch_size=128):
     return hits / n
 
 
+def make_tokenizer():
+    """The recall vocabulary as a fast tokenizer: one word per token id, as token_name spells it (`<bos> k3 v17 _2
+    k8 v1 ? k3`), words split at whitespace, BOS put in front. A word outside the vocabulary becomes <pad>, whose
+    input embedding carries nothing. Saved with the shipped model, so that `attnlrp-fast explain --model
+    <package>/data/recall_llama --no-chat` reads a document of such words."""
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {token_name(i): i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=token_name(PAD)))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single=f"{token_name(BOS)} $A",
+                                                       special_tokens=[(token_name(BOS), BOS)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=token_name(BOS), eos_token=token_name(PAD),
+                                      pad_token=token_name(PAD), unk_token=token_name(PAD),
+                                      model_max_length=MAX_POSITIONS)
+
+
 def weights_path():
     from importlib.resources import files
 
@@ -218,6 +236,7 @@ def main(argv=None):
         out = Path(args.out) if args.out else Path(str(weights_path()))
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
+        make_tokenizer().save_pretrained(out)
         (out / "training.json").write_text(json.dumps({
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
             "torch": torch.__version__, "log": log, "accuracy_single_query": acc}, indent=1))
