@@ -20,13 +20,16 @@ def scale_grad(x, factor):
     return x * factor + (x * (1.0 - factor)).detach()
 
 
-def attention_mask_dense(N, M, *, causal=False, window=None, key_padding_mask=None, device=None):
+def attention_mask_dense(N, M, *, causal=False, window=None, key_padding_mask=None, device=None, segment_ids=None,
+                         key_limit=None):
     """Bool (B or 1, 1, N, M): True where query i may see key j, from the contract: query i sits at position
     p = i + M - N (queries aligned to the end of the keys); with d = p - j, causal needs d >= 0, a window W needs
-    d < W and, when not causal, also -d < W; key padding hides padded keys."""
+    d < W and, when not causal, also -d < W; key padding hides padded keys. segment_ids (B, M), one id per key
+    position: query i sees key j only if segment_ids[b, p] == segment_ids[b, j] (a query with p < 0 has no
+    segment and sees nothing). key_limit (B, N), with causal: j <= key_limit[b, i] replaces d >= 0."""
     d = (torch.arange(N, device=device)[:, None] + (M - N)) - torch.arange(M, device=device)[None, :]
     allowed = torch.full((N, M), True, device=device)
-    if causal:
+    if causal and key_limit is None:
         allowed = allowed & (d >= 0)
     if window is not None:
         allowed = allowed & (d < window)
@@ -35,6 +38,19 @@ def attention_mask_dense(N, M, *, causal=False, window=None, key_padding_mask=No
     allowed = allowed[None, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask.to(device=allowed.device, dtype=torch.bool)[:, None, None, :]
+    if causal and key_limit is not None:
+        # (B, N, M): key j against each query's own limit
+        lim = key_limit.to(device=allowed.device, dtype=torch.int64)
+        cols = torch.arange(M, device=allowed.device)
+        allowed = allowed & (cols[None, None, :] <= lim[:, :, None])[:, None]
+    if segment_ids is not None:
+        ids = segment_ids.to(device=allowed.device, dtype=torch.int64)
+        same = torch.zeros(ids.shape[0], N, M, dtype=torch.bool, device=allowed.device)
+        for i in range(N):
+            p = i + M - N
+            if p >= 0:
+                same[:, i, :] = ids[:, p, None] == ids
+        allowed = allowed & same[:, None]
     return allowed
 
 
@@ -46,7 +62,7 @@ def softcap_identity(u, softcap):
 
 
 def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=None, key_padding_mask=None,
-                    rule="grad", return_lse=False):
+                    rule="grad", return_lse=False, segment_ids=None, key_limit=None):
     """Materialised attention whose autograd gradients follow `rule`. Shapes as af.attention."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -65,7 +81,7 @@ def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=N
     else:
         s = softcap * torch.tanh(u / softcap)
     keep = attention_mask_dense(N, M, causal=causal, window=window, key_padding_mask=key_padding_mask,
-                                device=q.device)
+                                device=q.device, segment_ids=segment_ids, key_limit=key_limit)
     row_any = keep.any(-1, keepdim=True)
     s = s.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0)
     p = torch.softmax(s, dim=-1).masked_fill(~row_any, 0.0)

@@ -20,6 +20,13 @@ dq_mode="atomic" (or ATTNLRP_FAST_DQ=atomic) drops launch 3: launch 2 also compu
 and adds it into an fp32 (B, H, N, D) buffer with relaxed atomics, 10 instead of 14 units of N*M*D FLOPs,
 as FlashAttention-2's backward does; the float summation order then varies between runs. Which is faster
 on a GPU is for bench/gpu_check.py to say (both are timed).
+
+Segments and key limits (HAS_SEGMENTS, HAS_KEY_LIMIT; both dQ modes): the dQ kernel bounds its key loop as
+the forward does (in-kernel, from its rows' key limits). The dK/dV kernel starts its query loop at the first
+query block that can see its keys, from a host-side table key_limit_table (B, 2, M) int32 (O(N + M) work and
+memory: a running max of the limits searched per key), and reads there where the unmasked query blocks begin.
+Segments do not bound either loop: blocks are masked element-wise (correct for any id layout; packed sequences
+cost as much as one sequence of their total length under the other masks).
 """
 
 import os
@@ -38,20 +45,27 @@ from .attention_common import (
     fit_int32_tiles,
     head_base,
     head_dim_block,
+    key_limit_table,
     key_mask,
     key_range,
+    key_segments,
     launch,
     launchable,
     length_bucket,
+    limited_key_range,
+    limited_query_range,
     load_rows,
     masked_keys_from,
     masked_queries_until,
     on_device,
+    query_limits,
     query_range,
+    query_segments,
     softcap_grad_factor,
     store_rows,
     visible,
 )
+from .attention_fwd import index_inputs
 from .rules import ATTENTION_FACTORS, RULE_IDS
 
 
@@ -72,14 +86,18 @@ def attention_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_on, st
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, offs_n, lo, hi, masked_until,
+def _dkdv_inner(dk, dv, k, v, key_ok, k_seg, seg_base, kl_base, q_base, do_base, lse_base, delta_base, dq_base,
+                offs_n, lo, hi, masked_until,
                 stride_qn, stride_qd, stride_don, stride_dod, N, shift, window, scale, softcap,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+                HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr,
                 RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head. Blocks before
     `masked_until` are masked; the others see every key of the block, so they skip the mask (key padding still
-    applies). DQ_ATOMIC: also add this key block's share of dQ (unscaled) into the fp32 rows at dq_base."""
+    applies). DQ_ATOMIC: also add this key block's share of dQ (unscaled) into the fp32 rows at dq_base.
+    k_seg (BLOCK_N, 1): the keys' segment ids; the queries' ids (seg_base) and key limits (kl_base) are read per
+    query block (with HAS_SEGMENTS / HAS_KEY_LIMIT)."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N
@@ -90,7 +108,10 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_
         st, ut, tt = base2_logits(tl.dot(k, qt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
         pt = tl.exp2(st - lse2[None, :])
         if start_m < masked_until:
-            keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None], IS_CAUSAL, HAS_WINDOW)
+            keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None],
+                           query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS)[None, :], k_seg,
+                           query_limits(kl_base, offs_m, N, HAS_KEY_LIMIT)[None, :], IS_CAUSAL, HAS_WINDOW,
+                           HAS_SEGMENTS, HAS_KEY_LIMIT)
             pt = tl.where(keep, pt, 0.0)
         elif HAS_KPM:
             pt = tl.where(key_ok[:, None], pt, 0.0)
@@ -113,17 +134,18 @@ def _dkdv_inner(dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, DK, DV, DQ_ACC,
+    Q, K, V, DO, LSE, DELTA, KPM, SEG, KL, KLQ, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_kpm_b,
+    stride_kpm_b, stride_seg_b, stride_kl_b, stride_klq_b,
     H, GROUP, N, M, shift, window, scale, softcap, dk_factor, dv_factor, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr,
     RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -144,6 +166,13 @@ def attention_bwd_dkdv_kernel(
     # dV (their rows are never stored), but they do for atomic dQ: zero-filled keys there give logits of 0, and
     # exp(0 - LSE) can overflow to inf when every real logit is very negative; inf * 0 in dS^T K would be NaN.
     masked_until = masked_queries_until(k_last, shift, lo, hi, BLOCK_M, IS_CAUSAL, HAS_WINDOW)
+    if HAS_KEY_LIMIT:   # the limits replace the causal bound: the launcher's table gives both bounds
+        lo, masked_until = limited_query_range(KLQ + b.to(tl.int64) * stride_klq_b, k_first, k_last, M, hi,
+                                               BLOCK_M, HAS_WINDOW)
+    seg_base = SEG + b.to(tl.int64) * stride_seg_b
+    k_seg = key_segments(seg_base, offs_n, M, HAS_SEGMENTS)[:, None]
+    if HAS_SEGMENTS:    # any id layout: every visited block takes the mask
+        masked_until = hi
     if DQ_ATOMIC:
         if k_first + BLOCK_N > M:
             masked_until = hi
@@ -153,11 +182,13 @@ def attention_bwd_dkdv_kernel(
     for g in range(0, GROUP):
         h = hk * GROUP + g
         row_base = (b.to(tl.int64) * H + h) * N
-        dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, head_base(Q, b, h, stride_qb, stride_qh),
+        dk, dv = _dkdv_inner(dk, dv, k, v, key_ok, k_seg, seg_base, KL + b.to(tl.int64) * stride_kl_b,
+                             head_base(Q, b, h, stride_qb, stride_qh),
                              head_base(DO, b, h, stride_dob, stride_doh), LSE + row_base, DELTA + row_base,
                              DQ_ACC + row_base * HEAD_DIM, offs_n, lo, hi, masked_until, stride_qn, stride_qd,
                              stride_don, stride_dod, N, shift, window, scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION, DQ_ATOMIC)
+                             IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, HAS_SEGMENTS, HAS_KEY_LIMIT, RULE,
+                             DOT_PRECISION, DQ_ATOMIC)
 
     store_rows(head_base(DK, b, hk, stride_dkb, stride_dkh), dk * dk_factor, k_first, M, stride_dkn, stride_dkd,
                BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -166,13 +197,15 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, offs_m, lo, hi, masked_from,
-              stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, seg_base, q_seg, q_limit, offs_m, lo, hi,
+              masked_from, stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-              RULE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, RULE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [lo, hi). Blocks before `masked_from` are known to
-    be whole and visible to every row, so they skip the mask (key padding still applies)."""
+    be whole and visible to every row, so they skip the mask (key padding still applies). q_seg, q_limit: the
+    rows' segment ids and key limits, (BLOCK_M, 1) (unused without HAS_SEGMENTS / HAS_KEY_LIMIT)."""
     qpos = offs_m[:, None] + shift
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -181,8 +214,9 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, offs_m, lo, hi, 
         s, u, t = base2_logits(tl.dot(q, kt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
         p = tl.exp2(s - lse2[:, None])
         if start_n >= masked_from:
-            keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :],
-                           IS_CAUSAL, HAS_WINDOW)
+            keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], q_seg,
+                           key_segments(seg_base, offs_n, M, HAS_SEGMENTS)[None, :], q_limit, IS_CAUSAL,
+                           HAS_WINDOW, HAS_SEGMENTS, HAS_KEY_LIMIT)
             p = tl.where(keep, p, 0.0)
         elif HAS_KPM:
             p = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], p, 0.0)
@@ -196,17 +230,17 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, offs_m, lo, hi, 
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, DQ,
+    Q, K, V, DO, LSE, DELTA, KPM, SEG, KL, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_kpm_b,
+    stride_kpm_b, stride_seg_b, stride_kl_b,
     H, GROUP, N, M, shift, window, scale, softcap, dq_factor, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-    RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -230,12 +264,21 @@ def attention_bwd_dq_kernel(
     q_last = tl.minimum(q_first + BLOCK_M, N) - 1
     lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     masked_from = masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    seg_base = SEG + b.to(tl.int64) * stride_seg_b
+    q_seg = query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS)
+    q_limit = query_limits(KL + b.to(tl.int64) * stride_kl_b, offs_m, N, HAS_KEY_LIMIT)
+    if HAS_KEY_LIMIT:   # the limits replace the causal bound (as in the forward)
+        hi, masked_from = limited_key_range(q_limit, offs_m, N, M, lo, BLOCK_N, HAS_WINDOW)
+    if HAS_SEGMENTS:
+        masked_from = lo
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dq = _dq_inner(dq, q, do, lse2, delta, head_base(K, b, hk, stride_kb, stride_kh),
-                   head_base(V, b, hk, stride_vb, stride_vh), KPM + b.to(tl.int64) * stride_kpm_b, offs_m, lo, hi,
+                   head_base(V, b, hk, stride_vb, stride_vh), KPM + b.to(tl.int64) * stride_kpm_b, seg_base,
+                   q_seg[:, None], q_limit[:, None], offs_m, lo, hi,
                    masked_from, stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
-                   HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, RULE, DOT_PRECISION)
+                   HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, HAS_SEGMENTS,
+                   HAS_KEY_LIMIT, RULE, DOT_PRECISION)
 
     store_rows(head_base(DQ, b, h, stride_dqb, stride_dqh), dq * dq_factor, q_first, N, stride_dqn, stride_dqd,
                BLOCK_M, HEAD_DIM, BLOCK_D)
@@ -243,7 +286,8 @@ def attention_bwd_dq_kernel(
 
 DQ_MODES = ("separate", "atomic")
 
-TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "RULE", "GROUP", "N_BUCKET"]
+TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "HAS_SEGMENTS", "HAS_KEY_LIMIT", "RULE",
+            "GROUP", "N_BUCKET"]
 _tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, "dkdv", key=TUNE_KEY + ["DQ_ATOMIC"])
 _tuned_dkdv_atomic = autotuned(attention_bwd_dkdv_kernel, "dkdv_atomic", key=TUNE_KEY + ["DQ_ATOMIC"],
                                reset_to_zero=["DQ_ACC"])
@@ -260,9 +304,10 @@ def dq_mode_default():
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                  softcap=None, rule="grad", config=None, dq_mode=None):
+                  softcap=None, rule="grad", config=None, dq_mode=None, segment_ids=None, key_limit=None):
     """Launch the backward for `rule` ("grad" | "attnlrp" | "cp"). Shapes as in attention_fwd; do like o.
-    Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v.
+    Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v. segment_ids, key_limit:
+    as in attention_fwd (the same ones the forward had).
 
     dq_mode: "separate" (a third launch recomputes the scores per query block: deterministic, 14 units of
     N*M*D FLOPs in all) or "atomic" (the dK/dV launch also adds each block's dQ into an fp32 buffer with
@@ -288,15 +333,18 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
         return dq, dk.zero_(), dv.zero_()
     q, k, v, o, do = (fit_int32_tiles(x) for x in (q, k, v, o, do))
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+    seg, lim = index_inputs(segment_ids, key_limit, N, M, causal)
     with on_device(q):
+        klq = key_limit_table(lim, M) if lim is not None and launchable(q) else None
         delta = _delta(o, do)
         # fp32 dQ for the atomics, contiguous (a 1-element placeholder when unused: the autotuner zeroes it)
         dq_acc = torch.zeros((B, H, N, D) if atomic else (1,), dtype=torch.float32, device=q.device)
         for part in batch_slices(B) if launchable(q) else ():   # meta: the allocations above, no launch
             acc = dq_acc[part] if atomic else dq_acc
+            idx = tuple(None if t is None else t[part] for t in (seg, lim, klq))
             _launch_bwd(do[part], q[part], k[part], v[part], lse[part], delta[part],
                         None if kpm is None else kpm[part], dq[part], dk[part], dv[part], acc,
-                        causal, scale, window, softcap, rule, config, atomic)
+                        causal, scale, window, softcap, rule, config, atomic, idx)
         if atomic:
             dq.copy_(dq_acc.mul_(float(scale) * ATTENTION_FACTORS[rule][0]))
     return dq, dk, dv
@@ -317,30 +365,32 @@ def _delta(o, do):
 
 
 def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale, window, softcap, rule, config,
-                atomic):
+                atomic, idx=(None, None, None)):
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     qk_factor, dv_factor = ATTENTION_FACTORS[rule]
     common = (H, H // Hkv, N, M, M - N, int(window or 0), float(scale), float(softcap or 1.0))
     flags = dict(
         HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, RULE=RULE_IDS[rule],
-        DOT_PRECISION=dot_precision(q.dtype),
+        HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, HAS_SEGMENTS=idx[0] is not None,
+        HAS_KEY_LIMIT=idx[1] is not None, RULE=RULE_IDS[rule], DOT_PRECISION=dot_precision(q.dtype),
     )
     kpm_arg = kpm if kpm is not None else q
     kpm_stride = kpm.stride(0) if kpm is not None else 0
+    seg_arg, kl_arg, klq_arg = (q if t is None else t for t in idx)
+    seg_stride, kl_stride, klq_stride = (0 if t is None else t.stride(0) for t in idx)
     bucket = length_bucket(max(N, M))
     dkdv_args = (
-        q, k, v, do, lse, delta, kpm_arg, dk, dv, dq_acc,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride,
-        *common, float(scale) * qk_factor, dv_factor, bucket,
+        q, k, v, do, lse, delta, kpm_arg, seg_arg, kl_arg, klq_arg, dk, dv, dq_acc,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride, seg_stride,
+        kl_stride, klq_stride, *common, float(scale) * qk_factor, dv_factor, bucket,
     )
     launch(attention_bwd_dkdv_kernel, _tuned_dkdv_atomic if atomic else _tuned_dkdv, "dkdv_atomic" if atomic else "dkdv",
            M, "BLOCK_N", Hkv, B, dkdv_args, dict(flags, DQ_ATOMIC=atomic), config, q.element_size())
     if not atomic and rule != "cp":
         dq_args = (
-            q, k, v, do, lse, delta, kpm_arg, dq,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride,
+            q, k, v, do, lse, delta, kpm_arg, seg_arg, kl_arg, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride, seg_stride, kl_stride,
             *common, float(scale) * qk_factor, bucket,
         )
         launch(attention_bwd_dq_kernel, _tuned_dq, "dq", N, "BLOCK_M", H, B, dq_args, flags, config,

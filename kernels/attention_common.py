@@ -1,13 +1,18 @@
 """Pieces shared by the attention forward and backward kernels.
 
-- which (query, key) pairs are visible (causal aligned to the end of the keys, sliding window,
-  key padding), decided per element from positions, never from an N x M mask tensor;
+- which (query, key) pairs are visible (causal aligned to the end of the keys or per-query key limits, sliding
+  window, key padding, segment ids), decided per element from positions and O(N + M) id / limit vectors, never
+  from an N x M mask tensor;
 - the logit transform (scale, optional softcap c * tanh(s / c)) and its derivative per rule;
 - the range of key blocks a query block can see (and of query blocks a key block is seen by),
   so that fully masked blocks are never visited;
 - launch configurations (one fixed config under the interpreter, autotuned lists on a GPU).
 
 Position convention: query i sits at position i + shift with shift = M - N, key j at position j.
+
+Segments (segment_ids (B, M), one id per key position): query i belongs to the segment of its position
+i + shift and sees only keys of that segment. Key limits (key_limit (B, N), causal only): query i sees the keys
+j <= key_limit[i], in place of j <= i + shift.
 """
 
 import os
@@ -35,6 +40,22 @@ def interpreting() -> bool:
 def head_dim_block(head_dim: int) -> int:
     """Head dims are padded to the next power of two (at least 16, for tl.dot) and masked."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def key_limit_table(key_limit, M: int):
+    """int32 (B, 2, M) for the dK/dV kernel's query loop under per-query key limits (key_limit (B, N) int32):
+    [:, 0, j] = the first query i whose running max of key_limit[:i+1] reaches j (no query before it sees key
+    j), [:, 1, j] = the first query from which every later key_limit reaches j (every query from there on sees
+    key j, as far as the limit goes). O(B * (N + M)) memory and work, computed on the tensors' device."""
+    import torch
+
+    B, N = key_limit.shape
+    keys = torch.arange(M, device=key_limit.device, dtype=key_limit.dtype).expand(B, M).contiguous()
+    running_max = torch.cummax(key_limit, dim=1).values.contiguous()
+    suffix_min = torch.cummin(key_limit.flip(1), dim=1).values.flip(1).contiguous()
+    first_seen = torch.searchsorted(running_max, keys, out_int32=True)
+    all_see = torch.searchsorted(suffix_min, keys, out_int32=True)
+    return torch.stack((first_seen, all_see), dim=1).contiguous()
 
 
 def dot_precision(dtype) -> str:
@@ -104,20 +125,89 @@ def key_mask(kpm_base, offs_n, M, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def visible(qpos, kpos, window, key_ok, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def visible(qpos, kpos, window, key_ok, q_seg, k_seg, q_limit, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+            HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr):
     """Visibility of key position kpos to query position qpos (broadcast blocks).
 
-    key_ok already holds bounds and padding for the keys; causal: kpos <= qpos; window W:
-    qpos - kpos < W, and kpos - qpos < W when not causal.
+    key_ok already holds bounds and padding for the keys; causal: kpos <= qpos, or kpos <= q_limit (the query's
+    key limit) with HAS_KEY_LIMIT; window W: qpos - kpos < W, and kpos - qpos < W when not causal; segments: the
+    query's segment id q_seg equals the key's k_seg. q_seg, k_seg, q_limit are unused without their flags.
     """
     keep = key_ok
     if IS_CAUSAL:
-        keep = keep & (kpos <= qpos)
+        if HAS_KEY_LIMIT:
+            keep = keep & (kpos <= q_limit)
+        else:
+            keep = keep & (kpos <= qpos)
     if HAS_WINDOW:
         keep = keep & (qpos - kpos < window)
         if not IS_CAUSAL:
             keep = keep & (kpos - qpos < window)
+    if HAS_SEGMENTS:
+        keep = keep & (q_seg == k_seg)
     return keep
+
+
+@triton.jit
+def key_segments(seg_base, offs_n, M, HAS_SEGMENTS: tl.constexpr):
+    """Segment ids of the keys offs_n (-1 past M, where key_mask hides them anyway); zeros (unused) without."""
+    if HAS_SEGMENTS:
+        seg = tl.load(seg_base + offs_n, mask=offs_n < M, other=-1)
+    else:
+        seg = tl.zeros_like(offs_n)
+    return seg
+
+
+@triton.jit
+def query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS: tl.constexpr):
+    """Segment ids of the queries offs_m: the ids of their key positions offs_m + shift (the launchers require
+    N <= M with segments, so those are in 0..M-1 for rows below N); zeros (unused) without."""
+    if HAS_SEGMENTS:
+        seg = tl.load(seg_base + offs_m + shift, mask=offs_m < N, other=-1)
+    else:
+        seg = tl.zeros_like(offs_m)
+    return seg
+
+
+@triton.jit
+def query_limits(kl_base, offs_m, N, HAS_KEY_LIMIT: tl.constexpr):
+    """Key limits of the queries offs_m (int32, clamped to -1..M-1 by the launchers; -1 past N: no key);
+    zeros (unused) without."""
+    if HAS_KEY_LIMIT:
+        lim = tl.load(kl_base + offs_m, mask=offs_m < N, other=-1)
+    else:
+        lim = tl.zeros_like(offs_m)
+    return lim
+
+
+@triton.jit
+def limited_key_range(q_limit, offs_m, N, M, lo, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key loop bounds of a query block under per-query key limits (which replace the causal bound): the end hi =
+    1 + the block's largest limit (at most M), and where the masked key blocks start (as masked_keys_from):
+    blocks wholly below 1 + the block's smallest limit are seen by every row; with a window every block keeps
+    the mask (end = lo)."""
+    in_rows = offs_m < N
+    hi = tl.minimum(tl.max(tl.where(in_rows, q_limit, -1), 0) + 1, M)
+    end = lo
+    if not HAS_WINDOW:
+        full = tl.minimum(tl.maximum(tl.min(tl.where(in_rows, q_limit, M), 0) + 1, 0), M)
+        # full >= 0, so // rounds down the same way in the interpreter and on the GPU
+        end = tl.minimum(tl.maximum((full // BLOCK_N) * BLOCK_N, lo), hi)
+    return hi, end
+
+
+@triton.jit
+def limited_query_range(klq_base, k_first, k_last, M, hi, BLOCK_M: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query loop bounds of a key block under per-query key limits, from the launcher's table (key_limit_table):
+    row 0 at key j holds the first query whose running max of limits reaches j (no earlier query sees j), row 1
+    the first query from which every later limit reaches j. Returns lo (rounded down to a block) and where the
+    masked query blocks end (as masked_queries_until; hi with a window)."""
+    lo = (tl.load(klq_base + k_first) // BLOCK_M) * BLOCK_M
+    start = hi
+    if not HAS_WINDOW:
+        first = tl.load(klq_base + M + k_last)
+        start = tl.minimum(tl.maximum(((first + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, lo), hi)
+    return lo, start
 
 
 @triton.jit

@@ -9,6 +9,13 @@ Cost for q (B, H, N, D), k/v (B, Hkv, M, D):
   memory reads Q once and K, V once per query block; writes O (B, H, N, D) and an fp32 LSE (B, H, N):
          no N x M buffer, extra memory O(N).
 Rows that see no key get O = 0 and LSE = +inf (so the backward's exp(S - LSE) is 0 for them).
+
+Segments and key limits (portable kernel only; forward_variant picks it when they are given): each program
+reads its rows' key limits (BLOCK_M int32) and, with segments, its rows' and each key block's segment ids.
+Key limits bound the key loop in-kernel (up to 1 + the block's largest limit; blocks below 1 + its smallest
+limit skip the mask), so the work stays that of causal attention plus the image blocks' extra keys. Segments
+do not bound the loop: every key block the other masks leave is visited and masked element-wise (correct for
+any id layout; packed sequences then cost as much as one causal sequence of their total length).
 """
 
 import os
@@ -35,12 +42,16 @@ from .attention_common import (
     interpreting,
     key_mask,
     key_range,
+    key_segments,
     launch,
     launchable,
     length_bucket,
+    limited_key_range,
     load_rows,
     masked_keys_from,
     on_device,
+    query_limits,
+    query_segments,
     resolve_config,
     store_rows,
     visible,
@@ -61,12 +72,16 @@ def online_softmax(s, m_i, l_i):
 
 @triton.jit
 def hide_keys(s, masked, qpos, offs_n, window, kpm_base, M, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-              HAS_KPM: tl.constexpr):
+              HAS_KPM: tl.constexpr, seg_base, q_seg, q_limit, HAS_SEGMENTS: tl.constexpr,
+              HAS_KEY_LIMIT: tl.constexpr):
     """Logits s (rows: queries at qpos; columns: keys offs_n) with the keys a row may not see at -inf: every
-    visibility rule where `masked` (a block the mask split could not clear), else key padding only."""
+    visibility rule where `masked` (a block the mask split could not clear), else key padding only. With
+    HAS_SEGMENTS / HAS_KEY_LIMIT: the rows' segment ids q_seg (BLOCK_M, 1) against those of the keys at
+    seg_base, and the rows' key limits q_limit (BLOCK_M, 1)."""
     if masked:
-        keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], IS_CAUSAL,
-                       HAS_WINDOW)
+        keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], q_seg,
+                       key_segments(seg_base, offs_n, M, HAS_SEGMENTS)[None, :], q_limit, IS_CAUSAL, HAS_WINDOW,
+                       HAS_SEGMENTS, HAS_KEY_LIMIT)
         s = tl.where(keep, s, float("-inf"))
     elif HAS_KPM:
         s = tl.where(key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], s, float("-inf"))
@@ -74,21 +89,24 @@ def hide_keys(s, masked, qpos, offs_n, window, kpm_base, M, IS_CAUSAL: tl.conste
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, offs_m, lo, hi, masked_from,
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, q_seg, q_limit, offs_m, lo, hi, masked_from,
                stride_kn, stride_kd, stride_vn, stride_vd,
                M, shift, window, scale, softcap,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               HAS_KPM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               HAS_KPM: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
     """Online-softmax accumulation (base 2) over the key blocks [lo, hi). Blocks before `masked_from` are known
     to be whole and visible to every row, so they skip the mask (key padding still applies): a uniform branch in
-    one loop rather than two loops, which costs registers (spills at D = 64 in Triton 3.6)."""
+    one loop rather than two loops, which costs registers (spills at D = 64 in Triton 3.6). q_seg, q_limit: the
+    rows' segment ids and key limits, (BLOCK_M, 1) (unused without HAS_SEGMENTS / HAS_KEY_LIMIT)."""
     qpos = offs_m[:, None] + shift
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_rows(k_base, start_n, M, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
         s, _u, _t = base2_logits(tl.dot(q, kt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
-        s = hide_keys(s, start_n >= masked_from, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM)
+        s = hide_keys(s, start_n >= masked_from, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM,
+                      seg_base, q_seg, q_limit, HAS_SEGMENTS, HAS_KEY_LIMIT)
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         v = load_rows(v_base, start_n, M, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, False)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -122,16 +140,16 @@ def store_lse(lse_row, lse, q_first, N, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, KPM,
+    Q, K, V, O, LSE, KPM, SEG, KL,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    stride_kpm_b,
+    stride_kpm_b, stride_seg_b, stride_kl_b,
     H, GROUP, N, M, shift, window, scale, softcap, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     q_first = fwd_block_start(BLOCK_M, IS_CAUSAL)
@@ -145,15 +163,24 @@ def attention_fwd_kernel(
     q_last = tl.minimum(q_first + BLOCK_M, N) - 1
     lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     masked_from = masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
+    seg_base = SEG + b.to(tl.int64) * stride_seg_b
+    q_seg = query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS)
+    q_limit = query_limits(KL + b.to(tl.int64) * stride_kl_b, offs_m, N, HAS_KEY_LIMIT)
+    if HAS_KEY_LIMIT:   # the limits replace the causal bound (key_limit requires causal)
+        hi, masked_from = limited_key_range(q_limit, offs_m, N, M, lo, BLOCK_N, HAS_WINDOW)
+    if HAS_SEGMENTS:    # any id layout: every visited block takes the mask
+        masked_from = lo
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, head_base(K, b, hk, stride_kb, stride_kh), head_base(V, b, hk, stride_vb, stride_vh),
-        KPM + b.to(tl.int64) * stride_kpm_b, offs_m, lo, hi, masked_from, stride_kn, stride_kd, stride_vn, stride_vd,
+        KPM + b.to(tl.int64) * stride_kpm_b, seg_base, q_seg[:, None], q_limit[:, None], offs_m, lo, hi,
+        masked_from, stride_kn, stride_kd, stride_vn, stride_vd,
         M, shift, window, scale, softcap,
-        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, DOT_PRECISION,
+        HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, HAS_SEGMENTS, HAS_KEY_LIMIT,
+        DOT_PRECISION,
     )
     o, lse = normalise(acc, l_i, m_i)
     # O by pointer stores: the warp specialisation splits the rows between the consumer warpgroups, and Triton
@@ -176,7 +203,8 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, kpm_base, b, hk, offs_m, lo
         k = k_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         s, _u, _t = base2_logits(tl.dot(q, k.T), scale, softcap, HAS_SOFTCAP)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        s = hide_keys(s, MASKED, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM)
+        s = hide_keys(s, MASKED, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM, kpm_base, 0, 0,
+                      False, False)
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
         v = v_desc.load([b, hk, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -231,14 +259,14 @@ def attention_fwd_tma_kernel(
 
 
 TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "GROUP", "N_BUCKET"]
-_tuned_fwd = autotuned(attention_fwd_kernel, "fwd", key=TUNE_KEY)
+_tuned_fwd = autotuned(attention_fwd_kernel, "fwd", key=TUNE_KEY + ["HAS_SEGMENTS", "HAS_KEY_LIMIT"])
 _tuned_fwd_tma = autotuned(attention_fwd_tma_kernel, "fwd_tma", key=TUNE_KEY + ["WARP_SPECIALIZE"])
 _tuned_fwd_ws = autotuned(attention_fwd_tma_kernel, "fwd_ws", key=TUNE_KEY + ["WARP_SPECIALIZE"])
 
 # Which forward kernel runs: "portable" (pointer loads, any GPU and Triton >= 3.4), "tma" (tensor descriptors,
 # Hopper, Triton >= 3.6), "hopper" (tensor descriptors and a warp-specialised loop, Hopper, Triton 3.6), or "auto":
 # the first of "hopper", "tma", "portable" these tensors and this machine can take. ATTNLRP_FAST_FWD sets it when
-# the caller does not.
+# the caller does not. Segment ids and per-query key limits run on "portable" only ("auto" picks it for them).
 FWD_VARIANTS = ("auto", "portable", "tma", "hopper")
 # Triton's Hopper warp specialisation is experimental: 3.6 (the GPU machines' version) compiles this kernel's
 # loop; 3.9 fails on it (it splits the Q descriptor copy between the consumers). Other versions take "tma".
@@ -249,16 +277,22 @@ def _triton_version():
     return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def forward_variant(q, k, v, key_padding_mask=None, variant=None) -> str:
+def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids=None, key_limit=None) -> str:
     """The forward kernel for these tensors: "portable", "tma" or "hopper" (see FWD_VARIANTS). Asking for a
     descriptor variant the tensors or the machine cannot take is an error that says why; "auto" falls back
-    (and under the interpreter, where only tests force the others, is "portable")."""
+    (and under the interpreter, where only tests force the others, is "portable"). The descriptor variants
+    take no segment_ids or key_limit: "auto" is "portable" with them."""
     asked = (variant or os.environ.get("ATTNLRP_FAST_FWD", "auto")).strip().lower() or "auto"
     if asked not in FWD_VARIANTS:
         raise ValueError(f"the forward variant must be one of {', '.join(FWD_VARIANTS)}, got {asked!r} "
                          "(argument or ATTNLRP_FAST_FWD)")
     if asked == "portable" or (asked == "auto" and interpreting()):
         return "portable"
+    if segment_ids is not None or key_limit is not None:
+        if asked == "auto":
+            return "portable"
+        raise ValueError(f"forward variant {asked!r} cannot run here: it takes no segment_ids or key_limit "
+                         "(the 'portable' forward does)")
     for candidate in (("hopper", "tma") if asked == "auto" else (asked,)):
         reason = descriptor_path_unsupported(q, k, v, key_padding_mask, warp_specialize=candidate == "hopper")
         if reason is None:
@@ -303,9 +337,12 @@ def descriptor_device_unsupported(device):
 
 
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                  config=None, variant=None):
+                  config=None, variant=None, segment_ids=None, key_limit=None):
     """Launch the forward. q (B,H,N,D), k/v (B,Hkv,M,D) of one dtype and device, any strides;
     key_padding_mask: uint8/bool (B, M), nonzero = real key. Returns O (B,H,N,D) and LSE (B,H,N) fp32.
+    segment_ids: int (B, M), one id per key position (query i has the id of position i + M - N; needs N <= M):
+    queries see the keys of their segment only. key_limit: int (B, N), causal only: query i sees the keys
+    j <= key_limit[:, i] in place of j <= i + M - N. Both take the "portable" kernel.
 
     config: optional {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} overriding the tuned choice (or such a
     dict under the key "fwd"). variant: the kernel (FWD_VARIANTS; None: ATTNLRP_FAST_FWD, else "auto").
@@ -317,15 +354,34 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
         return o, lse
     q, k, v = (fit_int32_tiles(x) for x in (q, k, v))
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
-    variant = forward_variant(q, k, v, kpm, variant)
-    run = _launch_fwd if variant == "portable" else partial(_launch_fwd_tma, warp_specialize=variant == "hopper")
+    seg, lim = index_inputs(segment_ids, key_limit, N, k.shape[2], causal)
+    variant = forward_variant(q, k, v, kpm, variant, segment_ids=seg, key_limit=lim)
+    if variant == "portable":
+        run = partial(_launch_fwd, seg=seg, lim=lim)
+    else:
+        run = partial(_launch_fwd_tma, warp_specialize=variant == "hopper")
     if not launchable(q):
         return o, lse
     with on_device(q):
         for part in batch_slices(B):
             run(q[part], k[part], v[part], o[part], lse[part], None if kpm is None else kpm[part], causal, scale,
-                window, softcap, config)
+                window, softcap, config, part=part)
     return o, lse
+
+
+def index_inputs(segment_ids, key_limit, N, M, causal):
+    """segment_ids (B, M) and key_limit (B, N) as the kernels read them: contiguous rows, segment ids in their
+    own integer dtype (compared for equality only), key limits int32 clamped to -1..M-1 (the same visibility:
+    no key, or every key, lies beyond those; int32 then holds every value). Checks what the kernels rely on."""
+    if segment_ids is not None:
+        if N > M:
+            raise ValueError(f"segment_ids needs N <= M (query i sits at key position i + M - N), got N={N}, M={M}")
+        segment_ids = segment_ids.contiguous()
+    if key_limit is not None:
+        if not causal:
+            raise ValueError("key_limit replaces the causal bound: it needs causal=True")
+        key_limit = key_limit.clamp(-1, max(M - 1, -1)).to(torch.int32).contiguous()
+    return segment_ids, key_limit
 
 
 def _scalars(q, k, kpm, window, scale, softcap):
@@ -341,15 +397,20 @@ def _flags(q, kpm, causal, window, softcap):
                 HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None)
 
 
-def _launch_fwd(q, k, v, o, lse, kpm, causal, scale, window, softcap, config):
-    args = (q, k, v, o, lse, kpm if kpm is not None else q, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            *_scalars(q, k, kpm, window, scale, softcap))
-    flags = dict(_flags(q, kpm, causal, window, softcap), DOT_PRECISION=dot_precision(q.dtype))
+def _launch_fwd(q, k, v, o, lse, kpm, causal, scale, window, softcap, config, *, seg=None, lim=None, part=None):
+    seg = None if seg is None else seg[part]
+    lim = None if lim is None else lim[part]
+    kpm_stride, *rest = _scalars(q, k, kpm, window, scale, softcap)
+    args = (q, k, v, o, lse, kpm if kpm is not None else q, seg if seg is not None else q,
+            lim if lim is not None else q, *q.stride(), *k.stride(), *v.stride(), *o.stride(), kpm_stride,
+            seg.stride(0) if seg is not None else 0, lim.stride(0) if lim is not None else 0, *rest)
+    flags = dict(_flags(q, kpm, causal, window, softcap), HAS_SEGMENTS=seg is not None, HAS_KEY_LIMIT=lim is not None,
+                 DOT_PRECISION=dot_precision(q.dtype))
     launch(attention_fwd_kernel, _tuned_fwd, "fwd", q.shape[2], "BLOCK_M", q.shape[1], q.shape[0], args, flags,
            config, q.element_size())
 
 
-def _launch_fwd_tma(q, k, v, o, lse, kpm, causal, scale, window, softcap, config, *, warp_specialize):
+def _launch_fwd_tma(q, k, v, o, lse, kpm, causal, scale, window, softcap, config, *, warp_specialize, part=None):
     """The descriptor forward. Descriptors are made with the configuration's block shapes (under the autotuner,
     its pre-hook sets them per candidate: set_descriptor_blocks)."""
     block_d = head_dim_block(q.shape[-1])

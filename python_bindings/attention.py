@@ -1,8 +1,9 @@
 """torch.library custom ops for attention: forward, backward per rule, autograd, backend dispatch.
 
-  attnlrp_fast::attention_fwd(q, k, v, kpm?, causal, scale, window, softcap, rule, backend) -> (o, lse)
-  attnlrp_fast::attention_bwd(do, q, k, v, o, lse, kpm?, causal, scale, window, softcap, rule, backend)
-      -> (dq, dk, dv)
+  attnlrp_fast::attention_fwd(q, k, v, kpm?, causal, scale, window, softcap, rule, backend, segment_ids?=None,
+                              key_limit?=None) -> (o, lse)
+  attnlrp_fast::attention_bwd(do, q, k, v, o, lse, kpm?, causal, scale, window, softcap, rule, backend,
+                              segment_ids?=None, key_limit?=None) -> (dq, dk, dv)
 
 `window` 0 and `softcap` 0.0 mean "none" (the schema has no optional scalars). The forward is the same
 for every rule; the rule only picks the backward. Both ops have fake implementations, so torch.compile
@@ -31,14 +32,16 @@ def _opt(window: int, softcap: float):
 @torch.library.custom_op("attnlrp_fast::attention_fwd", mutates_args=())
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                      causal: bool, scale: float, window: int, softcap: float, rule: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                     backend: str, segment_ids: Optional[torch.Tensor] = None,
+                     key_limit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
     fwd = pick(triton_fwd, torch_path.attention_fwd_torch, q, backend)
-    return fwd(q, k, v, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap)
+    return fwd(q, k, v, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap,
+               segment_ids=segment_ids, key_limit=key_limit)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend):
+def _(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids=None, key_limit=None):
     B, H, N, D = q.shape   # contiguous, as dispatch.pick returns every path's results
     return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -47,38 +50,58 @@ def _(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend):
 def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                      lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float,
                      window: int, softcap: float, rule: str,
-                     backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     backend: str, segment_ids: Optional[torch.Tensor] = None,
+                     key_limit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
     bwd = pick(triton_bwd, torch_path.attention_bwd_torch, q, backend)
     return bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap,
-               rule=rule)
+               rule=rule, segment_ids=segment_ids, key_limit=key_limit)
 
 
 @attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, window, softcap, rule, backend):
+def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids=None,
+      key_limit=None):
     # contiguous, as dispatch.pick returns every path's results
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend = inputs
+    q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids, key_limit = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, segment_ids, key_limit)
     ctx.options = (causal, scale, window, softcap, rule, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(do, q, k, v, o, lse, key_padding_mask, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, o, lse, key_padding_mask, segment_ids, key_limit = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(do, q, k, v, o, lse, key_padding_mask, *ctx.options, segment_ids, key_limit)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("attnlrp_fast::attention_fwd", _backward, setup_context=_setup_context)
 
 
+def segment_ids_from_cu_seqlens(cu_seqlens, total):
+    """Segment ids (1, total) int32 of packed variable-length sequences: cu_seqlens int (S + 1,), nondecreasing
+    from 0, sequence s holding positions cu_seqlens[s] .. cu_seqlens[s + 1] - 1; positions from cu_seqlens[-1]
+    to total (padding after the last sequence) get the id S, a segment of their own. For attention(...,
+    segment_ids=...) on q, k, v packed along the sequence dim with batch size 1."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got "
+                        f"{cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape (S + 1,), got {tuple(cu_seqlens.shape)}")
+    if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+        raise ValueError(f"total must be a non-negative int, got {total!r}")
+    positions = torch.arange(total, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    # sequence s holds cu[s] <= t < cu[s + 1]: the number of ends cu[1:] at or before t
+    ids = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+    return ids.to(torch.int32)[None]
+
+
 def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, softcap=None,
-              key_padding_mask=None, backend=None):
+              key_padding_mask=None, backend=None, segment_ids=None, key_limit=None):
     """Scaled dot-product attention whose backward follows an explanation rule.
 
     q (B, H, N, D); k, v (B, Hkv, M, D) with H % Hkv == 0 (grouped-query attention without copying
@@ -90,11 +113,17 @@ def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, so
     window=W: also (i + M - N) - j < W, and j - (i + M - N) < W when not causal.
     softcap=c: logits -> c * tanh(logits / c). key_padding_mask: bool (B, M), True = real token.
     scale: defaults to 1 / sqrt(D). backend: None (auto) | "triton" | "torch".
+    segment_ids: int32/int64 (B, M), one id per key position; query i has the id of its position i + M - N
+    (needs N <= M) and sees only keys with the same id (packed sequences: segment_ids_from_cu_seqlens).
+    key_limit: int32/int64 (B, N), needs causal=True: query i sees the keys j <= key_limit[b, i] in place of the
+    causal j <= i + M - N (e.g. key_limit[b, i] = the end of the image block holding query i, i + M - N
+    elsewhere). Both combine with window, softcap, key_padding_mask and with each other; memory stays O(N + M).
     A query row that sees no key outputs zeros and gets zero gradient.
     """
-    check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend)
+    check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend,
+                              segment_ids=segment_ids, key_limit=key_limit)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
     o, _ = attention_fwd_op(q, k, v, key_padding_mask, causal, float(scale), int(window or 0),
-                            float(softcap or 0.0), rule, backend or "auto")
+                            float(softcap or 0.0), rule, backend or "auto", segment_ids, key_limit)
     return o

@@ -82,7 +82,22 @@ def _check_mask(key_padding_mask, q, k):
         raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but q is on {q.device}")
 
 
-def check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend):
+def _check_index_tensor(name, t, shape, what, q):
+    """An int32/int64 tensor of `shape` on q's device (segment_ids, key_limit)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 or int64 tensor {what}, got {type(t).__name__}")
+    if t.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must have dtype torch.int32 or torch.int64, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {what} = {shape}, got {tuple(t.shape)}")
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+def check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend, *,
+                              segment_ids=None, key_limit=None):
     """Everything attention() takes, checked against its contract (README, the af.attention arguments)."""
     _check_qkv(q, k, v)
     check_flag("causal", causal)
@@ -96,6 +111,13 @@ def check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key
                                 or not math.isfinite(softcap) or softcap <= 0):
         raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     _check_mask(key_padding_mask, q, k)
+    B, N, M = q.shape[0], q.shape[2], k.shape[2]
+    _check_index_tensor("segment_ids", segment_ids, (B, M), "(B, M)", q)
+    if segment_ids is not None and N > M:
+        raise ValueError(f"segment_ids needs N <= M (query i sits at key position i + M - N), got N={N}, M={M}")
+    _check_index_tensor("key_limit", key_limit, (B, N), "(B, N)", q)
+    if key_limit is not None and not causal:
+        raise ValueError("key_limit replaces the causal bound: it needs causal=True")
     check_backend(backend)
     D = q.shape[3]
     if D > MAX_TRITON_HEAD_DIM and uses_triton(q.device, q.dtype, backend):

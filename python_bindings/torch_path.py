@@ -2,8 +2,8 @@
 off (and float64 anywhere).
 
 Attention runs on torch's fused flash attention for CPU (below: the exact gradients times the rules' factors of
-kernels/rules.py), or, with a window or softcap, processes queries in chunks with the kernels' explicit formulas;
-memory stays linear in N either way (never an N x M tensor). The norm, GLU and activation functions mirror
+kernels/rules.py), or, with a window, softcap, segment ids or key limits, processes queries in chunks with the
+kernels' explicit formulas; memory stays linear in N either way (never an N x M tensor). The norm, GLU and activation functions mirror
 kernels/norm.py and kernels/glu.py. Computation in float32 (float64 for float64 inputs). The float64 oracles the tests compare
 this path with live apart, in attnlrp_fast/reference.py, and share no code with it.
 """
@@ -19,13 +19,16 @@ from ..kernels.rules import ATTENTION_FACTORS, SOFTCAP_IDENTITY
 CHUNK_ELEMENTS = 1 << 23
 
 
-def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None, device=None):
+def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None, device=None, segment_ids=None,
+                 key_limit=None):
     """Bool mask (B or 1, 1, P, M): may query row i (position i + m - n) see key j? rows: P row indices shared
-    by the batch, or (B, P), rows per batch element."""
-    qpos = (torch.as_tensor(rows, device=device) + (m - n))[..., None]
+    by the batch, or (B, P), rows per batch element. segment_ids (B, M): only keys with the id of the row's
+    position (n <= m); key_limit (B, N), causal only: j <= key_limit[b, i] in place of j <= i + m - n."""
+    row_idx = torch.as_tensor(rows, device=device)
+    qpos = (row_idx + (m - n))[..., None]
     kpos = torch.arange(m, device=device)
     keep = torch.ones(qpos.shape[:-1] + (m,), dtype=torch.bool, device=device)
-    if causal:
+    if causal and key_limit is None:
         keep &= kpos <= qpos
     if window is not None:
         keep &= qpos - kpos < window
@@ -34,6 +37,16 @@ def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None
     keep = keep[None, None] if keep.dim() == 2 else keep[:, None]
     if key_padding_mask is not None:
         keep = keep & key_padding_mask[:, None, None, :].to(device=keep.device, dtype=torch.bool)
+    if segment_ids is not None or key_limit is not None:
+        batch = (segment_ids if segment_ids is not None else key_limit).shape[0]
+        per_row = row_idx.expand(batch, row_idx.shape[-1]).long()     # (B, P)
+        if key_limit is not None and causal:
+            limit = torch.gather(key_limit.to(device=keep.device).long(), 1, per_row)
+            keep = keep & (kpos <= limit[..., None])[:, None]
+        if segment_ids is not None:
+            seg = segment_ids.to(device=keep.device)
+            row_seg = torch.gather(seg, 1, per_row + (m - n))             # the ids of the rows' positions
+            keep = keep & (row_seg[:, :, None] == seg[:, None, :])[:, None]
     return keep
 
 
@@ -49,17 +62,18 @@ def _chunk_rows(B, H, N, M, chunk):
     return [(i, min(i + chunk, N)) for i in range(0, N, chunk)]
 
 
-def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask):
+def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask, segment_ids=None, key_limit=None):
     """Raw logits u, transformed logits s and visibility for the query rows `rows`.
     qc (B, Hkv, G, C, D), k (B, Hkv, M, D) -> (B, Hkv, G, C, M) blocks."""
     u = scale * (qc @ k[:, :, None].transpose(-1, -2))
     s = u if softcap is None else softcap * torch.tanh(u / softcap)
-    keep = visible_keys(rows, N, M, causal=causal, window=window, key_padding_mask=key_padding_mask, device=qc.device)
+    keep = visible_keys(rows, N, M, causal=causal, window=window, key_padding_mask=key_padding_mask, device=qc.device,
+                        segment_ids=segment_ids, key_limit=key_limit)
     return u, s, keep[:, :, None]
 
 
 def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                           chunk=None):
+                           chunk=None, segment_ids=None, key_limit=None):
     """Chunked forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key)."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -71,7 +85,7 @@ def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scal
     lse = torch.empty((B, Hkv, G, N), dtype=torch.float32, device=q.device)
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
         _, s, keep = _scores(qg[:, :, :, i0:i1], kc, range(i0, i1), N, M, scale, softcap, causal, window,
-                                key_padding_mask)
+                             key_padding_mask, segment_ids, key_limit)
         s = s.masked_fill(~keep, float("-inf"))
         lse_c = torch.logsumexp(s, dim=-1)
         lse_c = lse_c.masked_fill(lse_c == float("-inf"), float("inf"))
@@ -82,7 +96,7 @@ def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scal
 
 
 def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                           softcap=None, rule="grad", chunk=None):
+                           softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None):
     """Chunked backward under `rule`; the formulas of kernels/attention_bwd.py (o is not needed: delta comes
     from each chunk's P and dP)."""
     B, H, N, D = q.shape
@@ -99,7 +113,8 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
     dv = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
         qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
-        u, s, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask)
+        u, s, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask,
+                             segment_ids, key_limit)
         p = torch.where(keep, torch.exp(s - lseg[:, :, :, i0:i1, None]), 0.0)
         dv += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
         if rule == "cp":
@@ -136,9 +151,11 @@ _FUSED_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
-def fused_eligible(q, k, window, softcap, chunk=None):
-    """Whether torch's fused CPU attention computes this call (else the chunked path)."""
+def fused_eligible(q, k, window, softcap, chunk=None, segment_ids=None, key_limit=None):
+    """Whether torch's fused CPU attention computes this call (else the chunked path: windows, softcaps, segment
+    ids and key limits would need an N x M mask there)."""
     return (_FUSED_FWD is not None and chunk is None and window is None and softcap is None
+            and segment_ids is None and key_limit is None
             and q.device.type == "cpu" and q.shape[2] > 0 and k.shape[2] > 0)
 
 
@@ -225,22 +242,24 @@ def _scaled(x, factor, dtype):
 
 
 def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                        chunk=None):
+                        chunk=None, segment_ids=None, key_limit=None):
     """The CPU forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key), on torch's
-    fused attention where it applies (fused_eligible), else in query chunks (also when `chunk` is given)."""
-    if fused_eligible(q, k, window, softcap, chunk):
+    fused attention where it applies (fused_eligible), else in query chunks (also when `chunk` is given).
+    segment_ids (B, M) and key_limit (B, N, causal only): as af.attention; they take the chunked path."""
+    if fused_eligible(q, k, window, softcap, chunk, segment_ids, key_limit):
         return _attention_fwd_fused(q, k, v, key_padding_mask, causal, scale)
     return _attention_fwd_chunked(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
-                                  softcap=softcap, chunk=chunk)
+                                  softcap=softcap, chunk=chunk, segment_ids=segment_ids, key_limit=key_limit)
 
 
 def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                        softcap=None, rule="grad", chunk=None):
+                        softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None):
     """The CPU backward under `rule`: dq, dk, dv, on the path the forward took."""
-    if fused_eligible(q, k, window, softcap, chunk):
+    if fused_eligible(q, k, window, softcap, chunk, segment_ids, key_limit):
         return _attention_bwd_fused(do, q, k, v, o, lse, key_padding_mask, causal, scale, rule)
     return _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=window,
-                                  softcap=softcap, rule=rule, chunk=chunk)
+                                  softcap=softcap, rule=rule, chunk=chunk, segment_ids=segment_ids,
+                                  key_limit=key_limit)
 
 
 # --- norms, GLU products, activations: the formulas of kernels/norm.py and kernels/glu.py ---
