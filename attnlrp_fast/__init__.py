@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 # public name -> (module, attribute), imported on first access
 _PUBLIC = {
     "attention": (".bindings.attention", "attention"),
+    "segment_ids_from_cu_seqlens": (".bindings.attention", "segment_ids_from_cu_seqlens"),
     "MemoryEstimate": (".estimate", "MemoryEstimate"),
     "estimate_memory": (".estimate", "estimate_memory"),
     "Explanation": (".explanation", "Explanation"),
@@ -34,7 +35,8 @@ _PUBLIC = {
 }
 
 __all__ = ["attention", "lrp", "explain", "contrast", "Contrast", "Explanation", "LRPHandle", "UnsupportedModelError",
-           "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate", "__version__"]
+           "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate", "segment_ids_from_cu_seqlens",
+           "__version__"]
 
 _TRANSFORMERS_MODULE = "transformers.modeling_utils"   # holds AttentionInterface; imports masking_utils
 

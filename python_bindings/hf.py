@@ -4,12 +4,19 @@ The attention function goes into transformers' AttentionInterface and a mask fun
 AttentionMaskInterface, both under the name "attnlrp_fast". The mask function never builds an N x M mask: it
 returns the (B, M) padding mask (or None when nothing is padded), like the flash-attention path does, and
 the attention function turns the module's flags (is_causal, sliding_window, softcap, scaling) into kernel
-arguments. Mask patterns that flags cannot express (packed sequences, bidirectional image-token blocks,
-chunked attention, static caches) raise NotImplementedError instead of computing something else.
+arguments. Two patterns beyond those flags go to the kernel as per-token arrays, never as an N x M mask, in a
+KernelMask the attention function unpacks: packed sequences (transformers' packed-sequence mask: one segment id
+per token, a query sees only its own segment) and bidirectional image-token blocks inside a causal sequence
+(transformers' blockwise overlay, Gemma 3: a query in a block sees every key up to the block's end). Patterns that
+neither expresses (chunked attention, a model's own mask functions, static caches) raise NotImplementedError
+instead of computing something else.
 
 The rule of a module's backward is read from `module.attnlrp_fast_rule` ("grad" unless af.lrp() set it),
 the backend from `module.attnlrp_fast_backend`.
 """
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -29,27 +36,80 @@ _EXPRESSIBLE = (
 )
 _COMBINATIONS = ("and_masks.<locals>.and_mask", "remap_positions_for_packed_sequence.<locals>.inner_mask")
 _PACKED = "packed_sequence_mask_function.<locals>.inner_mask"
+_UNION = "or_masks.<locals>.or_mask"
+_BLOCKS = "blockwise_overlay.<locals>.inner_mask"
+
+
+@dataclass
+class KernelMask:
+    """The mask function's answer when flags are not enough: the (B, M) padding mask, (B, M) segment ids of packed
+    sequences, (B, N) last key each query may see (image-token blocks). Moves with .to() like a tensor (accelerate
+    sends the masks to each layer's device)."""
+    key_padding_mask: Optional[torch.Tensor] = None
+    segment_ids: Optional[torch.Tensor] = None
+    key_limit: Optional[torch.Tensor] = None
+
+    def to(self, *args, **kwargs):
+        """The same mask on another device (a dtype asked for is ignored: these are ids and flags)."""
+        device = kwargs.get("device", next((a for a in args if isinstance(a, (str, torch.device))), None))
+        if device is None:
+            return self
+        return KernelMask(*(None if t is None else t.to(device) for t in
+                            (self.key_padding_mask, self.segment_ids, self.key_limit)))
 
 
 def _mask_parts(fn):
-    """The building blocks of a transformers mask function: intersections (and_masks) and the position remapping of
+    """The building blocks of a transformers mask function: names, plus ("segments", ids) for packed sequences and
+    ("blocks", ids) for bidirectional image-token blocks. Intersections (and_masks) and the position remapping of
     packed sequences are opened (their closures hold the parts); a packed-sequence mask whose rows each hold one
     sequence is no constraint and drops out (transformers builds one whenever it cannot look at the positions'
-    values: when torch.compile traces it)."""
+    values: when torch.compile traces it); a union is opened only as causal (or sliding-window causal) OR blocks."""
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
     cells = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())]
+    inner = [f for contents in cells for f in (contents if isinstance(contents, (tuple, list)) else (contents,))
+             if callable(f) and not isinstance(f, torch.Tensor)]
     if name in _COMBINATIONS and cells:
-        parts = []
-        for contents in cells:
-            for inner in contents if isinstance(contents, (tuple, list)) else (contents,):
-                if callable(inner) and not isinstance(inner, torch.Tensor):
-                    parts.extend(_mask_parts(inner))
-        return parts
+        return [part for f in inner for part in _mask_parts(f)]
     if name == _PACKED and len(cells) == 1 and isinstance(cells[0], torch.Tensor):
         segments = cells[0]
         if segments.dim() == 2 and bool((segments == segments[:, :1]).all()):
             return []
+        return [("segments", segments)]
+    if name == _BLOCKS and len(cells) == 1 and isinstance(cells[0], torch.Tensor):
+        return [("blocks", cells[0])]
+    if name == _UNION and len(inner) == 2:
+        parts = [_mask_parts(f) for f in inner]
+        blocks = [p for p in parts if len(p) == 1 and isinstance(p[0], tuple) and p[0][0] == "blocks"]
+        rest = [p for p in parts if p not in blocks]
+        causal = ("causal_mask_function", "sliding_window_overlay.<locals>.inner_mask")
+        if len(blocks) == 1 and len(rest) == 1 and "causal_mask_function" in rest[0] and \
+                all(isinstance(p, str) and p in causal for p in rest[0]):
+            return rest[0] + blocks[0]
     return [name]
+
+
+def _block_key_limit(blocks, q_offset, q_length, kv_offset, kv_length, window):
+    """(B, q_length) last key index each query sees under causal OR same-image-block: a block's own last position
+    for its tokens, the query's own position for the others. blocks: (B, >= kv_offset + kv_length) block id per
+    position, -1 for text. With a sliding window a block longer than the window is refused (causal AND window OR
+    block is then not window AND key limit)."""
+    total = kv_offset + kv_length
+    ids = torch.nn.functional.pad(blocks, (0, max(0, total - blocks.shape[-1])), value=-1)[:, :total]
+    positions = torch.arange(total, device=ids.device).expand_as(ids)
+    last = torch.ones_like(ids, dtype=torch.bool)
+    last[:, :-1] = ids[:, 1:] != ids[:, :-1]
+    ends = torch.where(last, positions, torch.full_like(positions, total))
+    ends = torch.flip(torch.cummin(torch.flip(ends, [1]), dim=1).values, [1])     # the next block end at or after t
+    if window is not None:
+        first = torch.ones_like(last)
+        first[:, 1:] = last[:, :-1]                                                  # a run starts after a run's end
+        starts = torch.cummax(torch.where(first, positions, torch.zeros_like(positions)), dim=1).values
+        if bool(((ends - starts + 1 > window) & (ids >= 0)).any()):
+            raise NotImplementedError(f"attn_implementation='{NAME}': an image block longer than the sliding window "
+                                      f"({window}) cannot be expressed; use attn_implementation='sdpa'")
+    q = slice(q_offset, q_offset + q_length)
+    limit = torch.where(ids[:, q] >= 0, ends[:, q], positions[:, q]) - kv_offset
+    return limit.clamp(max=kv_length - 1).to(torch.int32)
 
 
 def _traced_mask_parts(fn, use_vmap, config):
@@ -74,6 +134,8 @@ def attnlrp_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
         parts = _traced_mask_parts(mask_function, kwargs.get("use_vmap", False), kwargs.get("config"))
     else:
         parts = _mask_parts(mask_function)
+    extras = dict(p for p in parts if isinstance(p, tuple))
+    parts = [p for p in parts if not isinstance(p, tuple)]
     unsupported = [p for p in parts if p not in _EXPRESSIBLE]
     if unsupported:
         raise NotImplementedError(
@@ -87,12 +149,24 @@ def attnlrp_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
         raise NotImplementedError(
             f"attn_implementation='{NAME}' aligns queries with the end of the keys; this cache holds keys up to "
             f"position {kv_end} for queries ending at {q_end} (a static cache?). Use a DynamicCache (the default).")
-    if attention_mask is None:
-        return None
-    attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
-    if attention_mask.shape[1] != kv_length:
-        raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, the attention sees {kv_length}")
-    return None if bool(attention_mask.all()) else attention_mask
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
+        if attention_mask.shape[1] != kv_length:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, the attention sees {kv_length}")
+        attention_mask = None if bool(attention_mask.all()) else attention_mask
+    if not extras:
+        return attention_mask
+    segments = extras.get("segments")
+    if segments is not None:
+        segments = segments[:, -kv_length:].to(torch.int32).expand(batch_size, -1)
+    limit = None
+    if "blocks" in extras:
+        config = kwargs.get("config")
+        window = getattr(config, "sliding_window", None) if "sliding_window_overlay.<locals>.inner_mask" in parts \
+            else None
+        limit = _block_key_limit(extras["blocks"].expand(batch_size, -1), int(q_offset), int(q_length),
+                                 int(kv_offset), int(kv_length), window)
+    return KernelMask(attention_mask, segments, limit)
 
 
 def attention_modules(model):
@@ -110,8 +184,10 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
     for name in ("s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attn_implementation='{NAME}' does not support {name}")
-    kpm = None
-    if attention_mask is not None:
+    kpm = segment_ids = key_limit = None
+    if isinstance(attention_mask, KernelMask):
+        kpm, segment_ids, key_limit = attention_mask.key_padding_mask, attention_mask.segment_ids, attention_mask.key_limit
+    elif attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(
                 f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
@@ -125,9 +201,16 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
                             f"attn_implementation='{NAME}': these position ids pack several sequences into one row, "
                             "which it cannot express; use attn_implementation='sdpa' for packed batches")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    extra = {}
+    if segment_ids is not None:
+        extra["segment_ids"] = segment_ids
+    if key_limit is not None:
+        if not causal:
+            raise NotImplementedError(f"attn_implementation='{NAME}': image-token blocks in a bidirectional layer")
+        extra["key_limit"] = key_limit
     out = attention(query, key, value, causal=bool(causal), scale=scaling, window=sliding_window, softcap=softcap,
                     key_padding_mask=kpm, rule=getattr(module, RULE_ATTR, "grad"),
-                    backend=getattr(module, BACKEND_ATTR, None))
+                    backend=getattr(module, BACKEND_ATTR, None), **extra)
     return out.transpose(1, 2), None
 
 

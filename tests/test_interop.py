@@ -156,17 +156,17 @@ def test_inductor_backward_through_the_ops_gives_the_eager_relevance():
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_position_ids_are_refused_compiled_and_eager():
+def test_packed_position_ids_are_refused_compiled_and_segmented_eager():
     model, ids = _frozen(build("llama")), _ids(12)
     packed = torch.cat([torch.arange(6), torch.arange(6)])[None]
     torch._dynamo.reset()
-    with pytest.raises(RuntimeError, match="pack several sequences"):
+    with pytest.raises(RuntimeError, match="pack several sequences"):   # traced, the packing cannot be read
         _compiled_relevance(copy.deepcopy(model), ids, "aot_eager", False, packed)
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        _compiled_relevance(copy.deepcopy(model), ids, None, False, packed)
-    # one sequence per row, starting anywhere: accepted
-    shifted = _compiled_relevance(copy.deepcopy(model), ids, None, False, torch.arange(12)[None])
-    assert torch.isfinite(shifted).all()
+    # eager, transformers' packed mask is read: each sequence sees only itself (tests/test_hf_masks.py checks the
+    # values against SDPA); the second sequence's tokens give the same relevance as when explained alone
+    two = _compiled_relevance(copy.deepcopy(model), ids, None, False, packed)
+    alone = _compiled_relevance(copy.deepcopy(model), ids[:, 6:], None, False, torch.arange(6)[None])
+    assert torch.allclose(two[:, 6:], alone, rtol=1e-5, atol=1e-6) and (two[:, :6] == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
