@@ -5,6 +5,18 @@ Relevance of token i = sum_d e[i, d] * g(e)[i, d], where e is the output of the 
 and g the modified gradient of the rule (attnlrp_fast/rules.py), seeded with g(target score) = 1 so that the
 relevance of the target is its logit. Under Gemma2/3's final logit softcap the identity rule applies there too.
 Targets: targets.py; input checks: inputs.py.
+
+Vision-language models (LLaVA: models/llava.py) take input_ids with image placeholder tokens and pixel_values. The
+token relevance is then read where the image features meet the text, the language model's inputs_embeds: text
+positions as above, and at each image placeholder position the relevance of the projected image feature placed
+there. The image relevance is read where the pixels enter, at the vision tower's patch-embedding output (pixels ->
+one embedding per patch, before the CLS token and the position embeddings are added): relevance of patch (i, j) =
+sum_d p[d, i, j] * g(p)[d, i, j], one (h, w) map per image on the patch grid (the CLS token, the position
+embeddings and biases take their share of the relevance too, so the maps do not sum to the placeholder positions'
+relevance). image_share / text_share per row: S_img = the signed sum of the row's images' patch relevance,
+S_txt = the signed sum of the relevance at its positions that are not image placeholders;
+image_share = S_img / (S_img + S_txt), text_share = S_txt / (S_img + S_txt) (they sum to 1; signed relevance can
+make one negative or above 1; both 0 where S_img + S_txt = 0).
 """
 
 import contextlib
@@ -17,6 +29,7 @@ import torch
 from attnlrp_fast.inputs import check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import active_handle, lrp, unwrap
 from attnlrp_fast.memory import maybe_low_memory
+from attnlrp_fast.models import is_vision_language, vision_parts
 from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
 
@@ -30,6 +43,11 @@ class Explanation:
     latent: dict = field(default_factory=dict)   # name -> (B, N, D) float32 relevance of that module's output
     positions: Optional[torch.Tensor] = None     # (B,) or (B, P) positions whose logits were explained
     target_logits: Optional[torch.Tensor] = None  # (B, P) float32: each (position, token) target's own logit
+    # vision-language models (module docstring): one (h, w) float32 patch-grid map per image, in pixel_values' order
+    image_relevance: Optional[list] = None
+    image_rows: Optional[torch.Tensor] = None    # (images,) the batch row each image belongs to
+    image_share: Optional[torch.Tensor] = None   # (B,) float32: signed share of the row's relevance on its images
+    text_share: Optional[torch.Tensor] = None    # (B,) float32: on its text tokens (image_share + text_share = 1)
 
     def top_neurons(self, name: str, k: int = 10):
         """The k neurons of latent `name` with the largest relevance summed over batch and positions:
@@ -53,8 +71,11 @@ class Explanation:
 
 
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
-            position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None) -> Explanation:
-    """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT) with `rule`.
+            position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
+            image_grid_thw=None, token_type_ids=None) -> Explanation:
+    """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
+    `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
+    attend both ways) passed on to it when given) with `rule`.
 
     target: None = argmax at the target position (classification heads: the argmax class); an int token/class id;
             a list of (position, token_id) pairs (relevance of the sum of their logits); contrast(a, b) for
@@ -66,6 +87,7 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
     checkpoint: checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens (af.low_memory),
           for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
     progress: called with "forward" / "backward" per transformer layer (progress bars).
+    Vision-language models: e.image_relevance, e.image_rows, e.image_share, e.text_share (module docstring).
     """
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
     if _hf_checkpointing(model) and not checkpoint:
@@ -85,8 +107,10 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
         scope = lrp(model, active_rule, backend=backend)
     with scope as h, maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
                                       mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
+        extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
+                                   ("token_type_ids", token_type_ids)) if v is not None}
         return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
-                                          (latent,) if isinstance(latent, str) else tuple(latent)))
+                                          (latent,) if isinstance(latent, str) else tuple(latent), extra))
 
 
 def _hf_checkpointing(model):
@@ -100,11 +124,16 @@ def _hf_checkpointing(model):
 
 class _Capture:
     """Forward hooks: the input-embedding output as a leaf that requires grad, latent outputs/inputs, and the
-    output-embedding (lm_head) output for the final-softcap identity rule."""
+    output-embedding (lm_head) output for the final-softcap identity rule; for a vision-language model (`vision`: its
+    VisionParts) also the patch embeddings as a leaf and the language model's inputs_embeds (image features placed)."""
 
-    def __init__(self, model, latent, want_pre_logits):
+    def __init__(self, model, latent, want_pre_logits, vision=None):
         self.handles, self.latent, self.embeds, self.pre_logits = [], {}, None, None
+        self.merged = self.patches = None
         self.frozen = False  # set after the forward: checkpointed layers re-run their hooks in the backward
+        if vision is not None:
+            self.handles.append(vision.patch_embedding.register_forward_hook(self._patches_hook))
+            self.handles.append(vision.language_model.register_forward_pre_hook(self._merged_hook, with_kwargs=True))
         emb = model.get_input_embeddings()
         if emb is None:
             raise ValueError(f"{type(model).__name__} has no input-embedding module (get_input_embeddings())")
@@ -131,6 +160,16 @@ class _Capture:
         self.embeds = output.detach().requires_grad_(True)
         return self.embeds
 
+    def _patches_hook(self, module, inputs, output):
+        if self.frozen:
+            return None
+        self.patches = output.detach().requires_grad_(True)
+        return self.patches
+
+    def _merged_hook(self, module, args, kwargs):
+        if not self.frozen:
+            self.merged = kwargs.get("inputs_embeds")
+
     def _store(self, spec, from_input=False):
         def hook(module, *args):
             if self.frozen:
@@ -146,11 +185,13 @@ class _Capture:
             h.remove()
 
     def inputs(self, latent):
-        """The tensors whose relevance is asked for: the input embeddings, then each latent in order."""
+        """The tensors whose relevance is asked for: the input embeddings (a vision-language model's: the language
+        model's inputs_embeds), then each latent in order, then a vision-language model's patch embeddings."""
         missing = [k for k in latent if k not in self.latent]
         if missing:
             raise ValueError(f"latent modules {missing} did not run in the forward pass")
-        return [self.embeds] + [self.latent[k] for k in latent]
+        first = self.merged if self.merged is not None else self.embeds
+        return [first] + [self.latent[k] for k in latent] + ([self.patches] if self.patches is not None else [])
 
 
 @dataclass
@@ -162,6 +203,7 @@ class Request:
     position: Optional[int]
     pixel_values: Optional[torch.Tensor]
     latent: tuple
+    extra: dict = field(default_factory=dict)   # other model inputs passed on as they are (image_sizes, ...)
 
 
 @dataclass
@@ -178,13 +220,14 @@ def _forward_kwargs(model, req):
     """The model's keyword arguments, and the positions / kept logits a token target reads (logits_to_keep: the
     forward computes logits only where the target reads them)."""
     forward_args = forward_parameters(model)
+    kwargs = dict(req.extra)
     if req.pixel_values is not None:
-        kwargs = {"pixel_values": req.pixel_values}
-    else:
-        kwargs = {"input_ids": req.input_ids}
+        kwargs["pixel_values"] = req.pixel_values
+    if req.input_ids is not None:
+        kwargs["input_ids"] = req.input_ids
         if req.attention_mask is not None:
             kwargs["attention_mask"] = req.attention_mask
-    if "use_cache" in forward_args:
+    if "use_cache" in forward_args or is_vision_language(model):   # (LLaVA passes it on to its language model)
         kwargs["use_cache"] = False
     positions = kept = None
     if not callable(req.target) and req.input_ids is not None and "logits_to_keep" in forward_args:
@@ -238,9 +281,10 @@ def _parameters_frozen(model):
 
 def _explain(model, handle, req: Request) -> Explanation:
     input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, req.pixel_values)
-    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent)
+    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, req.extra)
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
-    capture = _Capture(model, req.latent, want_pre_logits=softcap is not None)
+    vision = vision_parts(model) if is_vision_language(model) else None
+    capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision)
     kwargs, positions, kept = _forward_kwargs(model, req)
     try:
         with _parameters_frozen(model), torch.enable_grad():
@@ -252,7 +296,31 @@ def _explain(model, handle, req: Request) -> Explanation:
     finally:
         capture.remove()
     rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
+    images = {}
+    if capture.patches is not None:
+        images = _image_fields(rel[0].sum(-1), rel[-1].sum(1), input_ids == vision.image_token_id)
+        rel = rel[:-1]
     return Explanation(
         relevance=rel[0].sum(-1), target_ids=scored.ids, target_logit=scored.score.detach().float(),
         rule=handle.rule, latent=dict(zip(req.latent, rel[1:])), positions=scored.positions,
-        target_logits=scored.parts.detach().float() if scored.parts is not None else None)
+        target_logits=scored.parts.detach().float() if scored.parts is not None else None, **images)
+
+
+def _image_fields(relevance, maps, placeholders):
+    """image_relevance, image_rows, image_share, text_share (module docstring) from the token relevance (B, N), the
+    patch maps (images, h, w) and the image placeholder positions (B, N). The image features fill the placeholders in
+    row-major order, each image the same number of them (LLaVA): image k goes to the row holding its first one."""
+    counts = placeholders.sum(-1)
+    n_images = maps.shape[0]
+    total = int(counts.sum())
+    if n_images == 0 or total % n_images:
+        raise ValueError(f"{total} image placeholder tokens cannot hold the features of {n_images} images evenly")
+    per_image = total // n_images
+    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)[::per_image]
+    s_img = torch.zeros(len(counts), device=maps.device).index_add(0, rows, maps.sum((1, 2)))
+    s_txt = relevance.masked_fill(placeholders, 0).sum(-1)
+    denominator = s_img + s_txt
+    safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+    nonzero = denominator != 0
+    return dict(image_relevance=list(maps.unbind(0)), image_rows=rows,
+                image_share=torch.where(nonzero, s_img / safe, 0.0), text_share=torch.where(nonzero, s_txt / safe, 0.0))

@@ -20,15 +20,25 @@ def model_device(model):
 
 
 def check_inputs(model, input_ids, attention_mask, pixel_values):
+    """(input_ids, attention_mask) as (B, N), each problem raised. Token models take input_ids, vision models
+    (ViT) pixel_values, vision-language models (models/llava.py) input_ids with image placeholder tokens and,
+    when there are any, the pixel_values of one image per block of them."""
+    from attnlrp_fast.models import is_vision_language, vision_parts
+
     device = model_device(model)
-    if (input_ids is None) == (pixel_values is None):
+    vlm = is_vision_language(model)
+    if vlm and input_ids is None:
+        raise ValueError(f"{type(model).__name__} is a vision-language model: pass input_ids (with its image "
+                         "placeholder tokens) and pixel_values")
+    if not vlm and (input_ids is None) == (pixel_values is None):
         raise ValueError("pass exactly one of input_ids (token models) or pixel_values (vision models)")
     if pixel_values is not None:
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             raise ValueError("pixel_values must be a (B, C, H, W) tensor")
         if pixel_values.device != device:
             raise ValueError(f"pixel_values is on {pixel_values.device} but the model is on {device}")
-        return None, None
+        if not vlm:
+            return None, None
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -52,6 +62,13 @@ def check_inputs(model, input_ids, attention_mask, pixel_values):
             raise ValueError(f"attention_mask is on {attention_mask.device} but the model is on {device}")
         if not attention_mask.is_meta and not attention_mask.bool().any(-1).all():
             raise ValueError("attention_mask leaves a row with no real token")
+    if vlm and not input_ids.is_meta:
+        image_tokens = int((input_ids == vision_parts(model).image_token_id).sum())
+        if image_tokens and pixel_values is None:
+            raise ValueError(f"input_ids hold {image_tokens} image placeholder tokens but no pixel_values were given")
+        if pixel_values is not None and not image_tokens:
+            raise ValueError("pixel_values were given but input_ids hold no image placeholder token (the processor "
+                             "puts them where the image goes)")
     return input_ids, attention_mask
 
 

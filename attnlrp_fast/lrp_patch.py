@@ -88,7 +88,7 @@ class LRPHandle:
             raise UnsupportedModelError(
                 f"{type(model).__name__}: its attention does not go through transformers' AttentionInterface, "
                 "so the attention engine cannot be plugged in")
-        self._attn = model.config._attn_implementation
+        self._attn = _attn_tree(model.config)
         model.set_attn_implementation(NAME)
         modules = attention_modules(model)
         for module in modules:
@@ -175,6 +175,14 @@ class LRPHandle:
         for what in self.patched.values():
             kinds[what] = kinds.get(what, 0) + 1
         return f"LRPHandle(rule={self.rule!r}, family={self.family.name!r}, patched={kinds})"
+
+
+def _attn_tree(config):
+    """The attention implementation of a config and of each of its sub-configs (a vision-language model's vision and
+    text parts may differ), in the form set_attn_implementation takes back."""
+    subs = {k: _attn_tree(getattr(config, k)) for k in getattr(config, "sub_configs", {}) or {}
+            if getattr(config, k, None) is not None}
+    return {"": config._attn_implementation, **subs} if subs else config._attn_implementation
 
 
 def _forward_attr(module):

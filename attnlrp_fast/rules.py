@@ -54,8 +54,9 @@ INDEX = (
     Rule("identity (normaliser)", "RMSNorm, LayerNorm", "AttnLRP sec. 3.3",
          "gradient stopped through the variance/std only (rstd constant; centering stays linear)",
          "kernels/norm.py (LRP constexpr), bindings/norm.py rms_norm / layer_norm(lrp=True)"),
-    Rule("identity (activation)", "SiLU, GELU (exact and tanh), tanh, ReLU", "AttnLRP sec. 3.3",
-         "g_in = g_out f(x) / x", "kernels/glu.py act_and_factor, bindings/glu.py activation(lrp=True)"),
+    Rule("identity (activation)", "SiLU, GELU (exact and tanh), tanh, ReLU; CLIP's QuickGELU", "AttnLRP sec. 3.3",
+         "g_in = g_out f(x) / x", "kernels/glu.py act_and_factor, bindings/glu.py activation(lrp=True); "
+         "QuickGELU: models/common.py quick_gelu (plain torch, the sigmoid held constant)"),
     Rule("uniform (GLU)", "act(gate) * up in GLU MLPs", "AttnLRP Prop. 3.2 with the identity rule on act",
          "dgate = 1/2 g up act(gate)/gate, dup = 1/2 g act(gate)", "kernels/glu.py, bindings/glu.py glu_product"),
     Rule("uniform (routing)", "routing weight * expert output in mixture-of-experts layers", "AttnLRP Prop. 3.2",

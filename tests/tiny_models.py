@@ -12,6 +12,22 @@ def _decoder(config_cls, model_cls, **extra):
     return lambda: model_cls(config_cls(**{**COMMON, **extra}))
 
 
+LLAVA_IMAGE_TOKEN = VOCAB - 1   # the image placeholder id, inside the vocabulary
+LLAVA_IMAGE = 16                # image side in pixels; patch 4: a 4 x 4 grid, 16 placeholder tokens per image
+
+
+def llava(vision="clip", vision_feature_layer=-2, text=(tf.LlamaConfig, {})):
+    """A tiny LLaVA: CLIP (QuickGELU, CLS token) or SigLIP (GELU-tanh) vision tower, projector, Llama (or `text`)."""
+    tower = dict(image_size=LLAVA_IMAGE, patch_size=4, num_channels=3, hidden_size=32, intermediate_size=48,
+                 num_hidden_layers=2, num_attention_heads=4)
+    vision_config = tf.CLIPVisionConfig(**tower) if vision == "clip" else tf.SiglipVisionConfig(**tower)
+    text_config = text[0](**{**COMMON, **text[1]})
+    return tf.LlavaForConditionalGeneration(tf.LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_index=LLAVA_IMAGE_TOKEN,
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="default" if vision == "clip"
+        else "full", image_seq_length=16))
+
+
 BUILDERS = {
     "llama": _decoder(tf.LlamaConfig, tf.LlamaForCausalLM),
     "mistral": _decoder(tf.MistralConfig, tf.MistralForCausalLM, sliding_window=5),
@@ -37,6 +53,7 @@ BUILDERS = {
     "vit": lambda: tf.ViTForImageClassification(tf.ViTConfig(
         image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=48, num_labels=5)),
+    "llava": llava,
 }
 
 CAUSAL_LMS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2")
@@ -58,4 +75,9 @@ def inputs(name, batch=2, length=11, seed=0):
     g = torch.Generator().manual_seed(seed)
     if name == "vit":
         return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    if name == "llava":   # text, one image's 16 placeholder tokens, text: length + 16 tokens per row
+        text = torch.randint(2, LLAVA_IMAGE_TOKEN, (batch, length), generator=g)
+        image = torch.full((batch, 16), LLAVA_IMAGE_TOKEN)
+        return {"input_ids": torch.cat([text[:, :3], image, text[:, 3:]], 1),
+                "pixel_values": torch.randn(batch, 3, LLAVA_IMAGE, LLAVA_IMAGE, generator=g)}
     return {"input_ids": torch.randint(2, VOCAB, (batch, length), generator=g)}

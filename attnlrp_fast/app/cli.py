@@ -5,6 +5,9 @@
                        [--max-new-tokens 32] [--per-token]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
       (--model tiny: a tiny random Llama built here, no download; --document defaults to the shipped sample report)
+  attnlrp-fast explain --model FOLDER --image photo.png [--image ...] --question TEXT [--answer TEXT] [--out DIR]
+      which image regions and words made a vision-language model (LLaVA) answer what it answered:
+      DIR/overlay_<k>.png, explanation.html (overlays beside the prompt heatmap), explanation.json (image maps, shares)
   attnlrp-fast make-model DIR [--layers 2] [--hidden 64]
       saves that tiny random Llama with a BPE tokenizer and a chat template to DIR
   attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
@@ -408,7 +411,56 @@ def _explain_lines(args, device, done, facts):
     ]
 
 
+def _explain_image(args):
+    """explain --image: app/vlm.py's job (a vision-language model, its processor, the images and the question)."""
+    import os
+
+    from attnlrp_fast.app import vlm
+
+    t0 = time.perf_counter()
+    if args.document is not None:
+        raise UsageError("--image and --document: explain images with a question, or a document, not both")
+    if args.per_token:
+        raise UsageError("--per-token is not available with --image")
+    if args.model == TINY and not os.path.exists(args.model):
+        raise UsageError(f"--image: --model {TINY} is a text-only Llama; images need a vision-language model folder")
+    images = vlm.load_images(args.image)
+    device = _choose_device(args.device)
+    dtype = _choose_dtype(args.dtype, device)
+    _check_explain_options(args)
+    backend = _choose_backend(args.backend, device, dtype, many_passes=True)
+    _bar_factory(args.quiet)   # --quiet: no loading bars
+    model, processor = vlm.load_model(args.model, device, dtype)
+    try:
+        prompt = vlm.build_prompt(processor, images, args.question, chat=not args.no_chat)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--image: the processor cannot build the prompt ({str(e).splitlines()[0]})") from None
+    answer_ids = longdoc.tokenize_answer(processor.tokenizer, args.answer) if args.answer is not None else None
+    vlm.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+    if answer_ids is None:
+        answer_ids = vlm.generate_answer(model, processor, prompt, args.max_new_tokens, backend=backend)
+    result = vlm.explain_answer(model, prompt, answer_ids, args.rule, backend)
+    text = processor.tokenizer.decode(answer_ids)
+    facts = {"model": args.model, "rule": args.rule, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+             "backend": backend or "triton", "question": args.question, "answer": text,
+             "answer_source": "given" if args.answer is not None else "greedy", "images": list(args.image),
+             "target_logit": sum(result.target_logits), "prompt_tokens": len(prompt.ids),
+             "image_tokens": sum(t == prompt.image_token_id for t in prompt.ids)}
+    paths = vlm.write_reports(args.out, prompt, result, vlm.seen_images(processor, prompt.inputs["pixel_values"]),
+                              title=f"Why the model answered {text.strip()[:80]!r}", facts=facts)
+    _extend_json(paths[0], {"answer_token_ids": answer_ids, "seconds": time.perf_counter() - t0})
+    print(f"answer ({facts['answer_source']}): {text.strip()!r}")
+    print(f"explained {len(prompt.ids) + len(answer_ids)} tokens ({facts['image_tokens']} image tokens) and "
+          f"{len(images)} image(s) with {args.rule} in {result.seconds:.1f} s on {device}")
+    for line in vlm.summary(prompt, result):
+        print(line)
+    print("reports: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def cmd_explain(args):
+    if args.image:
+        return _explain_image(args)
     t0 = time.perf_counter()
     document = longdoc.read_document(_document_path(args))
     device = _choose_device(args.device)
@@ -652,6 +704,9 @@ def _add_explain(sub):
                    help=f"a local model folder or a hub id; `{TINY}`: a tiny random Llama built here, no download "
                         "(answers are noise: for trying the command)")
     e.add_argument("--document", default=None, help="UTF-8 text file (default: the shipped sample report)")
+    e.add_argument("--image", action="append", default=None,
+                   help="an image file (repeatable) for a vision-language model (LLaVA) folder: explain its answer to "
+                        "--question over the image regions and the words")
     e.add_argument("--question", default=None, help="asked after the document (default: none, the document alone)")
     e.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
     e.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")

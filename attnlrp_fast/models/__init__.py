@@ -5,6 +5,7 @@ from .common import ACTIVATIONS, FamilyMap, GLUSpec, RMSNormSpec, UnsupportedMod
 from .gemma import GEMMA, GEMMA2, GEMMA3
 from .gpt2 import GPT2
 from .llama import LLAMA
+from .llava import VLM_TYPES, VisionParts, is_vision_language, llava_family, vision_parts
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
 from .phi3 import PHI3
@@ -21,6 +22,11 @@ def family_for(model) -> FamilyMap:
     (RMSNorm-named modules, LayerNorm, Llama-style GLU MLPs), which lrp() then verifies module by module."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in VLM_TYPES:   # composed: the language model's map joined with the vision tower's
+        text_type = getattr(config.text_config, "model_type", None)
+        base = getattr(model, "model", model)
+        text_map = _BY_TYPE.get(text_type) or generic_family(getattr(base, "language_model", base), text_type)
+        return llava_family(config, text_map)
     if model_type in _BY_TYPE:
         return _BY_TYPE[model_type]
     return generic_family(model, model_type)
@@ -39,4 +45,5 @@ def generic_family(model, model_type) -> FamilyMap:
                      glu_mlps=glus)
 
 
-__all__ = ["FAMILIES", "FamilyMap", "GLUSpec", "RMSNormSpec", "UnsupportedModelError", "family_for", "ACTIVATIONS"]
+__all__ = ["FAMILIES", "FamilyMap", "GLUSpec", "RMSNormSpec", "UnsupportedModelError", "family_for", "ACTIVATIONS",
+           "VisionParts", "is_vision_language", "vision_parts"]

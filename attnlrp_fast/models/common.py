@@ -6,7 +6,7 @@ A FamilyMap names, for one HF model family, which module classes get which fused
   glu_mlps     class name -> GLUSpec (where gate, up and down live)
   experts      class names of fused mixture-of-experts modules (Mixtral-style 3-D weights)
   containers   MLP / MoE classes whose own forward is linear around children that are patched (GPT2MLP)
-  activations  handled for every family: any module whose class is in ACTIVATIONS
+  activations  handled for every family: any module whose class is in ACTIVATIONS (fused ops) or TORCH_ACTIVATIONS
 Attention is not listed: it goes through attn_implementation="attnlrp_fast" for every family.
 
 Every replacement is checked against the module's own forward on random input when it is installed (lrp.py), so
@@ -60,7 +60,7 @@ def activation_name(module):
     cls = type(module).__name__
     if isinstance(module, torch.nn.GELU):
         return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    return ACTIVATIONS.get(cls)
+    return ACTIVATIONS.get(cls) or TORCH_ACTIVATIONS.get(cls)
 
 
 ACTIVATIONS = {
@@ -73,6 +73,17 @@ ACTIVATIONS = {
     "Tanh": "tanh",
     "ReLU": "relu",
 }
+
+# Activations no fused op computes: plain torch with the identity rule (quick_gelu below).
+TORCH_ACTIVATIONS = {"QuickGELUActivation": "quick_gelu"}
+
+
+def quick_gelu(x, lrp):
+    """CLIP's QuickGELU x * sigmoid(1.702 x), as transformers computes it; under LRP the identity rule of the rules
+    index ("identity (activation)"): g_in = g_out * f(x) / x = g_out * sigmoid(1.702 x) (the sigmoid held constant,
+    so x * g_in == f(x) * g_out element-wise)."""
+    s = torch.sigmoid(1.702 * x)
+    return x * (s.detach() if lrp else s)
 
 
 def compute_dtype_device(module):
@@ -231,6 +242,8 @@ class ActivationReplacement(Replacement):
 
     def forward(self, module, spec, lrp, backend):
         act = activation_name(module)
+        if act == "quick_gelu":
+            return lambda x: quick_gelu(x, lrp)
         return lambda x: activation(x, act=act, lrp=lrp, backend=backend)
 
     def width(self, module, spec):
