@@ -17,6 +17,11 @@ relevance). image_share / text_share per row: S_img = the signed sum of the row'
 S_txt = the signed sum of the relevance at its positions that are not image placeholders;
 image_share = S_img / (S_img + S_txt), text_share = S_txt / (S_img + S_txt) (they sum to 1; signed relevance can
 make one negative or above 1; both 0 where S_img + S_txt = 0).
+Qwen2-VL / Qwen2.5-VL (models/qwen2_vl.py): pixel_values are flattened (t, h, w) patches in spatial-merge window
+order and the patch embedding a Conv3d with one output per patch; each patch's relevance is mapped back to its cell
+of the (h, w) grid of image_grid_thw (summed over temporal patches), and explain() passes the model the
+mm_token_type_ids its processor would (1 at image placeholders). Images there may differ in size: image k fills
+t * h * w / merge^2 placeholders.
 """
 
 import contextlib
@@ -280,10 +285,13 @@ def _parameters_frozen(model):
 
 
 def _explain(model, handle, req: Request) -> Explanation:
-    input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, req.pixel_values)
-    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, req.extra)
-    softcap = handle.final_logit_softcap if handle.rule != "grad" else None
     vision = vision_parts(model) if is_vision_language(model) else None
+    # (Qwen2-VL: flattened patches, their layout checked by the VisionParts, the rest by check_inputs on a view)
+    pixels = req.pixel_values if vision is None else vision.checked_pixels(req.pixel_values, req.extra)
+    input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, pixels)
+    extra = req.extra if vision is None else {**req.extra, **vision.model_inputs(model, input_ids, req.extra)}
+    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra)
+    softcap = handle.final_logit_softcap if handle.rule != "grad" else None
     capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision)
     kwargs, positions, kept = _forward_kwargs(model, req)
     try:
@@ -298,7 +306,8 @@ def _explain(model, handle, req: Request) -> Explanation:
     rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
     images = {}
     if capture.patches is not None:
-        images = _image_fields(rel[0].sum(-1), rel[-1].sum(1), input_ids == vision.image_token_id)
+        maps, counts = vision.image_maps(rel[-1], req.extra)
+        images = _image_fields(rel[0].sum(-1), maps, counts, input_ids == vision.image_token_id)
         rel = rel[:-1]
     return Explanation(
         relevance=rel[0].sum(-1), target_ids=scored.ids, target_logit=scored.score.detach().float(),
@@ -306,21 +315,27 @@ def _explain(model, handle, req: Request) -> Explanation:
         target_logits=scored.parts.detach().float() if scored.parts is not None else None, **images)
 
 
-def _image_fields(relevance, maps, placeholders):
+def _image_fields(relevance, maps, counts, placeholders):
     """image_relevance, image_rows, image_share, text_share (module docstring) from the token relevance (B, N), the
-    patch maps (images, h, w) and the image placeholder positions (B, N). The image features fill the placeholders in
-    row-major order, each image the same number of them (LLaVA): image k goes to the row holding its first one."""
-    counts = placeholders.sum(-1)
-    n_images = maps.shape[0]
-    total = int(counts.sum())
-    if n_images == 0 or total % n_images:
-        raise ValueError(f"{total} image placeholder tokens cannot hold the features of {n_images} images evenly")
-    per_image = total // n_images
-    rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)[::per_image]
-    s_img = torch.zeros(len(counts), device=maps.device).index_add(0, rows, maps.sum((1, 2)))
+    patch maps (one (h, w) per image), each image's number of placeholders (None: all the same, as in LLaVA) and the
+    image placeholder positions (B, N). The image features fill the placeholders in row-major order: image k goes to
+    the row holding its first one."""
+    per_row = placeholders.sum(-1)
+    n_images = len(maps)
+    total = int(per_row.sum())
+    if counts is None:
+        if n_images == 0 or total % n_images:
+            raise ValueError(f"{total} image placeholder tokens cannot hold the features of {n_images} images evenly")
+        counts = [total // n_images] * n_images
+    elif sum(counts) != total:
+        raise ValueError(f"{total} image placeholder tokens, but the images' grids make {sum(counts)} features")
+    starts = torch.tensor([0] + counts[:-1], device=per_row.device).cumsum(0)
+    rows = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)[starts]
+    device = maps[0].device
+    s_img = torch.zeros(len(per_row), device=device).index_add(0, rows.to(device), torch.stack([m.sum() for m in maps]))
     s_txt = relevance.masked_fill(placeholders, 0).sum(-1)
     denominator = s_img + s_txt
     safe = torch.where(denominator == 0, torch.ones_like(denominator), denominator)
     nonzero = denominator != 0
-    return dict(image_relevance=list(maps.unbind(0)), image_rows=rows,
+    return dict(image_relevance=list(maps), image_rows=rows,
                 image_share=torch.where(nonzero, s_img / safe, 0.0), text_share=torch.where(nonzero, s_txt / safe, 0.0))

@@ -1,6 +1,7 @@
-"""Vision-language models (LLaVA): af.lrp patches vision tower, projector and language model; af.explain gives the
-token relevance, one patch-grid map per image and the image / text shares; a float64 reference written from the
-rules; a constructed image whose answer depends on one patch; the `explain --image` command end to end."""
+"""Vision-language models (LLaVA, Gemma 3, Qwen2-VL / Qwen2.5-VL): af.lrp patches vision tower, projector and
+language model; af.explain gives the token relevance, one patch-grid map per image and the image / text shares; a
+float64 reference written from the rules; a constructed image whose answer depends on one patch; the
+`explain --image` command end to end; Qwen2-VL's patch order against its image processor."""
 
 import copy
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 import attnlrp_fast as af
 from attnlrp_fast.kernels import interpreting
 from helpers import rel_err
-from tiny_models import LLAVA_IMAGE_TOKEN, build, inputs, llava
+from tiny_models import LLAVA_IMAGE_TOKEN, QWEN_VL_IMAGE_TOKEN, build, inputs, llava, qwen_vl, qwen_vl_inputs
 
 needs_interpreter = pytest.mark.skipif(not interpreting(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
 
@@ -357,3 +358,150 @@ def test_gemma3_explains_images_with_their_blocks_on_both_backends():
     causal_only = af.explain(model, input_ids=ids, pixel_values=pixels, backend="torch")
     assert rel_err(causal_only.relevance, a.relevance) > 1e-4
     assert torch.equal(model(input_ids=ids, pixel_values=pixels, token_type_ids=types).logits, before)
+
+
+# --- Qwen2-VL / Qwen2.5-VL: flattened (t, h, w) patches in spatial-merge windows, M-RoPE ---------------------------
+def _qwen(version, seed=0):
+    torch.manual_seed(seed)
+    model = qwen_vl(version).eval()
+    with torch.no_grad():       # as build(): no rule tested on zero biases or unit norm weights
+        g = torch.Generator().manual_seed(seed + 1)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _mm_types(x):
+    return {**x, "mm_token_type_ids": (x["input_ids"] == QWEN_VL_IMAGE_TOKEN).int()}
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen_vl_lrp_patches_every_part_and_restores(version):
+    model = _qwen(version, seed=1)
+    x = _mm_types(qwen_vl_inputs(seed=1))
+    before = model(**x).logits.detach()
+    attn = _subconfig_attn(model)
+    with af.lrp(model) as handle:
+        assert _subconfig_attn(model) == ("attnlrp_fast",) * 3
+        names = handle.patched
+        norm = "layer_norm" if version == "2" else "rms_norm"
+        assert names["model.visual.blocks.0.norm1"] == norm and names["model.visual.merger.ln_q"] == norm
+        assert names["model.visual.merger.mlp.1"] == "activation"                      # the merger's GELU
+        if version == "2":
+            assert names["model.visual.blocks.1.mlp.act"] == "activation"               # QuickGELU
+        else:
+            assert names["model.visual.blocks.1.mlp"] == "glu_mlp"                      # SiLU GLU
+        assert names["model.language_model.layers.0.mlp"] == "glu_mlp"
+        assert names["model.language_model.layers.1.input_layernorm"] == "rms_norm"
+        vision_attn = model.model.visual.blocks[0].attn
+        assert vision_attn.attnlrp_fast_rule == "attnlrp" and vision_attn.is_causal is False
+        assert rel_err(model(**x).logits.detach(), before) < 1e-4
+    assert _subconfig_attn(model) == attn
+    assert not any("forward" in m.__dict__ or hasattr(m, "attnlrp_fast_rule") for m in model.modules())
+    assert torch.equal(model(**x).logits.detach(), before)
+    model.set_attn_implementation({"": "sdpa", "vision_config": "eager", "text_config": "sdpa"})
+    mixed = _subconfig_attn(model)
+    af.lrp(model).remove()
+    assert _subconfig_attn(model) == mixed == ("sdpa", "eager", "sdpa")
+
+    class SquaredMLP(torch.nn.Module):     # an MLP with a nonlinearity no map knows, in the vision tower
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) ** 2
+
+    model.model.visual.blocks[1].mlp = SquaredMLP(model.model.visual.blocks[1].mlp)
+    with pytest.raises(af.UnsupportedModelError, match=r"visual.blocks.1.mlp \(SquaredMLP\)"):
+        af.lrp(model)
+    assert _subconfig_attn(model) == mixed
+
+
+@pytest.mark.parametrize("version", ["2", "2.5"])
+def test_qwen_vl_explain_maps_shares_and_rows(version):
+    """Three images of different grids, two in row 0 and one in row 1 (8 placeholders per row)."""
+    model = _qwen(version, seed=4)
+    x = qwen_vl_inputs(grids=((4, 4), (4, 4), (4, 8)), row_of=(0, 0, 1), seed=4)
+    e = af.explain(model, **x, backend="torch")
+    assert e.relevance.shape == x["input_ids"].shape and torch.isfinite(e.relevance).all()
+    assert [tuple(m.shape) for m in e.image_relevance] == [(4, 4), (4, 4), (4, 8)]    # (h, w) of image_grid_thw
+    assert all(torch.isfinite(m).all() and m.abs().sum() > 0 for m in e.image_relevance)
+    assert e.image_rows.tolist() == [0, 0, 1]
+    assert torch.allclose(e.image_share + e.text_share, torch.ones(2), atol=1e-5)
+    text = e.relevance.masked_fill(x["input_ids"] == QWEN_VL_IMAGE_TOKEN, 0).sum(-1)
+    images = torch.stack([e.image_relevance[0].sum() + e.image_relevance[1].sum(), e.image_relevance[2].sum()])
+    assert torch.allclose(e.image_share, images / (images + text), atol=1e-5)
+    g = af.explain(model, **x, rule="grad", target=e.target_ids, backend="torch")
+    assert rel_err(g.relevance, e.relevance) > 0.05
+    assert rel_err(torch.cat([m.flatten() for m in g.image_relevance]),
+                   torch.cat([m.flatten() for m in e.image_relevance])) > 0.05
+    # row 1 alone (its image's patches alone) gives row 1's relevance and map
+    alone = af.explain(model, input_ids=x["input_ids"][1:], pixel_values=x["pixel_values"][32:],
+                       image_grid_thw=x["image_grid_thw"][2:], backend="torch")
+    assert rel_err(alone.relevance[0], e.relevance[1]) < 1e-4
+    assert rel_err(alone.image_relevance[0], e.image_relevance[2]) < 1e-4
+    with pytest.raises(ValueError, match="flattened patches"):
+        af.explain(model, input_ids=x["input_ids"], pixel_values=torch.randn(1, 3, 8, 8),
+                   image_grid_thw=x["image_grid_thw"])
+
+
+def _cell_image(h, w, patch, mark=None):
+    """An (h * patch, w * patch) uint8 image whose every pixel of grid cell (i, j) holds i * w + j (+ 100 in the
+    cell `mark`)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h * patch, 0:w * patch]
+    cell = (y // patch) * w + x // patch
+    if mark is not None:
+        cell[(y // patch == mark[0]) & (x // patch == mark[1])] += 100
+    return Image.fromarray(np.stack([cell] * 3, -1).astype(np.uint8))
+
+
+def test_qwen_vl_grid_order_matches_the_processor_and_the_model():
+    """The map from (h, w) cells to rows of pixel_values, against the image processor's own patch order (a
+    constructed image whose cell (i, j) holds i * w + j), the vision tower's rotary position ids, and the patch
+    embedding: changing the pixels of one cell changes the embedding only at the row the map gives that cell."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.vision_utils import get_vision_position_ids
+
+    from attnlrp_fast.models.qwen2_vl import image_maps, patch_order
+
+    h, w, patch = 4, 6, 2
+    processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2, do_resize=False,
+                                         do_rescale=False, do_normalize=False)
+    out = processor(images=_cell_image(h, w, patch), return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, h, w]]
+    order = patch_order(1, h, w, 2)[0]
+    cells = out["pixel_values"][:, 0].long()            # each row is one patch: constant, its cell's number
+    assert (out["pixel_values"] == out["pixel_values"][:, :1]).all()
+    assert torch.equal(cells[order], torch.arange(h * w).view(h, w))
+    assert not torch.equal(order, torch.arange(h * w).view(h, w))       # the row-major order would be another
+    # the vision tower's rotary positions of row order[i, j] are (i, j)
+    ids = get_vision_position_ids(out["image_grid_thw"], 2)
+    assert torch.equal(ids[order.flatten()], torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w),
+                                                                        indexing="ij"), -1).reshape(-1, 2))
+    # one changed cell changes the patch embedding at one row, the one the map gives it
+    model = _qwen("2", seed=2)
+    marked = processor(images=_cell_image(h, w, patch, mark=(1, 4)), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embed = model.model.visual.patch_embed
+        changed = (embed(marked) - embed(out["pixel_values"])).abs().amax(-1) > 0
+    assert changed.nonzero().flatten().tolist() == [int(order[1, 4])]
+    # and image_maps puts that row's relevance in cell (1, 4), summing the temporal patches of a 2-frame grid
+    one_hot = torch.zeros(2 * h * w)
+    one_hot[int(order[1, 4])] = 1.0
+    one_hot[h * w + int(order[1, 4])] = 2.0
+    maps, counts = image_maps(one_hot, torch.tensor([[2, h, w]]), 2)
+    assert counts == [2 * h * w // 4] and maps[0][1, 4] == 3.0 and maps[0].sum() == 3.0
+
+
+@needs_interpreter
+def test_backends_agree_on_qwen2_5_vl():
+    model = _qwen("2.5", seed=6)
+    x = qwen_vl_inputs(grids=((4, 4),), length=4, seed=6)
+    a = af.explain(model, **x, backend="triton")
+    b = af.explain(model, **x, backend="torch")
+    assert rel_err(a.relevance, b.relevance) < 1e-4
+    assert rel_err(a.image_relevance[0], b.image_relevance[0]) < 1e-4

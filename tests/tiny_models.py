@@ -81,3 +81,48 @@ def inputs(name, batch=2, length=11, seed=0):
         return {"input_ids": torch.cat([text[:, :3], image, text[:, 3:]], 1),
                 "pixel_values": torch.randn(batch, 3, LLAVA_IMAGE, LLAVA_IMAGE, generator=g)}
     return {"input_ids": torch.randint(2, VOCAB, (batch, length), generator=g)}
+
+
+QWEN_VL_IMAGE_TOKEN = VOCAB - 1   # inside the vocabulary
+QWEN_VL_PATCH = 2                 # patch side; temporal_patch_size 2, spatial_merge_size 2
+
+
+def qwen_vl(version="2"):
+    """A tiny Qwen2-VL ("2": LayerNorm, QuickGELU MLP) or Qwen2.5-VL ("2.5": RMSNorm, SiLU GLU, windowed
+    attention in block 0, full in block 1): vision depth 2, embed_dim 32, 4 heads; a 2-layer Qwen2 text model."""
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+    vision = dict(depth=2, hidden_size=32, num_heads=4, in_channels=3, patch_size=QWEN_VL_PATCH, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    if version == "2":
+        config = tf.Qwen2VLConfig(text_config=text, vision_config={**vision, "embed_dim": 32, "mlp_ratio": 2},
+                                  image_token_id=QWEN_VL_IMAGE_TOKEN)
+        return tf.Qwen2VLForConditionalGeneration(config)
+    config = tf.Qwen2_5_VLConfig(text_config=text, image_token_id=QWEN_VL_IMAGE_TOKEN, vision_config={
+        **vision, "intermediate_size": 48, "out_hidden_size": 32, "window_size": 4 * QWEN_VL_PATCH,
+        "fullatt_block_indexes": [1]})
+    return tf.Qwen2_5_VLForConditionalGeneration(config)
+
+
+def qwen_vl_inputs(grids=((4, 6),), length=7, seed=0, row_of=None):
+    """input_ids (B, N): per row 3 text tokens, then each of its images as a text token and the image's h * w / 4
+    placeholders (images apart, as the processor's vision start tokens keep them), then text up to one length;
+    pixel_values (patches, 3*2*P*P) and image_grid_thw (images, 3) = (1, h, w) per image. One row per image unless
+    row_of maps images to rows."""
+    g = torch.Generator().manual_seed(seed)
+    row_of = list(range(len(grids))) if row_of is None else list(row_of)
+    parts = [[] for _ in range(max(row_of) + 1)]
+    for (h, w), r in zip(grids, row_of):
+        parts[r] += [torch.randint(3, QWEN_VL_IMAGE_TOKEN, (1,), generator=g), torch.full((h * w // 4,),
+                                                                                         QWEN_VL_IMAGE_TOKEN)]
+    longest = max(sum(len(p) for p in row) for row in parts)
+    rows = []
+    for row in parts:
+        n = sum(len(p) for p in row)
+        text = torch.randint(3, QWEN_VL_IMAGE_TOKEN, (length + longest - n,), generator=g)
+        rows.append(torch.cat([text[:3], *row, text[3:]]))
+    patches = sum(h * w for h, w in grids)
+    return {"input_ids": torch.stack(rows),
+            "pixel_values": torch.randn(patches, 3 * 2 * QWEN_VL_PATCH ** 2, generator=g),
+            "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}

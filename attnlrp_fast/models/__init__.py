@@ -10,6 +10,7 @@ from .mistral import MISTRAL
 from .mixtral import MIXTRAL
 from .phi3 import PHI3
 from .qwen2 import QWEN2
+from .qwen2_vl import QWEN_VL_TYPES, qwen_vl_family
 from .qwen3 import QWEN3
 from .vit import VIT
 
@@ -22,6 +23,8 @@ def family_for(model) -> FamilyMap:
     (RMSNorm-named modules, LayerNorm, Llama-style GLU MLPs), which lrp() then verifies module by module."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if model_type in QWEN_VL_TYPES:   # Qwen2-VL / Qwen2.5-VL: their own text and vision maps (models/qwen2_vl.py)
+        return qwen_vl_family(config)
     if model_type in VLM_TYPES:   # composed: the language model's map joined with the vision tower's
         text_type = getattr(config.text_config, "model_type", None)
         base = getattr(model, "model", model)

@@ -13,13 +13,16 @@ not on the AttentionInterface) runs but LLaVA never reads its output, so it carr
 For explain(): vision_parts(model) says where an image enters (the patch-embedding convolution, pixels -> one
 embedding per patch on the (h, w) grid, before the CLS token and the position embeddings are added) and where the
 image features meet the text (the language model's inputs_embeds, image features scattered over the image
-placeholder tokens).
+placeholder tokens). Qwen2-VL and Qwen2.5-VL: models/qwen2_vl.py (the same parts, a Conv3d over flattened
+patches in spatial-merge windows).
 """
 
+import inspect
 from dataclasses import dataclass, replace
 
 import torch
 
+from . import qwen2_vl
 from .common import FamilyMap, UnsupportedModelError
 
 VLM_TYPES = ("llava", "gemma3")
@@ -62,8 +65,35 @@ def llava_family(config, text_map: FamilyMap) -> FamilyMap:
 class VisionParts:
     """Where a vision-language model's image enters and meets the text."""
     language_model: torch.nn.Module    # called with inputs_embeds: text embeddings with the image features placed
-    patch_embedding: torch.nn.Module   # nn.Conv2d, pixels -> patch embeddings (images, D, h, w)
+    patch_embedding: torch.nn.Module   # LLaVA, Gemma 3: nn.Conv2d, pixels -> patch embeddings (images, D, h, w);
+    #                                    Qwen2-VL: nn.Conv3d, one flattened patch per row (models/qwen2_vl.py)
     image_token_id: int                # the placeholder token the image features replace
+    spatial_merge_size: int = 0        # Qwen2-VL: patches come in merge windows of this side; 0: a Conv2d grid
+
+    def image_maps(self, patch_relevance, extra):
+        """(one (h, w) map per image, each image's number of placeholders or None for "all the same") from the
+        relevance of the patch embedding's output (x * g, the shape the convolution returns); `extra`: the other
+        model inputs (image_grid_thw)."""
+        if self.spatial_merge_size:
+            return qwen2_vl.image_maps(patch_relevance.flatten(1).sum(1), extra.get("image_grid_thw"),
+                                       self.spatial_merge_size)
+        return list(patch_relevance.sum(1).unbind(0)), None
+
+    def checked_pixels(self, pixel_values, extra):
+        """pixel_values as inputs.check_inputs checks them (device, presence): LLaVA's as they are; Qwen2-VL's
+        (patches, C*T*P*P) flattened patches, their layout and image_grid_thw checked here, as a 4-D view."""
+        if not self.spatial_merge_size or pixel_values is None:
+            return pixel_values
+        qwen2_vl.check_pixels(pixel_values, extra.get("image_grid_thw"), self.patch_embedding)
+        return pixel_values[None, None]
+
+    def model_inputs(self, model, input_ids, extra):
+        """Inputs explain() adds for the model (Qwen2-VL: mm_token_type_ids, 1 at image placeholders, as its processor
+        returns them; its forward needs them for M-RoPE)."""
+        if not self.spatial_merge_size or input_ids is None or "mm_token_type_ids" in extra \
+                or "mm_token_type_ids" not in inspect.signature(model.forward).parameters:
+            return {}
+        return {"mm_token_type_ids": (input_ids == self.image_token_id).int()}
 
 
 def is_vision_language(model) -> bool:
@@ -76,8 +106,13 @@ def is_vision_language(model) -> bool:
 
 def vision_parts(model) -> VisionParts:
     """The VisionParts of a vision-language model (is_vision_language); UnsupportedModelError when its layout is not
-    one explain() knows (a language model called with inputs_embeds, a Conv2d patch embedding in the vision tower)."""
+    one explain() knows (a language model called with inputs_embeds, a Conv2d patch embedding in the vision tower, or
+    Qwen2-VL's Conv3d over flattened patches)."""
     config = model.config
+    if getattr(config, "model_type", None) in qwen2_vl.QWEN_VL_TYPES:
+        language_model, conv = qwen2_vl.language_and_tower(model)
+        return VisionParts(language_model, conv, int(config.image_token_id),
+                           int(config.vision_config.spatial_merge_size))
     base = getattr(model, "model", model)
     language_model = getattr(base, "language_model", None)
     tower = getattr(base, "vision_tower", None)
