@@ -48,7 +48,6 @@ from .attention_common import (
     key_limit_table,
     key_mask,
     key_range,
-    key_segments,
     launch,
     launchable,
     length_bucket,
@@ -58,9 +57,8 @@ from .attention_common import (
     masked_keys_from,
     masked_queries_until,
     on_device,
-    query_limits,
     query_range,
-    query_segments,
+    row_ids,
     softcap_grad_factor,
     store_rows,
     visible,
@@ -109,8 +107,8 @@ def _dkdv_inner(dk, dv, k, v, key_ok, k_seg, seg_base, kl_base, q_base, do_base,
         pt = tl.exp2(st - lse2[None, :])
         if start_m < masked_until:
             keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None],
-                           query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS)[None, :], k_seg,
-                           query_limits(kl_base, offs_m, N, HAS_KEY_LIMIT)[None, :], IS_CAUSAL, HAS_WINDOW,
+                           row_ids(seg_base + shift, offs_m, N, HAS_SEGMENTS)[None, :], k_seg,
+                           row_ids(kl_base, offs_m, N, HAS_KEY_LIMIT)[None, :], IS_CAUSAL, HAS_WINDOW,
                            HAS_SEGMENTS, HAS_KEY_LIMIT)
             pt = tl.where(keep, pt, 0.0)
         elif HAS_KPM:
@@ -170,7 +168,7 @@ def attention_bwd_dkdv_kernel(
         lo, masked_until = limited_query_range(KLQ + b.to(tl.int64) * stride_klq_b, k_first, k_last, M, hi,
                                                BLOCK_M, HAS_WINDOW)
     seg_base = SEG + b.to(tl.int64) * stride_seg_b
-    k_seg = key_segments(seg_base, offs_n, M, HAS_SEGMENTS)[:, None]
+    k_seg = row_ids(seg_base, offs_n, M, HAS_SEGMENTS)[:, None]
     if HAS_SEGMENTS:    # any id layout: every visited block takes the mask
         masked_until = hi
     if DQ_ATOMIC:
@@ -215,7 +213,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, seg_base, q_seg,
         p = tl.exp2(s - lse2[:, None])
         if start_n >= masked_from:
             keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], q_seg,
-                           key_segments(seg_base, offs_n, M, HAS_SEGMENTS)[None, :], q_limit, IS_CAUSAL,
+                           row_ids(seg_base, offs_n, M, HAS_SEGMENTS)[None, :], q_limit, IS_CAUSAL,
                            HAS_WINDOW, HAS_SEGMENTS, HAS_KEY_LIMIT)
             p = tl.where(keep, p, 0.0)
         elif HAS_KPM:
@@ -265,8 +263,8 @@ def attention_bwd_dq_kernel(
     lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     masked_from = masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     seg_base = SEG + b.to(tl.int64) * stride_seg_b
-    q_seg = query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS)
-    q_limit = query_limits(KL + b.to(tl.int64) * stride_kl_b, offs_m, N, HAS_KEY_LIMIT)
+    q_seg = row_ids(seg_base + shift, offs_m, N, HAS_SEGMENTS)
+    q_limit = row_ids(KL + b.to(tl.int64) * stride_kl_b, offs_m, N, HAS_KEY_LIMIT)
     if HAS_KEY_LIMIT:   # the limits replace the causal bound (as in the forward)
         hi, masked_from = limited_key_range(q_limit, offs_m, N, M, lo, BLOCK_N, HAS_WINDOW)
     if HAS_SEGMENTS:

@@ -149,35 +149,16 @@ def visible(qpos, kpos, window, key_ok, q_seg, k_seg, q_limit, IS_CAUSAL: tl.con
 
 
 @triton.jit
-def key_segments(seg_base, offs_n, M, HAS_SEGMENTS: tl.constexpr):
-    """Segment ids of the keys offs_n (-1 past M, where key_mask hides them anyway); zeros (unused) without."""
-    if HAS_SEGMENTS:
-        seg = tl.load(seg_base + offs_n, mask=offs_n < M, other=-1)
+def row_ids(base, offs, n, ENABLED: tl.constexpr):
+    """The int ids base[offs] of rows offs < n, -1 beyond (no segment; no key); zeros (unused) when not ENABLED.
+    Keys' segments: row_ids(seg, offs_n, M); queries' segments, at their key positions offs_m + shift (the launchers
+    require N <= M with segments): row_ids(seg + shift, offs_m, N); queries' key limits (int32, clamped to -1..M-1
+    by the launchers): row_ids(kl, offs_m, N)."""
+    if ENABLED:
+        ids = tl.load(base + offs, mask=offs < n, other=-1)
     else:
-        seg = tl.zeros_like(offs_n)
-    return seg
-
-
-@triton.jit
-def query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS: tl.constexpr):
-    """Segment ids of the queries offs_m: the ids of their key positions offs_m + shift (the launchers require
-    N <= M with segments, so those are in 0..M-1 for rows below N); zeros (unused) without."""
-    if HAS_SEGMENTS:
-        seg = tl.load(seg_base + offs_m + shift, mask=offs_m < N, other=-1)
-    else:
-        seg = tl.zeros_like(offs_m)
-    return seg
-
-
-@triton.jit
-def query_limits(kl_base, offs_m, N, HAS_KEY_LIMIT: tl.constexpr):
-    """Key limits of the queries offs_m (int32, clamped to -1..M-1 by the launchers; -1 past N: no key);
-    zeros (unused) without."""
-    if HAS_KEY_LIMIT:
-        lim = tl.load(kl_base + offs_m, mask=offs_m < N, other=-1)
-    else:
-        lim = tl.zeros_like(offs_m)
-    return lim
+        ids = tl.zeros_like(offs)
+    return ids
 
 
 @triton.jit

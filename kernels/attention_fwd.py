@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - older Triton
 
 from .attention_common import (
     LN2,
-    base2_logits,
     autotuned,
+    base2_logits,
     batch_slices,
     dot_precision,
     fit_int32_tiles,
@@ -42,7 +42,6 @@ from .attention_common import (
     interpreting,
     key_mask,
     key_range,
-    key_segments,
     launch,
     launchable,
     length_bucket,
@@ -50,9 +49,8 @@ from .attention_common import (
     load_rows,
     masked_keys_from,
     on_device,
-    query_limits,
-    query_segments,
     resolve_config,
+    row_ids,
     store_rows,
     visible,
 )
@@ -80,7 +78,7 @@ def hide_keys(s, masked, qpos, offs_n, window, kpm_base, M, IS_CAUSAL: tl.conste
     seg_base, and the rows' key limits q_limit (BLOCK_M, 1)."""
     if masked:
         keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], q_seg,
-                       key_segments(seg_base, offs_n, M, HAS_SEGMENTS)[None, :], q_limit, IS_CAUSAL, HAS_WINDOW,
+                       row_ids(seg_base, offs_n, M, HAS_SEGMENTS)[None, :], q_limit, IS_CAUSAL, HAS_WINDOW,
                        HAS_SEGMENTS, HAS_KEY_LIMIT)
         s = tl.where(keep, s, float("-inf"))
     elif HAS_KPM:
@@ -164,8 +162,8 @@ def attention_fwd_kernel(
     lo, hi = key_range(q_first, q_last, shift, window, M, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     masked_from = masked_keys_from(q_first, shift, M, lo, hi, BLOCK_N, IS_CAUSAL, HAS_WINDOW)
     seg_base = SEG + b.to(tl.int64) * stride_seg_b
-    q_seg = query_segments(seg_base, offs_m, shift, N, HAS_SEGMENTS)
-    q_limit = query_limits(KL + b.to(tl.int64) * stride_kl_b, offs_m, N, HAS_KEY_LIMIT)
+    q_seg = row_ids(seg_base + shift, offs_m, N, HAS_SEGMENTS)
+    q_limit = row_ids(KL + b.to(tl.int64) * stride_kl_b, offs_m, N, HAS_KEY_LIMIT)
     if HAS_KEY_LIMIT:   # the limits replace the causal bound (key_limit requires causal)
         hi, masked_from = limited_key_range(q_limit, offs_m, N, M, lo, BLOCK_N, HAS_WINDOW)
     if HAS_SEGMENTS:    # any id layout: every visited block takes the mask
