@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from attnlrp_fast.inputs import check_inputs, forward_parameters
-from attnlrp_fast.lrp_patch import active_handle, lrp, unwrap
+from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import maybe_low_memory
 from attnlrp_fast.models import is_vision_language, vision_parts
 from attnlrp_fast.rules import final_softcap_identity
@@ -97,20 +97,11 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
     if _hf_checkpointing(model) and not checkpoint:
         # HF's checkpointing runs in training mode only and explain() runs in eval mode: its own is used instead
-        warnings.warn("the model has HF activation (gradient) checkpointing enabled, which runs in training mode only; explain() "
-                      "runs in eval mode and checkpoints every layer itself instead (checkpoint=True)", stacklevel=2)
+        warnings.warn("the model has HF activation (gradient) checkpointing enabled, which runs in training mode "
+                      "only; explain() runs in eval mode and checkpoints every layer itself instead (checkpoint=True)",
+                      stacklevel=2)
         checkpoint = True
-    handle = active_handle(model)
-    if handle is not None:
-        if rule is not None and rule != handle.rule:
-            raise ValueError(f"the model is inside af.lrp(rule={handle.rule!r}) but explain() was asked for rule={rule!r}")
-        if backend is not None and backend != handle.backend:
-            raise ValueError(f"the model is inside af.lrp(backend={handle.backend!r}); explain() got backend={backend!r}")
-        scope, active_rule = contextlib.nullcontext(handle), handle.rule
-    else:
-        active_rule = rule or "attnlrp"
-        scope = lrp(model, active_rule, backend=backend)
-    with scope as h, maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
+    with lrp_scope(model, rule, backend, caller="explain()") as h, maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
                                       mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
                                    ("token_type_ids", token_type_ids)) if v is not None}

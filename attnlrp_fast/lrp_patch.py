@@ -14,6 +14,8 @@ Every replacement is checked against the module's own forward on random input wh
 (or leaving the with-block) restores the instance exactly: forwards, attention implementation, modes.
 """
 
+import contextlib
+
 import torch
 
 from attnlrp_fast.bindings.checks import check_rule
@@ -196,6 +198,20 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None) -> LRPHandle:
     """Patch this model instance so that its backward follows `rule` ("attnlrp" | "cp" | "grad").
     Use as a context manager, or keep the handle and call .remove(). See the module docstring."""
     return LRPHandle(model, rule, backend=backend, gamma=gamma)
+
+
+def lrp_scope(model, rule=None, backend=None, *, caller):
+    """A context manager with the model under rules: af.lrp(model, rule or "attnlrp", backend) for the block, or,
+    when the model is already inside af.lrp, that one (left as it is on exit); a different rule or backend asked of
+    it by `caller` is a ValueError naming both."""
+    handle = active_handle(model)
+    if handle is None:
+        return lrp(model, rule or "attnlrp", backend=backend)
+    if rule is not None and rule != handle.rule:
+        raise ValueError(f"the model is inside af.lrp(rule={handle.rule!r}) but {caller} was asked for rule={rule!r}")
+    if backend is not None and backend != handle.backend:
+        raise ValueError(f"the model is inside af.lrp(backend={handle.backend!r}); {caller} got backend={backend!r}")
+    return contextlib.nullcontext(handle)
 
 
 def active_handle(model):

@@ -6,7 +6,7 @@ import importlib
 
 import torch
 
-from attnlrp_fast.lrp_patch import active_handle, lrp
+from attnlrp_fast.lrp_patch import lrp_scope
 from attnlrp_fast.patching import Patches
 from attnlrp_fast.rules import final_softcap_identity
 
@@ -74,18 +74,7 @@ def _softcap_identity(model, cap):
 def rules_applied(model, rule="attnlrp", backend=None):
     """The model under af.lrp(model, rule, backend) for the block (reusing an active af.lrp of the same rule), plus
     the identity rule on a final logit softcap as in af.explain; everything restored on exit."""
-    handle = active_handle(model)
-    if handle is not None:
-        if rule != handle.rule:
-            raise ValueError(f"the model is inside af.lrp(rule={handle.rule!r}) but the attribution asks for "
-                             f"rule={rule!r}")
-        if backend is not None and backend != handle.backend:
-            raise ValueError(f"the model is inside af.lrp(backend={handle.backend!r}); the attribution asks for "
-                             f"backend={backend!r}")
-        scope = contextlib.nullcontext(handle)
-    else:
-        scope = lrp(model, rule, backend=backend)
-    with scope as h:
+    with lrp_scope(model, rule, backend, caller="the attribution") as h:
         cap = h.final_logit_softcap if h.rule != "grad" else None
         with _softcap_identity(model, cap) if cap is not None else contextlib.nullcontext():
             yield h
