@@ -35,6 +35,7 @@ from attnlrp_fast.inputs import check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import maybe_low_memory
 from attnlrp_fast.models import is_vision_language, vision_parts
+from attnlrp_fast.reasoning import HeadRows, Reasoning, reasoning_logits, run_hops
 from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
 
@@ -53,6 +54,13 @@ class Explanation:
     image_rows: Optional[torch.Tensor] = None    # (images,) the batch row each image belongs to
     image_share: Optional[torch.Tensor] = None   # (B,) float32: signed share of the row's relevance on its images
     text_share: Optional[torch.Tensor] = None    # (B,) float32: on its text tokens (image_share + text_share = 1)
+    # multi-hop relevance through a reasoning span (reasoning.py): None without reasoning_span
+    reasoning_span: Optional[tuple] = None       # (start, end) positions of the reasoning tokens
+    hop_relevance: Optional[torch.Tensor] = None    # (hops + 1, B, N) float32: hop 0 = relevance
+    prompt_relevance: Optional[torch.Tensor] = None  # (B, N) float32: all hops' relevance on positions < start
+    reasoning_share: Optional[torch.Tensor] = None  # (hops + 1, B) float32: share of each hop left in the reasoning
+    reasoning_seed: Optional[str] = None         # "positive" or "signed": what each hop passes on
+    reasoning_skipped: int = 0                   # reasoning tokens with a logit of 0 (they pass nothing on)
 
     def top_neurons(self, name: str, k: int = 10):
         """The k neurons of latent `name` with the largest relevance summed over batch and positions:
@@ -77,7 +85,8 @@ class Explanation:
 
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
-            image_grid_thw=None, token_type_ids=None) -> Explanation:
+            image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
+            reasoning_seed=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -93,6 +102,11 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
     progress: called with "forward" / "backward" per transformer layer (progress bars).
     Vision-language models: e.image_relevance, e.image_rows, e.image_share, e.text_share (module docstring).
+    reasoning_span: (start, end), the positions of the model's own reasoning tokens before the answer; `hops`
+          (default 1) further backward passes over the same forward carry the relevance each reasoning token
+          received back to the logit that predicted it (reasoning_seed "positive" (default): its positive part;
+          "signed": all of it). e.hop_relevance, e.prompt_relevance (the total on the prompt), e.reasoning_share
+          (attnlrp_fast/reasoning.py); e.relevance stays hop 0.
     """
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
     if _hf_checkpointing(model) and not checkpoint:
@@ -105,8 +119,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                                       mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
                                    ("token_type_ids", token_type_ids)) if v is not None}
+        reasoning = Reasoning.of(reasoning_span, hops, reasoning_seed, input_ids)
         return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
-                                          (latent,) if isinstance(latent, str) else tuple(latent), extra))
+                                          (latent,) if isinstance(latent, str) else tuple(latent), extra, reasoning))
 
 
 def _hf_checkpointing(model):
@@ -148,13 +163,17 @@ class _Capture:
                 self.handles.append(module.register_forward_hook(self._store(spec)))
         if want_pre_logits:
             head = model.get_output_embeddings()
-            self.handles.append(head.register_forward_hook(lambda m, i, o: setattr(self, "pre_logits", o)))
+            self.handles.append(head.register_forward_hook(self._pre_logits_hook))
 
     def _embeds_hook(self, module, inputs, output):
         if self.frozen:
             return None
         self.embeds = output.detach().requires_grad_(True)
         return self.embeds
+
+    def _pre_logits_hook(self, module, inputs, output):
+        if not self.frozen:   # (after the forward the reasoning hops run the lm_head on their own rows)
+            self.pre_logits = output
 
     def _patches_hook(self, module, inputs, output):
         if self.frozen:
@@ -200,6 +219,7 @@ class Request:
     pixel_values: Optional[torch.Tensor]
     latent: tuple
     extra: dict = field(default_factory=dict)   # other model inputs passed on as they are (image_sizes, ...)
+    reasoning: Optional[Reasoning] = None
 
 
 @dataclass
@@ -235,6 +255,21 @@ def _forward_kwargs(model, req):
     return kwargs, positions, kept
 
 
+def _reasoning_rows(model, req, kwargs, positions, kept):
+    """The lm_head hook that keeps the reasoning's rows (reasoning.HeadRows); the forward then computes logits at
+    the target's positions and the reasoning's (logits_to_keep), the lm_head only at the target's."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head): reasoning_span needs a model "
+                         "that predicts tokens")
+    req.reasoning.check_target(positions)
+    union = None
+    if kept is not None:
+        union = torch.unique(torch.cat([kept, req.reasoning.predicting.to(kept.device)]))
+        kwargs["logits_to_keep"] = union
+    return HeadRows(head, req.reasoning, union, kept)
+
+
 def _target_score(model, req, outputs, positions, kept) -> Scored:
     target = req.target
     if callable(target) and not isinstance(target, Contrast):
@@ -252,14 +287,15 @@ def _target_score(model, req, outputs, positions, kept) -> Scored:
     return Scored(value, ids, parts, logits, positions)
 
 
-def _modified_gradients(scored, inputs, pre_logits, softcap):
-    """The rule's gradients of the target score at `inputs`; under a final logit softcap the identity rule there."""
+def _modified_gradients(scored, inputs, pre_logits, softcap, keep=False):
+    """The rule's gradients of the target score at `inputs`; under a final logit softcap the identity rule there.
+    keep: the forward's graph stays for further backward passes (reasoning hops)."""
     if softcap is not None and scored.logits is not None and pre_logits is not None:
         (g_capped,) = torch.autograd.grad(scored.score.sum(), scored.logits, retain_graph=True)
         return torch.autograd.grad(pre_logits, inputs, grad_outputs=final_softcap_identity(g_capped, scored.logits,
                                                                                            pre_logits),
-                                   allow_unused=True)
-    return torch.autograd.grad(scored.score.sum(), inputs, allow_unused=True)
+                                   allow_unused=True, retain_graph=keep)
+    return torch.autograd.grad(scored.score.sum(), inputs, allow_unused=True, retain_graph=keep)
 
 
 @contextlib.contextmanager
@@ -281,29 +317,48 @@ def _explain(model, handle, req: Request) -> Explanation:
     pixels = req.pixel_values if vision is None else vision.checked_pixels(req.pixel_values, req.extra)
     input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, pixels)
     extra = req.extra if vision is None else {**req.extra, **vision.model_inputs(model, input_ids, req.extra)}
-    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra)
+    req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra,
+                  req.reasoning)
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
     capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision)
-    kwargs, positions, kept = _forward_kwargs(model, req)
+    rows = hops = None
     try:
+        kwargs, positions, kept = _forward_kwargs(model, req)
+        if req.reasoning is not None:
+            rows = _reasoning_rows(model, req, kwargs, positions, kept)
         with _parameters_frozen(model), torch.enable_grad():
             outputs = model(**kwargs)
             capture.frozen = True
             scored = _target_score(model, req, outputs, positions, kept)
             inputs = capture.inputs(req.latent)
-            grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap)
+            if rows is not None:
+                rows.frozen = True
+                req.reasoning.check_target(scored.positions)
+                z = reasoning_logits(model.get_output_embeddings(), rows.hidden,
+                                     input_ids[:, req.reasoning.start:req.reasoning.end],
+                                     handle.final_logit_softcap if handle.rule == "grad" else None)
+            grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
+            if rows is not None:
+                hops = run_hops(req.reasoning, (inputs[0].detach().float() * grads[0].float()).sum(-1), z,
+                                inputs[0], lambda m: warnings.warn(m, stacklevel=4))
     finally:
         capture.remove()
+        if rows is not None:
+            rows.remove()
     rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
-    images = {}
+    fields = {}
     if capture.patches is not None:
         maps, counts = vision.image_maps(rel[-1], req.extra)
-        images = _image_fields(rel[0].sum(-1), maps, counts, input_ids == vision.image_token_id)
+        fields = _image_fields(rel[0].sum(-1), maps, counts, input_ids == vision.image_token_id)
         rel = rel[:-1]
+    if hops is not None:
+        r = req.reasoning
+        fields.update(reasoning_span=(r.start, r.end), hop_relevance=hops.relevance, prompt_relevance=hops.prompt,
+                      reasoning_share=hops.share, reasoning_seed=r.seed, reasoning_skipped=hops.skipped)
     return Explanation(
         relevance=rel[0].sum(-1), target_ids=scored.ids, target_logit=scored.score.detach().float(),
         rule=handle.rule, latent=dict(zip(req.latent, rel[1:])), positions=scored.positions,
-        target_logits=scored.parts.detach().float() if scored.parts is not None else None, **images)
+        target_logits=scored.parts.detach().float() if scored.parts is not None else None, **fields)
 
 
 def _image_fields(relevance, maps, counts, placeholders):
