@@ -32,6 +32,7 @@ import torch
 
 from attnlrp_fast.bindings.hf import attention_modules
 from attnlrp_fast.bindings.torch_path import visible_keys
+from attnlrp_fast.evaluation import deletion
 from attnlrp_fast.evaluation.capture import capture_attention
 from attnlrp_fast.explanation import explain
 from attnlrp_fast.inputs import check_inputs, forward_parameters
@@ -39,7 +40,10 @@ from attnlrp_fast.lrp_patch import active_handle, lrp
 from attnlrp_fast.targets import Contrast, score, target_rows, token_positions
 
 METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random")
-_RULES = {"attnlrp": "attnlrp", "cp": "cp", "grad_x_input": "grad"}
+# AttnLRP through a reasoning span (attnlrp_fast/reasoning.py): the relevance all hops put on the prompt, with the
+# positive part or all of each reasoning token's relevance passed on; need reasoning_span
+HOP_METHODS = ("attnlrp_hops_positive", "attnlrp_hops_signed")
+_RULES = {"attnlrp": "attnlrp", "cp": "cp", "grad_x_input": "grad", **{m: "attnlrp" for m in HOP_METHODS}}
 PERTURB = ("zero", "token")
 
 
@@ -211,9 +215,9 @@ def parse_method(method):
         raise TypeError(f"method must be a string, got {type(method).__name__}")
     name, _, rest = method.partition("[")
     backend = rest[:-1] if rest.endswith("]") else (None if not rest else rest)
-    if name not in METHODS or (rest and not rest.endswith("]")):
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (attnlrp, cp and "
-                         "grad_x_input also as name[torch] / name[triton])")
+    if name not in METHODS + HOP_METHODS or (rest and not rest.endswith("]")):
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS + HOP_METHODS)} (attnlrp, cp, "
+                         "grad_x_input and the hop methods also as name[torch] / name[triton])")
     if backend is not None and (name not in _RULES or backend not in ("torch", "triton")):
         raise ValueError(f"method {method!r}: a backend in brackets goes with {', '.join(_RULES)} and is 'torch' or "
                          "'triton'")
@@ -222,10 +226,13 @@ def parse_method(method):
 
 # --- attribution methods --------------------------------------------------------------------------------------
 def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target=None, position=None,
-              backend=None, ig_steps=32, ig_batch=32, seed=0) -> Attribution:
+              backend=None, ig_steps=32, ig_batch=32, seed=0, reasoning_span=None, hops=None) -> Attribution:
     """Relevance (B, N) of each input token for `target` by `method` (see METHODS), on the same footing:
 
     attnlrp / cp / grad_x_input   af.explain with rule attnlrp / cp / grad (gradient x input on the embeddings)
+    attnlrp_hops_positive / _signed   af.explain(..., reasoning_span, hops, reasoning_seed="positive" / "signed"):
+                                  e.prompt_relevance, the relevance all hops put on the prompt (hops default:
+                                  the span's length, after which none is left in the reasoning)
     integrated_gradients          x * mean over ig_steps points a of grad f(a x) on the path from 0 to the input
                                   embeddings (midpoint rule, batched ig_batch rows at a time)
     attention                     last layer's attention weights from the target position(s), mean over heads
@@ -237,7 +244,11 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
     on_input = _score(case)
     case = replace(case, target=on_input.target)
     t = time.perf_counter()
-    if name in _RULES:
+    if name in HOP_METHODS:
+        if reasoning_span is None:
+            raise ValueError(f"method {method!r} needs reasoning_span=(start, end)")
+        rel = _explain_hops(case, reasoning_span, hops, name.rsplit("_", 1)[1], backend)
+    elif name in _RULES:
         rel = _explain(case, _RULES[name], backend)
     elif name == "integrated_gradients":
         rel = _integrated_gradients(case, ig_steps, ig_batch, backend)
@@ -254,6 +265,14 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
 def _explain(case, rule, backend):
     return explain(case.model, input_ids=case.input_ids, attention_mask=case.attention_mask, target=case.target,
                    position=case.position, rule=rule, backend=backend).relevance
+
+
+def _explain_hops(case, span, hops, seed, backend):
+    start, end = span
+    e = explain(case.model, input_ids=case.input_ids, attention_mask=case.attention_mask, target=case.target,
+                position=case.position, backend=backend, reasoning_span=span,
+                hops=end - start if hops is None else hops, reasoning_seed=seed)
+    return e.prompt_relevance
 
 
 def integrated_gradients(model, input_ids, attention_mask, target, position, steps=32, batch=32, backend=None):
@@ -387,17 +406,127 @@ def _keeps(order, n_tokens, fractions):
     return keeps
 
 
-def _row_scores(row, order, p):
-    """The target scores (2 (S + 1),) of one row's variants: MoRF, then LeRF (the rows of _keeps)."""
+def _variant_scores(row, keeps, p, scorer):
+    """scorer(variants, keep) (V,) of one row's variants, keeps (V, N) (0: removed), p.batch_size at a time:
+    zeroed embeddings (keep passed on) or replaced ids (keep None)."""
     scores = []
-    for keep in _keeps(order, row.input_ids.shape[1], p.fractions).split(p.batch_size):
+    for keep in keeps.split(p.batch_size):
         variants = row.repeated(keep.shape[0])
         if p.perturb == "token":
             ids = variants.input_ids
             ids = torch.where(keep.bool(), ids, torch.full_like(ids, int(p.replace_id)))
             variants = replace(variants, input_ids=ids)
-        scores.append(_score(variants, keep if p.perturb == "zero" else None).value.cpu())
+        scores.append(scorer(variants, keep if p.perturb == "zero" else None).cpu())
     return torch.cat(scores)
+
+
+def _row_scores(row, order, p):
+    """The target scores (2 (S + 1),) of one row's variants: MoRF, then LeRF (the rows of _keeps)."""
+    return _variant_scores(row, _keeps(order, row.input_ids.shape[1], p.fractions), p,
+                           lambda variants, keep: _score(variants, keep).value)
+
+
+# --- deletion metrics of a generation (RISE, MAS, RISE+AP: evaluation/deletion.py) --------------------------------
+@dataclass(frozen=True)
+class Generation:
+    """Tokens whose log-probability the deletion metrics score: ids (B, P), each predicted at positions (B, P)
+    (a classification head: the class, positions unused)."""
+    positions: torch.Tensor
+    ids: torch.Tensor
+
+    def row(self, b, times=1):
+        return Generation(self.positions[b:b + 1].expand(times, -1), self.ids[b:b + 1].expand(times, -1))
+
+
+def _generation(case, generation):
+    """The Generation of `generation` (a list of (position, token_id) pairs for every row, or a (positions, ids)
+    pair of tensors, (P,) or (B, P)); None: the target's tokens (a list target's pairs, an argmax/int/(B,) target's
+    token at its position), or None when the target has no tokens (callable, contrast)."""
+    B, N = case.input_ids.shape
+    device = case.input_ids.device
+    if generation is None:
+        t = case.target
+        if not case.reads_logits or isinstance(t, Contrast):
+            return None
+        positions = case.token_positions()
+        if isinstance(t, (list, tuple)):
+            ids = torch.tensor([tok for _, tok in t], device=device).expand(B, -1)
+        else:
+            ids = (t.to(device)[:, None] if _per_row(t) else torch.full((B, 1), int(t), device=device))
+        return Generation(positions.expand(B, -1), ids.expand(B, -1))
+    if isinstance(generation, (list, tuple)) and generation and all(
+            isinstance(x, (list, tuple)) and len(x) == 2 and not isinstance(x[0], torch.Tensor) for x in generation):
+        positions = token_positions(list(generation), case.input_ids, None, None)
+        ids = torch.tensor([int(tok) for _, tok in generation], device=device).expand(B, -1)
+        return Generation(positions.expand(B, -1), ids)
+    if isinstance(generation, tuple) and len(generation) == 2 and all(isinstance(x, torch.Tensor) for x in generation):
+        positions, ids = (x.to(device).long() for x in generation)
+        positions, ids = (x[None] if x.dim() == 1 else x for x in (positions, ids))
+        positions, ids = positions.expand(B, -1), ids.expand(B, -1)
+        if positions.shape != ids.shape or (positions < 0).any() or (positions >= N).any():
+            raise ValueError(f"generation: positions {tuple(positions.shape)} and ids {tuple(ids.shape)} must match "
+                             f"and the positions lie in [0, {N})")
+        return Generation(positions, ids)
+    raise TypeError("generation must be a list of (position, token_id) pairs or a (positions, ids) pair of tensors")
+
+
+def _log_probability(case, gen, keep=None):
+    """log p of the generation's tokens, summed per row (B,) (no gradients); keep as in _score."""
+    kwargs = _forward_kwargs(case)
+    kept = None
+    if "logits_to_keep" in forward_parameters(case.model):
+        kept = kwargs["logits_to_keep"] = torch.unique(gen.positions)
+    with scaled_input_embeddings(case.model, None if keep is None else keep[..., None]), torch.no_grad():
+        logits = case.model(**kwargs).logits.float()
+    if logits.dim() == 2:                                            # classification head: the class
+        picked = logits.log_softmax(-1).gather(-1, gen.ids[:, :1])
+    else:
+        col = torch.searchsorted(kept, gen.positions.contiguous()) if kept is not None else gen.positions
+        rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+        if not gen.ids.is_meta and ((gen.ids < 0).any() or (gen.ids >= logits.shape[-1]).any()):
+            raise ValueError(f"generation token id outside the model's {logits.shape[-1]} outputs")
+        picked = logits[rows, col].log_softmax(-1).gather(-1, gen.ids[..., None])[..., 0]
+    return picked.sum(-1)
+
+
+def deletion_curves(model, input_ids, relevance, *, attention_mask=None, target=None, position=None,
+                    generation=None, eligible=None, perturbation=None, **fields):
+    """RISE, MAS and RISE+AP (evaluation/deletion.py; lower is better) of `relevance` for each row: a list of
+    {"rise", "mas", "rise_ap", "scores" (s_0 .. s_k), "normalized", "density"}.
+
+    generation: the tokens whose log-probability is scored (default: the target's; see _generation), e.g. the
+    reasoning and the answer of a reasoning model. eligible, perturbation: as in perturbation_curves (steps = k).
+    """
+    perturbation = _perturbation(perturbation, fields)
+    case = Case.of(model, input_ids, attention_mask, target, position)
+    relevance = _per_token(relevance, case, "relevance").float()
+    if not torch.isfinite(relevance).all():
+        raise ValueError("relevance holds NaN or inf")
+    if _chooses_argmax(case.target):
+        case = replace(case, target=_score(case).target)
+    gen = _generation(case, generation)
+    if gen is None:
+        raise ValueError("the deletion metrics score the log-probability of tokens: this target has none (callable "
+                         "or contrast); pass generation=[(position, token_id), ...]")
+    eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
+    return _deletion(case, relevance, eligible, gen, perturbation)
+
+
+def _deletion(case, relevance, eligible, gen, p):
+    g = torch.Generator().manual_seed(p.seed)
+    out = []
+    for b in range(relevance.shape[0]):
+        order = _order(relevance[b], eligible[b], g)
+        sizes = deletion.group_sizes(order.numel(), p.steps)
+        keeps = torch.ones(len(sizes) + 1, case.input_ids.shape[1], device=order.device)
+        for i, group in enumerate(order.split(sizes)):
+            keeps[i + 1:, group] = 0.0
+        scores = _variant_scores(case.row(b), keeps, p, lambda variants, keep: _log_probability(
+            variants, gen.row(b, variants.input_ids.shape[0]), keep))
+        row = deletion.metrics(scores, deletion.density(relevance[b][order].cpu(), sizes))
+        row["scores"] = scores.tolist()
+        out.append(row)
+    return out
 
 
 def default_eligible(model, input_ids, attention_mask, target, position):
@@ -444,23 +573,29 @@ def pointing(relevance, evidence, candidates=None):
 
 # --- everything at once ----------------------------------------------------------------------------------------
 def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=None, position=None, eligible=None,
-             evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, on_result=None, **fields):
-    """Each method's attribution, perturbation curves and ABPC on the same inputs and perturbations.
+             evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, on_result=None,
+             generation=None, reasoning_span=None, hops=None, **fields):
+    """Each method's attribution, perturbation curves and ABPC, and the deletion metrics, on the same inputs and
+    perturbations.
 
     perturbation: a Perturbation, or its fields as keywords (steps, perturb, replace_id, batch_size, seed; the
     seed also seeds the random method). Returns {method: {"abpc": mean, "abpc_per_row": [...], "morf": mean
     curve, "lerf": mean curve, "fractions": [...], "seconds": attribution time, and with evidence (bool (B, N))
-    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...]}}. progress(method) is called after each, and
-    on_result(method, its result) as soon as that result is there (partial reports).
+    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...]}}. When the target (or `generation`) has tokens,
+    also "rise", "mas", "rise_ap" (means; lower is better), their "..._per_row" and "degenerate" (deletion_curves,
+    with the same steps). reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after
+    each, and on_result(method, its result) as soon as that result is there (partial reports).
     """
     perturbation = _perturbation(perturbation, fields)
     case = Case.of(model, input_ids, attention_mask, target, position)
     case = replace(case, target=_score(case).target)
     eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
+    gen = _generation(case, generation)
     out = {}
     for method in methods:
-        out[method] = _evaluate_method(case, method, eligible, evidence, perturbation,
-                                       {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed})
+        out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen,
+                                       {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed,
+                                        "reasoning_span": reasoning_span, "hops": hops})
         if on_result:
             on_result(method, out[method])
         if progress:
@@ -468,7 +603,7 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     return out
 
 
-def _evaluate_method(case, method, eligible, evidence, perturbation, options):
+def _evaluate_method(case, method, eligible, evidence, perturbation, gen, options):
     a = attribute(case.model, case.input_ids, method, attention_mask=case.attention_mask, target=case.target,
                   position=case.position, **options)
     c = perturbation_curves(case.model, case.input_ids, a.relevance, attention_mask=case.attention_mask,
@@ -479,4 +614,6 @@ def _evaluate_method(case, method, eligible, evidence, perturbation, options):
         hit, rank = pointing(a.relevance.cpu(), torch.as_tensor(evidence).cpu(), eligible.cpu())
         row.update(pointing_accuracy=float(hit.float().mean()), evidence_rank=float(rank.float().mean()),
                    ranks=rank.tolist())
+    if gen is not None:
+        row.update(deletion.summary(_deletion(case, a.relevance, eligible, gen, perturbation)))
     return row

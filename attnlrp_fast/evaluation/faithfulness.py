@@ -171,10 +171,11 @@ def paired(a, b):
 
 
 def table(result):
-    """Markdown: one row per task and method, with each method's paired ABPC difference to AttnLRP's."""
+    """Markdown: one row per task and method, with each method's paired ABPC difference to AttnLRP's and the
+    deletion metrics of the generation (RISE, MAS, RISE+AP; "-" where the target has no tokens)."""
     lines = ["| task | method | ABPC (higher is better) | ABPC - AttnLRP's (paired, ± s.e.; samples better) | "
-             "pointing accuracy | evidence rank | attribution s |",
-             "|---|---|---|---|---|---|---|"]
+             "RISE | MAS | RISE+AP (lower is better) | pointing accuracy | evidence rank | attribution s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for task, out in result["tasks"].items():
         methods = out["methods"]
         ref = next((m for m in methods if m.split("[")[0] == "attnlrp"), None)
@@ -187,7 +188,9 @@ def table(result):
                 n = len(r["abpc_per_row"])
                 spread = f" ± {se:.3f}" if n > 1 else " (n=1: no s.e.)"
                 diff = f"{mean:+.3f}{spread}; {wins} of {n}"
-            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {acc} | {rank} | {r['seconds']:.2f} |")
+            deletion = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("rise", "mas", "rise_ap"))
+            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {deletion} | {acc} | {rank} | "
+                         f"{r['seconds']:.2f} |")
     return "\n".join(lines)
 
 
