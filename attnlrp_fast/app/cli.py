@@ -49,6 +49,7 @@ class _Module:
 demo = _Module("attnlrp_fast.app.demo")
 longdoc = _Module("attnlrp_fast.app.longdoc")
 report = _Module("attnlrp_fast.app.report")
+reasoning_report = _Module("attnlrp_fast.app.reasoning_report")
 tiny = _Module("attnlrp_fast.app.tiny")
 dispatch = _Module("attnlrp_fast.bindings.dispatch")
 
@@ -248,15 +249,18 @@ def _bar_factory(quiet, lines=False):
     return bar
 
 
-def _layer_progress(bar, n_layers, label):
-    """A progress(event) callback for af.explain with one bar for the forward and one for the backward."""
+def _layer_progress(bar, n_layers, label, backward_passes=1):
+    """A progress(event) callback for af.explain with one bar for the forward and one for the backward passes."""
     bars = {}
+    totals = {"forward": n_layers, "backward": n_layers * backward_passes}
 
     def progress(event):
+        total = totals.get(event, n_layers)
         if event not in bars:
-            bars[event] = bar(total=n_layers, desc=f"{label}: {event}", unit="layer")
+            passes = f" ({backward_passes} passes)" if event == "backward" and backward_passes > 1 else ""
+            bars[event] = bar(total=total, desc=f"{label}: {event}{passes}", unit="layer")
         bars[event].update()
-        if bars[event].n >= n_layers:
+        if bars[event].n >= total:
             bars.pop(event).close()
     progress.close = lambda: [b.close() for b in bars.values()]
     return progress
@@ -323,24 +327,39 @@ def _prompt_and_answer(args, model, tokenizer, document, bar, backend) -> _Answe
 
 # --- explain ---------------------------------------------------------------------------------------------------
 def _check_explain_options(args):
+    if getattr(args, "hops", 0) < 0:
+        raise UsageError(f"--hops must be 0 or more, got {args.hops}")
     if args.mlp_chunk < 0:
         raise UsageError(f"--mlp-chunk must be 0 (no chunking) or a positive number of tokens, got {args.mlp_chunk}")
     if args.answer is None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
 
-def _explain_answer(args, model, answer, backend, bar):
-    """longdoc.explain_answer with progress bars: the layers forward and backward, and with --per-token the
-    answer tokens."""
+def _reasoning(args, tokenizer, answer):
+    """The ReasoningSpan --reasoning asks for (None: none, or auto found no reasoning block)."""
+    if args.reasoning == "none":
+        return None
+    if args.reasoning == "auto":
+        return longdoc.find_reasoning(tokenizer, answer.prompt.ids, answer.ids,
+                                      args.max_new_tokens if args.answer is None else None)
+    return longdoc.reasoning_from_option(args.reasoning, answer.prompt.ids, answer.ids)
+
+
+def _explain_answer(args, model, answer, backend, bar, reasoning=None):
+    """longdoc.explain_answer with progress bars: the layers forward and backward (one backward per hop with a
+    reasoning span), and with --per-token the answer tokens."""
     from attnlrp_fast.memory import transformer_layers
 
     n_tokens = len(answer.prompt.ids) + len(answer.ids)
-    progress = _layer_progress(bar, len(transformer_layers(model)), f"explaining {n_tokens} tokens")
+    passes = 1 + (args.hops if reasoning is not None else 0)
+    progress = _layer_progress(bar, len(transformer_layers(model)), f"explaining {n_tokens} tokens",
+                               backward_passes=passes)
     quiet_tokens = args.quiet or not args.per_token
     with bar(total=len(answer.ids), desc="answer tokens", unit="token", disable=True if quiet_tokens else None) as b:
         result = longdoc.explain_answer(model, answer.prompt, answer.ids, args.rule, backend, per_token=args.per_token,
                                         checkpoint=not args.no_checkpoint, mlp_chunk=args.mlp_chunk,
-                                        progress=progress, token_tick=b.update)
+                                        progress=progress, token_tick=b.update, reasoning=reasoning,
+                                        hops=args.hops, seed=args.reasoning_seed)
     progress.close()
     return result
 
@@ -356,19 +375,33 @@ def _other_prompt_tokens(prompt, relevance):
 class _Explained:
     """An explained answer, as the reports and the summary show it."""
     answer: _Answer
-    text: str                 # the answer, decoded
+    text: str                 # the answer, decoded (with a reasoning span: all of it, reasoning included)
     pieces: list              # each answer token, decoded
     result: longdoc.Result
     others: list              # _other_prompt_tokens
+    answer_text: str          # the answer explained, decoded (with a reasoning span: what follows it)
+    reasoning: tuple | None   # (reasoning tokens' text, their hop-0 relevance) with a reasoning span
 
     @classmethod
     def of(cls, answer, result, tokenizer):
-        return cls(answer, tokenizer.decode(answer.ids), [tokenizer.decode([i]) for i in answer.ids], result,
-                   _other_prompt_tokens(answer.prompt, result.relevance))
+        text, reasoning = tokenizer.decode(answer.ids), None
+        answer_text = text
+        if result.hops is not None:
+            ids = answer.prompt.ids + answer.ids
+            reasoning = reasoning_report.reasoning_tokens(tokenizer, ids, result.hops)
+            answer_text = tokenizer.decode(ids[result.hops.span.answer_start:])
+        return cls(answer, text, [tokenizer.decode([i]) for i in answer.ids], result,
+                   _other_prompt_tokens(answer.prompt, result.relevance), answer_text, reasoning)
 
     @property
     def document(self):
         return slice(self.answer.prompt.doc_start, self.answer.prompt.doc_end)
+
+    @property
+    def document_relevance(self):
+        """The relevance the reports show on the document: with a reasoning span all hops' together."""
+        hops = self.result.hops
+        return (hops.prompt_total if hops is not None else self.result.relevance)[self.document]
 
 
 def _explanation_facts(args, device, dtype, backend, done):
@@ -376,26 +409,41 @@ def _explanation_facts(args, device, dtype, backend, done):
     prompt, rel = done.answer.prompt, done.result.relevance
     return {
         "model": args.model, "rule": args.rule, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-        "backend": backend or "triton", "question": args.question, "answer": done.text,
+        "backend": backend or "triton", "question": args.question, "answer": done.answer_text,
         "answer_source": "given" if args.answer is not None else "greedy",
         "target_logit": sum(done.result.target_logits),
         "prompt_tokens": len(prompt.ids), "document_tokens": prompt.doc_end - prompt.doc_start,
         "relevance_total": sum(rel), "relevance_document": sum(rel[done.document]),
         "relevance_question_and_template": sum(o["relevance"] for o in done.others),
         "relevance_earlier_answer_tokens": sum(rel[len(prompt.ids):]),
+        **_reasoning_facts(done),
     }
+
+
+def _reasoning_facts(done):
+    hops = done.result.hops
+    if hops is None:
+        return {}
+    return {"reasoning": hops.span.source, "reasoning_tokens": hops.span.end - hops.span.start, "hops": hops.hops,
+            "reasoning_seed": hops.seed, "relevance_document_all_hops": sum(done.document_relevance),
+            "share_left_in_reasoning": f"{hops.share[-1]:.1%}"}
 
 
 def _write_explanation(args, done, facts):
     """explanation.json, .html (with one map per answer token under --per-token) and, for documents of 200 tokens
     or more, relevance.png; returns their paths."""
     doc = done.document
-    maps = None
+    maps, extra, label = None, "", "per-token map"
     if args.per_token:
         maps = {f"{j}: {done.pieces[j]!r}": r[doc] for j, r in done.result.per_token}
-    title = f"Why the model answered {done.text.strip()[:80]!r}"
-    return report.write_reports(args.out, done.answer.prompt.pieces, done.result.relevance[doc], title=title,
-                                maps=maps, plot=facts["document_tokens"] >= 200, **facts)
+    hops = done.result.hops
+    if hops is not None:
+        maps, label = reasoning_report.document_maps(hops, doc), "hop"
+        extra = reasoning_report.html_section(*done.reasoning, hops, doc)
+    title = f"Why the model answered {done.answer_text.strip()[:80]!r}"
+    return report.write_reports(args.out, done.answer.prompt.pieces, done.document_relevance, title=title,
+                                maps=maps, maps_label=label, extra_html=extra,
+                                plot=facts["document_tokens"] >= 200, **facts)
 
 
 def _explain_lines(args, device, done, facts):
@@ -404,11 +452,18 @@ def _explain_lines(args, device, done, facts):
     n_tokens = len(done.answer.prompt.ids) + len(done.answer.ids)
     note = ([f"--model {TINY}: a random 2-layer Llama built here, so the answer is noise; this run shows the command "
              "and its reports, not a real explanation"] if args.model == TINY else [])
-    return note + [
-        f"answer ({facts['answer_source']}): {done.text.strip()!r}",
+    lines = note + [
+        f"answer ({facts['answer_source']}): {done.answer_text.strip()!r}",
         (f"explained {n_tokens} tokens with {args.rule} in {done.result.seconds:.1f} s on {device}; "
          f"target logit {facts['target_logit']:.4g}, relevance total {total:.4g}, {share:.0%} of it on the document"),
     ]
+    if done.result.hops is not None:
+        lines[-1] += " (hop 0)"
+        lines += reasoning_report.summary_lines(done.result.hops, done.document)
+        lines.append("top passages below: all hops together")
+    elif args.reasoning == "auto":
+        lines.append("reasoning: none found (no <think> ... </think> block in the answer)")
+    return lines
 
 
 def _explain_image(args):
@@ -474,7 +529,7 @@ def cmd_explain(args):
     answer = _prompt_and_answer(args, model, tokenizer, document, bar, backend)
     if answer.seconds is not None:
         timings["generate"] = answer.seconds
-    result = _explain_answer(args, model, answer, backend, bar)
+    result = _explain_answer(args, model, answer, backend, bar, _reasoning(args, tokenizer, answer))
     timings["explain"] = result.seconds
 
     t = time.perf_counter()
@@ -486,8 +541,9 @@ def cmd_explain(args):
     _extend_json(paths[0], {
         "answer_tokens": done.pieces, "answer_token_ids": answer.ids, "target_logits": result.target_logits,
         "other_prompt_tokens": done.others, "timings": timings,
+        **(reasoning_report.json_fields(*done.reasoning, result.hops, done.document) if result.hops else {}),
     })
-    _print_summary(answer.prompt.pieces, result.relevance[done.document], paths,
+    _print_summary(answer.prompt.pieces, done.document_relevance, paths,
                    _explain_lines(args, device, done, facts))
     return 0
 
@@ -722,6 +778,15 @@ def _add_explain(sub):
     e.add_argument("--no-checkpoint", action="store_true",
                    help="keep every layer's activations (faster, memory grows with layers x length)")
     e.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk (0: no chunking)")
+    e.add_argument("--reasoning", default="auto",
+                   help="auto (default): a reasoning model's <think> ... </think> block in the answer, when the "
+                        "tokenizer has those tags; none; or START:END, answer tokens START..END-1 as the reasoning "
+                        "(the answer explained: the tokens from END on). Relevance then also flows through the "
+                        "reasoning back to the document, one backward pass per hop")
+    e.add_argument("--hops", type=int, default=3, help="hops through the reasoning (default 3)")
+    e.add_argument("--reasoning-seed", choices=("positive", "signed"), default=None,
+                   help="what each hop passes on: the positive part of each reasoning token's relevance (default) "
+                        "or all of it")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=cmd_explain)
 

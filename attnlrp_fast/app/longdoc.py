@@ -227,26 +227,116 @@ def tokenize_answer(tokenizer, text):
     return list(ids)
 
 
+THINK_TAGS = (("<think>", "</think>"),)   # reasoning blocks `--reasoning auto` recognises
+
+
+@dataclass(frozen=True)
+class ReasoningSpan:
+    """Where a reasoning model's reasoning is in prompt + answer (sequence positions): tokens [start, end) are the
+    reasoning, the answer explained is the tokens from answer_start on (after the closing tag)."""
+    start: int
+    end: int
+    answer_start: int
+    source: str                # "auto (<think> ... </think>)" or "--reasoning START:END"
+
+
+def _tag_id(tokenizer, tag):
+    """The id of a tag that is one token of the tokenizer's vocabulary, else None."""
+    vocab = tokenizer.get_vocab()
+    return vocab.get(tag)
+
+
+def find_reasoning(tokenizer, prompt_ids, answer_ids, max_new_tokens=None):
+    """The reasoning block of prompt + answer by the tokenizer's think tags (THINK_TAGS), or None when the tokenizer
+    has none or the answer holds no closing tag and no block was opened. The block opens at the last opening tag
+    before the answer's last closing tag (in the prompt when the chat template puts it there), or where the answer
+    starts when the template opened it without a token of its own."""
+    p = len(prompt_ids)
+    ids = list(prompt_ids) + list(answer_ids)
+    for open_tag, close_tag in THINK_TAGS:
+        o, c = _tag_id(tokenizer, open_tag), _tag_id(tokenizer, close_tag)
+        if o is None or c is None:
+            continue
+        closes = [i for i in range(p, len(ids)) if ids[i] == c]
+        if not closes:
+            if o in answer_ids or (prompt_ids and prompt_ids[-1] == o):
+                more = f" (--max-new-tokens {max_new_tokens})" if max_new_tokens else ""
+                raise InputError(f"the answer opens a {open_tag} block but does not close it{more}: raise "
+                                 "--max-new-tokens, or pass --reasoning none")
+            continue
+        end = closes[-1]
+        opens = [i for i in range(end) if ids[i] == o]
+        start = opens[-1] + 1 if opens else p
+        if end + 1 >= len(ids):
+            raise InputError(f"the answer ends with {close_tag}: there is no answer after the reasoning to explain "
+                             "(raise --max-new-tokens)")
+        if start >= end:
+            return None          # an empty block: nothing to pass relevance through
+        return ReasoningSpan(start, end, end + 1, f"auto ({open_tag} ... {close_tag})")
+    return None
+
+
+def reasoning_from_option(text, prompt_ids, answer_ids):
+    """--reasoning START:END over the answer's tokens (0 = the first answer token): tokens START .. END - 1 are the
+    reasoning, the answer explained is the tokens from END on."""
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise InputError(f"--reasoning {text}: use auto, none or START:END (answer token indices)") from None
+    n = len(answer_ids)
+    if not 0 <= a < b < n:
+        raise InputError(f"--reasoning {text}: need 0 <= START < END < {n} (the answer has {n} tokens and at least "
+                         "one must follow the reasoning)")
+    p = len(prompt_ids)
+    if p + a < 1:
+        raise InputError("--reasoning: the reasoning cannot start at the first token of the sequence")
+    return ReasoningSpan(p + a, p + b, p + b, f"--reasoning {text}")
+
+
+@dataclass
+class Hops:
+    """A multi-hop explanation's results as lists (explain_answer with reasoning)."""
+    span: ReasoningSpan
+    hops: int
+    seed: str
+    relevance: list            # per hop: relevance per prompt + answer token
+    prompt_total: list         # all hops' relevance on the prompt, per prompt token
+    share: list                # per hop: the share of its relevance that stayed in the reasoning
+
+
 @dataclass
 class Result:
     relevance: list            # per prompt + answer token (the answer's own tokens explain later ones)
     per_token: list            # [(answer index, relevance list)] when per_token
-    target_logits: list        # per answer token
+    target_logits: list        # per answer token (explained)
     seconds: float
+    hops: Hops | None = None   # with a reasoning span
 
 
 def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, per_token=False, checkpoint=True,
-                   mlp_chunk=1024, progress=None, token_tick=None):
-    """Relevance of every token of prompt + answer for the answer's logits."""
+                   mlp_chunk=1024, progress=None, token_tick=None, reasoning=None, hops=3, seed=None):
+    """Relevance of every token of prompt + answer for the answer's logits. reasoning: a ReasoningSpan; then the
+    answer explained is the tokens after it, and `hops` more backward passes carry relevance through the reasoning
+    to the prompt (af.explain's reasoning_span)."""
     import attnlrp_fast as af
 
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.ids + answer_ids], device=device)
     p = len(prompt.ids)
-    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids)]
+    first = reasoning.answer_start - p if reasoning is not None else 0
+    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids) if j >= first]
     kw = dict(rule=rule, backend=backend, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress)
     t = time.perf_counter()
     per, logits = [], []
+    if reasoning is not None:
+        if per_token:
+            raise InputError("--per-token is not available with a reasoning span (pass --reasoning none)")
+        e = af.explain(model, input_ids=ids, target=targets, reasoning_span=(reasoning.start, reasoning.end),
+                       hops=hops, reasoning_seed=seed, **kw)
+        found = Hops(reasoning, hops, e.reasoning_seed, e.hop_relevance[:, 0].cpu().tolist(),
+                     e.prompt_relevance[0, :p].cpu().tolist(), e.reasoning_share[:, 0].cpu().tolist())
+        return Result(e.relevance[0].cpu().tolist(), [], e.target_logits[0].cpu().tolist(), time.perf_counter() - t,
+                      found)
     if per_token:
         total = None
         for j, target in enumerate(targets):

@@ -168,14 +168,14 @@ def _check_maps(pieces, maps):
     return checked
 
 
-def _map_selector(relevance, maps):
+def _map_selector(relevance, maps, label="per-token map"):
     """The <select> between "all" and each map (placed before the document), and the maps as a JSON data block
     with the script (placed after it, so that the spans exist when the script runs)."""
     options = '<option value="0">all</option>' + "".join(
         f'<option value="{i}">{html.escape(label)}</option>' for i, label in enumerate(maps, 1))
     data = {"all": _json_values(relevance), "labels": list(maps),
             "maps": {label: _json_values(values) for label, values in maps.items()}}
-    selector = (f'<p class="maps"><label for="relevance-map">per-token map:</label> '
+    selector = (f'<p class="maps"><label for="relevance-map">{html.escape(label)}:</label> '
                 f'<select id="relevance-map">{options}</select> <span id="relevance-map-scale"></span></p>\n')
     script = (f'\n<script type="application/json" id="relevance-maps">{_script_json(data)}</script>\n'
               f'{_MAP_SCRIPT}')
@@ -220,7 +220,7 @@ def _top_list(top):
 
 
 def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, maps=None, extra_html="",
-                top_paragraphs=None):
+                top_paragraphs=None, maps_label="per-token map"):
     """A self-contained HTML page: the document as a heatmap (value on hover), the top sentences (`top`) and
     paragraphs (`top_paragraphs`; both lists of top_segments), and `meta` as a table for people (labels,
     rounded numbers). Every piece of text is escaped.
@@ -240,7 +240,7 @@ def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, ma
                     for k, v in (meta or {}).items())
     paragraphs = (f"<h2>Most relevant paragraphs</h2><p class=\"note\">{SHARE_OF} (relevance in brackets)</p>"
                   f"<ol>{paragraph_rows}</ol>\n" if top_paragraphs is not None else "")
-    selector, script = _map_selector(relevance, maps) if maps else ("", "")
+    selector, script = _map_selector(relevance, maps, maps_label) if maps else ("", "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -273,7 +273,7 @@ def report_dict(pieces, relevance, **meta):
 
 
 def write_reports(out_dir, pieces, relevance, *, title="Relevance", maps=None, plot=False, extra_html="",
-                  **meta):
+                  maps_label="per-token map", **meta):
     """explanation.json and explanation.html in out_dir; returns their paths.
 
     maps: optional {label: per-token values}, shown by a selector in the page and stored in the JSON as
@@ -292,7 +292,7 @@ def write_reports(out_dir, pieces, relevance, *, title="Relevance", maps=None, p
     (out / "explanation.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     (out / "explanation.html").write_text(
         render_html(pieces, relevance, title=title, meta=meta, top=top_segments(sentences), maps=checked,
-                    extra_html=extra_html, top_paragraphs=top_segments(paragraphs)),
+                    extra_html=extra_html, top_paragraphs=top_segments(paragraphs), maps_label=maps_label),
         encoding="utf-8")
     if not plot:
         return out / "explanation.json", out / "explanation.html"
