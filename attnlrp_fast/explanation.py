@@ -35,7 +35,7 @@ from attnlrp_fast.inputs import check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import maybe_low_memory
 from attnlrp_fast.models import is_vision_language, vision_parts
-from attnlrp_fast.reasoning import HeadRows, Reasoning, reasoning_logits, run_hops
+from attnlrp_fast.reasoning import HeadRows, Reasoning, run_hops
 from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
 
@@ -332,11 +332,8 @@ def _explain(model, handle, req: Request) -> Explanation:
             scored = _target_score(model, req, outputs, positions, kept)
             inputs = capture.inputs(req.latent)
             if rows is not None:
-                rows.frozen = True
                 req.reasoning.check_target(scored.positions)
-                z = reasoning_logits(model.get_output_embeddings(), rows.hidden,
-                                     input_ids[:, req.reasoning.start:req.reasoning.end],
-                                     handle.final_logit_softcap if handle.rule == "grad" else None)
+                z = rows.logits(input_ids, handle.final_logit_softcap if handle.rule == "grad" else None)
             grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
             if rows is not None:
                 hops = run_hops(req.reasoning, (inputs[0].detach().float() * grads[0].float()).sum(-1), z,

@@ -89,7 +89,7 @@ class HeadRows:
     are the positions of the K rows (logits_to_keep), None when the model computes logits at every position."""
 
     def __init__(self, head, reasoning, kept, target_kept):
-        self.hidden, self.frozen = None, False
+        self.head, self.reasoning, self.hidden, self.frozen = head, reasoning, None, False
         if kept is None:           # logits at every position: row n is position n, all passed on
             self.reasoning_rows, self.target_rows = reasoning.predicting, None
         else:
@@ -110,18 +110,19 @@ class HeadRows:
     def remove(self):
         self.handle.remove()
 
-
-def reasoning_logits(head, hidden, tokens, softcap, chunk=256):
-    """(B, R) logits of the reasoning tokens `tokens` (B, R) from the lm_head input rows `hidden` (B, R, D), `chunk`
-    rows at a time; softcap: the final logit softcap to apply with its exact derivative (rule "grad"), else None."""
-    parts = []
-    for i in range(0, hidden.shape[1], chunk):
-        logits = head(hidden[:, i:i + chunk])
-        parts.append(logits.gather(-1, tokens[:, i:i + chunk, None].to(logits.device))[..., 0])
-    z = torch.cat(parts, 1).float()
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    return z
+    def logits(self, input_ids, softcap, chunk=256):
+        """(B, R) logits of the reasoning tokens from the kept lm_head input rows (after the forward), `chunk` rows
+        at a time; softcap: the final logit softcap to apply with its exact derivative (rule "grad"), else None."""
+        self.frozen = True
+        tokens = input_ids[:, self.reasoning.start:self.reasoning.end]
+        parts = []
+        for i in range(0, self.hidden.shape[1], chunk):
+            logits = self.head(self.hidden[:, i:i + chunk])
+            parts.append(logits.gather(-1, tokens[:, i:i + chunk, None].to(logits.device))[..., 0])
+        z = torch.cat(parts, 1).float()
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        return z
 
 
 @dataclass
