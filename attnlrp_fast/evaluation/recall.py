@@ -134,10 +134,14 @@ def batch_loss(model, batch):
     return torch.nn.functional.cross_entropy(picked, targets), (picked.argmax(-1) == targets).float().mean()
 
 
-def train(steps=2000, batch_size=64, lr=1e-3, seed=0, log_every=250, progress=True, pairs=(2, 24), queries=(1, 16)):
-    """Train the tiny Llama from scratch (fixed seed); returns (model, log)."""
+def train(steps=2000, batch_size=64, lr=1e-3, seed=0, log_every=250, progress=True, pairs=(2, 24), queries=(1, 16),
+          build=None, make_batch=None, loss_fn=None):
+    """Train the tiny Llama from scratch (fixed seed); returns (model, log). build(seed) makes the model,
+    make_batch(batch_size, pairs=, max_filler=, queries=, generator=) a batch and loss_fn(model, batch) its (loss,
+    accuracy); None: this task's build_model, sample and batch_loss (reasoning_recall passes its own)."""
+    build, make_batch, loss_fn = build or build_model, make_batch or sample, loss_fn or batch_loss
     torch.manual_seed(seed)
-    model = build_model(seed).train()
+    model = build(seed).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # constant rate after a short warm-up, down to a tenth over the last fifth of the steps
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -149,9 +153,9 @@ def train(steps=2000, batch_size=64, lr=1e-3, seed=0, log_every=250, progress=Tr
         # curriculum: contexts of pairs[0] pairs and no filler until the lookup is learned (batch accuracy over
         # 90 %), then two pairs more (and filler) each time the accuracy is back over 90 %, up to the full range.
         # Learning the lookup is a plateau the model leaves sooner the fewer pairs there are.
-        batch = sample(batch_size, pairs=(pairs[0], hi), max_filler=0 if hi == pairs[0] else 2, queries=queries,
-                       generator=g)
-        loss, acc = batch_loss(model, batch)
+        batch = make_batch(batch_size, pairs=(pairs[0], hi), max_filler=0 if hi == pairs[0] else 2, queries=queries,
+                           generator=g)
+        loss, acc = loss_fn(model, batch)
         running = 0.9 * running + 0.1 * float(acc)
         if running > 0.9 and hi < pairs[1]:
             hi, running = min(pairs[1], hi + 2), 0.0
