@@ -11,6 +11,26 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    """A tiny local causal LM folder with a BPE tokenizer and a chat template (tiny_lm.make_local_lm)."""
+    from tiny_lm import make_local_lm
+
+    path = tmp_path_factory.mktemp("tiny-lm")
+    make_local_lm(path)
+    return path
+
+
+@pytest.fixture
+def doc(tmp_path):
+    """tiny_lm.DOC as a UTF-8 file."""
+    from tiny_lm import DOC
+
+    p = tmp_path / "doc.txt"
+    p.write_text(DOC, encoding="utf-8")
+    return p
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
 

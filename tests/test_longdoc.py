@@ -11,27 +11,8 @@ from torch.utils._pytree import tree_leaves
 
 import attnlrp_fast as af
 from attnlrp_fast import cli, longdoc
-from tiny_lm import make_local_lm, make_tokenizer
+from tiny_lm import DOC, make_local_lm, make_tokenizer
 from tiny_models import CAUSAL_LMS, build, inputs
-
-DOC = ("Harrowfield water report.\n\nThe reservoir was built in 1931 after a dry summer. Zoë Müller measured "
-       "14 °C at the outlet.\n\nA valve failed during the storm in March; runoff from the farms reached the intake "
-       "and pH < 6.5 & turbidity > 1 NTU were logged.\n\nBudgets rose by 4 percent.\n")
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    make_local_lm(path)
-    return path
-
-
-@pytest.fixture
-def doc(tmp_path):
-    p = tmp_path / "doc.txt"
-    p.write_text(DOC, encoding="utf-8")
-    return p
-
 
 def run_cli(argv, capsys):
     rc = cli.main([str(a) for a in argv])

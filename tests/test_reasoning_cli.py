@@ -6,22 +6,7 @@ import json
 import pytest
 
 from attnlrp_fast import longdoc
-from test_longdoc import DOC, run_cli
-from tiny_lm import make_local_lm
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-lm")
-    make_local_lm(path)
-    return path
-
-
-@pytest.fixture
-def doc(tmp_path):
-    p = tmp_path / "doc.txt"
-    p.write_text(DOC, encoding="utf-8")
-    return p
+from test_longdoc import run_cli
 
 OPEN, CLOSE = 50, 51
 

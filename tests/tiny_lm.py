@@ -12,6 +12,11 @@ CORPUS = ["The reservoir was built in 1931 after a dry summer.", "A valve failed
           "Zoë Müller measured 14 °C at the outlet. Budgets rose by 4 percent."] * 20
 
 
+DOC = ("Harrowfield water report.\n\nThe reservoir was built in 1931 after a dry summer. Zoë Müller measured "
+       "14 °C at the outlet.\n\nA valve failed during the storm in March; runoff from the farms reached the intake "
+       "and pH < 6.5 & turbidity > 1 NTU were logged.\n\nBudgets rose by 4 percent.\n")   # the `doc` fixture's text
+
+
 def make_tokenizer(vocab_size=300, chat=True):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -2,8 +2,9 @@
 
   attnlrp-fast explain --model PATH_OR_ID --document FILE [--question TEXT] [--answer TEXT] [--rule attnlrp|cp|grad]
                        [--out DIR] [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--no-chat]
-                       [--max-new-tokens 32] [--per-token]
+                       [--max-new-tokens 32] [--per-token] [--reasoning auto|none|START:END] [--hops 3]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
+      (a reasoning model's <think> ... </think> block is found and followed back to the document, hop by hop)
       (--model tiny: a tiny random Llama built here, no download; --document defaults to the shipped sample report)
   attnlrp-fast explain --model FOLDER --image photo.png [--image ...] --question TEXT [--answer TEXT] [--out DIR]
       which image regions and words made a vision-language model (LLaVA) answer what it answered:
@@ -12,8 +13,9 @@
       saves that tiny random Llama with a BPE tokenizer and a chat template to DIR
   attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
       the same job offline on the embedded MiniLM: which words make the best passages match a query
-  attnlrp-fast evaluate [--task recall|minilm] [--model PATH --document FILE] [--methods ...] [--steps 10]
-      faithfulness: perturbation curves, ABPC and pointing accuracy of AttnLRP and the baselines
+  attnlrp-fast evaluate [--task recall|minilm|reasoning] [--model PATH --document FILE] [--methods ...] [--steps 10]
+      faithfulness: perturbation curves, ABPC, RISE / MAS / RISE+AP and pointing accuracy of AttnLRP and the
+      baselines (and of AttnLRP through a reasoning span)
 
   attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output

@@ -9,6 +9,7 @@ baseline attribution methods to compare AttnLRP with, all through one interface.
     c = ev.perturbation_curves(model, ids, r.relevance, target=r.target, steps=10)
     c.abpc                                                    # (B,) area between the curves: higher is better
     table = ev.evaluate(model, ids, methods=ev.METHODS)       # every method, the same perturbations
+    rows = ev.deletion_curves(model, ids, r.relevance, generation=[(pos, tok), ...])   # RISE, MAS, RISE+AP
 
 Perturbation (as in the AttnLRP paper): remove the input tokens in steps of a fraction of the eligible tokens,
 most relevant first (MoRF) and least relevant first (LeRF), and record the target score (the logit an
@@ -19,6 +20,11 @@ removed on the x axis from 0 to 1 (trapezoids), so it is in the score's unit (a 
 are broken at random (seeded), so a constant relevance scores like a random one. All variants of one input run
 as batches of `batch_size` rows. The settings of a perturbation (steps, perturb, replace_id, batch_size, seed)
 are one Perturbation; perturbation_curves and evaluate take it as `perturbation=` or its fields as keywords.
+
+Deletion metrics (evaluation/deletion.py): the same removal, most relevant first in `steps` groups, scored by the
+log-probability of a generation (the target's tokens, or a reasoning model's reasoning and answer), normalised,
+against the attribution mass removed: RISE, MAS and RISE+AP, lower is better. evaluate() reports them beside ABPC
+whenever the target is made of tokens.
 
 The target stays what it was on the unperturbed input: an argmax target is fixed to the token / class it chose.
 A callable target f(outputs) -> (B,) must accept outputs whose rows are variants of one input (broadcast).

@@ -15,7 +15,6 @@ answer a_v is read off the reasoning token v (replacing v by another value v' ma
 The trained weights ship with the package (attnlrp_fast/data/recall_reasoning_llama, 1.8 MB).
 """
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -195,51 +194,22 @@ def weights_path():
 
 def load_trained(device="cpu"):
     """The shipped trained model (eval mode)."""
-    import transformers as tf
-
-    path = weights_path()
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no trained reasoning recall model at {path}: run "
-                                "python -m attnlrp_fast.evaluation.reasoning_recall train")
-    return tf.LlamaForCausalLM.from_pretrained(str(path)).to(device).eval()
+    return recall.load_shipped(weights_path(), device, "python -m attnlrp_fast.evaluation.reasoning_recall train")
 
 
-def _report(result):
-    return (f"on 512 fresh sequences (16-24 pairs): v at <think> {result['value']:.3f}, a_v at </think> "
-            f"{result['answer']:.3f}, a_v' after v -> v' {result['dependence']:.3f}")
+def _check(model):
+    r = evaluate(model)
+    return {"accuracy_value": r["value"], "accuracy_answer": r["answer"], "dependence": r["dependence"]}
+
+
+def _describe(r):
+    return (f"on 512 fresh sequences (16-24 pairs): v at <think> {r['accuracy_value']:.3f}, a_v at </think> "
+            f"{r['accuracy_answer']:.3f}, a_v' after v -> v' {r['dependence']:.3f}")
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m attnlrp_fast.evaluation.reasoning_recall", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train the tiny Llama and save it")
-    t.add_argument("--steps", type=int, default=2000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="folder (default: the package's data/recall_reasoning_llama)")
-    sub.add_parser("check", help="accuracies and dependence of the shipped model on fresh sequences")
-    args = p.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.command == "train":
-        import json
-        from pathlib import Path
-
-        model, log = train(args.steps, args.batch_size, args.lr, args.seed)
-        result = evaluate(model)
-        out = Path(args.out) if args.out else Path(str(weights_path()))
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        make_tokenizer().save_pretrained(out)
-        (out / "training.json").write_text(json.dumps({
-            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "torch": torch.__version__, "log": log, "accuracy_value": result["value"],
-            "accuracy_answer": result["answer"], "dependence": result["dependence"]}, indent=1))
-        print(f"{_report(result)}; saved to {out}")
-        return 0
-    print(_report(evaluate(load_trained())))
-    return 0
+    return recall.run_cli(recall.TaskCLI("python -m attnlrp_fast.evaluation.reasoning_recall", __doc__, train,
+                                         _check, _describe, make_tokenizer, weights_path, load_trained), argv)
 
 
 if __name__ == "__main__":

@@ -210,16 +210,36 @@ def weights_path():
 
 def load_trained(device="cpu"):
     """The shipped trained model (eval mode)."""
+    return load_shipped(weights_path(), device, "python -m attnlrp_fast.recall train")
+
+
+def load_shipped(path, device, train_command):
+    """A shipped trained model from `path` (eval mode); FileNotFoundError naming `train_command` when missing."""
     import transformers as tf
 
-    path = weights_path()
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no trained recall model at {path}: run python -m attnlrp_fast.recall train")
+        raise FileNotFoundError(f"no trained model at {path}: run {train_command}")
     return tf.LlamaForCausalLM.from_pretrained(str(path)).to(device).eval()
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m attnlrp_fast.recall", description=__doc__,
+@dataclass
+class TaskCLI:
+    """What `train` / `check` need of a task: its training, its check (model -> {name: value}, stored in
+    training.json), the line that reports a check, its tokenizer and its shipped folder."""
+    prog: str
+    doc: str
+    train: object
+    check: object
+    describe: object
+    make_tokenizer: object
+    weights_path: object
+    load_trained: object
+
+
+def run_cli(task: TaskCLI, argv=None):
+    """`python -m <task> train [--steps N] [--out DIR]` (saves the model, its tokenizer and training.json with the
+    log and the check) or `check` (the shipped model's check)."""
+    p = argparse.ArgumentParser(prog=task.prog, description=task.doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train the tiny Llama and save it")
@@ -227,28 +247,34 @@ def main(argv=None):
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="folder (default: the package's data/recall_llama)")
-    sub.add_parser("check", help="accuracy of the shipped model on fresh sequences")
+    t.add_argument("--out", default=None, help=f"folder (default: the package's {task.weights_path().name})")
+    sub.add_parser("check", help="the shipped model on fresh sequences")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.command == "train":
         import json
         from pathlib import Path
 
-        model, log = train(args.steps, args.batch_size, args.lr, args.seed)
-        acc = accuracy(model)
-        out = Path(args.out) if args.out else Path(str(weights_path()))
+        model, log = task.train(args.steps, args.batch_size, args.lr, args.seed)
+        result = task.check(model)
+        out = Path(args.out) if args.out else Path(str(task.weights_path()))
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
-        make_tokenizer().save_pretrained(out)
+        task.make_tokenizer().save_pretrained(out)
         (out / "training.json").write_text(json.dumps({
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-            "torch": torch.__version__, "log": log, "accuracy_single_query": acc}, indent=1))
-        print(f"accuracy on 512 fresh single-query sequences: {acc:.3f}; saved to {out}")
+            "torch": torch.__version__, "log": log, **result}, indent=1))
+        print(f"{task.describe(result)}; saved to {out}")
         return 0
-    acc = accuracy(load_trained())
-    print(f"accuracy on 512 fresh single-query sequences: {acc:.3f}")
+    print(task.describe(task.check(task.load_trained())))
     return 0
+
+
+def main(argv=None):
+    return run_cli(TaskCLI("python -m attnlrp_fast.recall", __doc__, train,
+                           lambda model: {"accuracy_single_query": accuracy(model)},
+                           lambda r: f"accuracy on 512 fresh single-query sequences: {r['accuracy_single_query']:.3f}",
+                           make_tokenizer, weights_path, load_trained), argv)
 
 
 if __name__ == "__main__":
