@@ -24,9 +24,11 @@ A logit of exactly 0 cannot carry relevance (w_t / z_t): such tokens pass nothin
 e.reasoning_skipped, with a warning). Scaling the logits (Granite, Cohere) does not change w_t / z_t * E_t, and
 under the identity rule (attnlrp, cp) a final logit softcap does not either, so the logits are read at the output
 embedding (lm_head) output; under rule="grad" the softcap is applied with its exact derivative.
-The reasoning tokens' logits are computed from the lm_head's input rows in chunks of `chunk` positions (memory
-chunk x vocabulary, not reasoning length x vocabulary); the forward keeps its graph between hops (retain_graph),
-which is what one explanation holds at the start of its backward.
+The reasoning tokens' logits are read from the lm_head's input rows: a plain nn.Linear head gives each as the row's
+dot product with its token's weight row (memory reasoning length x hidden); any other head (quantized, offloaded)
+is called in chunks (chunk x vocabulary at a time). The forward keeps its graph between hops (retain_graph), which
+is what one explanation holds at the start of its backward: measured on a tiny Llama, the peak is 21 % above the
+plain explanation's with 3 hops and does not grow with more.
 """
 
 from dataclasses import dataclass
@@ -111,15 +113,24 @@ class HeadRows:
         self.handle.remove()
 
     def logits(self, input_ids, softcap, chunk=256):
-        """(B, R) logits of the reasoning tokens from the kept lm_head input rows (after the forward), `chunk` rows
-        at a time; softcap: the final logit softcap to apply with its exact derivative (rule "grad"), else None."""
+        """(B, R) logits of the reasoning tokens from the kept lm_head input rows (after the forward); softcap: the
+        final logit softcap to apply with its exact derivative (rule "grad"), else None. A plain nn.Linear lm_head
+        gives each logit as the row's dot product with its token's weight row (no vocabulary-wide tensor);
+        another module (quantized, offloaded) is called `chunk` rows at a time and its logits gathered."""
         self.frozen = True
-        tokens = input_ids[:, self.reasoning.start:self.reasoning.end]
-        parts = []
-        for i in range(0, self.hidden.shape[1], chunk):
-            logits = self.head(self.hidden[:, i:i + chunk])
-            parts.append(logits.gather(-1, tokens[:, i:i + chunk, None].to(logits.device))[..., 0])
-        z = torch.cat(parts, 1).float()
+        tokens = input_ids[:, self.reasoning.start:self.reasoning.end].to(self.hidden.device)
+        weight = getattr(self.head, "weight", None)
+        if type(self.head) is torch.nn.Linear and not hasattr(self.head, "_hf_hook") and not weight.is_meta:
+            z = (self.hidden.float() * weight[tokens].float()).sum(-1)
+            if self.head.bias is not None:
+                z = z + self.head.bias[tokens].to(z.dtype)
+        else:
+            parts = []
+            for i in range(0, self.hidden.shape[1], chunk):
+                logits = self.head(self.hidden[:, i:i + chunk])
+                parts.append(logits.gather(-1, tokens[:, i:i + chunk, None].to(logits.device))[..., 0])
+            z = torch.cat(parts, 1)
+        z = z.float()
         if softcap:
             z = softcap * torch.tanh(z / softcap)
         return z
