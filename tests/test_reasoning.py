@@ -191,3 +191,14 @@ def test_no_warning_and_model_restored():
         af.explain(model, input_ids=_ids(), target=TARGET, reasoning_span=SPAN, hops=2, backend="torch")
     assert not model.get_output_embeddings()._forward_pre_hooks
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_progress_counts_every_hop(checkpoint):
+    """The CLI's backward bar counts layers x (hops + 1): every hop's backward passes every layer."""
+    model = build("llama")
+    events = []
+    af.explain(model, input_ids=_ids(), target=TARGET, reasoning_span=SPAN, hops=2, backend="torch",
+               checkpoint=checkpoint, progress=events.append)
+    layers = model.config.num_hidden_layers
+    assert events.count("forward") == layers and events.count("backward") == layers * 3
