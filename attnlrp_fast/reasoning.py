@@ -59,7 +59,7 @@ class Reasoning:
             start, end = (int(v) for v in span)
         except (TypeError, ValueError):
             raise TypeError(f"reasoning_span must be a (start, end) pair of positions, got {span!r}") from None
-        n = input_ids.shape[-1]
+        n = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else end   # (check_inputs names a non-tensor)
         if not 1 <= start < end <= n:
             raise ValueError(f"reasoning_span ({start}, {end}) must satisfy 1 <= start < end <= {n} (the sequence "
                              "length): the reasoning follows at least one prompt token")
