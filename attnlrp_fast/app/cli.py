@@ -383,6 +383,7 @@ class _Explained:
     others: list              # _other_prompt_tokens
     answer_text: str          # the answer explained, decoded (with a reasoning span: what follows it)
     reasoning: tuple | None   # (reasoning tokens' text, their hop-0 relevance) with a reasoning span
+    think_tags: bool          # whether the tokenizer has think tags (a reasoning model)
 
     @classmethod
     def of(cls, answer, result, tokenizer):
@@ -393,7 +394,8 @@ class _Explained:
             reasoning = reasoning_report.reasoning_tokens(tokenizer, ids, result.hops)
             answer_text = tokenizer.decode(ids[result.hops.span.answer_start:])
         return cls(answer, text, [tokenizer.decode([i]) for i in answer.ids], result,
-                   _other_prompt_tokens(answer.prompt, result.relevance), answer_text, reasoning)
+                   _other_prompt_tokens(answer.prompt, result.relevance), answer_text, reasoning,
+                   longdoc.think_tags(tokenizer) is not None)
 
     @property
     def document(self):
@@ -463,8 +465,8 @@ def _explain_lines(args, device, done, facts):
         lines[-1] += " (hop 0)"
         lines += reasoning_report.summary_lines(done.result.hops, done.document)
         lines.append("top passages below: all hops together")
-    elif args.reasoning == "auto":
-        lines.append("reasoning: none found (no <think> ... </think> block in the answer)")
+    elif args.reasoning == "auto" and done.think_tags:
+        lines.append("reasoning: none found (the tokenizer has think tags, but the answer holds no block)")
     return lines
 
 

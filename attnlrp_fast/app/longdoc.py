@@ -240,10 +240,14 @@ class ReasoningSpan:
     source: str                # "auto (<think> ... </think>)" or "--reasoning START:END"
 
 
-def _tag_id(tokenizer, tag):
-    """The id of a tag that is one token of the tokenizer's vocabulary, else None."""
+def think_tags(tokenizer):
+    """(open tag, close tag, open id, close id) of the first of THINK_TAGS that are single tokens of the tokenizer's
+    vocabulary, else None (not a reasoning model's tokenizer)."""
     vocab = tokenizer.get_vocab()
-    return vocab.get(tag)
+    for open_tag, close_tag in THINK_TAGS:
+        if open_tag in vocab and close_tag in vocab:
+            return open_tag, close_tag, vocab[open_tag], vocab[close_tag]
+    return None
 
 
 def find_reasoning(tokenizer, prompt_ids, answer_ids, max_new_tokens=None):
@@ -251,29 +255,28 @@ def find_reasoning(tokenizer, prompt_ids, answer_ids, max_new_tokens=None):
     has none or the answer holds no closing tag and no block was opened. The block opens at the last opening tag
     before the answer's last closing tag (in the prompt when the chat template puts it there), or where the answer
     starts when the template opened it without a token of its own."""
+    tags = think_tags(tokenizer)
+    if tags is None:
+        return None
+    open_tag, close_tag, o, c = tags
     p = len(prompt_ids)
     ids = list(prompt_ids) + list(answer_ids)
-    for open_tag, close_tag in THINK_TAGS:
-        o, c = _tag_id(tokenizer, open_tag), _tag_id(tokenizer, close_tag)
-        if o is None or c is None:
-            continue
-        closes = [i for i in range(p, len(ids)) if ids[i] == c]
-        if not closes:
-            if o in answer_ids or (prompt_ids and prompt_ids[-1] == o):
-                more = f" (--max-new-tokens {max_new_tokens})" if max_new_tokens else ""
-                raise InputError(f"the answer opens a {open_tag} block but does not close it{more}: raise "
-                                 "--max-new-tokens, or pass --reasoning none")
-            continue
-        end = closes[-1]
-        opens = [i for i in range(end) if ids[i] == o]
-        start = opens[-1] + 1 if opens else p
-        if end + 1 >= len(ids):
-            raise InputError(f"the answer ends with {close_tag}: there is no answer after the reasoning to explain "
-                             "(raise --max-new-tokens)")
-        if start >= end:
-            return None          # an empty block: nothing to pass relevance through
-        return ReasoningSpan(start, end, end + 1, f"auto ({open_tag} ... {close_tag})")
-    return None
+    closes = [i for i in range(p, len(ids)) if ids[i] == c]
+    if not closes:
+        if o in answer_ids or (prompt_ids and prompt_ids[-1] == o):
+            more = f" (--max-new-tokens {max_new_tokens})" if max_new_tokens else ""
+            raise InputError(f"the answer opens a {open_tag} block but does not close it{more}: raise "
+                             "--max-new-tokens, or pass --reasoning none")
+        return None
+    end = closes[-1]
+    opens = [i for i in range(end) if ids[i] == o]
+    start = opens[-1] + 1 if opens else p
+    if end + 1 >= len(ids):
+        raise InputError(f"the answer ends with {close_tag}: there is no answer after the reasoning to explain "
+                         "(raise --max-new-tokens)")
+    if start >= end:
+        return None          # an empty block: nothing to pass relevance through
+    return ReasoningSpan(start, end, end + 1, f"auto ({open_tag} ... {close_tag})")
 
 
 def reasoning_from_option(text, prompt_ids, answer_ids):
