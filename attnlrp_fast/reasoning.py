@@ -50,7 +50,7 @@ class Reasoning:
     @classmethod
     def of(cls, span, hops, seed, input_ids):
         if span is None:
-            if hops not in (None, 0, 1) or seed is not None:
+            if hops is not None or seed is not None:
                 raise ValueError("hops and reasoning_seed need reasoning_span=(start, end)")
             return None
         if input_ids is None:
