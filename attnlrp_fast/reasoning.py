@@ -160,6 +160,9 @@ def run_hops(reasoning, relevance0, z, embeds, warn):
         if reasoning.seed == "positive":
             w = w.clamp(min=0)
         seed = torch.where(dead, torch.zeros_like(w), w / safe)
+        if not seed.any():    # nothing left to pass on (causality empties the reasoning): no backward for zeros
+            hops.append(torch.zeros_like(relevance0))
+            continue
         (g,) = torch.autograd.grad(z, embeds, grad_outputs=seed.to(z.dtype), retain_graph=h + 1 < reasoning.hops,
                                    allow_unused=True)
         hops.append((embeds.detach().float() * g.float()).sum(-1) if g is not None else torch.zeros_like(relevance0))

@@ -36,7 +36,8 @@ def html_section(tokens, values, hops, doc):
     """The page's reasoning section: the reasoning heatmap and the per-hop table (safe HTML)."""
     rows = "".join(f"<tr><td>{html.escape(hop_label(h))}</td><td>{on_doc:.4g}</td><td>{share:.1%}</td></tr>"
                    for h, on_doc, share in per_hop_rows(hops, doc))
-    return (f"<h2>Reasoning ({len(tokens)} tokens, {html.escape(hops.span.source)})</h2>"
+    return (f"<h2>Reasoning ({len(tokens)} token{'s' if len(tokens) != 1 else ''}, "
+            f"{html.escape(hops.span.source)})</h2>"
             f"<p class=\"note\">each reasoning token's relevance for the answer (hop 0); {hops.hops} hop(s) pass it "
             f"on to the prompt ({html.escape(hops.seed)} part of each token's relevance). The document below shows "
             "all hops together; the selector shows each hop.</p>"
