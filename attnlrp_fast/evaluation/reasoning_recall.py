@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlrp_fast.evaluation import recall
-from attnlrp_fast.evaluation.recall import BOS, MAX_POSITIONS, N_VALUES, PAD, VALUE0
+from attnlrp_fast.evaluation.recall import N_VALUES, PAD, VALUE0
 
 THINK = recall.VOCAB
 END_THINK = THINK + 1
@@ -173,17 +173,7 @@ def make_tokenizer():
     """The vocabulary as a fast tokenizer: one word per token id, as token_name spells it (`<bos> k3 v17 _2 k8 v1
     ? k3 <think> v17 </think> a17`), words split at whitespace, BOS put in front; a word outside the vocabulary
     becomes <pad>."""
-    import transformers as tf
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-
-    vocab = {token_name(i): i for i in range(VOCAB_R)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=token_name(PAD)))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single=f"{token_name(BOS)} $A",
-                                                       special_tokens=[(token_name(BOS), BOS)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=token_name(BOS), eos_token=token_name(PAD),
-                                      pad_token=token_name(PAD), unk_token=token_name(PAD),
-                                      model_max_length=MAX_POSITIONS)
+    return recall.word_tokenizer(token_name, VOCAB_R)
 
 
 def weights_path():

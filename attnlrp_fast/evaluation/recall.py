@@ -189,10 +189,16 @@ def make_tokenizer():
     k8 v1 ? k3`), words split at whitespace, BOS put in front. A word outside the vocabulary becomes <pad>, whose
     input embedding carries nothing. Saved with the shipped model, so that `attnlrp-fast explain --model
     <package>/data/recall_llama --no-chat` reads a document of such words."""
+    return word_tokenizer(token_name, VOCAB)
+
+
+def word_tokenizer(name, vocab_size):
+    """A fast tokenizer with one word per token id (name(id) spells it), words split at whitespace, BOS put in
+    front, a word outside the vocabulary read as <pad>."""
     import transformers as tf
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    vocab = {token_name(i): i for i in range(VOCAB)}
+    vocab = {name(i): i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=token_name(PAD)))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single=f"{token_name(BOS)} $A",
