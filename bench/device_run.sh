@@ -9,7 +9,8 @@
 #   2. timings (150 s): D=128 causal 16k, 4k, non-causal 16k, D=64 causal 16k, D=128 causal 1k; ours, SDPA
 #      cuDNN/flash/default, LXT-style; profile (15 s): GPU time per kernel of one forward+backward of ours
 #   3. memory (30 s): peak memory above inputs at 128k (GQA 32/8, D=128, causal), ours vs SDPA cuDNN and flash
-#   4. e2e (120 s): the Llama-3-8B-shaped explanation at 8k and 32k vs the LXT-style baseline
+#   4. e2e (120 s): the Llama-3-8B-shaped explanation at 8k and 32k vs the LXT-style baseline (and at 8k
+#      through a 2k-token reasoning span with 3 hops)
 #   5. sweep: the rest of the sweep grid until LIMIT_S
 # $OUT then holds six files: env.txt, run.log, <date>-<device>.json (what bench/report.py reads; steps not
 # completed are listed under "unfinished"), <date>-<device>.jsonl (one JSON line per event and measurement),

@@ -6,6 +6,9 @@ against the LXT-style baseline on the same device in the same run.
                  HF gradient checkpointing (the reference implementation's approach)
   forward        a plain inference forward (SDPA, no grad, logits at the last position): the unit for the
                  ratio explanation time / forward time
+  attnlrp_fast_hops   with --hops K, at the first size only: attnlrp_fast through a reasoning span (the last
+                 min(N / 4, 4096) tokens before the target, K hops; attnlrp_fast/reasoning.py): what K more
+                 backward passes cost in time and peak memory
 
 Target: the argmax logit at the last position. Both give the same relevance (checked at the first N:
 cosine similarity and relative error of the two maps). Seconds are medians of `--repeats` runs after one warm-up;
@@ -17,7 +20,7 @@ tensors (no GPU), so one run shows how far the estimate is from the GPU's alloca
 
     python bench/e2e.py --longest          # GPU: 8k and 32k, then the longest N; prints JSON rows
     python bench/e2e.py --smoke            # CPU, a tiny Llama (Triton's interpreter under TRITON_INTERPRET=1)
-    python bench/e2e.py --sizes 8192 32768 --repeats 1 --out e2e.json   # what bench/gpu_check.py's e2e step runs
+    python bench/e2e.py --sizes 8192 32768 --repeats 1 --hops 3 --out e2e.json   # bench/gpu_check.py's e2e step
 """
 
 import argparse
@@ -39,6 +42,13 @@ SHAPES = {
                  num_key_value_heads=2, vocab_size=256),
 }
 METHODS = ("attnlrp_fast", "lxt_style")
+HOPS = "attnlrp_fast_hops"
+
+
+def reasoning_span(n):
+    """The reasoning span a hop row explains through: the last min(n // 4, 4096) tokens before the last one."""
+    r = max(1, min(n // 4, 4096))
+    return max(1, n - 1 - r), n - 1
 
 
 @contextlib.contextmanager
@@ -71,7 +81,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_once(method, model, baseline, ids, backend):
+def run_once(method, model, baseline, ids, backend, hops=0):
     """(relevance or None, seconds, peak MiB or None) of one run."""
     import attnlrp_fast as af
 
@@ -86,6 +96,9 @@ def run_once(method, model, baseline, ids, backend):
     rel = None
     if method == "attnlrp_fast":
         rel = af.explain(model, input_ids=ids, backend=backend, checkpoint=True).relevance
+    elif method == HOPS:
+        rel = af.explain(model, input_ids=ids, backend=backend, checkpoint=True,
+                         reasoning_span=reasoning_span(ids.shape[1]), hops=hops).prompt_relevance
     elif method == "lxt_style":
         rel = lxt_style.explain(baseline, ids, checkpoint=True)
     else:  # forward
@@ -97,9 +110,9 @@ def run_once(method, model, baseline, ids, backend):
     return rel, seconds, peak
 
 
-def timed(method, model, baseline, ids, backend, repeats):
-    run_once(method, model, baseline, ids, backend)                          # warm-up (compiles, autotunes)
-    runs = [run_once(method, model, baseline, ids, backend) for _ in range(repeats)]
+def timed(method, model, baseline, ids, backend, repeats, hops=0):
+    run_once(method, model, baseline, ids, backend, hops)                    # warm-up (compiles, autotunes)
+    runs = [run_once(method, model, baseline, ids, backend, hops) for _ in range(repeats)]
     rel = runs[-1][0]
     return rel, statistics.median(r[1] for r in runs), max((r[2] for r in runs if r[2] is not None), default=None)
 
@@ -126,7 +139,9 @@ def _writer(out, on_update):
     return save
 
 
-ESTIMATE_MODES = {"attnlrp_fast": "low_memory", "lxt_style": "lxt_style"}
+# (the hop method's estimate is the plain explanation's: af.estimate_memory does not model hops, so its measured /
+# estimated ratio is what the hops add)
+ESTIMATE_MODES = {"attnlrp_fast": "low_memory", "lxt_style": "lxt_style", HOPS: "low_memory"}
 
 
 def estimated(model, method, n):
@@ -156,16 +171,19 @@ def _measured(fn, row):
     return rel
 
 
-def time_sizes(ctx, sizes, repeats, result, save):
-    """Each method at each size (median of `repeats` after a warm-up); the ratio to the forward; agreement of
-    the two relevance maps at the first size."""
+def time_sizes(ctx, sizes, repeats, result, save, hops=0):
+    """Each method at each size (median of `repeats` after a warm-up), with `hops` also the hop method at the first
+    size; the ratio to the forward; agreement of the two relevance maps at the first size."""
     model, baseline, backend, g = ctx
     for i, n in enumerate(sizes):
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
         rels = {}
-        for method in ("forward",) + METHODS:
+        for method in ("forward",) + METHODS + ((HOPS,) if hops and i == 0 else ()):
             row = {"method": method, "tokens": n, **estimated(model, method, n)}
-            rel = _measured(lambda: timed(method, model, baseline, ids, backend, repeats), row)
+            if method == HOPS:
+                start, end = reasoning_span(n)
+                row.update(hops=hops, reasoning_tokens=end - start)
+            rel = _measured(lambda: timed(method, model, baseline, ids, backend, repeats, hops), row)
             if rel is not None:
                 rels[method] = rel
             result["rows"].append(row)
@@ -174,9 +192,9 @@ def time_sizes(ctx, sizes, repeats, result, save):
         fwd = next((r["seconds"] for r in result["rows"] if r["method"] == "forward" and r["tokens"] == n
                     and "seconds" in r), None)
         for r in result["rows"]:
-            if r["tokens"] == n and r["method"] in METHODS and "seconds" in r and fwd:
+            if r["tokens"] == n and r["method"] in METHODS + (HOPS,) and "seconds" in r and fwd:
                 r["explain_over_forward"] = r["seconds"] / fwd
-        if i == 0 and len(rels) == 2:
+        if i == 0 and {"attnlrp_fast", "lxt_style"} <= set(rels):
             result["agreement"] = {"tokens": n, **agreement(rels["attnlrp_fast"], rels["lxt_style"])}
             save(result)
             print(json.dumps({"agreement": result["agreement"]}), flush=True)
@@ -217,12 +235,14 @@ def main(argv=None, on_update=None):
     p.add_argument("--longest-max", type=int, default=None, help="default: 1M tokens (smoke: 256)")
     p.add_argument("--longest-seconds", type=float, default=150.0, help="stop a method's search after a run this long")
     p.add_argument("--out", default=None, help="also write the result JSON here (rewritten after every row)")
+    p.add_argument("--hops", type=int, default=0, help="also the explanation through a reasoning span with this "
+                                                       "many hops, at the first size (0: not)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         p.error("no CUDA device: run with --smoke to check the harness on CPU")
-    if args.repeats < 1 or any(n < 1 for n in args.sizes or ()):
-        p.error("--repeats and --sizes must be positive")
+    if args.repeats < 1 or any(n < 1 for n in args.sizes or ()) or args.hops < 0:
+        p.error("--repeats and --sizes must be positive, --hops at least 0")
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     shape = "llama3-8b" if cuda else "tiny"
     sizes = args.sizes or ([8192, 32768] if cuda else [64, 128])
@@ -233,7 +253,7 @@ def main(argv=None, on_update=None):
     result = {"shape": {**SHAPES[shape], "name": shape}, "dtype": str(dtype).split(".")[-1], "rows": [],
               "agreement": None, "longest": {}}
     save = _writer(args.out, on_update)
-    time_sizes(ctx, sizes, args.repeats, result, save)
+    time_sizes(ctx, sizes, args.repeats, result, save, args.hops)
     if args.longest:
         search_longest(ctx, sizes[0], longest_max, args.longest_seconds, result, save)
     save(result)

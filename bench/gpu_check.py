@@ -59,7 +59,7 @@ RULES = ("grad", "attnlrp", "cp")
 PROFILE_METHODS = ("attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]")
 MEMORY_METHODS = ("attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]", "sdpa[cudnn_attention]",
                   "sdpa[flash_attention]", "sdpa[default]")
-E2E_ARGS = {False: "--sizes 8192 32768 --repeats 1", True: "--repeats 1"}      # by smoke
+E2E_ARGS = {False: "--sizes 8192 32768 --repeats 1 --hops 3", True: "--repeats 1 --hops 2"}      # by smoke
 TEST_SELECTION = ["-m", "gpu", "-k", "bfloat16"]     # the bf16 cases carry "bfloat16" in their ids
 
 

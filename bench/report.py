@@ -251,7 +251,9 @@ def e2e_table(result):
         secs = r.get("error") or _f(r.get("seconds"), "{:.2f}")
         peak, est = r.get("peak_mib"), r.get("estimated_peak_mib")
         ratio = _f(peak / est if peak is not None and est else None, "{:.3f}")
-        lines.append(f"| {_tokens(r['tokens'])} | {r['method']} | {secs} | "
+        method = r["method"] + (f" ({r['hops']} hops, {_tokens(r['reasoning_tokens'])} reasoning tokens)"
+                                if "hops" in r else "")
+        lines.append(f"| {_tokens(r['tokens'])} | {method} | {secs} | "
                      f"{_f(r.get('explain_over_forward'), '{:.1f}x')} | "
                      f"{_f(peak / 1024 if peak is not None else None, '{:.1f}')} | "
                      f"{_f(est / 1024 if est is not None else None, '{:.1f}')} | {ratio} |")

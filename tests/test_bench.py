@@ -124,8 +124,10 @@ def test_smoke_measures_each_step(smoke_json):
     assert all("error" not in r and r["seconds_one_run"] > 0 for r in mem["rows"])
     e = result["e2e"]
     assert e["process"]["returncode"] == 0 and e["agreement"]["rel_err"] < 1e-5 and e["agreement"]["cosine"] > 0.99999
-    assert {r["method"] for r in e["rows"]} == {"forward", "attnlrp_fast", "lxt_style"}
+    assert {r["method"] for r in e["rows"]} == {"forward", "attnlrp_fast", "lxt_style", e2e.HOPS}
     assert all(r["explain_over_forward"] > 0 for r in e["rows"] if r["method"] != "forward")
+    hop_rows = [r for r in e["rows"] if r["method"] == e2e.HOPS]   # the first size only, 2 hops in the smoke run
+    assert len(hop_rows) == 1 and hop_rows[0]["hops"] == 2 and hop_rows[0]["reasoning_tokens"] > 0
     # beside each explanation, the meta estimate of the same config, length, dtype and mode (the GPU's peak is its
     # measurement; on CPU there is none)
     for r in e["rows"]:
