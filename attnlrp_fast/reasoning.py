@@ -121,7 +121,8 @@ class HeadRows:
         tokens = input_ids[:, self.reasoning.start:self.reasoning.end].to(self.hidden.device)
         weight = getattr(self.head, "weight", None)
         if type(self.head) is torch.nn.Linear and not hasattr(self.head, "_hf_hook") and not weight.is_meta:
-            z = (self.hidden.float() * weight[tokens].float()).sum(-1)
+            dtype = torch.promote_types(self.hidden.dtype, torch.float32)   # float32 at least, as a matmul sums
+            z = (self.hidden.to(dtype) * weight[tokens].to(dtype)).sum(-1)
             if self.head.bias is not None:
                 z = z + self.head.bias[tokens].to(z.dtype)
         else:
@@ -130,7 +131,7 @@ class HeadRows:
                 logits = self.head(self.hidden[:, i:i + chunk])
                 parts.append(logits.gather(-1, tokens[:, i:i + chunk, None].to(logits.device))[..., 0])
             z = torch.cat(parts, 1)
-        z = z.float()
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
         if softcap:
             z = softcap * torch.tanh(z / softcap)
         return z
