@@ -61,6 +61,8 @@ class Explanation:
     reasoning_share: Optional[torch.Tensor] = None  # (hops + 1, B) float32: share of each hop left in the reasoning
     reasoning_seed: Optional[str] = None         # "positive" or "signed": what each hop passes on
     reasoning_skipped: int = 0                   # reasoning tokens with a logit of 0 (they pass nothing on)
+    hop_image_relevance: Optional[list] = None   # per hop: one (h, w) map per image (hop 0 = image_relevance)
+    prompt_image_relevance: Optional[list] = None  # per image: the sum of its maps over all hops
 
     def top_neurons(self, name: str, k: int = 10):
         """The k neurons of latent `name` with the largest relevance summed over batch and positions:
@@ -337,7 +339,8 @@ def _explain(model, handle, req: Request) -> Explanation:
             grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
             if rows is not None:
                 hops = run_hops(req.reasoning, (inputs[0].detach().float() * grads[0].float()).sum(-1), z,
-                                inputs[0], lambda m: warnings.warn(m, stacklevel=4))
+                                inputs[0], lambda m: warnings.warn(m, stacklevel=4),
+                                others=[capture.patches] if capture.patches is not None else [])
     finally:
         capture.remove()
         if rows is not None:
@@ -352,6 +355,10 @@ def _explain(model, handle, req: Request) -> Explanation:
         r = req.reasoning
         fields.update(reasoning_span=(r.start, r.end), hop_relevance=hops.relevance, prompt_relevance=hops.prompt,
                       reasoning_share=hops.share, reasoning_seed=r.seed, reasoning_skipped=hops.skipped)
+        if capture.patches is not None:
+            per_hop = [fields["image_relevance"]] + [vision.image_maps(o[0], req.extra)[0] for o in hops.others]
+            fields.update(hop_image_relevance=per_hop,
+                          prompt_image_relevance=[sum(maps) for maps in zip(*per_hop)])
     return Explanation(
         relevance=rel[0].sum(-1), target_ids=scored.ids, target_logit=scored.score.detach().float(),
         rule=handle.rule, latent=dict(zip(req.latent, rel[1:])), positions=scored.positions,

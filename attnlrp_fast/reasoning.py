@@ -19,6 +19,9 @@ input); the target (the answer, after them) is explained as usual:
   e.prompt_relevance      sum over hops of R_h on the prompt (positions < start), 0 elsewhere: (B, N)
   e.reasoning_share[h]    the part of hop h's relevance that stayed in the reasoning, sum_{t in span} R_h[t] /
                           sum_n R_h[n] (signed; 0 where the denominator is 0): (hops + 1, B)
+  vision-language models (images are in the prompt):
+  e.hop_image_relevance[h]     hop h's (h, w) patch-grid map per image (hop 0: e.image_relevance)
+  e.prompt_image_relevance     their sum over hops, per image
 
 A logit of exactly 0 cannot carry relevance (w_t / z_t): such tokens pass nothing on (counted in
 e.reasoning_skipped, with a warning). Scaling the logits (Granite, Cohere) does not change w_t / z_t * E_t, and
@@ -144,18 +147,21 @@ class Hops:
     prompt: torch.Tensor           # (B, N)
     share: torch.Tensor            # (hops + 1, B)
     skipped: int
+    others: list                   # per hop from 1: the relevance (x * g, unsummed) of each of `others`
 
 
-def run_hops(reasoning, relevance0, z, embeds, warn):
+def run_hops(reasoning, relevance0, z, embeds, warn, others=()):
     """Hops 1 .. k from hop 0's token relevance (B, N), the reasoning logits z (B, R) (still in the graph of the
-    forward that produced the input embeddings `embeds` (B, N, D)). warn(message) reports skipped tokens."""
+    forward that produced the input embeddings `embeds` (B, N, D)). warn(message) reports skipped tokens.
+    others: more tensors of that graph whose relevance each hop also gives (a vision-language model's patch
+    embeddings)."""
     s, e = reasoning.start, reasoning.end
     dead = (z == 0).detach()
     skipped = int(dead.sum())
     if skipped:
         warn(f"{skipped} reasoning token(s) have a logit of exactly 0 and pass no relevance on")
     safe = torch.where(dead, torch.ones_like(z), z).detach()
-    hops = [relevance0]
+    hops, other_hops = [relevance0], []
     for h in range(reasoning.hops):
         w = hops[-1][:, s:e]
         if reasoning.seed == "positive":
@@ -163,14 +169,17 @@ def run_hops(reasoning, relevance0, z, embeds, warn):
         seed = torch.where(dead, torch.zeros_like(w), w / safe)
         if not seed.any():    # nothing left to pass on (causality empties the reasoning): no backward for zeros
             hops.append(torch.zeros_like(relevance0))
+            other_hops.append([torch.zeros_like(x, dtype=torch.float32) for x in others])
             continue
-        (g,) = torch.autograd.grad(z, embeds, grad_outputs=seed.to(z.dtype), retain_graph=h + 1 < reasoning.hops,
-                                   allow_unused=True)
-        hops.append((embeds.detach().float() * g.float()).sum(-1) if g is not None else torch.zeros_like(relevance0))
+        grads = torch.autograd.grad(z, [embeds, *others], grad_outputs=seed.to(z.dtype),
+                                    retain_graph=h + 1 < reasoning.hops, allow_unused=True)
+        rel = [x.detach().float() * (g.float() if g is not None else 0.0) for x, g in zip([embeds, *others], grads)]
+        hops.append(rel[0].sum(-1))
+        other_hops.append(rel[1:])
     relevance = torch.stack(hops)
     prompt = relevance[:, :, :s].sum(0)
     prompt = torch.cat([prompt, torch.zeros_like(relevance0[:, s:])], 1)
     total = relevance.sum(-1)
     inside = relevance[:, :, s:e].sum(-1)
     share = torch.where(total == 0, torch.zeros_like(total), inside / torch.where(total == 0, 1.0, total))
-    return Hops(relevance, prompt, share, skipped)
+    return Hops(relevance, prompt, share, skipped, other_hops)

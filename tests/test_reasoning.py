@@ -216,3 +216,28 @@ def test_progress_counts_every_hop(checkpoint):
                checkpoint=checkpoint, progress=events.append)
     layers = model.config.num_hidden_layers
     assert events.count("forward") == layers and events.count("backward") == layers * 3
+
+
+def test_vision_language_hops_carry_image_relevance():
+    """A tiny LLaVA in float64: each hop's image maps equal the slow definition's (the per-token explanations'
+    maps summed with the hop's weights), and the prompt's image relevance is their sum over hops."""
+    from tiny_models import inputs
+
+    model = build("llava", seed=3, dtype=torch.float64)
+    x = inputs("llava", batch=1, length=11, seed=3)          # 3 text tokens, 16 image tokens, 8 text tokens
+    x["pixel_values"] = x["pixel_values"].double()
+    span, target = (20, 25), [(25, 4), (26, 6)]
+    e = af.explain(model, **x, target=target, reasoning_span=span, hops=2, reasoning_seed="signed", backend="torch")
+    per_token = [af.explain(model, **x, target=[(t - 1, int(x["input_ids"][0, t]))], backend="torch")
+                 for t in range(*span)]
+    tokens, maps = [e.relevance[0].double()], [e.image_relevance[0].double()]
+    for _ in range(2):
+        w = tokens[-1][span[0]:span[1]]
+        weights = [w[i] / p.target_logit[0].double() for i, p in enumerate(per_token)]
+        tokens.append(sum(c * p.relevance[0].double() for c, p in zip(weights, per_token)))
+        maps.append(sum(c * p.image_relevance[0].double() for c, p in zip(weights, per_token)))
+    assert len(e.hop_image_relevance) == 3 and e.hop_image_relevance[0][0].shape == (4, 4)
+    for h in range(3):
+        assert _rel_err(e.hop_relevance[h, 0], tokens[h]) < 1e-5
+        assert _rel_err(e.hop_image_relevance[h][0], maps[h]) < 1e-5
+    assert _rel_err(e.prompt_image_relevance[0], sum(maps)) < 1e-5
