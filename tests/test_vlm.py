@@ -313,6 +313,30 @@ def test_cli_explain_image_end_to_end(llava_folder, tmp_path, capsys):
     assert (out / "overlay_0.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / "overlay_1.png").exists()
 
 
+def test_cli_explain_image_through_a_reasoning_span(llava_folder, tmp_path, capsys):
+    """--reasoning START:END with --image: the answer after the span is explained, the overlays, words and shares are
+    all hops together, and the JSON lists what each hop put on the images."""
+    import json
+
+    from attnlrp_fast.app import cli
+
+    out = tmp_path / "report"
+    rc = cli.main(["explain", "--model", str(llava_folder), "--image", str(llava_folder / "photo.png"), "--question",
+                   "What is in the picture?", "--answer", "a cat on a mat", "--reasoning", "0:2", "--hops", "2",
+                   "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    data = json.loads((out / "explanation.json").read_text())
+    r = data["reasoning"]
+    assert r["hops"] == 2 and len(r["share_left_in_reasoning"]) == len(r["image_relevance_per_hop"]) == 3
+    assert r["span"][1] - r["span"][0] == 2 and r["source"] == "--reasoning 0:2"
+    total = sum(sum(row) for m in data["image_maps"] for row in m)
+    assert total == pytest.approx(sum(r["image_relevance_per_hop"]), rel=1e-4, abs=1e-6)
+    assert abs(data["image_share"] + data["text_share"] - 1) < 1e-5
+    assert "hop 2:" in printed and "all hops together" in printed
+    assert len(data["target_logits"]) == len(data["answer_token_ids"]) - 2
+
+
 def test_cli_explain_image_errors_are_one_line(llava_folder, tmp_path, capsys):
     from attnlrp_fast.app import cli
     from attnlrp_fast.app.tiny import make_model

@@ -498,8 +498,10 @@ def _explain_image(args):
     vlm.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
     if answer_ids is None:
         answer_ids = vlm.generate_answer(model, processor, prompt, args.max_new_tokens, backend=backend)
-    result = vlm.explain_answer(model, prompt, answer_ids, args.rule, backend)
-    text = processor.tokenizer.decode(answer_ids)
+    reasoning = _reasoning(args, processor.tokenizer, _Answer(prompt, answer_ids, None))
+    result = vlm.explain_answer(model, prompt, answer_ids, args.rule, backend, reasoning=reasoning, hops=args.hops,
+                                seed=args.reasoning_seed)
+    text = processor.tokenizer.decode(answer_ids[reasoning.answer_start - len(prompt.ids):] if reasoning else answer_ids)
     facts = {"model": args.model, "rule": args.rule, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
              "backend": backend or "triton", "question": args.question, "answer": text,
              "answer_source": "given" if args.answer is not None else "greedy", "images": list(args.image),

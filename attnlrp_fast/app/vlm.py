@@ -157,10 +157,13 @@ class Result:
     text_share: float
     target_logits: list
     seconds: float
+    reasoning: dict | None = None   # with a reasoning span: its facts (reasoning_fields)
 
 
-def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None):
-    """Relevance of every prompt + answer token and of every image patch for the sum of the answer's logits."""
+def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, reasoning=None, hops=3, seed=None):
+    """Relevance of every prompt + answer token and of every image patch for the sum of the answer's logits.
+    reasoning: a longdoc.ReasoningSpan; then the answer explained is what follows it, and the relevance shown
+    (prompt tokens, image maps, shares) is all hops' together (af.explain's reasoning_span)."""
     import attnlrp_fast as af
 
     device = next(model.parameters()).device
@@ -170,15 +173,36 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None):
     if "attention_mask" in inputs:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], 1)
     p = len(prompt.ids)
-    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids)]
+    first = reasoning.answer_start - p if reasoning is not None else 0
+    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids) if j >= first]
     extra = {k: inputs[k] for k in ("image_sizes", "image_grid_thw", "token_type_ids") if k in inputs}
+    if reasoning is not None:
+        extra.update(reasoning_span=(reasoning.start, reasoning.end), hops=hops, reasoning_seed=seed)
     t = time.perf_counter()
     e = af.explain(model, input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                    pixel_values=inputs["pixel_values"].to(model.dtype), target=targets, rule=rule, backend=backend,
                    **extra)
-    return Result(e.relevance[0].cpu().tolist(), [m.cpu().tolist() for m in e.image_relevance],
-                  float(e.image_share[0]), float(e.text_share[0]), e.target_logits[0].cpu().tolist(),
-                  time.perf_counter() - t)
+    seconds = time.perf_counter() - t
+    if reasoning is None:
+        return Result(e.relevance[0].cpu().tolist(), [m.cpu().tolist() for m in e.image_relevance],
+                      float(e.image_share[0]), float(e.text_share[0]), e.target_logits[0].cpu().tolist(), seconds)
+    relevance = torch.cat([e.prompt_relevance[0, :p], e.relevance[0, p:]]).cpu()
+    maps = [m.cpu() for m in e.prompt_image_relevance]
+    s_img = float(sum(m.sum() for m in maps))
+    s_txt = float(relevance[:p][torch.tensor(prompt.ids) != prompt.image_token_id].sum())
+    total = s_img + s_txt
+    return Result(relevance.tolist(), [m.tolist() for m in maps], s_img / total if total else 0.0,
+                  s_txt / total if total else 0.0, e.target_logits[0].cpu().tolist(), seconds,
+                  reasoning_fields(reasoning, e, hops))
+
+
+def reasoning_fields(reasoning, e, hops):
+    """The JSON report's "reasoning" entry of an image explanation: the span, the hops, what each hop put on the
+    images and left in the reasoning."""
+    return {"source": reasoning.source, "span": [reasoning.start, reasoning.end],
+            "answer_start": reasoning.answer_start, "hops": hops, "seed": e.reasoning_seed,
+            "share_left_in_reasoning": e.reasoning_share[:, 0].cpu().tolist(),
+            "image_relevance_per_hop": [float(sum(m.sum() for m in maps)) for maps in e.hop_image_relevance]}
 
 
 def seen_images(processor, pixel_values):
@@ -246,7 +270,7 @@ def write_reports(out_dir, prompt, result, images, *, title, facts):
             "target_logits": result.target_logits,
             "top_regions": [{"image": i, "row": r, "col": c, "relevance": v}
                             for i, r, c, v in top_regions(result.image_maps)],
-            "overlays": [p.name for p in pngs]}
+            "overlays": [p.name for p in pngs], **({"reasoning": result.reasoning} if result.reasoning else {})}
     (out / "explanation.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     figures = "".join(
         f'<figure><img alt="image {k} relevance overlay" src="data:image/png;base64,'
@@ -276,8 +300,16 @@ body {{ font-family: system-ui, sans-serif; max-width: 70rem; margin: 2rem auto;
 
 def summary(prompt, result, k=5):
     """Terminal lines: the shares, the top image regions (grid cells) and the top words."""
-    lines = [f"relevance share: image {result.image_share:.1%}, text {result.text_share:.1%}",
-             "top image regions (image, row, column of the patch grid):"]
+    lines = []
+    if result.reasoning:
+        r = result.reasoning
+        lines.append(f"reasoning: positions {r['span'][0]}..{r['span'][1] - 1} ({r['source']}), {r['hops']} hop(s); "
+                     "the shares, regions and words below are all hops together")
+        lines += [f"  hop {h}: {on_images:.4g} on the images, {left:.1%} left in the reasoning"
+                  for h, (on_images, left) in enumerate(zip(r["image_relevance_per_hop"],
+                                                             r["share_left_in_reasoning"]))]
+    lines += [f"relevance share: image {result.image_share:.1%}, text {result.text_share:.1%}",
+              "top image regions (image, row, column of the patch grid):"]
     for i, r, c, v in top_regions(result.image_maps, k):
         h, w = len(result.image_maps[i]), len(result.image_maps[i][0])
         lines.append(f"  image {i} cell ({r}, {c}) of {h}x{w}  {v:.4g}")
