@@ -202,16 +202,21 @@ def generate_answer(model, tokenizer, prompt_ids, max_new_tokens=32, tick=None, 
     """Greedy answer token ids (without the end-of-sequence token). `backend` as in af.attention (None: auto)."""
     if max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], device=device)
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    return greedy(model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, max_new_tokens,
+                  backend, streamer=_Ticker(tick) if tick else None)
+
+
+def greedy(model, tokenizer, inputs, max_new_tokens, backend=None, streamer=None):
+    """The greedy continuation of the model inputs (input_ids (1, P) and what else the model takes) up to its
+    end-of-sequence token, as a list of ids; InputError when it is empty."""
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
     with torch.no_grad(), _attention_backend(model, backend):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                             streamer=_Ticker(tick) if tick else None)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                             top_k=None, pad_token_id=pad, streamer=streamer)
     answer = []
-    for t in out[0, len(prompt_ids):].tolist():
+    for t in out[0, inputs["input_ids"].shape[1]:].tolist():
         if t in eos:
             break
         answer.append(t)
@@ -296,6 +301,13 @@ def reasoning_from_option(text, prompt_ids, answer_ids):
     return ReasoningSpan(p + a, p + b, p + b, f"--reasoning {text}")
 
 
+def answer_targets(prompt_length, answer_ids, reasoning=None):
+    """(position, token) targets of the answer after a prompt of prompt_length tokens: every answer token, or with
+    a ReasoningSpan those after it (each read at the position before it)."""
+    first = reasoning.answer_start - prompt_length if reasoning is not None else 0
+    return [(prompt_length - 1 + j, t) for j, t in enumerate(answer_ids) if j >= first]
+
+
 @dataclass
 class Hops:
     """A multi-hop explanation's results as lists (explain_answer with reasoning)."""
@@ -326,8 +338,7 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, p
     device = next(model.parameters()).device
     ids = torch.tensor([prompt.ids + answer_ids], device=device)
     p = len(prompt.ids)
-    first = reasoning.answer_start - p if reasoning is not None else 0
-    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids) if j >= first]
+    targets = answer_targets(p, answer_ids, reasoning)
     kw = dict(rule=rule, backend=backend, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress)
     t = time.perf_counter()
     per, logits = [], []

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from attnlrp_fast.app import report
-from attnlrp_fast.app.longdoc import InputError, _first_line, _quiet_hub, context_length
+from attnlrp_fast.app.longdoc import InputError, _first_line, _quiet_hub, answer_targets, context_length, greedy
 
 
 def check_vision_config(model_id):
@@ -130,23 +130,8 @@ def _model_inputs(prompt, device):
 
 def generate_answer(model, processor, prompt, max_new_tokens=32, backend=None):
     """Greedy answer token ids (without the end-of-sequence token)."""
-    from attnlrp_fast.app.longdoc import _attention_backend, _eos_ids
-
-    device = next(model.parameters()).device
-    tokenizer = processor.tokenizer
-    eos = _eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    with torch.no_grad(), _attention_backend(model, backend):
-        out = model.generate(**_model_inputs(prompt, device), max_new_tokens=max_new_tokens, do_sample=False,
-                             temperature=None, top_p=None, top_k=None, pad_token_id=pad)
-    answer = []
-    for t in out[0, len(prompt.ids):].tolist():
-        if t in eos:
-            break
-        answer.append(t)
-    if not answer:
-        raise InputError("the model's greedy answer is empty (it ended at once)")
-    return answer
+    return greedy(model, processor.tokenizer, _model_inputs(prompt, next(model.parameters()).device), max_new_tokens,
+                  backend)
 
 
 @dataclass
@@ -173,8 +158,7 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, r
     if "attention_mask" in inputs:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answer)], 1)
     p = len(prompt.ids)
-    first = reasoning.answer_start - p if reasoning is not None else 0
-    targets = [(p - 1 + j, t) for j, t in enumerate(answer_ids) if j >= first]
+    targets = answer_targets(p, answer_ids, reasoning)
     extra = {k: inputs[k] for k in ("image_sizes", "image_grid_thw", "token_type_ids") if k in inputs}
     if reasoning is not None:
         extra.update(reasoning_span=(reasoning.start, reasoning.end), hops=hops, reasoning_seed=seed)
