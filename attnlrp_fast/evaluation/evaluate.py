@@ -186,15 +186,25 @@ def _forward_kwargs(case):
     return kwargs
 
 
-def _score(case, keep=None) -> TargetScore:
-    """Target score (B,) without gradients; keep: (B, N) multiplier on the input embeddings."""
+def _forward(case, positions, keep):
+    """(the model's outputs on the case's inputs without gradients, the positions its logits were kept at): logits
+    only at `positions` (B, P) when the model takes logits_to_keep (else kept is None); keep: (B, N) multiplier on
+    the input embeddings."""
     kwargs = _forward_kwargs(case)
-    positions = kept = None
-    if case.reads_logits and "logits_to_keep" in forward_parameters(case.model):
-        positions = case.token_positions()
+    kept = None
+    if positions is not None and "logits_to_keep" in forward_parameters(case.model):
         kept = kwargs["logits_to_keep"] = torch.unique(positions)
     with scaled_input_embeddings(case.model, None if keep is None else keep[..., None]), torch.no_grad():
-        outputs = case.model(**kwargs)
+        return case.model(**kwargs), kept
+
+
+def _score(case, keep=None) -> TargetScore:
+    """Target score (B,) without gradients; keep: (B, N) multiplier on the input embeddings."""
+    positions = None
+    if case.reads_logits and "logits_to_keep" in forward_parameters(case.model):
+        positions = case.token_positions()
+    outputs, kept = _forward(case, positions, keep)
+    with torch.no_grad():
         if not case.reads_logits:
             return TargetScore(case.target(outputs).reshape(-1).float(), case.target)
         if positions is None and outputs.logits.dim() == 3:
@@ -457,7 +467,7 @@ def _generation(case, generation):
             return None
         positions = case.token_positions()
         if isinstance(t, (list, tuple)):
-            ids = torch.tensor([tok for _, tok in t], device=device).expand(B, -1)
+            ids = torch.tensor([tok for _, tok in t], device=device)[None]
         else:
             ids = (t.to(device)[:, None] if _per_row(t) else torch.full((B, 1), int(t), device=device))
         return Generation(positions.expand(B, -1), ids.expand(B, -1))
@@ -479,12 +489,8 @@ def _generation(case, generation):
 
 def _log_probability(case, gen, keep=None):
     """log p of the generation's tokens, summed per row (B,) (no gradients); keep as in _score."""
-    kwargs = _forward_kwargs(case)
-    kept = None
-    if "logits_to_keep" in forward_parameters(case.model):
-        kept = kwargs["logits_to_keep"] = torch.unique(gen.positions)
-    with scaled_input_embeddings(case.model, None if keep is None else keep[..., None]), torch.no_grad():
-        logits = case.model(**kwargs).logits.float()
+    outputs, kept = _forward(case, gen.positions, keep)
+    logits = outputs.logits.float()
     if logits.dim() == 2:                                            # classification head: the class
         picked = logits.log_softmax(-1).gather(-1, gen.ids[:, :1])
     else:

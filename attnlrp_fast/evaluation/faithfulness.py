@@ -20,12 +20,13 @@ Every task with token targets also reports the deletion metrics (RISE, MAS, RISE
 import datetime
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from attnlrp_fast.bindings.dispatch import backend_for_many_passes, triton_runs_on
 from attnlrp_fast.evaluation import evaluate as ev
+from attnlrp_fast.evaluation.deletion import METRICS as DELETION_METRICS
 from attnlrp_fast.evaluation import recall
 
 TASKS = ("recall", "minilm", "reasoning")
@@ -101,8 +102,9 @@ def reasoning_inputs(model, n=64, seed=0, device="cpu") -> ReasoningInputs:
     from attnlrp_fast.evaluation import reasoning_recall as rr
 
     b = rr.sample(2 * n, generator=torch.Generator().manual_seed(seed))
-    got_v, got_a = rr.predictions(model.cpu(), b)
-    model.to(device)
+    on_device = replace(b, **{f: getattr(b, f).to(device) for f in ("input_ids", "attention_mask", "prompt_end",
+                                                                      "answer_position")})
+    got_v, got_a = (t.cpu() for t in rr.predictions(model, on_device))
     rows = torch.arange(2 * n)
     v = b.input_ids[rows, b.reasoning[:, 0]]
     ok = ((got_v == v) & (got_a == rr.ANSWER0 + v - rr.VALUE0)).nonzero().flatten()[:n]
@@ -137,8 +139,9 @@ def run_reasoning(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu")
     model = rr.load_trained(device)
     x = reasoning_inputs(model, n, seed, device)
     methods = reasoning_methods(methods)
+    backend = backend_for_many_passes(device)
     results = ev.evaluate(model, x.input_ids, methods, attention_mask=x.attention_mask, eligible=x.context,
-                          evidence=x.evidence, ig_steps=ig_steps, backend=backend_for_many_passes(device),
+                          evidence=x.evidence, ig_steps=ig_steps, backend=backend,
                           progress=progress, on_result=on_result, reasoning_span=x.span, generation=x.generation,
                           perturbation=ev.Perturbation(steps=steps, perturb=perturb, replace_id=rr.PAD, seed=seed))
     c = model.config
@@ -146,7 +149,7 @@ def run_reasoning(methods, *, n=64, steps=10, seed=0, device=torch.device("cpu")
                                          "on recall through a reasoning token",
             "samples": x.kept, "sampled": x.sampled, "tokens_mean": float(x.attention_mask.sum(1).float().mean()),
             "target": "logit of the answer a_v after </think>; deletion metrics: log p(v, </think>, a_v)",
-            **hop_zero_on_reasoning(model, x, backend_for_many_passes(device)), "methods": results}
+            **hop_zero_on_reasoning(model, x, backend), "methods": results}
 
 
 def hop_zero_on_reasoning(model, x, backend):
@@ -281,7 +284,7 @@ def table(result):
                 n = len(r["abpc_per_row"])
                 spread = f" ± {se:.3f}" if n > 1 else " (n=1: no s.e.)"
                 diff = f"{mean:+.3f}{spread}; {wins} of {n}"
-            deletion = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in ("rise", "mas", "rise_ap"))
+            deletion = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in DELETION_METRICS)
             lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {deletion} | {acc} | {rank} | "
                          f"{r['seconds']:.2f} |")
     return "\n".join(lines)
