@@ -117,8 +117,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                       "only; explain() runs in eval mode and checkpoints every layer itself instead (checkpoint=True)",
                       stacklevel=2)
         checkpoint = True
-    with lrp_scope(model, rule, backend, caller="explain()") as h, maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
-                                      mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
+    with lrp_scope(model, rule, backend, caller="explain()") as h, \
+            maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
+                             mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
                                    ("token_type_ids", token_type_ids)) if v is not None}
         reasoning = Reasoning.of(reasoning_span, hops, reasoning_seed, input_ids)
@@ -145,12 +146,12 @@ class _Capture:
         self.merged = self.patches = None
         self.frozen = False  # set after the forward: checkpointed layers re-run their hooks in the backward
         if vision is not None:
-            self.handles.append(vision.patch_embedding.register_forward_hook(self._patches_hook))
+            self.handles.append(vision.patch_embedding.register_forward_hook(self._leaf("patches")))
             self.handles.append(vision.language_model.register_forward_pre_hook(self._merged_hook, with_kwargs=True))
         emb = model.get_input_embeddings()
         if emb is None:
             raise ValueError(f"{type(model).__name__} has no input-embedding module (get_input_embeddings())")
-        self.handles.append(emb.register_forward_hook(self._embeds_hook))
+        self.handles.append(emb.register_forward_hook(self._leaf("embeds")))
         for spec in latent:
             name, _, where = spec.partition(":")
             if where not in ("", "input"):
@@ -167,21 +168,18 @@ class _Capture:
             head = model.get_output_embeddings()
             self.handles.append(head.register_forward_hook(self._pre_logits_hook))
 
-    def _embeds_hook(self, module, inputs, output):
-        if self.frozen:
-            return None
-        self.embeds = output.detach().requires_grad_(True)
-        return self.embeds
+    def _leaf(self, attr):
+        """A forward hook that replaces the module's output by a detached leaf that requires grad, kept as `attr`."""
+        def hook(module, inputs, output):
+            if self.frozen:
+                return None
+            setattr(self, attr, output.detach().requires_grad_(True))
+            return getattr(self, attr)
+        return hook
 
     def _pre_logits_hook(self, module, inputs, output):
         if not self.frozen:   # (after the forward the reasoning hops run the lm_head on their own rows)
             self.pre_logits = output
-
-    def _patches_hook(self, module, inputs, output):
-        if self.frozen:
-            return None
-        self.patches = output.detach().requires_grad_(True)
-        return self.patches
 
     def _merged_hook(self, module, args, kwargs):
         if not self.frozen:
