@@ -263,8 +263,10 @@ _tuned_fwd_ws = autotuned(attention_fwd_tma_kernel, "fwd_ws", key=TUNE_KEY + ["W
 
 # Which forward kernel runs: "portable" (pointer loads, any GPU and Triton >= 3.4), "tma" (tensor descriptors,
 # Hopper, Triton >= 3.6), "hopper" (tensor descriptors and a warp-specialised loop, Hopper, Triton 3.6), or "auto":
-# the first of "hopper", "tma", "portable" these tensors and this machine can take. ATTNLRP_FAST_FWD sets it when
-# the caller does not. Segment ids and per-query key limits run on "portable" only ("auto" picks it for them).
+# the first of "tma", "portable" these tensors and this machine can take, with the caller's preference first
+# (`prefer`: the bindings pass what a measured dispatch table names, so "hopper" runs under "auto" only once a GPU
+# run has proven it). ATTNLRP_FAST_FWD sets the variant when the caller does not. Segment ids and per-query key
+# limits run on "portable" only ("auto" picks it for them).
 FWD_VARIANTS = ("auto", "portable", "tma", "hopper")
 # Triton's Hopper warp specialisation is experimental: 3.6 (the GPU machines' version) compiles this kernel's
 # loop; 3.9 fails on it (it splits the Q descriptor copy between the consumers). Other versions take "tma".
@@ -275,15 +277,21 @@ def _triton_version():
     return tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
-def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids=None, key_limit=None) -> str:
+def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids=None, key_limit=None,
+                    prefer=None) -> str:
     """The forward kernel for these tensors: "portable", "tma" or "hopper" (see FWD_VARIANTS). Asking for a
     descriptor variant the tensors or the machine cannot take is an error that says why; "auto" falls back
-    (and under the interpreter, where only tests force the others, is "portable"). The descriptor variants
-    take no segment_ids or key_limit: "auto" is "portable" with them."""
+    (and under the interpreter, where only tests force the others, is "portable"): it tries `prefer` (a variant
+    or None), then "tma", then "portable". The descriptor variants take no segment_ids or key_limit: "auto" is
+    "portable" with them."""
     asked = (variant or os.environ.get("ATTNLRP_FAST_FWD", "auto")).strip().lower() or "auto"
     if asked not in FWD_VARIANTS:
         raise ValueError(f"the forward variant must be one of {', '.join(FWD_VARIANTS)}, got {asked!r} "
                          "(argument or ATTNLRP_FAST_FWD)")
+    if prefer not in (None, *FWD_VARIANTS):
+        raise ValueError(f"the preferred forward variant must be one of {', '.join(FWD_VARIANTS)}, got {prefer!r}")
+    if asked == "auto" and prefer == "portable":
+        return "portable"
     if asked == "portable" or (asked == "auto" and interpreting()):
         return "portable"
     if segment_ids is not None or key_limit is not None:
@@ -291,7 +299,7 @@ def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids
             return "portable"
         raise ValueError(f"forward variant {asked!r} cannot run here: it takes no segment_ids or key_limit "
                          "(the 'portable' forward does)")
-    for candidate in (("hopper", "tma") if asked == "auto" else (asked,)):
+    for candidate in ((("hopper", "tma") if prefer == "hopper" else ("tma",)) if asked == "auto" else (asked,)):
         reason = descriptor_path_unsupported(q, k, v, key_padding_mask, warp_specialize=candidate == "hopper")
         if reason is None:
             return candidate
@@ -335,7 +343,7 @@ def descriptor_device_unsupported(device):
 
 
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                  config=None, variant=None, segment_ids=None, key_limit=None):
+                  config=None, variant=None, segment_ids=None, key_limit=None, prefer=None):
     """Launch the forward. q (B,H,N,D), k/v (B,Hkv,M,D) of one dtype and device, any strides;
     key_padding_mask: uint8/bool (B, M), nonzero = real key. Returns O (B,H,N,D) and LSE (B,H,N) fp32.
     segment_ids: int (B, M), one id per key position (query i has the id of position i + M - N; needs N <= M):
@@ -343,7 +351,8 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
     j <= key_limit[:, i] in place of j <= i + M - N. Both take the "portable" kernel.
 
     config: optional {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} overriding the tuned choice (or such a
-    dict under the key "fwd"). variant: the kernel (FWD_VARIANTS; None: ATTNLRP_FAST_FWD, else "auto").
+    dict under the key "fwd"). variant: the kernel (FWD_VARIANTS; None: ATTNLRP_FAST_FWD, else "auto"); prefer:
+    the variant "auto" tries first (forward_variant).
     """
     B, H, N, D = q.shape
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
@@ -353,7 +362,7 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
     q, k, v = (fit_int32_tiles(x) for x in (q, k, v))
     kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
     seg, lim = index_inputs(segment_ids, key_limit, N, k.shape[2], causal)
-    variant = forward_variant(q, k, v, kpm, variant, segment_ids=seg, key_limit=lim)
+    variant = forward_variant(q, k, v, kpm, variant, segment_ids=seg, key_limit=lim, prefer=prefer)
     if variant == "portable":
         run = partial(_launch_fwd, seg=seg, lim=lim)
     else:
