@@ -40,10 +40,12 @@ INDEX = (
     Rule("uniform (bilinear)", "Q K^T and P V in attention (both factors depend on the input)",
          "AttnLRP Prop. 3.2 (uniform epsilon rule on a product)",
          "each factor's gradient halved: dV x 1/2, dQ and dK x 1/4 with the softmax below",
-         "kernels/rules.py ATTENTION_FACTORS -> kernels/attention_bwd.py, bindings/torch_path.py"),
+         "kernels/rules.py ATTENTION_FACTORS -> kernels/attention_bwd.py, bindings/torch_path.py (chunked), "
+         "bindings/sdpa.py (torch's fused kernels' exact gradients times the factors)"),
     Rule("Taylor (softmax)", "the attention softmax",
          "AttnLRP Prop. 3.1: R_in = x (R_out - s sum R_out)", "unchanged (the exact softmax gradient)",
-         "kernels/attention_bwd.py (dS = P (dP - delta)), bindings/torch_path.py"),
+         "kernels/attention_bwd.py (dS = P (dP - delta)), bindings/torch_path.py, bindings/sdpa.py (torch's "
+         "fused kernels)"),
     Rule("CP-LRP", "attention weights (rule='cp')", "Ali et al. 2022 (conservative propagation)",
          "P held constant: dQ = dK = 0, dV exact", "kernels/rules.py ATTENTION_FACTORS"),
     Rule("identity (softcap)", "the attention logit softcap c tanh(s / c) under rule='attnlrp'",

@@ -9,8 +9,9 @@
 for every rule; the rule only picks the backward. Both ops have fake implementations, so torch.compile
 traces through them without graph breaks.
 
-Dispatch: dispatch.py (CUDA -> Triton, CPU -> the torch path of torch_path.py or Triton's interpreter,
-float64 -> torch). attention() below is the public function (af.attention).
+Dispatch: dispatch.attention_choice (CUDA -> torch's fused SDPA kernels or the Triton kernels, per call and per the
+measured dispatch table; CPU -> the torch path of torch_path.py or Triton's interpreter; float64 -> torch).
+attention() below is the public function (af.attention).
 """
 
 import math
@@ -22,11 +23,18 @@ from ..kernels.attention_bwd import attention_bwd as triton_bwd
 from ..kernels.attention_fwd import attention_fwd as triton_fwd
 from . import torch_path
 from .checks import check_attention_arguments
-from .dispatch import pick
+from .dispatch import attention_choice, dense
 
 
 def _opt(window: int, softcap: float):
     return (window if window > 0 else None), (softcap if softcap > 0 else None)
+
+
+def _choice(q, k, kpm, causal, window, softcap, rule, backend, segment_ids, key_limit):
+    """Where this call runs (dispatch.attention_choice); the forward and backward of one call decide alike."""
+    return attention_choice(q, k, key_padding_mask=kpm, causal=causal, window=window, softcap=softcap, rule=rule,
+                            segment_ids=segment_ids, key_limit=key_limit,
+                            backend=None if backend == "auto" else backend)
 
 
 @torch.library.custom_op("attnlrp_fast::attention_fwd", mutates_args=())
@@ -35,9 +43,11 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
                      backend: str, segment_ids: Optional[torch.Tensor] = None,
                      key_limit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
-    fwd = pick(triton_fwd, torch_path.attention_fwd_torch, q, backend)
-    return fwd(q, k, v, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap,
-               segment_ids=segment_ids, key_limit=key_limit)
+    choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit)
+    kw = dict(causal=causal, scale=scale, window=win, softcap=cap, segment_ids=segment_ids, key_limit=key_limit)
+    if choice.path == "triton":
+        return dense(triton_fwd)(q, k, v, key_padding_mask, prefer=choice.forward, **kw)
+    return dense(torch_path.attention_fwd_torch)(q, k, v, key_padding_mask, **kw)
 
 
 @attention_fwd_op.register_fake
@@ -53,9 +63,12 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                      backend: str, segment_ids: Optional[torch.Tensor] = None,
                      key_limit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
-    bwd = pick(triton_bwd, torch_path.attention_bwd_torch, q, backend)
-    return bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=win, softcap=cap,
-               rule=rule, segment_ids=segment_ids, key_limit=key_limit)
+    choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit)
+    kw = dict(causal=causal, scale=scale, window=win, softcap=cap, rule=rule, segment_ids=segment_ids,
+              key_limit=key_limit)
+    if choice.path == "triton":
+        return dense(triton_bwd)(do, q, k, v, o, lse, key_padding_mask, dq_mode=choice.dq, **kw)
+    return dense(torch_path.attention_bwd_torch)(do, q, k, v, o, lse, key_padding_mask, **kw)
 
 
 @attention_bwd_op.register_fake

@@ -1,11 +1,13 @@
-"""The CPU path of every op, in torch: what the Triton kernels compute, for CPU tensors when Triton's interpreter is
-off (and float64 anywhere).
+"""The torch path of every op: what the Triton kernels compute, in torch operations. It serves CPU tensors when
+Triton's interpreter is off, float64 anywhere, and on CUDA whatever backend="torch" (or auto's dispatch table,
+dispatch.py) sends it.
 
-Attention runs on torch's fused flash attention for CPU (below: the exact gradients times the rules' factors of
-kernels/rules.py), or, with a window, softcap, segment ids or key limits, processes queries in chunks with the
-kernels' explicit formulas; memory stays linear in N either way (never an N x M tensor). The norm, GLU and activation functions mirror
-kernels/norm.py and kernels/glu.py. Computation in float32 (float64 for float64 inputs). The float64 oracles the tests compare
-this path with live apart, in attnlrp_fast/reference.py, and share no code with it.
+Attention runs on torch's own fused attention kernels where they express the call (sdpa.py: the exact gradients
+times the rules' factors of kernels/rules.py; CPU, and CUDA's flash / memory-efficient kernels), or, with a
+window, softcap, segment ids or key limits, processes queries in chunks with the kernels' explicit formulas;
+memory stays linear in N either way (never an N x M tensor). The norm, GLU and activation functions mirror
+kernels/norm.py and kernels/glu.py. Computation in float32 (float64 for float64 inputs). The float64 oracles the
+tests compare this path with live apart, in attnlrp_fast/reference.py, and share no code with it.
 """
 
 import math
@@ -14,6 +16,8 @@ import torch
 
 from ..kernels.glu import ACT_IDS
 from ..kernels.rules import ATTENTION_FACTORS, SOFTCAP_IDENTITY
+from . import sdpa
+from .sdpa import compute_dtype
 
 # Elements per chunk of the (heads x rows x keys) score block.
 CHUNK_ELEMENTS = 1 << 23
@@ -48,12 +52,6 @@ def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None
             row_seg = torch.gather(seg, 1, per_row + (m - n))             # the ids of the rows' positions
             keep = keep & (row_seg[:, :, None] == seg[:, None, :])[:, None]
     return keep
-
-
-def compute_dtype(dtype):
-    """What the torch path computes in, and the dtype of the per-row statistics every path saves (the kernels'
-    fp32 LSE, rstd, mean): float32, float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunk_rows(B, H, N, M, chunk):
@@ -136,127 +134,29 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
     return ((dq * f).reshape(B, H, N, D).to(q.dtype), (dk * f).to(k.dtype), (dv * dv_factor).to(v.dtype))
 
 
-# --- on torch's fused CPU attention ----------------------------------------------------------------------------
-#
-# torch's flash attention for CPU (aten._scaled_dot_product_flash_attention_for_cpu and its backward) keeps only O
-# and the log-sum-exp and takes them back in its backward, blockwise, with no N x M tensor: the exact gradients,
-# scaled by the rule's factors (kernels/rules.py). It knows a causal mask aligned to the top-left corner and an
-# additive mask; so causal attention of N queries on M > N keys (a cache) runs as two key segments, the first
-# M - N keys seen by every query and the last N causal, merged by their log-sum-exps; GQA it takes as it is (no
-# copy of K/V; its backward returns dK, dV reduced over each group). Each segment's backward,
-# given the merged O and log-sum-exp, is exactly the whole softmax's gradient restricted to its keys. Key padding is
-# a (B, 1, 1, M) additive mask. Windows and softcaps need an N x M mask there: those keep the chunked path.
-
-_FUSED_FWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_FUSED_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-def fused_eligible(q, k, window, softcap, chunk=None, segment_ids=None, key_limit=None):
-    """Whether torch's fused CPU attention computes this call (else the chunked path: windows, softcaps, segment
-    ids and key limits would need an N x M mask there)."""
-    return (_FUSED_FWD is not None and chunk is None and window is None and softcap is None
-            and segment_ids is None and key_limit is None
-            and q.device.type == "cpu" and q.shape[2] > 0 and k.shape[2] > 0)
-
-
-def _segments(N, M, causal):
-    """(first query, first key, end key, causal) of the fused calls covering the attention."""
-    if not causal:
-        return [(0, 0, M, False)]
-    if N > M:   # the first N - M queries see no key
-        return [(N - M, 0, M, True)]
-    return ([(0, 0, M - N, False)] if M > N else []) + [(0, M - N, M, True)]
-
-
-def _segment_mask(kpm, k0, k1, dtype):
-    return None if kpm is None else torch.zeros(kpm.shape[0], 1, 1, k1 - k0, dtype=dtype, device=kpm.device) \
-        .masked_fill(~kpm[:, None, None, k0:k1].bool(), float("-inf"))
-
-
-def _segment_sees(kpm, q0, k0, k1, causal, N):
-    """(B, 1, N - q0) bool: which query rows of a segment see at least one real key in it."""
-    rows = N - q0
-    if kpm is None:
-        return torch.ones(1, 1, rows, dtype=torch.bool)
-    real = kpm[:, k0:k1].bool()
-    if not causal:
-        return real.any(-1)[:, None, None].expand(-1, 1, rows)
-    first = torch.where(real.any(-1), real.int().argmax(-1), k1 - k0)   # first real key of the segment
-    return (torch.arange(rows, device=kpm.device)[None] >= first[:, None])[:, None]
-
-
-def _attention_fwd_fused(q, k, v, kpm, causal, scale):
-    B, H, N, D = q.shape
-    ct = compute_dtype(q.dtype)
-    qf, kf, vf = q.to(ct), k.to(ct), v.to(ct)      # GQA: the fused kernel reads each K/V head for its group
-    segments = _segments(N, k.shape[2], causal)
-    o = lse = None
-    for q0, k0, k1, seg_causal in segments:
-        o_s, l_s = _FUSED_FWD(qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], 0.0, seg_causal,
-                              attn_mask=_segment_mask(kpm, k0, k1, ct), scale=scale)
-        if kpm is not None or len(segments) > 1 or q0 > 0:   # rows that may see nothing in this segment
-            l_s = l_s.masked_fill(~_segment_sees(kpm, q0, k0, k1, seg_causal, N), float("-inf"))
-        if o is None and q0 == 0:
-            o, lse = o_s, l_s
-            continue
-        if o is None:   # N > M: the first q0 rows see no key
-            o = torch.zeros((B, H, N, D), dtype=ct)
-            lse = torch.full((B, H, N), float("-inf"), dtype=ct)
-        merged = torch.logaddexp(lse[:, :, q0:], l_s)
-        safe = torch.where(merged == float("-inf"), 0.0, merged)
-        o[:, :, q0:] = o[:, :, q0:] * torch.exp(lse[:, :, q0:] - safe)[..., None] + \
-            o_s * torch.exp(l_s - safe)[..., None]
-        lse[:, :, q0:] = merged
-    return o.to(q.dtype), lse.masked_fill(lse == float("-inf"), float("inf")).float()
-
-
-def _attention_bwd_fused(do, q, k, v, o, lse, kpm, causal, scale, rule):
-    B, H, N, D = q.shape
-    Hkv, M = k.shape[1], k.shape[2]
-    ct = compute_dtype(q.dtype)
-    qf, kf, vf, dof, of = q.to(ct), k.to(ct), v.to(ct), do.to(ct), o.to(ct)   # dK, dV come reduced over each group
-    # rows that see no key: every logit is masked there, so any finite log-sum-exp gives them P = 0
-    lse_f = lse.to(ct).masked_fill(torch.isinf(lse), 0.0)
-    segments = _segments(N, M, causal)
-    grads = None
-    for q0, k0, k1, seg_causal in segments:
-        part = _FUSED_BWD(dof[:, :, q0:], qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], of[:, :, q0:],
-                          lse_f[:, :, q0:], 0.0, seg_causal, attn_mask=_segment_mask(kpm, k0, k1, ct), scale=scale)
-        if len(segments) == 1 and q0 == 0:
-            grads = part
-            break
-        if grads is None:
-            grads = (torch.zeros((B, H, N, D), dtype=ct), torch.zeros((B, Hkv, M, D), dtype=ct),
-                     torch.zeros((B, Hkv, M, D), dtype=ct))
-        grads[0][:, :, q0:] += part[0]
-        grads[1][:, :, k0:k1] += part[1]
-        grads[2][:, :, k0:k1] += part[2]
-    dq, dk, dv = grads
-    qk_factor, dv_factor = ATTENTION_FACTORS[rule]
-    return _scaled(dq, qk_factor, q.dtype), _scaled(dk, qk_factor, k.dtype), _scaled(dv, dv_factor, v.dtype)
-
-
-def _scaled(x, factor, dtype):
-    """x * factor in dtype, with no pass over x where the factor is 1."""
-    return (x if factor == 1.0 else x.mul_(factor)).to(dtype)
+def fused(q, k, window=None, softcap=None, chunk=None, segment_ids=None, key_limit=None):
+    """Whether torch's fused attention (sdpa.py) computes this call; else the chunked path (windows, softcaps,
+    segment ids, key limits, head dims its CUDA kernels do not take, or a `chunk` asked for)."""
+    return chunk is None and sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit) is None
 
 
 def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
                         chunk=None, segment_ids=None, key_limit=None):
-    """The CPU forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key), on torch's
-    fused attention where it applies (fused_eligible), else in query chunks (also when `chunk` is given).
-    segment_ids (B, M) and key_limit (B, N, causal only): as af.attention; they take the chunked path."""
-    if fused_eligible(q, k, window, softcap, chunk, segment_ids, key_limit):
-        return _attention_fwd_fused(q, k, v, key_padding_mask, causal, scale)
+    """The torch forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key), on torch's
+    fused attention where it applies (`fused`: CPU, or CUDA's flash / memory-efficient kernels), else in query
+    chunks (also when `chunk` is given). segment_ids (B, M) and key_limit (B, N, causal only): as af.attention;
+    they take the chunked path."""
+    if fused(q, k, window, softcap, chunk, segment_ids, key_limit):
+        return sdpa.attention_fwd(q, k, v, key_padding_mask, causal=causal, scale=scale)
     return _attention_fwd_chunked(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
                                   softcap=softcap, chunk=chunk, segment_ids=segment_ids, key_limit=key_limit)
 
 
 def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
                         softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None):
-    """The CPU backward under `rule`: dq, dk, dv, on the path the forward took."""
-    if fused_eligible(q, k, window, softcap, chunk, segment_ids, key_limit):
-        return _attention_bwd_fused(do, q, k, v, o, lse, key_padding_mask, causal, scale, rule)
+    """The torch backward under `rule`: dq, dk, dv, on the path the forward took."""
+    if fused(q, k, window, softcap, chunk, segment_ids, key_limit):
+        return sdpa.attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, rule=rule)
     return _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=window,
                                   softcap=softcap, rule=rule, chunk=chunk, segment_ids=segment_ids,
                                   key_limit=key_limit)

@@ -276,11 +276,11 @@ def test_forward_variant_choice(monkeypatch):
 def test_torch_path_on_fused_cpu_attention(rule, N, M, causal, padding, monkeypatch):
     """Without a window or softcap the CPU path runs on torch's fused attention: GQA, causal aligned to the end
     of the keys, key padding (a batch entry with every key padded, rows that see nothing), against float64."""
-    from attnlrp_fast.bindings import torch_path
+    from attnlrp_fast.bindings import sdpa, torch_path
 
     calls = []
-    real = torch_path._FUSED_FWD
-    monkeypatch.setattr(torch_path, "_FUSED_FWD", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real, real_bwd = sdpa.KERNELS["cpu"]
+    monkeypatch.setitem(sdpa.KERNELS, "cpu", (lambda *a, **kw: calls.append(1) or real(*a, **kw), real_bwd))
     g = torch.Generator().manual_seed(zlib_seed(rule, N, M, causal, padding))
     q, k, v = make_qkv(3, 6, 2, N, M, 16, generator=g)
     do = torch.randn(3, 6, N, 16, generator=g)
@@ -303,9 +303,9 @@ def test_torch_path_on_fused_cpu_attention(rule, N, M, causal, padding, monkeypa
 
 
 def test_window_and_softcap_keep_the_chunked_path(monkeypatch):
-    from attnlrp_fast.bindings import torch_path
+    from attnlrp_fast.bindings import sdpa
 
-    monkeypatch.setattr(torch_path, "_FUSED_FWD", lambda *a, **kw: pytest.fail("fused path with a window"))
+    monkeypatch.setitem(sdpa.KERNELS, "cpu", (lambda *a, **kw: pytest.fail("fused path with a window"), None))
     q, k, v = make_qkv(1, 2, 1, 20, 20, 16)
     for kw in ({"window": 5}, {"softcap": 3.0}):
         outs = run_attention(af.attention, q, k, v, torch.randn_like(q), causal=True, backend="torch", **kw)

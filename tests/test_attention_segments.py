@@ -201,16 +201,15 @@ def test_packed_varlen_equals_separate_sequences(backend):
 
 
 def test_segments_and_key_limits_leave_the_fused_path(monkeypatch):
-    from attnlrp_fast.bindings import torch_path
+    from attnlrp_fast.bindings import sdpa, torch_path
 
-    monkeypatch.setattr(torch_path, "_FUSED_FWD", lambda *a, **kw: pytest.fail("fused path with segments"))
+    monkeypatch.setitem(sdpa.KERNELS, "cpu", (lambda *a, **kw: pytest.fail("fused path with segments"), None))
     q, k, v = make_qkv(1, 2, 1, 20, 20, 16)
     ids = torch.zeros(1, 20, dtype=torch.int64)
     lim = torch.arange(20)[None]
     do = torch.randn_like(q)
     for kw in ({"segment_ids": ids}, {"causal": True, "key_limit": lim}):
-        assert not torch_path.fused_eligible(q, k, None, None, segment_ids=kw.get("segment_ids"),
-                                             key_limit=kw.get("key_limit"))
+        assert not torch_path.fused(q, k, segment_ids=kw.get("segment_ids"), key_limit=kw.get("key_limit"))
         outs = run_attention(af.attention, q, k, v, do, backend="torch", **kw)
         assert_close_all(outs, dense_reference(q, k, v, do, **kw), TOL[torch.float32], f"{sorted(kw)}")
 

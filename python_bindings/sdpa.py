@@ -1,0 +1,243 @@
+"""Attention on torch's own fused kernels, exact gradients times the rules' factors (kernels/rules.py): the torch
+path's fast side, on CPU and on CUDA.
+
+torch's fused attention kernels keep only O and the log-sum-exp and take them back in their backward, blockwise,
+with no N x M tensor. They compute the exact gradients; every rule of this library is a fixed multiple of those
+(dV x 1/2, dQ, dK x 1/4 for attnlrp, dQ = dK = 0 for cp), so scaling their results is the rule.
+
+  CPU     aten._scaled_dot_product_flash_attention_for_cpu (+ _backward): GQA as it is, an additive key mask,
+          computed in float32 (float64 for float64 inputs).
+  CUDA    aten._scaled_dot_product_flash_attention (+ _backward): fp16 / bf16, GQA as it is (its backward reduces dK,
+          dV over each group), no mask; with a key padding mask, or float32 inputs, the memory-efficient kernel
+          aten._scaled_dot_product_efficient_attention (+ _backward) with an additive (B, 1, 1, M) bias broadcast
+          over heads and rows (never an N x M tensor), each K/V head repeated for its query heads (it takes no GQA;
+          dK, dV are summed back over each group). Head dims a multiple of 8 up to 256, compute capability 8.0+.
+
+These kernels know a causal mask aligned to the top-left corner only, so causal attention of N queries on M > N
+keys (a cache) runs as two key segments, the first M - N keys seen by every query and the last N causal (a square:
+top-left is bottom-right there), merged by their log-sum-exps; each segment's backward, given the merged O and
+log-sum-exp, is exactly the whole softmax's gradient restricted to its keys. One query on any number of keys is not
+causal at all (it sees them all). With N > M the first N - M queries see no key. Windows, softcaps, segment ids and
+key limits would need an N x M mask here: `unsupported` says so, and the torch path takes its chunked route for
+them (torch_path.py), auto the Triton kernels (dispatch.py).
+
+Conventions as the kernels': O in q's dtype and an fp32 natural-log LSE (B, H, N), +inf (and O = 0) for rows that
+see no key.
+"""
+
+import torch
+
+from ..kernels.rules import ATTENTION_FACTORS
+
+_aten = torch.ops.aten
+_CPU_FWD = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_BWD = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+MAX_HEAD_DIM = 256
+EFFICIENT_LSE_ROWS = 32     # the memory-efficient kernel's LSE rows come padded to a multiple of this
+BIAS_ALIGN = 16             # and its bias rows must start 16 elements apart (torch pads them the same way)
+
+
+def compute_dtype(dtype):
+    """float32 (float64 for float64 inputs): the torch path's compute dtype and every path's statistics dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kernel_name(q, key_padding_mask=None):
+    """Which fused kernel runs for tensors like q: "cpu", "flash" or "efficient"."""
+    if q.device.type == "cpu":
+        return "cpu"
+    return "flash" if key_padding_mask is None and q.dtype in (torch.float16, torch.bfloat16) else "efficient"
+
+
+def unsupported(q, k, window=None, softcap=None, segment_ids=None, key_limit=None, key_padding_mask=None):
+    """Why torch's fused attention cannot compute this call (None when it can)."""
+    if window is not None:
+        return "a sliding window would need an N x M mask in torch's fused kernels"
+    if softcap is not None:
+        return "torch's fused kernels take no logit softcap"
+    if segment_ids is not None or key_limit is not None:
+        return "segment ids and key limits would need an N x M mask in torch's fused kernels"
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        return "no queries or no keys"
+    if q.device.type == "cpu":
+        return None if _CPU_FWD is not None else f"this torch ({torch.__version__}) has no fused CPU attention"
+    if q.device.type != "cuda":
+        return f"torch's fused kernels run here on CPU and CUDA tensors, not {q.device.type}"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"torch's fused CUDA kernels take float16, bfloat16 or float32, not {q.dtype}"
+    D = q.shape[-1]
+    if D % 8 or D > MAX_HEAD_DIM:
+        return f"torch's fused CUDA kernels take head dims that are a multiple of 8 up to {MAX_HEAD_DIM}, not {D}"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "torch's fused CUDA kernels are used here from compute capability 8.0"
+    return None
+
+
+# --- the kernels, one adapter per device and kind: fwd -> (o, lse (B, H, rows) fp32), bwd -> (dq, dk, dv) --------
+def _cpu_fwd(q, k, v, bias, causal, scale):
+    o, lse = _CPU_FWD(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+    return o, lse
+
+
+def _cpu_bwd(do, q, k, v, o, lse, bias, causal, scale):
+    return _CPU_BWD(do, q, k, v, o, lse, 0.0, causal, attn_mask=bias, scale=scale)
+
+
+def _flash_fwd(q, k, v, bias, causal, scale):
+    out = _aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
+def _flash_bwd(do, q, k, v, o, lse, bias, causal, scale):
+    # dense inputs: no cumulative sequence lengths; without dropout the random-number state is never read
+    unused = torch.empty(0, dtype=torch.int64, device=q.device)
+    return _aten._scaled_dot_product_flash_attention_backward(
+        do, q, k, v, o, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, causal, unused, unused,
+        scale=scale)
+
+
+def _group_keys(q, k, v):
+    """K, V with each head repeated for the query heads of its group (the memory-efficient kernel takes no GQA)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+
+
+def _broadcast_bias(bias, q, k):
+    return None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _efficient_fwd(q, k, v, bias, causal, scale):
+    kg, vg = _group_keys(q, k, v)
+    o, lse, _, _ = _aten._scaled_dot_product_efficient_attention(q, kg, vg, _broadcast_bias(bias, q, kg), True,
+                                                                   0.0, causal, scale=scale)
+    return o, lse[:, :, : q.shape[2]]
+
+
+def _efficient_bwd(do, q, k, v, o, lse, bias, causal, scale):
+    kg, vg = _group_keys(q, k, v)
+    rows = q.shape[2]
+    padded = -(-rows // EFFICIENT_LSE_ROWS) * EFFICIENT_LSE_ROWS
+    lse = torch.nn.functional.pad(lse.float(), (0, padded - rows)).contiguous()
+    unused = torch.empty(0, dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
+        do, q, kg, vg, _broadcast_bias(bias, q, kg), o, lse, unused, unused, 0.0, [True, True, True, False], causal,
+        scale=scale)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        B, _, M, D = dk.shape
+        dk = dk.reshape(B, k.shape[1], groups, M, D).sum(2)
+        dv = dv.reshape(B, k.shape[1], groups, M, D).sum(2)
+    return dq, dk, dv
+
+
+KERNELS = {"cpu": (_cpu_fwd, _cpu_bwd), "flash": (_flash_fwd, _flash_bwd), "efficient": (_efficient_fwd, _efficient_bwd)}
+
+
+# --- segments and masks ------------------------------------------------------------------------------------------
+def segments(N, M, causal):
+    """(first query, first key, end key, causal) of the fused calls covering the attention."""
+    if not causal or N == 1 and M >= 1:
+        return [(0, 0, M, False)]
+    if N > M:   # the first N - M queries see no key
+        return [(N - M, 0, M, True)]
+    return ([(0, 0, M - N, False)] if M > N else []) + [(0, M - N, M, True)]
+
+
+def _segment_bias(kpm, k0, k1, dtype):
+    """(B, 1, 1, k1 - k0) additive mask of a segment's keys (-inf where padded), its rows BIAS_ALIGN-aligned."""
+    if kpm is None:
+        return None
+    width = k1 - k0
+    row = torch.zeros(kpm.shape[0], 1, 1, -(-width // BIAS_ALIGN) * BIAS_ALIGN, dtype=dtype, device=kpm.device)
+    row[..., :width].masked_fill_(~kpm[:, None, None, k0:k1].bool(), float("-inf"))
+    return row[..., :width]
+
+
+def _segment_sees(kpm, q0, k0, k1, causal, N, device):
+    """(B or 1, 1, N - q0) bool: which query rows of a segment see at least one real key in it."""
+    rows = N - q0
+    if kpm is None:
+        return torch.ones(1, 1, rows, dtype=torch.bool, device=device)
+    real = kpm[:, k0:k1].bool()
+    if not causal:
+        return real.any(-1)[:, None, None].expand(-1, 1, rows)
+    first = torch.where(real.any(-1), real.int().argmax(-1), k1 - k0)   # first real key of the segment
+    return (torch.arange(rows, device=kpm.device)[None] >= first[:, None])[:, None]
+
+
+def _operands(q, kind):
+    """The dtype the kernel computes in: float32 (float64) on CPU, the inputs' own dtype on CUDA."""
+    return compute_dtype(q.dtype) if kind == "cpu" else q.dtype
+
+
+def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0):
+    """O (B, H, N, D) in q's dtype and LSE (B, H, N) fp32 (+inf where a row sees no key)."""
+    B, H, N, D = q.shape
+    kind = kernel_name(q, key_padding_mask)
+    fwd = KERNELS[kind][0]
+    ct = _operands(q, kind)
+    qf, kf, vf = (x.to(ct) for x in (q, k, v))
+    kpm = key_padding_mask
+    acc = torch.float64 if ct == torch.float64 else torch.float32      # what the segments merge in
+    parts = segments(N, k.shape[2], causal)
+    o = lse = None
+    for q0, k0, k1, seg_causal in parts:
+        o_s, l_s = fwd(qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], _segment_bias(kpm, k0, k1, ct), seg_causal,
+                       scale)
+        l_s = l_s.to(acc)
+        if kpm is not None or len(parts) > 1 or q0 > 0:   # rows that may see nothing in this segment
+            sees = _segment_sees(kpm, q0, k0, k1, seg_causal, N, q.device)
+            l_s = l_s.masked_fill(~sees, float("-inf"))
+            o_s = torch.where(sees[..., None], o_s, 0.0)   # the kernels may leave NaN where a row sees nothing
+        if o is None and q0 == 0 and len(parts) == 1:
+            o, lse = o_s, l_s
+            break
+        if o is None:
+            o = torch.zeros((B, H, N, D), dtype=acc, device=q.device)
+            lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
+        merged = torch.logaddexp(lse[:, :, q0:], l_s)
+        safe = torch.where(merged == float("-inf"), 0.0, merged)
+        o[:, :, q0:] = o[:, :, q0:] * torch.exp(lse[:, :, q0:] - safe)[..., None] + \
+            o_s.to(o.dtype) * torch.exp(l_s - safe)[..., None]
+        lse[:, :, q0:] = merged
+    return o.to(q.dtype), lse.masked_fill(lse == float("-inf"), float("inf")).float()
+
+
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, rule="grad"):
+    """dq, dk, dv under `rule`: the fused kernels' exact gradients given the saved O and LSE, times the rule's
+    factors."""
+    B, H, N, D = q.shape
+    Hkv, M = k.shape[1], k.shape[2]
+    kind = kernel_name(q, key_padding_mask)
+    bwd = KERNELS[kind][1]
+    ct = _operands(q, kind)
+    qf, kf, vf, dof, of = (x.to(ct) for x in (q, k, v, do, o))
+    # rows that see no key: every logit is masked there, so any finite log-sum-exp gives them P = 0
+    lse_f = lse.masked_fill(torch.isinf(lse), 0.0)
+    lse_f = lse_f.to(ct) if kind == "cpu" else lse_f.float()
+    parts = segments(N, M, causal)
+    grads = None
+    for q0, k0, k1, seg_causal in parts:
+        part = bwd(dof[:, :, q0:], qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], of[:, :, q0:], lse_f[:, :, q0:],
+                   _segment_bias(key_padding_mask, k0, k1, ct), seg_causal, scale)
+        if len(parts) == 1 and q0 == 0:
+            grads = list(part)      # the rules' factors (0, 1/4, 1/2, 1) scale exactly in any dtype
+            break
+        if grads is None:
+            acc = torch.float64 if ct == torch.float64 else torch.float32
+            grads = [torch.zeros((B, H, N, D), dtype=acc, device=q.device),
+                     torch.zeros((B, Hkv, M, D), dtype=acc, device=q.device),
+                     torch.zeros((B, Hkv, M, D), dtype=acc, device=q.device)]
+        grads[0][:, :, q0:] += part[0]
+        grads[1][:, :, k0:k1] += part[1]
+        grads[2][:, :, k0:k1] += part[2]
+    dq, dk, dv = grads
+    qk_factor, dv_factor = ATTENTION_FACTORS[rule]
+    return _scaled(dq, qk_factor, q.dtype), _scaled(dk, qk_factor, k.dtype), _scaled(dv, dv_factor, v.dtype)
+
+
+def _scaled(x, factor, dtype):
+    """x * factor in dtype, with no pass over x where the factor is 1."""
+    return (x if factor == 1.0 else x.mul_(factor)).to(dtype)
