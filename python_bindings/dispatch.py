@@ -86,7 +86,7 @@ class AttentionChoice:
 def _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit):
     why = sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, key_padding_mask)
     if why is None:
-        name = sdpa.kernel_name(q, key_padding_mask)
+        name = sdpa.kernel_name(q, key_padding_mask, k, k)
         return "torch fused attention (CPU)" if name == "cpu" else f"torch SDPA ({name} kernel)", None
     return "torch, in query chunks", why
 

@@ -7,11 +7,13 @@ with no N x M tensor. They compute the exact gradients; every rule of this libra
 
   CPU     aten._scaled_dot_product_flash_attention_for_cpu (+ _backward): GQA as it is, an additive key mask,
           computed in float32 (float64 for float64 inputs).
-  CUDA    aten._scaled_dot_product_flash_attention (+ _backward): fp16 / bf16, GQA as it is (its backward reduces dK,
-          dV over each group), no mask; with a key padding mask, or float32 inputs, the memory-efficient kernel
-          aten._scaled_dot_product_efficient_attention (+ _backward) with an additive (B, 1, 1, M) bias broadcast
-          over heads and rows (never an N x M tensor), each K/V head repeated for its query heads (it takes no GQA;
-          dK, dV are summed back over each group). Head dims a multiple of 8 up to 256, compute capability 8.0+.
+  CUDA    the kernel torch's own scaled_dot_product_attention picks for the call (kernel_name), so that an
+          explanation runs on the kernel its baseline runs on: aten._scaled_dot_product_flash_attention (+ _backward;
+          fp16 / bf16, GQA as it is, its backward reduces dK, dV over each group), ..._cudnn_attention (+ _backward),
+          or ..._efficient_attention (+ _backward; also fp32); with a key padding mask always the memory-efficient
+          one, with an additive (B, 1, 1, M) bias broadcast over heads and rows (never an N x M tensor). The cuDNN
+          and memory-efficient kernels get each K/V head repeated for its query heads (dK, dV summed back over each
+          group). Head dims a multiple of 8 up to 256, compute capability 8.0+.
 
 These kernels know a causal mask aligned to the top-left corner only, so causal attention of N queries on M > N
 keys (a cache) runs as two key segments, the first M - N keys seen by every query and the last N causal (a square:
@@ -42,11 +44,30 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def kernel_name(q, key_padding_mask=None):
-    """Which fused kernel runs for tensors like q: "cpu", "flash" or "efficient"."""
+# torch's SDPBackend numbers (torch.nn.attention.SDPBackend) -> the adapters below
+_SDP_CHOICE = {1: "flash", 2: "efficient", 3: "cudnn"}
+
+
+def kernel_name(q, key_padding_mask=None, k=None, v=None, causal=False):
+    """Which fused kernel runs for tensors like q: "cpu", or on CUDA "flash", "cudnn" or "efficient". Given k and v
+    (tensors), the one torch's own scaled_dot_product_attention would pick for the unmasked call
+    (torch._fused_sdp_choice, which follows torch.nn.attention.sdpa_kernel settings), so that an explanation runs on
+    the kernel its baseline runs on; with a key padding mask the memory-efficient kernel (the one that takes the
+    broadcast bias used here); else flash for fp16 / bf16 and memory-efficient for fp32."""
     if q.device.type == "cpu":
         return "cpu"
-    return "flash" if key_padding_mask is None and q.dtype in (torch.float16, torch.bfloat16) else "efficient"
+    if key_padding_mask is not None:
+        return "efficient"
+    if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and hasattr(torch, "_fused_sdp_choice"):
+        square = q.shape[2] == k.shape[2]
+        try:
+            chosen = torch._fused_sdp_choice(q, k, v, None, 0.0, bool(causal and square),
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        except (RuntimeError, TypeError):   # a torch whose choice function differs: the fixed rule
+            chosen = None
+        if chosen in _SDP_CHOICE:
+            return _SDP_CHOICE[chosen]
+    return "flash" if q.dtype in (torch.float16, torch.bfloat16) else "efficient"
 
 
 def unsupported(q, k, window=None, softcap=None, segment_ids=None, key_limit=None, key_padding_mask=None):
@@ -124,15 +145,34 @@ def _efficient_bwd(do, q, k, v, o, lse, bias, causal, scale):
     dq, dk, dv, _ = _aten._scaled_dot_product_efficient_attention_backward(
         do, q, kg, vg, _broadcast_bias(bias, q, kg), o, lse, unused, unused, 0.0, [True, True, True, False], causal,
         scale=scale)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        B, _, M, D = dk.shape
-        dk = dk.reshape(B, k.shape[1], groups, M, D).sum(2)
-        dv = dv.reshape(B, k.shape[1], groups, M, D).sum(2)
-    return dq, dk, dv
+    return (dq, *_group_sums(dk, dv, k.shape[1]))
 
 
-KERNELS = {"cpu": (_cpu_fwd, _cpu_bwd), "flash": (_flash_fwd, _flash_bwd), "efficient": (_efficient_fwd, _efficient_bwd)}
+def _group_sums(dk, dv, kv_heads):
+    """dK, dV of repeated K/V heads summed back over each group."""
+    B, H, M, D = dk.shape
+    if H == kv_heads:
+        return dk, dv
+    return dk.reshape(B, kv_heads, H // kv_heads, M, D).sum(2), dv.reshape(B, kv_heads, H // kv_heads, M, D).sum(2)
+
+
+def _cudnn_fwd(q, k, v, bias, causal, scale):
+    kg, vg = _group_keys(q, k, v)
+    out = _aten._scaled_dot_product_cudnn_attention(q, kg, vg, None, True, 0.0, causal, False, scale=scale)
+    return out[0], out[1].reshape(q.shape[:3])      # its log-sum-exp comes as (B, H, N, 1)
+
+
+def _cudnn_bwd(do, q, k, v, o, lse, bias, causal, scale):
+    kg, vg = _group_keys(q, k, v)
+    unused = torch.empty(0, dtype=torch.int64, device=q.device)
+    dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
+        do, q, kg, vg, o, lse.float().reshape(q.shape[:3] + (1,)).contiguous(), unused, unused, None, None, None,
+        q.shape[2], k.shape[2], 0.0, causal, scale=scale)
+    return (dq, *_group_sums(dk, dv, k.shape[1]))
+
+
+KERNELS = {"cpu": (_cpu_fwd, _cpu_bwd), "flash": (_flash_fwd, _flash_bwd), "efficient": (_efficient_fwd, _efficient_bwd),
+           "cudnn": (_cudnn_fwd, _cudnn_bwd)}
 
 
 # --- segments and masks ------------------------------------------------------------------------------------------
@@ -175,7 +215,7 @@ def _operands(q, kind):
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0):
     """O (B, H, N, D) in q's dtype and LSE (B, H, N) fp32 (+inf where a row sees no key)."""
     B, H, N, D = q.shape
-    kind = kernel_name(q, key_padding_mask)
+    kind = kernel_name(q, key_padding_mask, k, v, causal)
     fwd = KERNELS[kind][0]
     ct = _operands(q, kind)
     qf, kf, vf = (x.to(ct) for x in (q, k, v))
@@ -210,7 +250,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     factors."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
-    kind = kernel_name(q, key_padding_mask)
+    kind = kernel_name(q, key_padding_mask, k, v, causal)
     bwd = KERNELS[kind][1]
     ct = _operands(q, kind)
     qf, kf, vf, dof, of = (x.to(ct) for x in (q, k, v, do, o))

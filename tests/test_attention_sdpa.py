@@ -56,7 +56,20 @@ def _efficient_backward(do, q, k, v, bias, o, lse, seed, offset, dropout_p, grad
     return dq, dk, dv, None
 
 
-STAND_INS = SimpleNamespace(_scaled_dot_product_flash_attention=_flash,
+def _cudnn(q, k, v, bias, compute_lse, dropout_p, causal, return_debug_mask, *, scale):
+    assert q.shape[1] == k.shape[1] and bias is None and compute_lse and dropout_p == 0.0
+    o, lse = CPU_FWD(q, k, v, 0.0, causal, scale=scale)
+    return o, lse[..., None], None, None, q.shape[2], k.shape[2], torch.empty(()), torch.empty(()), None
+
+
+def _cudnn_backward(do, q, k, v, o, lse, seed, offset, bias, cum_q, cum_k, max_q, max_k, dropout_p, causal, *, scale):
+    assert q.shape[1] == k.shape[1] and bias is None and cum_q is None and cum_k is None
+    assert lse.shape == q.shape[:3] + (1,) and (max_q, max_k) == (q.shape[2], k.shape[2])
+    return CPU_BWD(do, q, k, v, o, lse[..., 0], 0.0, causal, scale=scale)
+
+
+STAND_INS = SimpleNamespace(_scaled_dot_product_cudnn_attention=_cudnn,
+                            _scaled_dot_product_cudnn_attention_backward=_cudnn_backward,_scaled_dot_product_flash_attention=_flash,
                             _scaled_dot_product_flash_attention_backward=_flash_backward,
                             _scaled_dot_product_efficient_attention=_efficient,
                             _scaled_dot_product_efficient_attention_backward=_efficient_backward)
@@ -68,7 +81,7 @@ def _sdpa_path(q, k, v, do, kpm, causal, rule, scale):
 
 
 @pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
-@pytest.mark.parametrize("kind", ["flash", "efficient"])
+@pytest.mark.parametrize("kind", ["flash", "cudnn", "efficient"])
 @pytest.mark.parametrize("N,M,causal,padding", [
     (45, 71, True, False),      # a cache: two key segments merged by log-sum-exp
     (70, 31, True, False),      # N > M: the first N - M queries see nothing
@@ -78,10 +91,10 @@ def _sdpa_path(q, k, v, do, kpm, causal, rule, scale):
     (33, 40, False, True),
 ])
 def test_cuda_adapters_against_float64_with_stand_in_kernels(kind, rule, N, M, causal, padding, monkeypatch):
-    if padding and kind == "flash":
-        pytest.skip("the flash kernel takes no mask: padded calls go to the memory-efficient one")
+    if padding and kind != "efficient":
+        pytest.skip("padded calls go to the memory-efficient kernel")
     monkeypatch.setattr(sdpa, "_aten", STAND_INS)
-    monkeypatch.setattr(sdpa, "kernel_name", lambda q, kpm=None: kind)
+    monkeypatch.setattr(sdpa, "kernel_name", lambda *a, **kw: kind)
     g = torch.Generator().manual_seed(N * 1000 + M + (7 if padding else 0))
     q, k, v = make_qkv(3, 6, 2, N, M, 16, generator=g)
     do = torch.randn(3, 6, N, 16, generator=g)
@@ -111,11 +124,12 @@ def test_segments():
 
 
 @pytest.mark.parametrize("kind,padding,causal,N,M", [("flash", False, True, 100, 130), ("flash", False, False, 7, 7),
+                                                      ("cudnn", False, True, 100, 130),
                                                       ("efficient", True, True, 100, 130),
                                                       ("efficient", True, False, 1, 40)])
 def test_cuda_adapters_fit_the_real_aten_schemas(kind, padding, causal, N, M, monkeypatch):
     """The real ops' schemas and meta kernels: argument lists, shapes and dtypes of every call the adapters make."""
-    monkeypatch.setattr(sdpa, "kernel_name", lambda q, kpm=None: kind)
+    monkeypatch.setattr(sdpa, "kernel_name", lambda *a, **kw: kind)
     meta = dict(device="meta", dtype=torch.bfloat16)
     q, do = torch.empty(2, 8, N, 64, **meta), torch.empty(2, 8, N, 64, **meta)
     k, v = torch.empty(2, 2, M, 64, **meta), torch.empty(2, 2, M, 64, **meta)
@@ -136,6 +150,19 @@ def test_kernel_names_and_what_the_fused_kernels_cannot_express():
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 4, 8, 16))
     assert sdpa.kernel_name(cuda) == "flash" and sdpa.kernel_name(cuda, torch.ones(1, 8)) == "efficient"
     assert sdpa.kernel_name(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)) == "efficient"
+
+
+@pytest.mark.parametrize("chosen,kind", [(1, "flash"), (2, "efficient"), (3, "cudnn"), (0, "flash"), (-1, "flash")])
+def test_the_kernel_is_the_one_torch_s_own_sdpa_would_pick(chosen, kind, monkeypatch):
+    """On CUDA the kernel follows torch._fused_sdp_choice (what F.scaled_dot_product_attention runs, so the baseline
+    and the explanation share it); math or an error leaves the fixed rule; GQA and causality are passed on."""
+    seen = []
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: seen.append((a, kw)) or chosen)
+    q, k, v = make_qkv(1, 4, 2, 8, 8, 16, torch.bfloat16)
+    cuda_q = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=q.shape)
+    assert sdpa.kernel_name(cuda_q, None, k, v, causal=True) == kind
+    assert seen[0][1] == {"enable_gqa": True} and seen[0][0][5] is True
+    assert sdpa.kernel_name(cuda_q, torch.ones(1, 8, dtype=torch.bool), k, v) == "efficient"
 
 
 # --- the choice on CUDA (tensor specs: nothing is allocated) -----------------------------------------------------
