@@ -177,6 +177,20 @@ def norm_glu_cases(dtype, D):
     return cases
 
 
+def decode_cases(dtype, D, masks):
+    """(label, call) pairs of the split-KV decode forward (kernels/attention_decode.py, its merge included) on a
+    4096-key cache, GQA 32/8 in the HF layout: one query row (4 rows per group, padded to 16) and 16 (64 rows)."""
+    from attnlrp_fast.kernels.attention_decode import attention_decode
+
+    B, H, Hkv, M = 2, 32, 8, 4096
+    kw = ({"causal": True, "window": 256, "softcap": 30.0} if masks == "all" else
+          {"causal": True} if masks == "causal" else {})
+    kpm = torch.ones(B, M, dtype=torch.bool) if masks == "all" else None
+    k, v = hf_layout(B, Hkv, M, D, dtype), hf_layout(B, Hkv, M, D, dtype)
+    return [(f"attention_decode {str(dtype)[6:]} D={D} {masks} N={N}",
+             partial(attention_decode, hf_layout(B, H, N, D, dtype), k, v, kpm, scale=0.1, **kw)) for N in (1, 16)]
+
+
 def forward_variants():
     """The forward variants this Triton compiles: "hopper" (warp-specialised) only with the version it is made for."""
     from attnlrp_fast.kernels.attention_fwd import WARP_SPECIALIZED_TRITON, _triton_version
@@ -200,6 +214,8 @@ def record_cases(autotune, quick=False, override=None):
         usable = [v for v in variants if v == "portable" or (dtype != torch.float32 and not (v == "hopper" and
                                                                                           masks == "all"))]
         cases += attention_cases(dtype, D, masks, autotune, usable, override)
+        if not autotune and (not quick or (dtype, D) == (torch.bfloat16, 128)):   # quick: the model shapes only
+            cases += decode_cases(dtype, D, masks)
     norms = [(torch.bfloat16, 4096)] if quick else list(itertools.product((torch.bfloat16, torch.float32), (96, 4096)))
     for dtype, D in norms:
         cases += norm_glu_cases(dtype, D)
@@ -261,9 +277,10 @@ def mma_groups(ptx):
 
 
 def products(rec):
-    """How many matrix products one loop iteration of an attention kernel does: Q K^T and P V in the forward; S^T,
-    dV, dP^T, dK (and dS^T K with atomic dQ; only S^T and dV for cp) in dK/dV; S, dP, dQ in dQ."""
-    if rec.kernel.startswith("attention_fwd"):
+    """How many matrix products one loop iteration of an attention kernel does: Q K^T and P V in the forward (and the
+    decode forward); S^T, dV, dP^T, dK (and dS^T K with atomic dQ; only S^T and dV for cp) in dK/dV; S, dP, dQ in
+    dQ."""
+    if rec.kernel.startswith(("attention_fwd", "attention_decode_kernel")):
         return 2
     if rec.kernel == "attention_bwd_dq_kernel":
         return 3
@@ -334,7 +351,8 @@ def describe(rec):
     """The resources line of one variant (and its numbers)."""
     info = dict(cubin_resources(rec.binary), shared=rec.binary.metadata.shared, warps=rec.binary.metadata.num_warps,
                 pipeline=pipeline_depth(rec.binary), **specialisation(rec.binary))
-    if rec.kernel.startswith(("attention_fwd", "attention_bwd_dkdv", "attention_bwd_dq")) and info["mma"] == "HGMMA":
+    attention = ("attention_fwd", "attention_decode_kernel", "attention_bwd_dkdv", "attention_bwd_dq")
+    if rec.kernel.startswith(attention) and info["mma"] == "HGMMA":
         info.update(mma_check(rec))
     flags = " ".join(f"{k}={rec.constexprs[k]}" for k in REPORTED if k in rec.constexprs)
     conf = " ".join(f"{k}={v}" for k, v in rec.options.items())

@@ -330,7 +330,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     if B * H * N == 0 or M == 0:
         return dq, dk.zero_(), dv.zero_()
     q, k, v, o, do = (fit_int32_tiles(x) for x in (q, k, v, o, do))
-    kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
+    kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None   # rows of stride 1
     seg, lim = index_inputs(segment_ids, key_limit, N, M, causal)
     with on_device(q):
         klq = key_limit_table(lim, M) if lim is not None and launchable(q) else None

@@ -370,7 +370,8 @@ CONFIGS = {"fwd": FWD_CONFIGS, "fwd_tma": FWD_TMA_CONFIGS, "fwd_ws": FWD_WS_CONF
            "dkdv_atomic": DKDV_ATOMIC_CONFIGS, "dq": DQ_CONFIGS}
 # A caller's per-kernel configuration may name the general kind for its variants.
 CONFIG_FALLBACK = {"dkdv_atomic": "dkdv", "fwd_tma": "fwd", "fwd_ws": "fwd"}
-KERNEL_KINDS = tuple(CONFIGS)
+# "decode" (attention_decode.py) has a fixed configuration, never autotuned: its split size is chosen from BLOCK_N.
+KERNEL_KINDS = (*CONFIGS, "decode")
 
 # The interpreter has no driver to autotune with: one config, small enough to stay fast on CPU.
 INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}

@@ -266,8 +266,10 @@ _tuned_fwd_ws = autotuned(attention_fwd_tma_kernel, "fwd_ws", key=TUNE_KEY + ["W
 # the first of "tma", "portable" these tensors and this machine can take, with the caller's preference first
 # (`prefer`: the bindings pass what a measured dispatch table names, so "hopper" runs under "auto" only once a GPU
 # run has proven it). ATTNLRP_FAST_FWD sets the variant when the caller does not. Segment ids and per-query key
-# limits run on "portable" only ("auto" picks it for them).
-FWD_VARIANTS = ("auto", "portable", "tma", "hopper")
+# limits run on "portable" only ("auto" picks it for them). "decode": the split-KV kernel of attention_decode.py for
+# N <= 16 query rows against long keys; "auto" takes it, before anything else, when it pays (decode_pays: at least
+# MIN_KEY_BLOCKS key blocks visible; no segment_ids or key_limit), or whenever it can run when `prefer` names it.
+FWD_VARIANTS = ("auto", "portable", "tma", "hopper", "decode")
 # Triton's Hopper warp specialisation is experimental: 3.6 (the GPU machines' version) compiles this kernel's
 # loop; 3.9 fails on it (it splits the Q descriptor copy between the consumers). Other versions take "tma".
 WARP_SPECIALIZED_TRITON = (3, 6)
@@ -278,18 +280,30 @@ def _triton_version():
 
 
 def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids=None, key_limit=None,
-                    prefer=None) -> str:
-    """The forward kernel for these tensors: "portable", "tma" or "hopper" (see FWD_VARIANTS). Asking for a
+                    prefer=None, window=None, exclude=()) -> str:
+    """The forward kernel for these tensors: "portable", "tma", "hopper" or "decode" (see FWD_VARIANTS). Asking for a
     descriptor variant the tensors or the machine cannot take is an error that says why; "auto" falls back
     (and under the interpreter, where only tests force the others, is "portable"): it tries `prefer` (a variant
     or None), then "tma", then "portable". The descriptor variants take no segment_ids or key_limit: "auto" is
-    "portable" with them."""
+    "portable" with them. Before all that "auto" takes "decode" where it pays for these shapes and the window
+    (attention_decode.decode_pays), or where it can run at all when `prefer` is "decode". `exclude`: variants
+    "auto" must not take (those a GPU check failed; "portable", the last resort, stays)."""
     asked = (variant or os.environ.get("ATTNLRP_FAST_FWD", "auto")).strip().lower() or "auto"
     if asked not in FWD_VARIANTS:
         raise ValueError(f"the forward variant must be one of {', '.join(FWD_VARIANTS)}, got {asked!r} "
                          "(argument or ATTNLRP_FAST_FWD)")
     if prefer not in (None, *FWD_VARIANTS):
         raise ValueError(f"the preferred forward variant must be one of {', '.join(FWD_VARIANTS)}, got {prefer!r}")
+    prefer = None if prefer in exclude else prefer
+    if asked == "decode" or (asked == "auto" and segment_ids is None and key_limit is None
+                             and "decode" not in exclude):
+        from .attention_decode import decode_pays, decode_unsupported   # (it builds on this module's kernel)
+
+        reason = decode_unsupported(q.shape[2], segment_ids, key_limit)
+        if asked == "decode" and reason:
+            raise ValueError(f"forward variant 'decode' cannot run here: {reason} (the 'portable' forward takes any)")
+        if asked == "decode" or (reason is None and (prefer == "decode" or decode_pays(q, k, window))):
+            return "decode"
     if asked == "auto" and prefer == "portable":
         return "portable"
     if asked == "portable" or (asked == "auto" and interpreting()):
@@ -299,7 +313,8 @@ def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids
             return "portable"
         raise ValueError(f"forward variant {asked!r} cannot run here: it takes no segment_ids or key_limit "
                          "(the 'portable' forward does)")
-    for candidate in ((("hopper", "tma") if prefer == "hopper" else ("tma",)) if asked == "auto" else (asked,)):
+    candidates = (("hopper", "tma") if prefer == "hopper" else ("tma",)) if asked == "auto" else (asked,)
+    for candidate in (c for c in candidates if asked != "auto" or c not in exclude):
         reason = descriptor_path_unsupported(q, k, v, key_padding_mask, warp_specialize=candidate == "hopper")
         if reason is None:
             return candidate
@@ -343,7 +358,7 @@ def descriptor_device_unsupported(device):
 
 
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                  config=None, variant=None, segment_ids=None, key_limit=None, prefer=None):
+                  config=None, variant=None, segment_ids=None, key_limit=None, prefer=None, exclude=()):
     """Launch the forward. q (B,H,N,D), k/v (B,Hkv,M,D) of one dtype and device, any strides;
     key_padding_mask: uint8/bool (B, M), nonzero = real key. Returns O (B,H,N,D) and LSE (B,H,N) fp32.
     segment_ids: int (B, M), one id per key position (query i has the id of position i + M - N; needs N <= M):
@@ -352,17 +367,26 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
 
     config: optional {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} overriding the tuned choice (or such a
     dict under the key "fwd"). variant: the kernel (FWD_VARIANTS; None: ATTNLRP_FAST_FWD, else "auto"); prefer:
-    the variant "auto" tries first (forward_variant).
+    the variant "auto" tries first and exclude those it must not take (forward_variant). "decode" (N <= 16, long
+    keys) runs attention_decode with its own split choice; config reaches it as for the other kernels (the kind
+    "decode").
     """
     B, H, N, D = q.shape
+    if B * H * N == 0:
+        return (torch.empty((B, H, N, D), dtype=q.dtype, device=q.device),
+                torch.empty((B, H, N), dtype=torch.float32, device=q.device))
+    q, k, v = (fit_int32_tiles(x) for x in (q, k, v))
+    kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None   # rows of stride 1
+    seg, lim = index_inputs(segment_ids, key_limit, N, k.shape[2], causal)
+    variant = forward_variant(q, k, v, kpm, variant, segment_ids=seg, key_limit=lim, prefer=prefer, window=window,
+                              exclude=exclude)
+    if variant == "decode":
+        from . import attention_decode
+
+        return attention_decode.attention_decode(q, k, v, kpm, causal=causal, scale=scale, window=window,
+                                                 softcap=softcap, config=config)
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    if B * H * N == 0:
-        return o, lse
-    q, k, v = (fit_int32_tiles(x) for x in (q, k, v))
-    kpm = key_padding_mask.to(torch.uint8) if key_padding_mask is not None else None
-    seg, lim = index_inputs(segment_ids, key_limit, N, k.shape[2], causal)
-    variant = forward_variant(q, k, v, kpm, variant, segment_ids=seg, key_limit=lim, prefer=prefer)
     if variant == "portable":
         run = partial(_launch_fwd, seg=seg, lim=lim)
     else:

@@ -46,7 +46,7 @@ def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padd
     choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit)
     kw = dict(causal=causal, scale=scale, window=win, softcap=cap, segment_ids=segment_ids, key_limit=key_limit)
     if choice.path == "triton":
-        return dense(triton_fwd)(q, k, v, key_padding_mask, prefer=choice.forward, **kw)
+        return dense(triton_fwd)(q, k, v, key_padding_mask, prefer=choice.forward, exclude=choice.exclude, **kw)
     return dense(torch_path.attention_fwd_torch)(q, k, v, key_padding_mask, **kw)
 
 

@@ -75,12 +75,14 @@ def dense(fn):
 @dataclass(frozen=True)
 class AttentionChoice:
     """Where one attention call runs and why. path: "triton" | "torch"; engine: what runs there, in words;
-    forward / dq: the Triton forward variant to prefer and the dQ mode (None: the kernels' own defaults)."""
+    forward / dq: the Triton forward variant to prefer and the dQ mode (None: the kernels' own defaults); exclude:
+    the forward variants the table's GPU check failed (never taken by the kernels' auto choice)."""
     path: str
     engine: str
     reason: str
     forward: Optional[str] = None
     dq: Optional[str] = None
+    exclude: tuple = ()
 
 
 def _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit):
@@ -96,6 +98,11 @@ def _triton_engine(device, table):
     forward = table["forward"] if table else None
     dq = table.get("dq") if table else None
     return f"{where} (forward {forward or 'auto'}, dQ {dq or 'default'})", forward, dq
+
+
+def _excluded(table):
+    """The forward variants a table's GPU check failed."""
+    return tuple(sorted(v for v in (table or {}).get("gated_out", {}) if v in ("hopper", "tma", "portable", "decode")))
 
 
 def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, softcap=None, rule="grad",
@@ -118,7 +125,7 @@ def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, 
     if backend == "triton":
         uses_triton(device, dtype, backend)   # raises, saying why, where Triton cannot run
         engine, forward, dq = _triton_engine(device, table)
-        return AttentionChoice("triton", engine, "backend='triton'", forward, dq)
+        return AttentionChoice("triton", engine, "backend='triton'", forward, dq, _excluded(table))
     if dtype == torch.float64 or not triton_runs_on(device):
         engine, chunked = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit)
         why = "float64 (Triton has no float64 dot)" if dtype == torch.float64 else \
@@ -130,14 +137,15 @@ def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, 
         return AttentionChoice("triton", engine, why)
     engine, forward, dq = _triton_engine(device, table)
     gated = table.get("gated_out", {}) if table else {}
+    triton = dict(forward=forward, dq=dq, exclude=_excluded(table))
     why = sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, key_padding_mask)
     if why is not None:
-        return AttentionChoice("triton", engine, f"only the Triton kernels express it: {why}", forward, dq)
+        return AttentionChoice("triton", engine, f"only the Triton kernels express it: {why}", **triton)
     if rule == "cp":
         return AttentionChoice("triton", engine, "the CP rule's backward needs dV only, which the Triton kernels "
-                               "compute alone", forward, dq)
+                               "compute alone", **triton)
     if "sdpa" in gated:
-        return AttentionChoice("triton", engine, f"the SDPA path failed the GPU check: {gated['sdpa']}", forward, dq)
+        return AttentionChoice("triton", engine, f"the SDPA path failed the GPU check: {gated['sdpa']}", **triton)
     sdpa_engine, _ = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit)
     if table is None:
         return AttentionChoice("torch", sdpa_engine, f"SDPA expresses it and {why_no_table}")
@@ -149,7 +157,7 @@ def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, 
     times = ", ".join(f"{p} {ms:.3g} ms" for p, ms in sorted(case.get("ms", {}).items()))
     measured = f"measured at {case['bucket']} tokens ({times})" if times else f"measured at {case['bucket']} tokens"
     if case["path"] == "triton":
-        return AttentionChoice("triton", engine, f"faster in the dispatch table: {measured}", forward, dq)
+        return AttentionChoice("triton", engine, f"faster in the dispatch table: {measured}", **triton)
     return AttentionChoice("torch", sdpa_engine, f"faster in the dispatch table: {measured}")
 
 

@@ -250,7 +250,7 @@ def test_forward_variant_choice(monkeypatch):
     monkeypatch.setenv("ATTNLRP_FAST_FWD", "portable")
     assert forward_variant(q, k, v) == "portable"
     monkeypatch.setenv("ATTNLRP_FAST_FWD", "fastest")
-    with pytest.raises(ValueError, match="one of auto, portable, tma, hopper, got 'fastest'"):
+    with pytest.raises(ValueError, match="one of auto, portable, tma, hopper, decode, got 'fastest'"):
         forward_variant(q, k, v)
     monkeypatch.delenv("ATTNLRP_FAST_FWD")
     if interpreting():

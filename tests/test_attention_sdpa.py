@@ -225,9 +225,11 @@ def test_a_measured_table_decides_per_case_and_names_the_forward(cuda_spec, tmp_
 
 
 def test_a_gated_out_sdpa_path_and_another_gpu_s_table(cuda_spec, tmp_path, monkeypatch):
-    _table(tmp_path, monkeypatch, forward="tma", gated_out={"sdpa": "dq off by 3e-1", "hopper": "timed out"})
+    _table(tmp_path, monkeypatch, forward="tma", gated_out={"sdpa": "dq off by 3e-1", "hopper": "timed out",
+                                                            "decode": "o off by 1e-1"})
     choice = dispatch.attention_choice(*cuda_spec(), causal=True)
     assert choice.path == "triton" and choice.forward == "tma" and "dq off by 3e-1" in choice.reason
+    assert choice.exclude == ("decode", "hopper")
     _table(tmp_path, monkeypatch, capability="8.0", device="NVIDIA A100")
     choice = dispatch.attention_choice(*cuda_spec(), causal=True)
     assert choice.path == "torch" and "NVIDIA A100" in choice.reason
@@ -318,5 +320,25 @@ def test_the_triton_forward_auto_takes_tma_and_hopper_only_when_preferred(monkey
     assert fwd.forward_variant(q, k, v, prefer="hopper") == "portable"
     with pytest.raises(ValueError, match="cannot run here: refused"):
         fwd.forward_variant(q, k, v, variant="tma")
+    refused.clear()
+    assert fwd.forward_variant(q, k, v, prefer="hopper", exclude=("hopper",)) == "tma"   # a gated-out variant
+    assert fwd.forward_variant(q, k, v, exclude=("tma",)) == "portable"
+    long_k, long_v = make_qkv(1, 2, 1, 1, 4096, 16, torch.float16)[1:]
+    assert fwd.forward_variant(q[:, :, :1], long_k, long_v) == "decode"
+    assert fwd.forward_variant(q[:, :, :1], long_k, long_v, exclude=("decode",)) == "tma"
+    assert fwd.forward_variant(q, k, v, variant="tma", exclude=("tma",)) == "tma"      # asked for: not auto
     with pytest.raises(ValueError, match="preferred forward variant must be one of"):
         fwd.forward_variant(q, k, v, prefer="fastest")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_key_padding_mask_view_with_any_strides(backend):
+    """A (B, M) mask that is a transposed view (its keys not adjacent in memory) reads as the mask it is."""
+    g = torch.Generator().manual_seed(11)
+    q, k, v = make_qkv(2, 4, 2, 37, 45, 16, generator=g)
+    kpm = (torch.rand(45, 2, generator=g) > 0.3).T
+    assert kpm.stride(-1) != 1
+    do = torch.randn_like(q)
+    outs = run_attention(af.attention, q, k, v, do, causal=True, key_padding_mask=kpm, rule="attnlrp", backend=backend)
+    ref = dense_reference(q, k, v, do, causal=True, key_padding_mask=kpm, rule="attnlrp")
+    assert_close_all(outs, ref, TOL[torch.float32], backend)

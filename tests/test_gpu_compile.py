@@ -33,7 +33,8 @@ def _variants(result, kernel, **constexprs):
 def test_every_kernel_family_compiles(quick):
     assert not quick["failures"] and quick["arch"] == 90
     kernels = {v["kernel"] for v in quick["variants"]}
-    assert kernels == {"attention_fwd_kernel", "attention_fwd_tma_kernel", "attention_bwd_delta_kernel",
+    assert kernels == {"attention_fwd_kernel", "attention_fwd_tma_kernel", "attention_decode_kernel",
+                       "attention_decode_merge_kernel", "attention_bwd_delta_kernel",
                        "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel", "norm_fwd_kernel", "norm_bwd_kernel",
                        "act_fwd_kernel", "act_bwd_kernel"}
     assert all(v["shared"] <= 232448 for v in quick["variants"])
