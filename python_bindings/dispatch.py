@@ -149,7 +149,7 @@ def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, 
     sdpa_engine, _ = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit)
     if table is None:
         return AttentionChoice("torch", sdpa_engine, f"SDPA expresses it and {why_no_table}")
-    case = dispatch_table.lookup(table, dispatch_table.features_of(causal, key_padding_mask is not None),
+    case = dispatch_table.lookup(table, dispatch_table.features_of(causal, key_padding_mask is not None, q.shape[2]),
                                  str(dtype).removeprefix("torch."), q.shape[-1], length_bucket(max(q.shape[2],
                                                                                                    k.shape[2])))
     if case is None:

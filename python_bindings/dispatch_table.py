@@ -15,8 +15,9 @@ Schema (version 1):
    "gated_out": {"hopper": "why it failed the check", ...},   variants / paths auto never picks
    "cases": [{"features": "causal", "dtype": "bfloat16", "head_dim": 128, "bucket": 16384,
               "path": "sdpa" | "triton", "ms": {"sdpa": 1.2, "triton": 1.5}}, ...]}
-  features: plain | causal | padding | causal+padding; bucket: kernels.attention_common.length_bucket(max(N, M));
-  ms: forward + backward under rule attnlrp.
+  features: plain | causal | padding | causal+padding | decode | decode+padding (decode: at most 16 query rows,
+  generation with a cache); bucket: kernels.attention_common.length_bucket(max(N, M)); ms: forward + backward under
+  rule attnlrp (decode cases: the forward alone, as generation runs it).
 """
 
 import json
@@ -26,7 +27,8 @@ from pathlib import Path
 
 ENV = "ATTNLRP_FAST_DISPATCH"
 SCHEMA = 1
-FEATURES = ("plain", "causal", "padding", "causal+padding")
+FEATURES = ("plain", "causal", "padding", "causal+padding", "decode", "decode+padding")
+DECODE_ROWS = 16        # calls with at most this many query rows are "decode" cases (timed forward only)
 PATHS = ("sdpa", "triton")
 FORWARDS = ("hopper", "tma", "portable")
 DQ_MODES = ("separate", "atomic")
@@ -46,7 +48,11 @@ def table_path() -> Path:
     return Path(named) if named else packaged_path()
 
 
-def features_of(causal, padding) -> str:
+def features_of(causal, padding, n_rows=None) -> str:
+    """The case's features: decode (at most DECODE_ROWS query rows, causal or not), else plain / causal, with
+    +padding (or padding alone) when a key padding mask is given."""
+    if n_rows is not None and n_rows <= DECODE_ROWS:
+        return "decode+padding" if padding else "decode"
     return ("causal" if causal else "") + ("+padding" if causal and padding else "padding" if padding else "") \
         or "plain"
 

@@ -212,7 +212,12 @@ def test_a_measured_table_decides_per_case_and_names_the_forward(cuda_spec, tmp_
               "ms": {"sdpa": 2.0, "triton": 1.5}},
              {"features": "causal", "dtype": "bfloat16", "head_dim": 128, "bucket": 1024, "path": "sdpa",
               "ms": {"sdpa": 0.2, "triton": 0.3}}]
+    cases.append({"features": "decode", "dtype": "bfloat16", "head_dim": 128, "bucket": 65536, "path": "triton",
+                  "ms": {"sdpa": 0.09, "triton": 0.05}})
     _table(tmp_path, monkeypatch, cases=cases)
+    decode = dispatch.attention_choice(*cuda_spec(N=1, M=131072), causal=True)
+    assert decode.path == "triton" and "65536 tokens" in decode.reason
+    assert dispatch.attention_choice(*cuda_spec(N=1, M=131072), causal=True, key_padding_mask=object()).path == "torch"
     long = dispatch.attention_choice(*cuda_spec(N=32768), causal=True)
     assert (long.path, long.forward, long.dq) == ("triton", "hopper", "atomic")
     assert "16384 tokens" in long.reason and "triton 1.5 ms" in long.reason
