@@ -1,26 +1,31 @@
 """End to end: one AttnLRP explanation of a Llama-3-8B-shaped model (random weights, no download), attnlrp-fast
 against the LXT-style baseline on the same device in the same run.
 
-  attnlrp_fast   af.explain(checkpoint=True): fused kernels, every layer checkpointed, MLP in 1024-token chunks
-  lxt_style      attnlrp_fast/evaluation/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs,
-                 HF gradient checkpointing (the reference implementation's approach)
   forward        a plain inference forward (SDPA, no grad, logits at the last position): the unit for the
                  ratio explanation time / forward time
-  attnlrp_fast_hops   with --hops K, at the first size only: attnlrp_fast through a reasoning span (the last
-                 min(N / 4, 4096) tokens before the target, K hops; attnlrp_fast/reasoning.py): what K more
-                 backward passes cost in time and peak memory
+  lxt_style      attnlrp_fast/evaluation/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs,
+                 HF gradient checkpointing (the reference implementation's approach)
+  attnlrp_fast   af.explain(checkpoint=True): fused kernels, every layer checkpointed, MLP in 1024-token chunks;
+                 attention as backend auto picks it (on CUDA: torch's SDPA kernels where the dispatch table says so)
+  attnlrp_fast_triton   the same with backend="triton": attention on the Triton kernels throughout (to become the
+                 default, this has to beat the LXT-style baseline)
+  attnlrp_fast_hops   with --hops K, at the first size, after every size's other rows: attnlrp_fast through a
+                 reasoning span (the last min(N / 4, 4096) tokens before the target, K hops; attnlrp_fast/reasoning.py):
+                 what K more backward passes cost in time and peak memory
 
-Target: the argmax logit at the last position. Both give the same relevance (checked at the first N:
-cosine similarity and relative error of the two maps). Seconds are medians of `--repeats` runs after one warm-up;
+Target: the argmax logit at the last position. All give the same relevance (checked at the first N: cosine
+similarity and relative error of ours against the baseline's map). Seconds are medians of `--repeats` runs after one
+warm-up (`--warmup first`: a warm-up at the first size only, where everything compiles, and none for the hop row;
+`--warmup none`: none at all);
 peak memory is torch.cuda.max_memory_allocated during the run minus what was allocated before it; beside it,
 `estimated_peak_mib`: what af.estimate_memory predicts for the same model config, length, dtype and mode on meta
-tensors (no GPU), so one run shows how far the estimate is from the GPU's allocator.
-`--longest` doubles N from the last timed N until a method runs out of memory (or its run exceeds
---longest-seconds, or N passes --longest-max).
+tensors (no GPU), so one run shows how far the estimate is from the GPU's allocator. A row that raises records its
+error and the next one runs. `--longest` doubles N from the last timed N until a method runs out of memory (or its
+run exceeds --longest-seconds, or N passes --longest-max).
 
     python bench/e2e.py --longest          # GPU: 8k and 32k, then the longest N; prints JSON rows
     python bench/e2e.py --smoke            # CPU, a tiny Llama (Triton's interpreter under TRITON_INTERPRET=1)
-    python bench/e2e.py --sizes 8192 32768 --repeats 1 --hops 3 --out e2e.json   # bench/gpu_check.py's e2e step
+    python bench/e2e.py --sizes 8192 32768 --repeats 1 --warmup first --hops 3 --out e2e.json   # gpu_check's e2e step
 """
 
 import argparse
@@ -41,7 +46,9 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256),
 }
-METHODS = ("attnlrp_fast", "lxt_style")
+TRITON = "attnlrp_fast_triton"
+METHODS = ("lxt_style", "attnlrp_fast", TRITON)      # the baseline first: a run cut short loses ours, not it
+OURS = ("attnlrp_fast", TRITON)
 HOPS = "attnlrp_fast_hops"
 
 
@@ -94,8 +101,9 @@ def run_once(method, model, baseline, ids, backend, hops=0):
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     rel = None
-    if method == "attnlrp_fast":
-        rel = af.explain(model, input_ids=ids, backend=backend, checkpoint=True).relevance
+    if method in OURS:
+        rel = af.explain(model, input_ids=ids, backend="triton" if method == TRITON else backend,
+                         checkpoint=True).relevance
     elif method == HOPS:
         rel = af.explain(model, input_ids=ids, backend=backend, checkpoint=True,
                          reasoning_span=reasoning_span(ids.shape[1]), hops=hops).prompt_relevance
@@ -110,8 +118,9 @@ def run_once(method, model, baseline, ids, backend, hops=0):
     return rel, seconds, peak
 
 
-def timed(method, model, baseline, ids, backend, repeats, hops=0):
-    run_once(method, model, baseline, ids, backend, hops)                    # warm-up (compiles, autotunes)
+def timed(method, model, baseline, ids, backend, repeats, hops=0, warmup=True):
+    if warmup:
+        run_once(method, model, baseline, ids, backend, hops)                # warm-up (compiles, autotunes)
     runs = [run_once(method, model, baseline, ids, backend, hops) for _ in range(repeats)]
     rel = runs[-1][0]
     return rel, statistics.median(r[1] for r in runs), max((r[2] for r in runs if r[2] is not None), default=None)
@@ -141,7 +150,7 @@ def _writer(out, on_update):
 
 # (the hop method's estimate is the plain explanation's: af.estimate_memory does not model hops, so its measured /
 # estimated ratio is what the hops add)
-ESTIMATE_MODES = {"attnlrp_fast": "low_memory", "lxt_style": "lxt_style", HOPS: "low_memory"}
+ESTIMATE_MODES = {"attnlrp_fast": "low_memory", TRITON: "low_memory", "lxt_style": "lxt_style", HOPS: "low_memory"}
 
 
 def estimated(model, method, n):
@@ -159,51 +168,74 @@ def estimated(model, method, n):
 
 
 def _measured(fn, row):
-    """row with seconds and peak MiB from fn() -> (rel, seconds, peak), or "out of memory"; returns rel."""
+    """row with seconds and peak MiB from fn() -> (rel, seconds, peak), or the error ("out of memory", or any other
+    exception's type and first line: the next row still runs); returns rel."""
     try:
         rel, seconds, peak = fn()
-    except Exception as e:  # noqa: BLE001 - out of memory is recorded, the run goes on
-        if not _is_oom(e):
-            raise
-        row["error"] = "out of memory"
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        row["error"] = "out of memory" if _is_oom(e) else f"{type(e).__name__}: {first}"
         return None
     row.update(seconds=seconds, peak_mib=peak)
     return rel
 
 
-def time_sizes(ctx, sizes, repeats, result, save, hops=0):
-    """Each method at each size (median of `repeats` after a warm-up), with `hops` also the hop method at the first
-    size; the ratio to the forward; agreement of the two relevance maps at the first size."""
-    model, baseline, backend, g = ctx
+def _time_one(ctx, method, n, ids, repeats, result, save, hops=0, warmup=True):
+    """One row: `method` at n tokens; returns its relevance (None when it failed)."""
+    model, baseline, backend, _ = ctx
+    row = {"method": method, "tokens": n, **estimated(model, method, n)}
+    if method == HOPS:
+        start, end = reasoning_span(n)
+        row.update(hops=hops, reasoning_tokens=end - start)
+    rel = _measured(lambda: timed(method, model, baseline, ids, backend, repeats, hops, warmup), row)
+    result["rows"].append(row)
+    save(result)
+    print(json.dumps(row), flush=True)
+    return rel
+
+
+def _over_forward(result, n):
+    fwd = next((r["seconds"] for r in result["rows"] if r["method"] == "forward" and r["tokens"] == n
+                and "seconds" in r), None)
+    for r in result["rows"]:
+        if r["tokens"] == n and r["method"] != "forward" and "seconds" in r and fwd:
+            r["explain_over_forward"] = r["seconds"] / fwd
+
+
+def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmup="each"):
+    """Each method at each size (median of `repeats` after a warm-up: at every size, or with warmup="first" at the
+    first only), the ratio to the forward; agreement of ours with the baseline's relevance at the first size; then,
+    with `hops`, the hop method at the first size."""
+    model, _, _, g = ctx
     for i, n in enumerate(sizes):
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
         rels = {}
-        for method in ("forward",) + METHODS + ((HOPS,) if hops and i == 0 else ()):
-            row = {"method": method, "tokens": n, **estimated(model, method, n)}
-            if method == HOPS:
-                start, end = reasoning_span(n)
-                row.update(hops=hops, reasoning_tokens=end - start)
-            rel = _measured(lambda: timed(method, model, baseline, ids, backend, repeats, hops), row)
+        for method in ("forward",) + tuple(m for m in METHODS if m in methods):
+            rel = _time_one(ctx, method, n, ids, repeats, result, save,
+                            warmup=warmup == "each" or (warmup == "first" and i == 0))
             if rel is not None:
                 rels[method] = rel
-            result["rows"].append(row)
+        _over_forward(result, n)
+        if i == 0 and "lxt_style" in rels:
+            for name, key in (("attnlrp_fast", "agreement"), (TRITON, "agreement_triton")):
+                if name in rels:
+                    result[key] = {"tokens": n, **agreement(rels[name], rels["lxt_style"])}
+                    print(json.dumps({key: result[key]}), flush=True)
             save(result)
-            print(json.dumps(row), flush=True)
-        fwd = next((r["seconds"] for r in result["rows"] if r["method"] == "forward" and r["tokens"] == n
-                    and "seconds" in r), None)
-        for r in result["rows"]:
-            if r["tokens"] == n and r["method"] in METHODS + (HOPS,) and "seconds" in r and fwd:
-                r["explain_over_forward"] = r["seconds"] / fwd
-        if i == 0 and {"attnlrp_fast", "lxt_style"} <= set(rels):
-            result["agreement"] = {"tokens": n, **agreement(rels["attnlrp_fast"], rels["lxt_style"])}
-            save(result)
-            print(json.dumps({"agreement": result["agreement"]}), flush=True)
+    ours = [m for m in OURS if m in methods]
+    if hops and ours:
+        n = sizes[0]
+        ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
+        hop_ctx = ctx if ours[0] == "attnlrp_fast" else (*ctx[:2], "triton", ctx[3])
+        _time_one(hop_ctx, HOPS, n, ids, repeats, result, save, hops, warmup=warmup == "each")
+        _over_forward(result, n)
+        save(result)
 
 
-def search_longest(ctx, first, longest_max, longest_seconds, result, save):
+def search_longest(ctx, first, longest_max, longest_seconds, result, save, methods=METHODS):
     """Per method, double N from its largest timed N until it fails, passes longest_max or a run takes too long."""
     model, baseline, backend, g = ctx
-    for method in METHODS:
+    for method in methods:
         ok = [r["tokens"] for r in result["rows"] if r["method"] == method and "seconds" in r]
         n, best = (max(ok), max(ok)) if ok else (first, None)
         while n * 2 <= longest_max:
@@ -237,6 +269,11 @@ def main(argv=None, on_update=None):
     p.add_argument("--out", default=None, help="also write the result JSON here (rewritten after every row)")
     p.add_argument("--hops", type=int, default=0, help="also the explanation through a reasoning span with this "
                                                        "many hops, at the first size (0: not)")
+    p.add_argument("--methods", nargs="*", choices=("forward",) + METHODS, default=None,
+                   help=f"which methods run (default: all; the forward always runs): {', '.join(METHODS)}")
+    p.add_argument("--warmup", choices=("each", "first", "none"), default="each",
+                   help="a warm-up run before every timed size, only before the first, or none (the first run then "
+                        "includes the compiles; default each)")
     args = p.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
@@ -248,14 +285,15 @@ def main(argv=None, on_update=None):
     sizes = args.sizes or ([8192, 32768] if cuda else [64, 128])
     longest_max = args.longest_max or ((1 << 20) if cuda else 256)
     model = build(shape, device, dtype, max(max(sizes), longest_max if args.longest else 0))
-    # backend None: Triton on CUDA; on CPU Triton's interpreter under TRITON_INTERPRET=1, else the torch path
+    # backend None (auto): per call on CUDA (SDPA or Triton); on CPU Triton's interpreter under TRITON_INTERPRET=1
     ctx = (model, _shallow_patch_copy(model), None, torch.Generator().manual_seed(1))
     result = {"shape": {**SHAPES[shape], "name": shape}, "dtype": str(dtype).split(".")[-1], "rows": [],
               "agreement": None, "longest": {}}
     save = _writer(args.out, on_update)
-    time_sizes(ctx, sizes, args.repeats, result, save, args.hops)
+    methods = tuple(m for m in METHODS if args.methods is None or m in args.methods)
+    time_sizes(ctx, sizes, args.repeats, result, save, args.hops, methods, args.warmup)
     if args.longest:
-        search_longest(ctx, sizes[0], longest_max, args.longest_seconds, result, save)
+        search_longest(ctx, sizes[0], longest_max, args.longest_seconds, result, save, methods)
     save(result)
     return result
 

@@ -9,8 +9,10 @@ Writes PNGs next to the JSON (<stem>-attention.png, <stem>-memory.png, <stem>-e2
 memory.py file) and, with --readme, replaces the text between the file's markers
 `<!-- table:KIND -->` and `<!-- /table:KIND -->` (KIND: attention, e2e, cpu-memory, faithfulness) with tables generated
 from the JSON. Every figure in them comes from the JSON; a missing or failed measurement shows as "-" or its
-error. The attention section holds the timing table, the peak memory at 128k (gpu_check's memory step), the time
-per kernel (its profile step), the target lines and how the run went (steps cut off, GPU tests, compiles).
+error, a variant the correctness gate ruled out as "gated out". The attention section holds the timing table, the
+decode table, the dispatch table's cases, the peak memory at 128k (gpu_check's memory step), the time per kernel
+(its profile step), the target lines and how the run went (the gate's verdicts, steps cut off, GPU tests,
+compiles).
 """
 
 import argparse
@@ -53,6 +55,8 @@ def attention_summary(timings):
         lrp_atomic = ours.get("attnlrp_fast[attnlrp,dq=atomic]")   # the backward's other dQ mode
         portable = ours.get("attnlrp_fast[grad,fwd=portable]")     # the forward kernel for any GPU
         tma = ours.get("attnlrp_fast[grad,fwd=tma]")               # descriptors, no warp specialisation
+        hopper = ours.get("attnlrp_fast[grad,fwd=hopper]")         # descriptors, warp-specialised loop
+        lrp_sdpa = ours.get("attnlrp_fast[attnlrp,path=sdpa]")     # the torch path on torch's SDPA kernels
         sdpa_fwd = _best(rows, "sdpa[", "fwd_tflops")
         sdpa_bwd = _best(rows, "sdpa[", "bwd_tflops")
         sdpa_mem = _best(rows, "sdpa[", "peak_mib", highest=False)
@@ -65,6 +69,10 @@ def attention_summary(timings):
             "fwd_vs_sdpa": _ratio(grad and grad.get("fwd_tflops"), sdpa_fwd and sdpa_fwd["fwd_tflops"]),
             "portable_fwd_tflops": portable and portable.get("fwd_tflops"),
             "tma_fwd_tflops": tma and tma.get("fwd_tflops"),
+            "hopper_fwd_tflops": hopper and hopper.get("fwd_tflops"),
+            "sdpa_path_bwd_tflops": lrp_sdpa and lrp_sdpa.get("bwd_tflops"),
+            "sdpa_path_bwd_vs_lxt": _ratio(lrp_sdpa and lrp_sdpa.get("bwd_tflops"),
+                                           lxt_bwd and lxt_bwd["bwd_tflops"]),
             "grad_bwd_tflops": grad and grad.get("bwd_tflops"),
             "best_sdpa_bwd_tflops": sdpa_bwd and sdpa_bwd["bwd_tflops"],
             "grad_bwd_vs_sdpa": _ratio(grad and grad.get("bwd_tflops"), sdpa_bwd and sdpa_bwd["bwd_tflops"]),
@@ -94,30 +102,115 @@ def _tokens(n):
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+def gated(result):
+    """{variant: why} of what the run's correctness gate ruled out (bench/gate.py)."""
+    verdicts = (result.get("gate") or {}).get("verdicts") or {}
+    return {v: r.get("why") or r.get("status") for v, r in verdicts.items() if r.get("status") != "pass"}
+
+
+def _cell(value, variant, out, fmt="{:.0f}"):
+    """A figure, or "gated out" where the gate ruled its variant out."""
+    return "gated out" if value is None and variant in out else _f(value, fmt)
+
+
 def attention_table(result):
+    out = gated(result)
     lines = [
         f"Attention, {result.get('dtype', '?')} on {result['device']} (torch {result['versions'].get('torch')}, "
         f"Triton {result['versions'].get('triton')}); TFLOP/s, higher is better; ratios are ours / the best "
         "baseline in the same run.",
         "",
-        "| D | causal | B x H/Hkv x N | fwd | TMA fwd | portable fwd | best SDPA fwd | ratio | grad bwd | SDPA bwd | "
-        "attnlrp bwd | LXT-style bwd | ratio | attnlrp bwd, atomic dQ | ratio | peak MiB | SDPA peak | eager fwd/bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| D | causal | B x H/Hkv x N | fwd | TMA fwd | Hopper fwd | portable fwd | best SDPA fwd | ratio | grad bwd | "
+        "SDPA bwd | attnlrp bwd | LXT-style bwd | ratio | attnlrp bwd, atomic dQ | ratio | attnlrp bwd, SDPA path | "
+        "ratio | peak MiB | SDPA peak | eager fwd/bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in attention_summary(result.get("timings", [])):
         lines.append(
             f"| {s['D']} | {'yes' if s['causal'] else 'no'} | {s['B']} x {s['H']}/{s['Hkv']} x {_tokens(s['N'])} | "
-            f"{_f(s['fwd_tflops'])} | {_f(s['tma_fwd_tflops'])} | {_f(s['portable_fwd_tflops'])} | "
+            f"{_f(s['fwd_tflops'])} | {_cell(s['tma_fwd_tflops'], 'tma', out)} | "
+            f"{_cell(s['hopper_fwd_tflops'], 'hopper', out)} | {_cell(s['portable_fwd_tflops'], 'portable', out)} | "
             f"{_f(s['best_sdpa_fwd_tflops'])} | "
             f"{_f(s['fwd_vs_sdpa'], '{:.2f}x')} | "
             f"{_f(s['grad_bwd_tflops'])} | {_f(s['best_sdpa_bwd_tflops'])} | {_f(s['attnlrp_bwd_tflops'])} | "
             f"{_f(s['best_lxt_bwd_tflops'])} | {_f(s['attnlrp_bwd_vs_lxt'], '{:.2f}x')} | "
-            f"{_f(s['atomic_bwd_tflops'])} | {_f(s['atomic_bwd_vs_lxt'], '{:.2f}x')} | {_f(s['peak_mib'])} | "
-            f"{_f(s['sdpa_peak_mib'])} | {s['eager'] or '-'} |")
-    for part in (memory_table(result), profile_table(result)):
+            f"{_cell(s['atomic_bwd_tflops'], 'dq=atomic', out)} | {_f(s['atomic_bwd_vs_lxt'], '{:.2f}x')} | "
+            f"{_cell(s['sdpa_path_bwd_tflops'], 'sdpa', out)} | {_f(s['sdpa_path_bwd_vs_lxt'], '{:.2f}x')} | "
+            f"{_f(s['peak_mib'])} | {_f(s['sdpa_peak_mib'])} | {s['eager'] or '-'} |")
+    for part in (decode_table(result), dispatch_table(result), memory_table(result), profile_table(result)):
         if part:
             lines += [""] + part
     return "\n".join(lines + [""] + summary_lines(result))
+
+
+def decode_table(result):
+    """The decode step: ms of one query against the cache per method, and best SDPA over ours."""
+    rows = result.get("decode") or []
+    if not rows:
+        return []
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    shapes = list(dict.fromkeys((r["M"], r["B"], r["H"], r["Hkv"], r["D"]) for r in rows))
+    lines = [f"Decoding: one query against a KV cache, {rows[0].get('dtype', '?')}, no gradients; ms (lower is "
+             "better); ratio = the fastest SDPA backend / ours, >= 1.0 is no slower:", "",
+             "| cache | B x H/Hkv, D | " + " | ".join(methods) + " | ratio, auto | ratio, Triton |",
+             "|" + "---|" * (len(methods) + 4)]
+    for M, B, H, Hkv, D in shapes:
+        cell = {r["method"]: r for r in rows if (r["M"], r["B"], r["H"], r["Hkv"], r["D"]) == (M, B, H, Hkv, D)}
+
+        def text(r):
+            if r is None:
+                return "-"
+            if "error" in r:
+                return r["error"][:60]
+            how = r.get("forward") if r.get("path", "triton") == "triton" else r.get("path")
+            return f"{r['ms']:.3f}" + (f" ({how})" if how and r["method"].startswith("attnlrp_fast") else "")
+        ratios = [_f(decode_ratio(cell, m), "{:.2f}x") for m in ("attnlrp_fast[auto]", "attnlrp_fast[triton]")]
+        lines.append(f"| {_tokens(M)} | {B} x {H}/{Hkv}, {D} | " + " | ".join(text(cell.get(m)) for m in methods) +
+                     f" | {' | '.join(ratios)} |")
+    return lines
+
+
+def decode_ratio(cell, method):
+    """Fastest SDPA backend's ms / `method`'s ms in one decode shape (None when either is missing)."""
+    sdpa = [r["ms"] for m, r in cell.items() if m.startswith("sdpa[") and r.get("ms")]
+    ours = cell.get(method)
+    return _ratio(min(sdpa) if sdpa else None, ours.get("ms") if ours else None)
+
+
+def dispatch_table(result):
+    """The dispatch step: per case, forward+backward (attnlrp) on each path and each forward kernel alone."""
+    rows = result.get("dispatch_rows") or []
+    if not rows:
+        return []
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    variants = list(dict.fromkeys(r["path"].split("=")[1] for r in rows if r["path"].startswith("forward=")))
+    info = result.get("table") or {}
+    out = gated(result)
+    r0 = rows[0]
+    head = (f"The dispatch table's cases (GQA {r0['H']}/{r0['Hkv']}, B x N = {_tokens(r0['B'] * r0['N'])} tokens, "
+            f"{r0.get('dtype', '?')}): forward+backward ms under attnlrp on each path, the faster one is what auto "
+            "takes; forward ms of each forward kernel alone.")
+    if info.get("written"):
+        head += (f" The table ({info.get('path')}): forward {info.get('forward')}, dQ {info.get('dq')}"
+                 + (f"; gated out: {', '.join(sorted(info.get('gated_out') or {}))}" if info.get("gated_out") else "")
+                 + ".")
+    elif info:
+        head += f" No table written: {info.get('why')}."
+    lines = [head, "", "| case | SDPA path | Triton path | faster | " +
+             " | ".join(f"{v} fwd" for v in variants) + " |", "|" + "---|" * (4 + len(variants))]
+    for case in cases:
+        cell = {r["path"]: r for r in rows if r["case"] == case}
+
+        def ms(r, key="fwd_bwd_ms"):
+            return "-" if r is None else r.get("error", "")[:60] if "error" in r else _f(r.get(key), "{:.3f}")
+        sdpa, triton = cell.get("sdpa"), cell.get("triton")
+        times = {p: r.get("fwd_bwd_ms") for p, r in (("sdpa", sdpa), ("triton", triton)) if r and r.get("fwd_bwd_ms")}
+        faster = min(times, key=times.get) if times else "-"
+        sdpa_text = "gated out" if sdpa is None and "sdpa" in out else ms(sdpa)
+        triton_text = ms(triton) + (f" ({triton['forward']})" if triton and triton.get("forward") else "")
+        lines.append(f"| {case} | {sdpa_text} | {triton_text} | {faster} | " +
+                     " | ".join(ms(cell.get(f"forward={v}"), "fwd_ms") for v in variants) + " |")
+    return lines
 
 
 def memory_table(result):
@@ -146,15 +239,52 @@ def profile_table(result, top=6):
              f"D = {sh['D']}, {'causal' if sh['causal'] else 'full'} (torch.profiler):", "",
              "| method | kernel | ms | calls | share |", "|---|---|---|---|---|"]
     for method, p in prof["methods"].items():
+        if "error" in p:
+            lines.append(f"| {method} | {p['error'][:90]} | - | - | - |")
+            continue
         for name, k in list(p["kernels"].items())[:top]:
             share = k["ms"] / p["total_ms"] if p["total_ms"] else None
             lines.append(f"| {method} | `{name[:70]}` | {k['ms']:.3f} | {k['count']} | {_f(share, '{:.0%}')} |")
     return lines
 
 
+def gate_lines(result):
+    """The correctness gate: what passed, what was gated out (left out of every later step) and why."""
+    g = result.get("gate")
+    if not g:
+        return []
+    verdicts = g.get("verdicts") or {}
+    if not verdicts:
+        return ["Correctness gate: no verdicts (it did not finish): every kernel variant and path of ours was left out "
+                "of the later steps."]
+    cases = {}
+    for r in verdicts.values():
+        for status, n in (r.get("cases") or {}).items():
+            cases[status] = cases.get(status, 0) + n
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(cases.items()))
+    passed = [v for v, r in verdicts.items() if r.get("status") == "pass"]
+    lines = [f"Correctness gate against float64 ({len(g.get('units', {}))} units in parallel processes"
+             f"{'; cases: ' + counts if counts else ''}): passed {', '.join(passed) or 'nothing'}."]
+    out = gated(result)
+    if out:
+        lines.append("Gated out (no later step ran them; the dispatch table names them): " +
+                     "; ".join(f"{v}: {why}" for v, why in out.items()) + ".")
+    info = result.get("table") or {}
+    if info.get("written"):
+        lines.append(f"Dispatch table ({info.get('path')}): forward {info.get('forward')}, dQ {info.get('dq')}, "
+                     f"{info.get('cases', 0)} measured cases.")
+    elif info:
+        lines.append(f"No dispatch table written: {info.get('why')}.")
+    return lines
+
+
 def summary_lines(result):
-    """Targets, then how the run went: steps cut off, the GPU tests, each step's seconds and compiles."""
+    """Targets, then how the run went: the gate's verdicts, steps cut off, the GPU tests, each step's seconds and
+    compiles."""
     lines = ["Targets:"] + targets_lines(result)
+    gate = gate_lines(result)
+    if gate:
+        lines += [""] + gate
     if result.get("unfinished"):
         lines += ["", f"Unfinished steps (cut off by their time budget or failed): {', '.join(result['unfinished'])}."]
     tests = result.get("gpu_tests")
@@ -194,15 +324,27 @@ def memory_ratio(result):
     return _worst("peak_vs_sdpa", long_rows, highest=True)
 
 
-def e2e_ratio(result, tokens=32768):
-    """LXT-style seconds / ours for the explanation at `tokens` or more (worst size): >= 1.0 is no slower."""
+def e2e_ratio(result, tokens=32768, method="attnlrp_fast"):
+    """LXT-style seconds / `method`'s for the explanation at `tokens` or more (worst size): >= 1.0 is no slower."""
     rows = [r for r in (result.get("e2e") or {}).get("rows", []) if _ok(r) and r.get("seconds") and
             not r.get("search") and r["tokens"] >= tokens]
     ratios = []
     for n in sorted({r["tokens"] for r in rows}):
         secs = {r["method"]: r["seconds"] for r in rows if r["tokens"] == n}
-        if "attnlrp_fast" in secs and "lxt_style" in secs:
-            ratios.append(secs["lxt_style"] / secs["attnlrp_fast"])
+        if method in secs and "lxt_style" in secs:
+            ratios.append(secs["lxt_style"] / secs[method])
+    return min(ratios) if ratios else None
+
+
+def decode_target(result, cache=131072, method="attnlrp_fast[triton]"):
+    """Fastest SDPA backend's ms / ours at a cache of `cache` or more (worst batch size)."""
+    rows = [r for r in result.get("decode") or [] if r["M"] >= cache and _ok(r)]
+    ratios = []
+    for shape in dict.fromkeys((r["M"], r["B"], r["H"], r["Hkv"], r["D"]) for r in rows):
+        cell = {r["method"]: r for r in rows if (r["M"], r["B"], r["H"], r["Hkv"], r["D"]) == shape}
+        ratio = decode_ratio(cell, method)
+        if ratio is not None:
+            ratios.append(ratio)
     return min(ratios) if ratios else None
 
 
@@ -217,6 +359,10 @@ def targets(result):
         ("the same with ATTNLRP_FAST_DQ=atomic (not the default)", _worst("atomic_bwd_vs_lxt", summary), 1.0, ">="),
         ("peak memory of forward + backward / SDPA's, N = 128k", memory_ratio(result), 1.1, "<="),
         ("8B-shaped explanation at 32k: LXT-style seconds / ours", e2e_ratio(result), 1.0, ">="),
+        ("the same with the Triton kernels forced (to become the default)",
+         e2e_ratio(result, method="attnlrp_fast_triton"), 1.0, ">="),
+        ("decode, 1 query on a 128k cache (worst batch): fastest SDPA / ours on the Triton kernels",
+         decode_target(result), 1.0, ">="),
     ]
 
 
@@ -260,10 +406,11 @@ def e2e_table(result):
     if e.get("longest"):
         lines += ["", "Longest input that ran (doubling N): " + ", ".join(
             f"{m} {_tokens(n) if n else 'none'}" for m, n in e["longest"].items()) + "."]
-    if e.get("agreement"):
-        a = e["agreement"]
-        lines += ["", f"The two relevance maps agree at {_tokens(a['tokens'])} tokens: cosine {a['cosine']:.4f}, "
-                      f"relative error {a['rel_err']:.2g}."]
+    for key, what in (("agreement", "attnlrp_fast's"), ("agreement_triton", "attnlrp_fast_triton's")):
+        if e.get(key):
+            a = e[key]
+            lines += ["", f"{what} relevance and the LXT-style baseline's agree at {_tokens(a['tokens'])} tokens: "
+                          f"cosine {a['cosine']:.4f}, relative error {a['rel_err']:.2g}."]
     return "\n".join(lines)
 
 

@@ -1,10 +1,12 @@
 """Time-capped steps for bench/gpu_check.py: one results JSON rewritten after every measurement, a JSON-lines log
-appended as it goes (so a kill loses nothing already measured), a budget per step under one overall deadline,
-and child processes that die with their own children when their time is up.
+appended as it goes (so a kill loses nothing already measured; child processes append to it too, one whole line
+per write), a budget per step under one overall deadline, and child processes that die with their own children
+when their time is up.
 
 A step runs under its budget: in-process loops ask `run.step_left()` before each measurement, child processes
 (`Capped`) are killed at the step's end, and SIGALRM stops a measurement that overruns it by more than GRACE_S.
-A step that errs is recorded and the next step runs: one device call should bring back everything that worked.
+A step that errs is recorded and the next step runs: a run within its time limit brings back everything that
+worked.
 """
 
 import contextlib
@@ -22,6 +24,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GRACE_S = 5.0        # how far past its budget a step may run before SIGALRM stops it
+
+
+def append_line(path, line):
+    """Append one JSON line in a single write (O_APPEND): lines of several processes never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 class StepTimeout(BaseException):
@@ -64,9 +75,9 @@ def compiled_kernels():
 class Capped:
     """A child process in its own process group, killed with all its children once `seconds` have passed."""
 
-    def __init__(self, cmd, seconds, stdout, env=None):
+    def __init__(self, cmd, seconds, stdout, env=None, cwd=ROOT):
         self.cmd, self.started, self.timed_out = cmd, time.monotonic(), False
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)
         self.timer = threading.Timer(max(seconds, 0.0), self._expire)
         self.timer.daemon = True
@@ -115,8 +126,7 @@ class Run:
 
     def log(self, step, event, **data):
         line = {"t": round(time.monotonic() - self.started, 1), "step": step, "event": event, **data}
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_line(self.log_path, line)
 
     def row(self, step, key, row):
         """Append `row` to result[key], log it and save: one measurement is never lost."""
@@ -149,7 +159,8 @@ def _end(run, name, record, status, start, compiles_before):
 def run_step(run, name, budget_s, fn):
     """Run fn(run) -> complete (False: stopped early) under min(budget_s, time left); record it in
     result["steps"][name] (status, seconds, Triton compiles) and keep it in result["unfinished"] unless it
-    completed. A step that raises is recorded and returns; KeyboardInterrupt (the outer time limit) propagates."""
+    completed. A step that raises (any Exception) is recorded and returns; KeyboardInterrupt (the outer time limit)
+    propagates."""
     budget = min(budget_s, run.left())
     record = _begin(run, name, budget_s, budget)
     if budget <= 1:

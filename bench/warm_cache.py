@@ -1,13 +1,15 @@
 """Warm Triton's on-disk compile cache for bench/gpu_check.py: run every attention kernel variant the later steps
-(spot, timings, profile, memory, e2e, sweep) use once, so that those steps load compiled kernels instead of
-compiling them. gpu_check's tests step runs this next to the GPU tests.
+(spot, timings, decode, dispatch, profile, memory, e2e, sweep) use once, so that those steps load compiled kernels
+instead of compiling them. gpu_check's tests step runs this next to the GPU tests; what the gate ruled out (the
+dispatch table ATTNLRP_FAST_DISPATCH names, under "gated_out") is never run.
 
 A run has the specialisation of the timed one when everything Triton's JIT specialises on agrees: constexprs
 (head dim, causal and mask flags, rule, dQ mode, block sizes), dtypes, integer arguments equal to 1 or divisible
-by 16, and pointers aligned to 16 bytes. So each variant runs with the same H, Hkv, D, causal flag, rule, dQ mode,
-forward kernel, layout and dtype, at B = 1 and a small N that is a multiple of 16 like every timed N. The
-end-to-end model's kernels (attention, RMSNorm, GLU) are warmed by one explanation of a one-layer model of the
-same shape.
+by 16, and pointers aligned to 16 bytes. So each variant runs with the same H, Hkv, D, causal flag, key padding,
+rule, dQ mode, forward kernel, layout and dtype, at B = 1 and a small N that is a multiple of 16 like every timed N.
+The decode step's kernels run once at the decode step's own shapes (its split sizes are part of the
+specialisation); the end-to-end model's kernels (attention, RMSNorm, GLU) are warmed by one explanation of a
+one-layer model of the same shape.
 
     python bench/warm_cache.py [--jobs 6] [--n 512]     # prints one JSON line per run
     TRITON_INTERPRET=1 python bench/warm_cache.py --smoke --jobs 2   # CPU, the smoke sizes (checks the script)
@@ -15,6 +17,7 @@ same shape.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,10 +26,11 @@ from pathlib import Path
 import torch
 
 if __package__:   # imported as bench.<module> (the tests)
-    from . import e2e, gpu_check
+    from . import e2e, gpu_check, table
 else:             # run as a script (python bench/<module>.py): its folder is sys.path[0]
     import e2e
     import gpu_check
+    import table
 
 
 def warm_shape(shape, n):
@@ -46,8 +50,9 @@ def int_classes(shape):
 
 def warm_attention(method, shape, check):
     q, k, v = gpu_check.make_inputs(shape, check.device, check.dtype)
-    fwd, fwd_bwd, _ = gpu_check.runners(method, q, k, v, shape[5])
-    with gpu_check.environment(method.env):
+    kpm = gpu_check.padding_mask(shape[0], shape[3], check.device) if method.padding else None
+    fwd, fwd_bwd, _ = gpu_check.runners(method, q, k, v, shape[5], kpm)
+    with gpu_check.environment(gpu_check.call_env(method, q, k, v, kpm)):
         fwd()
         if not method.fwd_only:
             fwd_bwd()
@@ -55,13 +60,24 @@ def warm_attention(method, shape, check):
         torch.cuda.synchronize()
 
 
+def warm_decode(check):
+    """Each of our decode step's calls once at its own shapes (no timing)."""
+    calls = {n: c for n, c in gpu_check.decode_methods(check).items() if n.startswith("attnlrp_fast")}
+    for shape in gpu_check.decode_shapes(check.smoke):
+        for name, (fn, env) in calls.items():
+            row = gpu_check.decode_row(name, fn, env, shape, check, timed=False)
+            if "error" in row:
+                raise RuntimeError(f"{name} at {shape}: {row['error']}")
+
+
 def warm_e2e(check, n):
-    """One explanation of a one-layer model of e2e.py's shape: its attention, RMSNorm and GLU kernels."""
+    """One explanation of a one-layer model of e2e.py's shape: its attention (on the Triton kernels, as the e2e step's
+    forced-Triton row runs it, where a Triton forward passed the gate), RMSNorm and GLU kernels."""
     shape = "tiny" if check.smoke else "llama3-8b"
     device = torch.device(check.device)
     model = e2e.build(shape, device, check.dtype, max_positions=n, layers=1)
     ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(0)).to(device)
-    e2e.run_once("attnlrp_fast", model, None, ids, None)
+    e2e.run_once("attnlrp_fast", model, None, ids, "triton" if check.triton_ok else None)
 
 
 def work(items, check, n):
@@ -72,6 +88,8 @@ def work(items, check, n):
         try:
             if name == "e2e":
                 warm_e2e(check, n)
+            elif name == "decode":
+                warm_decode(check)
             else:
                 warm_attention(method, warm_shape(shape, n), check)
         except Exception as e:  # noqa: BLE001 - the step that needs the kernel will say what fails
@@ -101,7 +119,10 @@ def main(argv=None):
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         p.error("no CUDA device: run with --smoke on CPU")
-    check = gpu_check.Check(smoke=args.smoke, cuda=cuda, out=Path("."), e2e_args="")
+    path = os.environ.get(table.ENV)        # the gate's verdicts, as the run's dispatch table states them
+    verdicts, forward = table.verdicts_of(table.load(path)) if path else (None, None)
+    check = gpu_check.Check(smoke=args.smoke, cuda=cuda, out=Path("."), e2e_args="", verdicts=verdicts,
+                            forward=forward, dq_tables=table.dq_tables(path) if path else {})
     items, keys = gpu_check.warm_items(check)
     if args.worker is not None:
         work(items[args.worker::args.jobs], check, args.n)

@@ -11,6 +11,7 @@ the device and dtype a user's "auto" means.
   dtype "auto": bfloat16 on CUDA (float16 where the GPU has no bf16), float32 on CPU.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -94,9 +95,11 @@ def _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limi
 
 
 def _triton_engine(device, table):
+    """The Triton engine in words, the table's forward to prefer and its dQ mode (ATTNLRP_FAST_DQ, when set, wins:
+    an explicit setting over a measured default)."""
     where = "Triton's interpreter" if device.type != "cuda" else "Triton kernels"
     forward = table["forward"] if table else None
-    dq = table.get("dq") if table else None
+    dq = table.get("dq") if table and not os.environ.get("ATTNLRP_FAST_DQ", "").strip() else None
     return f"{where} (forward {forward or 'auto'}, dQ {dq or 'default'})", forward, dq
 
 

@@ -220,6 +220,9 @@ def test_a_measured_table_decides_per_case_and_names_the_forward(cuda_spec, tmp_
     assert dispatch.attention_choice(*cuda_spec(N=1, M=131072), causal=True, key_padding_mask=object()).path == "torch"
     long = dispatch.attention_choice(*cuda_spec(N=32768), causal=True)
     assert (long.path, long.forward, long.dq) == ("triton", "hopper", "atomic")
+    monkeypatch.setenv("ATTNLRP_FAST_DQ", "separate")         # an explicit setting wins over the table's
+    assert dispatch.attention_choice(*cuda_spec(N=32768), causal=True).dq is None
+    monkeypatch.delenv("ATTNLRP_FAST_DQ")
     assert "16384 tokens" in long.reason and "triton 1.5 ms" in long.reason
     short = dispatch.attention_choice(*cuda_spec(N=900), causal=True)
     assert short.path == "torch" and "1024 tokens" in short.reason

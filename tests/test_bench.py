@@ -1,13 +1,15 @@
 """The benchmark harness on CPU: bench/device_run.sh's whole GPU check run end to end in smoke mode (Triton's
-interpreter, tiny sizes: the tests step, the warm-up, spot check, timings, profile, memory, end to end, sweep),
-the plan, time caps and partial results, the LXT-style baseline computing the same relevance as af.explain, plots
-and README tables from the JSON, the CPU memory benchmark, and the pytest-benchmark suite running once per
-benchmark."""
+interpreter, tiny sizes: the pre-flight record, the correctness gate, the tests step, the warm-up, spot check,
+timings, decode, dispatch table, profile, memory, end to end, sweep), the gate's verdicts steering the later steps,
+the install fallbacks, the plan, time caps and partial results, rows that raise, the LXT-style baseline computing
+the same relevance as af.explain, plots and README tables from the JSON, the CPU memory benchmark, and the
+pytest-benchmark suite running once per benchmark."""
 
 import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -21,12 +23,13 @@ import attnlrp_fast as af
 
 ROOT = Path(__file__).resolve().parent.parent
 from attnlrp_fast.evaluation import lxt_style
-from bench import cpu_explain, e2e, gpu_check, memory, runner, warm_cache  # the repository root
+from bench import cpu_explain, e2e, gate, gpu_check, memory, preflight, runner, table, warm_cache  # the repository root
 
 from bench import report as bench_report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 DEVICE_RUN = str(ROOT / "bench" / "device_run.sh")
+OUT_FILES = 7          # what a device run leaves in $OUT (at most 8 come back)
 
 
 def _smoke_check(**kw):
@@ -37,14 +40,28 @@ def _device_check():
     return gpu_check.Check(smoke=False, cuda=False, out=Path("."), e2e_args="")
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """gpu_check.main exports the dispatch table, the dQ mode and more for the steps after the gate: undo it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _script_env(**kw):
+    env = {k: v for k, v in os.environ.items() if k not in ("SKIP_INSTALL", "LIMIT_S", "GPU_CHECK_ARGS", "PIP",
+                                                             table.ENV, gate.FORCE_ENV)}
+    return {**env, "PYTHON": sys.executable, **kw}
+
+
 @pytest.fixture(scope="module")
 def device_smoke(tmp_path_factory):
-    """`SMOKE=1 bash bench/device_run.sh`, no argument: the whole check, as one device call runs it."""
+    """`SMOKE=1 bash bench/device_run.sh`, no argument: the whole check, as a GPU machine runs it."""
     out = tmp_path_factory.mktemp("out")
-    env = {k: v for k, v in os.environ.items() if k not in ("SKIP_INSTALL", "LIMIT_S", "GPU_CHECK_ARGS")}
     t = time.monotonic()
     proc = subprocess.run(["bash", DEVICE_RUN], capture_output=True, text=True, timeout=400,
-                          env={**env, "SMOKE": "1", "OUT": str(out)})
+                          env=_script_env(SMOKE="1", OUT=str(out)))
     return out, proc, time.monotonic() - t
 
 
@@ -60,15 +77,24 @@ def _jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def _preflight(env_txt):
+    (line,) = [ln for ln in Path(env_txt).read_text().splitlines() if ln.startswith("preflight: ")]
+    return json.loads(line[len("preflight: "):])
+
+
 # --- the whole check, end to end ----------------------------------------------------------------------------
 def test_device_script_runs_every_step_and_returns_its_files(device_smoke, smoke_json):
     out, proc, seconds = device_smoke
     files = sorted(p.name for p in out.iterdir())
-    assert all((out / f).is_file() for f in files) and len(files) <= 8       # what the device tool brings back
-    assert set(files) == {smoke_json.name, smoke_json.stem + ".jsonl", "env.txt", "run.log", "pytest-bf16.log",
-                          "warm.log"}
-    assert "torch" in (out / "env.txt").read_text() and "[sweep] done" in (out / "run.log").read_text()
+    assert all((out / f).is_file() for f in files) and len(files) == OUT_FILES <= 8       # what comes back
+    assert set(files) == {smoke_json.name, smoke_json.stem + ".jsonl", "env.txt", "run.log", "pytest-gpu.log",
+                          "warm.log", "dispatch.json"}
+    env_txt = (out / "env.txt").read_text()
+    assert "torch" in env_txt and "install: skipped" in env_txt and "[sweep] done" in (out / "run.log").read_text()
+    record = _preflight(out / "env.txt")
+    assert record["install"] == "skipped" and record["versions"]["executable"] == sys.executable
     result = json.loads(smoke_json.read_text())
+    assert result["preflight"]["forward_variants"] == record["forward_variants"]
     assert "unfinished" not in result and set(result["dates"]) == set(gpu_check.STEPS)
     assert [r["status"] for r in result["steps"].values()] == ["done"] * len(gpu_check.STEPS)
     assert sum(r["seconds"] for r in result["steps"].values()) < result["limit_s"] < 500
@@ -78,18 +104,42 @@ def test_device_script_runs_every_step_and_returns_its_files(device_smoke, smoke
     logged = [e for e in events if e["event"] == "row" and e["step"] in ("timings", "sweep")]
     assert [e["method"] for e in logged] == [r["method"] for r in result["timings"]]
     assert "Targets:" in proc.stdout and "Steps (seconds / budget" in proc.stdout
+    assert "Correctness gate against float64" in proc.stdout
     print(f"device_run.sh smoke: {seconds:.0f} s")
 
 
-def test_smoke_tests_step_selects_bf16_and_warms_every_later_kernel(smoke_json):
+def test_smoke_gate_checks_every_variant_and_logs_each_case(smoke_json):
+    result = json.loads(smoke_json.read_text())
+    units = gate.available_units(smoke=True)
+    verdicts = result["gate"]["verdicts"]
+    assert set(verdicts) == {u.variant for u in units} >= {"hopper", "tma", "portable", "dq=separate", "dq=atomic",
+                                                            "sdpa"}
+    assert all(v["status"] == "pass" for v in verdicts.values()), verdicts
+    cases = [e for e in _jsonl(smoke_json.with_suffix(".jsonl")) if e["event"] == "case"]
+    assert len(cases) == sum(len(u.cases()) for u in units) == sum(sum(v["cases"].values()) for v in verdicts.values())
+    # the descriptor kernels cannot take fp32 (recorded as such, not as failures); everything else passes
+    assert {c["variant"] for c in cases if c["status"] == "unsupported"} == {"hopper", "tma"}
+    assert all(c["status"] == "pass" for c in cases if c["variant"] not in ("hopper", "tma"))
+    assert all("float32" in c["case"] for c in cases if c["status"] == "unsupported")
+    dispatch = json.loads((smoke_json.parent / "dispatch.json").read_text())
+    assert table.validator() is None or table.validator()(dispatch) is dispatch
+    assert dispatch["gated_out"] == {} and dispatch["forward"] == "portable" and dispatch["dq"] == "separate"
+    assert dispatch["source"] == smoke_json.name and {c["features"] for c in dispatch["cases"]} == {
+        f for _, f in gpu_check.dispatch_cases(True)} | {"decode"}          # the decode step's batch-1 case
+
+
+def test_smoke_tests_step_selects_the_gpu_tests_and_warms_every_later_kernel(smoke_json):
     result = json.loads(smoke_json.read_text())
     tests = result["gpu_tests"]
-    log = (smoke_json.parent / "pytest-bf16.log").read_text()
+    log = (smoke_json.parent / "pytest-gpu.log").read_text()
     assert tests["returncode"] == 0 and tests["counts"] == {"SKIPPED": tests["counts"]["SKIPPED"]}   # no CUDA here
-    assert tests["counts"]["SKIPPED"] >= 40 and "-k bfloat16" in tests["selection"]
-    ids = [line.split()[0] for line in log.splitlines() if line.startswith("tests/") and "::" in line]
-    assert len(ids) == tests["counts"]["SKIPPED"] and all("bfloat16" in i for i in ids)
-    items, _ = gpu_check.warm_items(_smoke_check())
+    assert tests["counts"]["SKIPPED"] >= 90 and gpu_check.TEST_WORDS in tests["selection"]
+    ids = [line.split()[0] for line in log.splitlines() if ".py::" in line.split(" ")[0]]
+    words = re.compile("|".join(gpu_check.TEST_WORDS.split(" or ")))
+    assert len(ids) == tests["counts"]["SKIPPED"] and all(words.search(i) for i in ids)
+    for name in ("head_dims", "deterministic", "fully_masked_rows", "agrees_with_sdpa", "decode_prefill"):
+        assert any(name in i for i in ids), name
+    items, _ = gpu_check.warm_items(_smoke_check(verdicts=result["gate"]["verdicts"]))
     warm = result["warm"]
     assert warm["returncode"] == 0 and warm["planned"] == warm["warmed"] == len(items) and warm["errors"] == []
     assert result["plan"]["timings"]["compiled_here"] == 0 and result["plan"]["tests"]["kernels"] > 0
@@ -97,37 +147,51 @@ def test_smoke_tests_step_selects_bf16_and_warms_every_later_kernel(smoke_json):
 
 def test_smoke_measures_each_step(smoke_json):
     result = json.loads(smoke_json.read_text())
-    assert all(e is None or e < 1e-4 for errs in result["spot_check_rel_err"].values() for e in errs.values())
+    spot = result["spot_check_rel_err"]
+    assert set(spot) == {"grad", "attnlrp", "cp", "grad,path=sdpa", "attnlrp,path=sdpa"}
+    assert all(e is None or e < 1e-4 for errs in spot.values() for e in errs.values())
     timed = [r for r in result["timings"] if r["step"] == "timings"]
     core = gpu_check.core_names(gpu_check.methods(smoke=True))
     assert [(gpu_check.shape_of(r), r["method"]) for r in timed] == \
         [(s, m) for s in gpu_check.timing_shapes(True) for m in core]
+    assert core.index("lxt_style[sdpa]") < core.index("attnlrp_fast[grad]")          # the baselines first
     for row in result["timings"]:
         assert "error" not in row and math.isfinite(row["fwd_ms"]) and row["fwd_ms"] > 0
         assert row["fwd_tflops"] == pytest.approx(gpu_check.flops_fwd(row["B"], row["H"], row["N"], row["N"], row["D"],
                                                                        row["causal"]) / row["fwd_ms"] / 1e9)
         assert ("fwd_bwd_ms" in row) == (row["method"] != "attnlrp_fast[grad,fwd=portable]")   # forward only
-    assert "attnlrp_fast[grad,fwd=tma]" in gpu_check.methods(smoke=False) and gpu_check.methods(smoke=False)[
-        "attnlrp_fast[grad,fwd=tma]"].fwd_only              # bf16 only, so on the GPU only
+        assert row.get("forward") == ("portable" if row["method"].startswith("attnlrp_fast[") and
+                                      "path=sdpa" not in row["method"] else None)   # fp32: the portable kernel
+    device_methods = gpu_check.methods(smoke=False)
+    assert all(device_methods[f"attnlrp_fast[grad,fwd={v}]"].fwd_only for v in ("tma", "hopper"))  # bf16: GPU only
     swept = {gpu_check.shape_of(r) for r in result["timings"] if r["step"] == "sweep"}
     assert swept == set(gpu_check.sweep_shapes(True)) - set(gpu_check.timing_shapes(True)) and swept
     assert {"eager", "lxt_style[eager]"} <= {r["method"] for r in result["timings"] if r["step"] == "sweep"}
+    decode = result["decode"]
+    assert [r["method"] for r in decode][0] == "sdpa[default]" and all("error" not in r and r["ms"] > 0 for r in decode)
+    forwards = {r["method"]: r.get("forward") for r in decode}
+    assert forwards["attnlrp_fast[triton,fwd=decode]"] == "decode" and forwards["attnlrp_fast[triton]"]
+    assert [r["path"] for r in result["dispatch_rows"] if r["case"] == result["dispatch_rows"][0]["case"]] == \
+        ["sdpa", "forward=portable", "triton"]                   # the baseline first, the triton path last
+    assert all("error" not in r for r in result["dispatch_rows"])
     prof = result["profile"]
     assert set(prof["methods"]) == set(gpu_check.PROFILE_METHODS)
-    for p in prof["methods"].values():
-        assert p["total_ms"] > 0 and any("attention_bwd" in k for k in p["kernels"])
-        assert all(k["ms"] > 0 and k["count"] >= 1 for k in p["kernels"].values())
+    for name, p in prof["methods"].items():
+        assert p["total_ms"] > 0 and all(k["ms"] > 0 and k["count"] >= 1 for k in p["kernels"].values())
+        assert any("attention_bwd" in k for k in p["kernels"]) or "path=sdpa" in name
     mem = result["memory"]
     assert mem["shape"] == gpu_check.shape_dict(gpu_check.memory_shape(True))
-    assert [r["method"] for r in mem["rows"]] == ["attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]",
-                                                  "sdpa[default]"]
+    assert [r["method"] for r in mem["rows"]] == ["sdpa[default]", "attnlrp_fast[attnlrp]",
+                                                  "attnlrp_fast[attnlrp,dq=atomic]", "attnlrp_fast[attnlrp,path=sdpa]"]
     assert all("error" not in r and r["seconds_one_run"] > 0 for r in mem["rows"])
     e = result["e2e"]
     assert e["process"]["returncode"] == 0 and e["agreement"]["rel_err"] < 1e-5 and e["agreement"]["cosine"] > 0.99999
-    assert {r["method"] for r in e["rows"]} == {"forward", "attnlrp_fast", "lxt_style", e2e.HOPS}
+    assert e["agreement_triton"]["rel_err"] < 1e-5
+    assert [r["method"] for r in e["rows"]][:4] == ["forward", "lxt_style", "attnlrp_fast", e2e.TRITON]
     assert all(r["explain_over_forward"] > 0 for r in e["rows"] if r["method"] != "forward")
     hop_rows = [r for r in e["rows"] if r["method"] == e2e.HOPS]   # the first size only, 2 hops in the smoke run
     assert len(hop_rows) == 1 and hop_rows[0]["hops"] == 2 and hop_rows[0]["reasoning_tokens"] > 0
+    assert e["rows"][-1]["method"] == e2e.HOPS                     # after every size's other rows
     # beside each explanation, the meta estimate of the same config, length, dtype and mode (the GPU's peak is its
     # measurement; on CPU there is none)
     for r in e["rows"]:
@@ -177,7 +241,7 @@ def test_an_interrupted_step_keeps_its_rows_and_a_rerun_replaces_them(tmp_path, 
     calls = []
 
     def measure_then_stop(*args):
-        if len(calls) == 3:   # as the device call's time limit would (timeout --signal=INT)
+        if len(calls) == 3:   # as the run's time limit would (timeout --signal=INT)
             raise KeyboardInterrupt
         calls.append(1)
         return _fake_measure(0)(*args)
@@ -236,7 +300,7 @@ def test_capped_child_is_killed_with_its_children(tmp_path):
 def test_test_outcomes_reads_xdist_and_plain_pytest_output():
     text = ("[gw1] [ 10%] PASSED tests/test_a.py::test_x[bfloat16-64]\n"
             "[gw0] [ 20%] FAILED tests/test_a.py::test_x[bfloat16-128]\n"
-            "tests/test_b.py::test_y[bfloat16] PASSED [ 30%]\n"
+            "test_b.py::test_y[bfloat16] PASSED [ 30%]\n"              # pytest runs in tests/
             "tests/test_b.py::test_z[bfloat16] SKIPPED (needs a CUDA device) [ 40%]\n"
             "========== 1 failed, 2 passed, 1 skipped in 12.3s ==========\n")
     out = gpu_check.test_outcomes(text)
@@ -244,6 +308,178 @@ def test_test_outcomes_reads_xdist_and_plain_pytest_output():
     assert out["failed"] == ["tests/test_a.py::test_x[bfloat16-128]"]
     assert out["summary"] == "1 failed, 2 passed, 1 skipped in 12.3s"
     assert gpu_check.test_outcomes("")["counts"] == {} and gpu_check.exit_status({"gpu_tests": out}) == 1
+
+
+def test_a_row_that_raises_any_exception_is_recorded_and_the_step_goes_on(tmp_path, monkeypatch):
+    class CompilationError(Exception):      # what Triton raises for a kernel that does not compile
+        pass
+
+    def measure(method, q, k, v, causal, cuda, kpm=None):
+        if method.ours and method.ours[1] == "atomic":
+            raise AssertionError("dQ out of bounds")
+        if method.fwd_only:
+            raise CompilationError("ptxas fatal: out of resources\nmore detail")
+        return {"fwd_ms": 1.0, "fwd_bwd_ms": 3.0}
+    monkeypatch.setattr(gpu_check, "measure", measure)
+    assert gpu_check.main(["--smoke", "--steps", "timings", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["steps"]["timings"]["status"] == "done"
+    errors = {r["method"]: r.get("error") for r in result["timings"]}
+    assert errors["attnlrp_fast[grad,dq=atomic]"] == "AssertionError: dQ out of bounds"
+    assert errors["attnlrp_fast[grad,fwd=portable]"] == "CompilationError: ptxas fatal: out of resources"
+    assert errors["attnlrp_fast[grad]"] is None and errors["sdpa[default]"] is None
+    assert len(result["timings"]) == len(gpu_check.timing_shapes(True)) * len(gpu_check.core_names(
+        gpu_check.methods(True)))
+
+    def overrun(*args, **kw):            # the step's own time limit still stops it
+        raise runner.StepTimeout("stopped 5 s past its budget")
+    monkeypatch.setattr(gpu_check, "measure", overrun)
+    assert gpu_check.main(["--smoke", "--steps", "timings", "--out", str(tmp_path)]) == 0
+    assert json.loads(path.read_text())["steps"]["timings"]["status"].startswith("out of time")
+
+
+def _unit_result(unit, status="pass", why=None):
+    lines = [{"event": "case", "unit": unit.name, "variant": unit.variant, "case": c.name, "status": status,
+              "why": why} for c in unit.cases()]
+    proc = {"returncode": 0 if status != "hang" else None, "timed_out": status == "hang", "seconds": 1.0}
+    if status == "hang":
+        lines = []
+    return {"variant": unit.variant, "status": proc, "lines": lines, "verdict": gate.unit_verdict(unit, lines, proc)}
+
+
+def test_the_gate_verdicts_decide_what_the_later_steps_run(tmp_path, monkeypatch):
+    """A variant that fails the gate (simulated: its units' results) is left out of the timings, the tests step's
+    selection and the warm-up, and the provisional table names it under gated_out; with hopper out, tma leads."""
+    def run_gate(units, smoke, log, seconds, **kw):
+        fails = {"hopper": "fail", "dq=atomic": "hang"}
+        return {u.name: _unit_result(u, fails.get(u.variant, "pass"), "o 0.31 > 0.01") for u in units}
+    monkeypatch.setattr(gate, "run_gate", run_gate)
+    monkeypatch.setattr(gpu_check, "measure", _fake_measure(0))
+    assert gpu_check.main(["--smoke", "--steps", "gate,timings", "--out", str(tmp_path)]) == 1   # a variant failed
+    (path,) = tmp_path.glob("*-smoke.json")
+    result = json.loads(path.read_text())
+    verdicts = result["gate"]["verdicts"]
+    assert verdicts["hopper"]["status"] == verdicts["dq=atomic"]["status"] == "fail"
+    assert "timed out" in verdicts["dq=atomic"]["why"] and "o 0.31 > 0.01" in verdicts["hopper"]["why"]
+    assert verdicts["tma"]["status"] == verdicts["portable"]["status"] == verdicts["sdpa"]["status"] == "pass"
+    dispatch = json.loads((tmp_path / "dispatch.json").read_text())
+    assert set(dispatch["gated_out"]) == {"hopper", "dq=atomic"} and "timed out" in dispatch["gated_out"]["dq=atomic"]
+    assert dispatch["forward"] == "tma" and dispatch["dq"] == "separate"
+    assert os.environ[table.ENV] == str(tmp_path / "dispatch.json") and os.environ["ATTNLRP_FAST_DQ"] == "separate"
+    timed = {r["method"] for r in result["timings"]}
+    assert not any("dq=atomic" in m for m in timed) and "attnlrp_fast[attnlrp]" in timed
+    assert {"sdpa[default]", "attnlrp_fast[grad,path=sdpa]"} <= timed
+    selection = gpu_check.test_selection(result["gate"]["verdicts"])
+    assert selection[-1] == f"({gpu_check.TEST_WORDS}) and not hopper and not atomic"
+    check = _smoke_check(verdicts=table.verdicts_of(dispatch)[0], forward=dispatch["forward"])   # as warm_cache.py
+    assert check.order == ("tma", "portable") and not any("atomic" in n for n, _, _ in gpu_check.warm_items(check)[0])
+    summary = "\n".join(bench_report.summary_lines(result))
+    assert "Gated out (no later step ran them; the dispatch table names them): " in summary
+    assert f"hopper: {verdicts['hopper']['why']}" in summary and "dq=atomic: " in summary
+
+
+def test_no_valid_table_without_a_passing_forward_and_a_failed_gate_trusts_nothing(tmp_path, monkeypatch):
+    def run_gate(units, smoke, log, seconds, **kw):
+        return {u.name: _unit_result(u, "fail" if u.kind == "forward" else "pass") for u in units}
+    monkeypatch.setattr(gate, "run_gate", run_gate)
+    monkeypatch.setattr(gpu_check, "measure", _fake_measure(0))
+    monkeypatch.delenv(table.ENV, raising=False)
+    gpu_check.main(["--smoke", "--steps", "gate,timings", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["table"] == {"written": False, "why": "no Triton flash forward passed the gate"}
+    assert not (tmp_path / "dispatch.json").exists() and table.ENV not in os.environ
+    ours = {r["method"] for r in result["timings"] if r["method"].startswith("attnlrp_fast")}
+    assert ours == {"attnlrp_fast[grad,path=sdpa]", "attnlrp_fast[attnlrp,path=sdpa]"}   # the SDPA path passed
+
+    def broken(*args, **kw):
+        raise ImportError("no module named attnlrp_fast.kernels.attention_decode")
+    monkeypatch.setattr(gate, "available_units", broken)
+    gpu_check.main(["--smoke", "--steps", "gate,timings", "--out", str(tmp_path / "broken")])
+    (path,) = (tmp_path / "broken").glob("*-smoke.json")
+    result = json.loads(path.read_text())
+    assert result["steps"]["gate"]["status"].startswith("error: ImportError") and result["gate"]["verdicts"] == {}
+    assert not any(r["method"].startswith("attnlrp_fast") for r in result["timings"])   # only the baselines ran
+
+
+def test_the_gate_kills_a_hanging_unit_and_fails_a_crashed_or_wrong_one(tmp_path, monkeypatch):
+    """Real unit processes (smoke sizes): one hangs (killed at its time limit), one crashes, one fails a case; each
+    verdict says so and the case lines of the others are in the log."""
+    monkeypatch.setenv(gate.FORCE_ENV, "tma:hang,sdpa:crash,portable:fail")
+    units = [u for u in gate.available_units(smoke=True) if u.variant in ("tma", "sdpa", "portable", "hopper")]
+    log = tmp_path / "gate.jsonl"
+    t = time.monotonic()
+    results = gate.run_gate(units, True, log, seconds=60, jobs=4, unit_timeout=8)
+    assert time.monotonic() - t < 40
+    verdicts = gate.verdicts(results)
+    assert verdicts["tma"]["status"] == "fail" and "timed out after" in verdicts["tma"]["why"]
+    assert verdicts["sdpa"]["status"] == "fail" and "exited with status -11 after 0 of" in verdicts["sdpa"]["why"]
+    assert verdicts["portable"]["status"] == "fail" and f"forced by {gate.FORCE_ENV}" in verdicts["portable"]["why"]
+    assert verdicts["hopper"]["status"] == "pass" and verdicts["hopper"]["cases"] == {"pass": 4, "unsupported": 4}
+    lines = _jsonl(log)
+    assert {ln["variant"] for ln in lines} == {"hopper", "portable"}      # the hung and crashed units wrote none
+    hopper = next(u for u in units if u.variant == "hopper")
+    assert [ln["case"] for ln in lines if ln["variant"] == "hopper"] == [c.name for c in hopper.cases()]
+    # a unit that only got what was left of the gate's time is not called hung; one never started is not run
+    cut = gate.unit_verdict(hopper, [], {"returncode": None, "timed_out": True, "seconds": 3.0, "cut_by_gate": True})
+    assert cut == {"status": "fail", "why": f"{hopper.name}: not finished when the gate's time ran out after 3 s "
+                                            f"(0 of {len(hopper.cases())} cases done)"}
+    assert gate.unit_verdict(hopper, [], None)["why"].endswith("not run (the gate's time ran out)")
+
+
+def test_the_preflight_record():
+    record = preflight.record(install="target")
+    assert record["install"] == "target" and record["gpu"] is None           # no CUDA here
+    assert record["versions"]["torch"] == torch.__version__ and record["versions"]["numpy"]
+    variants = record["forward_variants"]
+    assert set(variants) >= {"hopper", "tma", "portable"} and variants["portable"]["runs"]
+    assert Path(record["imported_from"]["kernels"]) == ROOT / "kernels"
+    if os.environ.get("TRITON_INTERPRET") == "1":   # the interpreter runs the descriptor kernels on CPU tensors
+        assert variants["tma"] == {"runs": True, "why_not": None, "with_padding": True, "why_not_with_padding": None}
+    tma = preflight.forward_variants(dtype=torch.float32)["tma"]      # what cannot run says why
+    assert not tma["runs"] and "float16 or bfloat16" in tma["why_not"]
+
+
+def _step0(tmp_path, **env):
+    """Step 0 alone (`bash bench/device_run.sh preflight`)."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", DEVICE_RUN, "preflight"], capture_output=True, text=True, timeout=240,
+                          env=_script_env(OUT=str(out), **env))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return out, proc
+
+
+def _fake_pip(tmp_path, editable_fails, target_fails):
+    pip = tmp_path / "pip"
+    pip.write_text("#!/bin/sh\n"
+                   f'case " $* " in *" -e "*) {"exit 1" if editable_fails else ""};; esac\n'
+                   f'case " $* " in *" --target "*) {"exit 1" if target_fails else ""};; esac\n'
+                   f'exec {sys.executable} -m pip "$@"\n')
+    pip.chmod(0o755)
+    return str(pip)
+
+
+def test_the_install_falls_back_to_a_target_folder_then_to_the_checkout_on_pythonpath(tmp_path):
+    """Every Python step runs under PYTHON. An editable install that fails (a read-only site-packages): a plain install
+    into a folder on PYTHONPATH; when that fails too, the checkout itself through a folder that maps kernels/ and
+    python_bindings/ as setup.py does. env.txt records which, in the pre-flight record."""
+    calls = tmp_path / "calls"
+    wrapper = tmp_path / "my-python"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    out, proc = _step0(tmp_path / "a", PIP=_fake_pip(tmp_path, True, False), PYTHON=str(wrapper))
+    assert "install: target" in proc.stdout and f"python: {wrapper}" in (out / "env.txt").read_text()
+    assert any("bench/preflight.py" in c for c in calls.read_text().splitlines())
+    record = _preflight(out / "env.txt")
+    assert record["install"] == "target" and "attnlrp_fast_site." in record["imported_from"]["kernels"]
+    assert record["versions"]["executable"] == sys.executable and record["forward_variants"]["portable"]["runs"]
+    assert sorted(p.name for p in out.iterdir()) == ["env.txt"]      # step 0 only
+    out, proc = _step0(tmp_path / "b", PIP=_fake_pip(tmp_path, True, True))
+    assert "install: path" in proc.stdout
+    record = _preflight(out / "env.txt")
+    assert record["install"] == "path" and "attnlrp_fast_path." in record["imported_from"]["attnlrp_fast"]
+    assert record["imported_from"]["kernels"] == str(ROOT / "kernels")      # the checkout's own files
 
 
 # --- the plan and the warm-up -------------------------------------------------------------------------------
@@ -260,21 +496,24 @@ def _plan_rows(text):
 def test_plan_prints_each_steps_compiles_and_budget_and_runs_nothing(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", DEVICE_RUN, "--plan"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OUT": str(out), "LIMIT_S": "500"})
+                          env=_script_env(OUT=str(out), LIMIT_S="500"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not out.exists()                       # nothing ran, nothing was written
     rows = _plan_rows(proc.stdout)
     assert list(rows) == list(gpu_check.STEPS)
     assert [r[0] for r in rows.values()] == [b if b is not None else "rest" for b, _, _ in gpu_check.STEPS.values()]
-    # timings: 3 kinds of shape (D=128 causal, D=128 full, D=64 causal) x (3 forward kernels + 4 dK/dV + 2 dQ)
-    # + the delta kernel for (D=128, H=16) and (D=64, H=32); profile and memory: forward, delta, 2 dK/dV, 1 dQ;
-    # spot: forward, delta, 3 dK/dV (one per rule), 2 dQ (cp has none)
-    assert {s: rows[s][1] for s in ("spot", "timings", "profile", "memory")} == \
-        {"spot": 7, "timings": 29, "profile": 5, "memory": 5}
-    assert all(r[2] == 0 for s, r in rows.items() if s != "tests")      # all compiled by the warm-up
+    # timings: 3 kinds of shape (D=128 causal, D=128 full, D=64 causal) x (4 forward kernels: the default and each
+    # one forced + 4 dK/dV + 2 dQ) + the delta kernel for (D=128, H=16) and (D=64, H=32); profile and memory: forward,
+    # delta, 2 dK/dV, 1 dQ (the SDPA path compiles none); spot: forward, delta, 3 dK/dV (one per rule), 2 dQ (cp has
+    # none); dispatch (no gate: the default forward only): 2 head dims x 4 features x (forward, dK/dV, dQ) + 2 delta;
+    # decode: the split-KV kernel of GQA 32/8, D = 128
+    assert {s: rows[s][1] for s in ("spot", "timings", "profile", "memory", "dispatch", "decode")} == \
+        {"spot": 7, "timings": 32, "profile": 5, "memory": 5, "dispatch": 26, "decode": 1}
+    assert all(r[2] == 0 for s, r in rows.items() if s not in ("tests", "gate"))   # all compiled by the warm-up
     assert rows["tests"][1] == rows["tests"][2] == len(gpu_check.warm_items(_device_check())[1])
-    n_tests = int(proc.stdout.split(" bf16 test cases")[0].split()[-1])
-    assert n_tests >= 40
+    assert rows["gate"][1] == rows["gate"][2] == sum(u.compiles() for u in gate.available_units(smoke=False))
+    n_tests = int(proc.stdout.split(" GPU test cases")[0].split()[-1])
+    assert n_tests >= 90 and "tests/test_attention_gpu.py" in proc.stdout
     assert f"within --limit-s {500 - 40} s" in proc.stdout
 
 
@@ -283,7 +522,8 @@ def test_warm_runs_have_the_specialisation_of_the_timed_runs():
     items, warmed = gpu_check.warm_items(check)
     for step in gpu_check.WARMED_STEPS:              # every kernel a later step runs is compiled by the warm-up
         assert gpu_check.step_kernels(step, check) <= warmed, step
-    timed = [s for step in ("spot", "timings", "memory", "sweep") for _, _, s in gpu_check.step_calls(step, check)]
+    timed = [s for step in ("spot", "timings", "dispatch", "memory", "sweep")
+             for _, _, s in gpu_check.step_calls(step, check)]
     for shape in timed:
         small = warm_cache.warm_shape(shape, 512)
         assert small[3] <= 512 and small[3] % 16 == 0 and small[1:3] + small[4:] == shape[1:3] + shape[4:]
@@ -343,7 +583,7 @@ def test_lxt_style_refuses_a_model_without_llama_parts():
 
 # --- plots and README tables --------------------------------------------------------------------------------
 def test_report_writes_plots_and_tables_from_the_json(smoke_json, tmp_path):
-    path = tmp_path / smoke_json.name          # plots go next to the JSON: keep the device run's folder as it was
+    path = tmp_path / smoke_json.name          # plots go next to the JSON: keep the GPU run's folder as it was
     path.write_text(smoke_json.read_text())
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- table:attention -->\nold\n<!-- /table:attention -->\nmiddle\n"
@@ -364,14 +604,22 @@ def test_report_writes_plots_and_tables_from_the_json(smoke_json, tmp_path):
         best = max(r["fwd_tflops"] for r in same if r["method"].startswith("sdpa["))
         assert s["fwd_vs_sdpa"] == pytest.approx(ours["fwd_tflops"] / best)
         assert s["portable_fwd_tflops"] == portable["fwd_tflops"]
-        assert f"{s['fwd_tflops']:.0f} | - | {portable['fwd_tflops']:.0f} | {best:.0f} | {s['fwd_vs_sdpa']:.2f}x" \
-            in tables["attention"]
+        assert f"{s['fwd_tflops']:.0f} | - | - | {portable['fwd_tflops']:.0f} | {best:.0f} | {s['fwd_vs_sdpa']:.2f}x" \
+            in tables["attention"]                # no TMA or Hopper forward in fp32
     for row in result["memory"]["rows"]:                   # the memory step's table
         assert f"| {row['method']} | - | {row['seconds_one_run']:.2f} |" in tables["attention"]   # no peak on CPU
     for method, prof in result["profile"]["methods"].items():     # the profile step's table, largest first
         name, k = next(iter(prof["kernels"].items()))
         assert f"| {method} | `{name[:70]}` | {k['ms']:.3f} | {k['count']} |" in tables["attention"]
-    assert "Steps (seconds / budget, Triton compiles): tests " in tables["attention"]
+    assert "Steps (seconds / budget, Triton compiles): gate " in tables["attention"]
+    assert "Correctness gate against float64 (7 units in parallel processes; cases: " in tables["attention"]
+    for row in result["decode"]:                          # the decode table: one column per method
+        assert f"| {row['method']} |" in tables["attention"].split("Decoding:")[1].split("\n")[2]
+    rows = {(r["case"], r["path"]): r for r in result["dispatch_rows"]}     # the dispatch table's cases
+    for case in {c for c, _ in rows}:
+        sdpa, triton = rows[case, "sdpa"], rows[case, "triton"]
+        assert f"| {case} | {sdpa['fwd_bwd_ms']:.3f} | {triton['fwd_bwd_ms']:.3f} ({triton['forward']}) |" \
+            in tables["attention"]
     assert "attnlrp_fast" in tables["e2e"] and "lxt_style" in tables["e2e"] and "agree" in tables["e2e"]
     assert "| estimated GiB | measured / estimated |" in tables["e2e"]
 
