@@ -353,7 +353,7 @@ def run_gate(unit_list, smoke, log, seconds, jobs=None, unit_timeout=UNIT_LIMIT_
             status = {**status, "cut_by_gate": True}    # its time was what was left of the gate's, not its own
         lines = []
         with contextlib.suppress(OSError, TypeError):
-            lines = [ln for ln in map(_json, Path(path).read_text().splitlines())
+            lines = [ln for ln in map(json_object, Path(path).read_text().splitlines())
                      if ln is not None and ln.get("event") == "case"]
         results[unit.name] = {"variant": unit.variant, "status": status, "lines": lines,
                               "verdict": unit_verdict(unit, lines, status)}
@@ -388,7 +388,8 @@ def run_gate(unit_list, smoke, log, seconds, jobs=None, unit_timeout=UNIT_LIMIT_
     return results
 
 
-def _json(text):
+def json_object(text):
+    """The JSON object a line of output holds, or None (not JSON, or not an object)."""
     with contextlib.suppress(ValueError):
         value = json.loads(text)
         return value if isinstance(value, dict) else None

@@ -1001,13 +1001,6 @@ def step_memory(run, check):
     return True
 
 
-def _json_line(line):
-    with contextlib.suppress(ValueError):
-        value = json.loads(line)
-        return value if isinstance(value, dict) else None
-    return None
-
-
 def e2e_methods(check):
     """bench/e2e.py's methods this run may take: the baselines, ours on auto (the SDPA path or the Triton kernels,
     whichever passed), ours with the Triton kernels forced (when a forward and a dQ mode passed)."""
@@ -1028,7 +1021,7 @@ def step_e2e(run, check):
     try:
         for line in child.proc.stdout:
             print(line, end="", flush=True)
-            row = _json_line(line)
+            row = gate.json_object(line)
             if row is not None:
                 run.log("e2e", "row", **row)
                 with contextlib.suppress(OSError, ValueError):
