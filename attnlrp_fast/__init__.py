@@ -10,9 +10,9 @@ Importing the package is light (no torch): each public name is imported on first
 by `import attnlrp_fast`: at once when transformers' modeling code is already imported, else right after it is.
 """
 
-import importlib
-import importlib.abc
-import sys
+import importlib as _importlib
+import importlib.abc as _importlib_abc
+import sys as _sys
 
 __version__ = "0.1.0"
 
@@ -51,14 +51,14 @@ def _register_with_transformers():
     return registered
 
 
-class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+class _RegisterAfterTransformers(_importlib_abc.MetaPathFinder):
     """Finds nothing itself: when transformers' modeling code is imported, it lets the other finders find it and
     registers the engine's attention right after that module has run, then takes itself off sys.meta_path."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _TRANSFORMERS_MODULE:
             return None
-        for finder in sys.meta_path:
+        for finder in _sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
@@ -72,30 +72,41 @@ class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
+            if self in _sys.meta_path:
+                _sys.meta_path.remove(self)
             _register_with_transformers()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
-if _TRANSFORMERS_MODULE in sys.modules:
+if _TRANSFORMERS_MODULE in _sys.modules:
     _register_with_transformers()
-elif not any(isinstance(f, _RegisterAfterTransformers) for f in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterAfterTransformers())
+elif not any(isinstance(f, _RegisterAfterTransformers) for f in _sys.meta_path):
+    _sys.meta_path.insert(0, _RegisterAfterTransformers())
+
+
+def _subpackages():
+    """The package's subpackages (kernels/ and python_bindings/ are mapped in as kernels and bindings)."""
+    import pkgutil
+
+    return {m.name for m in pkgutil.iter_modules(__path__) if m.ispkg} | {"bindings", "kernels"}
 
 
 def __getattr__(name):
     if name == "HF_REGISTERED":   # transformers not imported yet: register now (imports it)
         return _register_with_transformers()
-    if name not in _PUBLIC:
+    if name in _PUBLIC:
+        module, attribute = _PUBLIC[name]
+        value = getattr(_importlib.import_module(module, __name__), attribute)
+    elif name in _subpackages():
+        value = _importlib.import_module(f".{name}", __name__)
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attribute = _PUBLIC[name]
-    value = getattr(importlib.import_module(module, __name__), attribute)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_PUBLIC) | {"HF_REGISTERED"})
+    """The public API only: __all__, HF_REGISTERED and the subpackages."""
+    return sorted({*__all__, "HF_REGISTERED", *_subpackages()})

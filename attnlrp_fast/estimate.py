@@ -8,6 +8,16 @@ seconds. On the meta device the Triton launchers make exactly the allocations th
 the bytes of every tensor storage created during the run and frees them when the storage dies, forward and backward:
 the peak is the most that is ever live on top of the weights, and `where` says when it happens.
 
+What a long run costs is the MLP chunks: low_memory runs each layer's MLP in chunks of mlp_chunk tokens, three
+times (forward, recomputation, backward), and a meta op costs what a small real one does (1M tokens: 1,024 chunks a
+layer). The chunks are alike, and what is live around them moves one way: the forward holds more after each chunk
+(its output, until all are concatenated; its input too where it is saved for the backward) and the backward, chunk
+by chunk in reverse order, frees it again, so the most any chunk reaches is reached in the last two. The run
+computes the first chunk and the last two as they are and stands in for the ones between (StoodInChunk: the input
+saved through the same saved-tensor hooks, an output and an input gradient of the same shapes, none of the chunk's
+working memory): the peak, where it is and the largest tensor are those of the whole run to the byte (a test checks
+them against exact=True, which runs every chunk).
+
 Modes:
   low_memory  af.explain(checkpoint=True, mlp_chunk=...): every layer checkpointed, MLPs in token chunks (the CLI's
               default)
@@ -60,14 +70,14 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        results = _tensors(out, [])
-        if not results:
+        fresh = [s for s in (t.untyped_storage() for t in _tensors(out, [])) if s._cdata not in self.live]
+        if not fresh:     # no output, or views of counted storages: nothing to look up among the inputs
             return out
         # an output on the storage of an input is a view (or in place): nothing new, whether or not that storage
         # was counted (the weights and inputs exist before the run)
         seen = {t.untyped_storage()._cdata for t in _tensors((args, kwargs), [])}
-        for t in results:
-            self._count(t.untyped_storage(), seen)
+        for storage in fresh:
+            self._count(storage, seen)
         return out
 
     def _count(self, storage, seen):
@@ -138,11 +148,16 @@ def load_config(source):
             raise ValueError(f"{source}: model_type {model_type!r} is not one transformers knows") from None
     if not path.exists() and (path.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
         raise ValueError(f"no model config at {source!r}: no such file or folder")
+    from attnlrp_fast import hub
+
+    label = f"no model config at {source!r} (shipped names: {', '.join(shapes)})"
+    options = hub.from_pretrained_options(source, known=list(shapes), label=label)   # an unknown name fails at once
     try:
-        return transformers.AutoConfig.from_pretrained(source)
+        return transformers.AutoConfig.from_pretrained(source, **options)
     except (OSError, ValueError) as e:
         raise ValueError(f"no model config at {source!r} (a shipped name: {', '.join(shapes)}; a config JSON file; a "
-                         f"model folder; or a hub id, which needs the network): {str(e).splitlines()[0]}") from None
+                         f"model folder; or a hub id, which needs the network): {str(e).splitlines()[0]}"
+                         f"{hub.did_you_mean(source, list(shapes))}") from None
 
 
 def meta_model(model_or_config, dtype):
@@ -251,13 +266,49 @@ def _flash_sdpa(sdpa):
     return attention
 
 
+class StoodInChunk(torch.autograd.Function):
+    """A middle MLP chunk of a meta run (module docstring): what a checkpointed chunk holds and makes, without its
+    work. Its input is saved as torch.utils.checkpoint saves a chunk's input (save_for_backward, through the
+    saved-tensor hooks of an enclosing layer checkpoint), its output is new, and so is its input's gradient."""
+
+    @staticmethod
+    def forward(ctx, part, shape, dtype):
+        ctx.save_for_backward(part)
+        return part.new_empty(shape, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (part,) = ctx.saved_tensors
+        return torch.empty_like(part, memory_format=torch.contiguous_format), None, None
+
+
+def _chunk_or_stand_in(real):
+    """memory.LowMemoryHandle._chunk that stands in for the chunks between the first and the last two of a meta
+    run that takes gradients."""
+    def chunk(inner, part, grad, index, count, outs):
+        if not (grad and part.is_meta and 0 < index < count - 2):
+            return real(inner, part, grad, index, count, outs)
+        return StoodInChunk.apply(part, part.shape[:2] + outs[0].shape[2:], outs[0].dtype)
+    return staticmethod(chunk)
+
+
+@contextlib.contextmanager
+def _stood_in_chunks(enabled):
+    from attnlrp_fast.memory import LowMemoryHandle
+
+    with Patches() as patches:
+        if enabled:
+            patches.set(LowMemoryHandle, "_chunk", _chunk_or_stand_in(LowMemoryHandle._chunk))
+        yield
+
+
 def _run(model, ids, mode, mlp_chunk):
     import attnlrp_fast as af
 
     if mode in ("low_memory", "plain"):
         af.explain(model, input_ids=ids, checkpoint=mode == "low_memory", mlp_chunk=mlp_chunk)
         return
-    from attnlrp_fast.evaluation import lxt_style
+    from attnlrp_fast.baselines import lxt_style
 
     try:
         lxt_style.patch(model)
@@ -283,14 +334,14 @@ def _check_arguments(mode, tokens, batch, mlp_chunk):
         raise ValueError(f"mlp_chunk must be a number of tokens (0: no chunking), got {mlp_chunk!r}")
 
 
-def _measure(config, tokens, dtype, batch, mode, mlp_chunk) -> MemoryEstimate:
-    """One meta run of the whole explanation."""
+def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False) -> MemoryEstimate:
+    """One meta run of the whole explanation (every_chunk: no MLP chunk stood in for)."""
     model = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     ids = torch.zeros((batch, tokens), dtype=torch.long, device="meta")
     # the launchers choose their configuration as on a GPU, whether or not this process runs Triton's interpreter
     # (its configurations differ, and with them a few small allocations)
-    with _meta_safe_transformers(), _as_on_gpu(), LiveBytes() as meter:
+    with _meta_safe_transformers(), _as_on_gpu(), _stood_in_chunks(not every_chunk), LiveBytes() as meter:
         locator = _Locator(model, meter)
         try:
             _run(model, ids, mode, mlp_chunk)
@@ -323,12 +374,13 @@ def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, m
 
     A model's layers are alike, so each adds the same bytes: unless `exact`, the run is done with 1, 2 and 3 layers
     and, where the three peaks lie on a line to the byte (they do for every family here), extended to the model's
-    depth; where they do not, the whole model runs. Weights are always counted for the whole model."""
+    depth; where they do not, the whole model runs. Weights are always counted for the whole model. `exact` also
+    runs every MLP chunk (module docstring): the same numbers, slower."""
     _check_arguments(mode, tokens, batch, mlp_chunk)
     config = getattr(model_or_config, "config", model_or_config)
     layers = getattr(config, "num_hidden_layers", None)
     if exact or not isinstance(layers, int) or layers <= 3:
-        return _measure(config, tokens, dtype, batch, mode, mlp_chunk)
+        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=exact)
     runs = [_measure(with_layers(config, k), tokens, dtype, batch, mode, mlp_chunk) for k in (1, 2, 3)]
     step = runs[1].peak - runs[0].peak
     where = _scaled_where([r.where for r in runs], layers)
@@ -383,14 +435,18 @@ def _bracket(at, budget, lo, e_lo, guess, start, limit):
 
 
 def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode="low_memory", mlp_chunk=1024,
-                    batch=1, start=1024, limit=1 << 24, precision=0.0):
+                    batch=1, start=1024, limit=1 << 24, precision=0.0, progress=None):
     """The longest input (a multiple of `start` tokens, up to `limit`) whose explanation fits `budget_bytes` with
     the weights, and its estimate; (0, None) when not even `start` tokens fit. The memory grows with the length in
     every mode and nearly on a line (eager mode aside): the line through `start` and `2 start` gives a first guess,
     steps of a quarter bracket the budget, then secant steps alternating with bisection narrow the bracket to
-    `start` tokens, or `precision` of the length. A handful of estimates, where doubling would take twenty."""
+    `start` tokens, or `precision` of the length. A handful of estimates, where doubling would take twenty;
+    progress() after each."""
     def at(n):
-        return estimate_memory(model_or_config, n, dtype=dtype, batch=batch, mode=mode, mlp_chunk=mlp_chunk)
+        e = estimate_memory(model_or_config, n, dtype=dtype, batch=batch, mode=mode, mlp_chunk=mlp_chunk)
+        if progress is not None:
+            progress()
+        return e
 
     lo, e_lo = start, at(start)
     if e_lo.total > budget_bytes:

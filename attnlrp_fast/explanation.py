@@ -26,7 +26,7 @@ t * h * w / merge^2 placeholders.
 
 import contextlib
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -40,29 +40,68 @@ from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
 
 
-@dataclass
+@dataclass(repr=False)
 class Explanation:
-    relevance: torch.Tensor                 # (B, N) float32: input-token (or image-patch) relevance
-    target_ids: Optional[torch.Tensor]      # (B,) explained token/class ids; (B, P) for several; None for callables
-    target_logit: torch.Tensor              # (B,) float32: the explained score (= total relevance seeded)
+    """What af.explain() returns (B: batch rows, N: input positions, P: targets per row). Its fields:
+
+    relevance         (B, N) float32: each input token's relevance (a ViT's: each image patch's)
+    target_ids        (B,) the explained token or class ids; (B, P) for a list of (position, token) targets; None
+                      for a callable target
+    target_logit      (B,) float32: the explained score, which is the total relevance seeded
+    rule              "attnlrp", "cp" or "grad"
+    latent            {name: (B, N, D) float32}: the relevance of each module output asked for with latent= ("name"),
+                      or of its input ("name:input"); {} when none was
+    positions         (B,) or (B, P): the positions whose logits were explained; None for a callable target
+    target_logits     (B, P) float32: each (position, token) target's own logit; None for other targets
+
+    A vision-language model's (module docstring), else None:
+    image_relevance   one (h, w) float32 map per image on its patch grid, in pixel_values' order
+    image_rows        (images,): the batch row each image belongs to
+    image_share       (B,) float32: the signed share of a row's relevance on its images
+    text_share        (B,) float32: the share on its text tokens (image_share + text_share = 1)
+
+    With reasoning_span= (the relevance carried back through a reasoning span, attnlrp_fast/reasoning.py), else None:
+    reasoning_span    (start, end): the positions of the reasoning tokens
+    hop_relevance     (hops + 1, B, N) float32: each hop's relevance; hop 0 is `relevance`
+    prompt_relevance  (B, N) float32: all hops' relevance on the positions before the reasoning
+    reasoning_share   (hops + 1, B) float32: the share of each hop's relevance left in the reasoning
+    reasoning_seed    "positive" or "signed": what each hop passes on
+    reasoning_skipped the number of reasoning tokens with a logit of 0, which pass nothing on (0 without a span)
+    hop_image_relevance     per hop, one (h, w) map per image (hop 0 is image_relevance)
+    prompt_image_relevance  per image, the sum of its maps over all hops
+
+    repr() shows the fields not left at their default (None, {}, 0), tensors as their shape and dtype.
+    """
+    relevance: torch.Tensor
+    target_ids: Optional[torch.Tensor]
+    target_logit: torch.Tensor
     rule: str
-    latent: dict = field(default_factory=dict)   # name -> (B, N, D) float32 relevance of that module's output
-    positions: Optional[torch.Tensor] = None     # (B,) or (B, P) positions whose logits were explained
-    target_logits: Optional[torch.Tensor] = None  # (B, P) float32: each (position, token) target's own logit
-    # vision-language models (module docstring): one (h, w) float32 patch-grid map per image, in pixel_values' order
+    latent: dict = field(default_factory=dict)
+    positions: Optional[torch.Tensor] = None
+    target_logits: Optional[torch.Tensor] = None
     image_relevance: Optional[list] = None
-    image_rows: Optional[torch.Tensor] = None    # (images,) the batch row each image belongs to
-    image_share: Optional[torch.Tensor] = None   # (B,) float32: signed share of the row's relevance on its images
-    text_share: Optional[torch.Tensor] = None    # (B,) float32: on its text tokens (image_share + text_share = 1)
-    # multi-hop relevance through a reasoning span (reasoning.py): None without reasoning_span
-    reasoning_span: Optional[tuple] = None       # (start, end) positions of the reasoning tokens
-    hop_relevance: Optional[torch.Tensor] = None    # (hops + 1, B, N) float32: hop 0 = relevance
-    prompt_relevance: Optional[torch.Tensor] = None  # (B, N) float32: all hops' relevance on positions < start
-    reasoning_share: Optional[torch.Tensor] = None  # (hops + 1, B) float32: share of each hop left in the reasoning
-    reasoning_seed: Optional[str] = None         # "positive" or "signed": what each hop passes on
-    reasoning_skipped: int = 0                   # reasoning tokens with a logit of 0 (they pass nothing on)
-    hop_image_relevance: Optional[list] = None   # per hop: one (h, w) map per image (hop 0 = image_relevance)
-    prompt_image_relevance: Optional[list] = None  # per image: the sum of its maps over all hops
+    image_rows: Optional[torch.Tensor] = None
+    image_share: Optional[torch.Tensor] = None
+    text_share: Optional[torch.Tensor] = None
+    reasoning_span: Optional[tuple] = None
+    hop_relevance: Optional[torch.Tensor] = None
+    prompt_relevance: Optional[torch.Tensor] = None
+    reasoning_share: Optional[torch.Tensor] = None
+    reasoning_seed: Optional[str] = None
+    reasoning_skipped: int = 0
+    hop_image_relevance: Optional[list] = None
+    prompt_image_relevance: Optional[list] = None
+
+    def __repr__(self):
+        shown = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            default = f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None)
+            if value is None or (not isinstance(value, torch.Tensor) and value == default):
+                continue
+            shown.append(f"{f.name}={_summary(value)}")
+        return f"Explanation({', '.join(shown)})"
 
     def top_neurons(self, name: str, k: int = 10):
         """The k neurons of latent `name` with the largest relevance summed over batch and positions:
@@ -83,6 +122,19 @@ class Explanation:
         if name not in self.latent:
             raise KeyError(f"no latent {name!r}; explained latents: {sorted(self.latent)}")
         return self.latent[name]
+
+
+def _summary(value):
+    """A tensor as its shape and dtype (in lists, tuples and dicts too); anything else as repr() shows it."""
+    if isinstance(value, torch.Tensor):
+        return f"tensor(shape={tuple(value.shape)}, dtype={str(value.dtype).removeprefix('torch.')})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k!r}: {_summary(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_summary(v) for v in value) + "]"
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return "(" + ", ".join(_summary(v) for v in value) + ")"
+    return repr(value)
 
 
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,

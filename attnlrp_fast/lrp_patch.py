@@ -95,7 +95,7 @@ class LRPHandle:
         modules = attention_modules(model)
         for module in modules:
             self._patches.set(module, RULE_ATTR, self.rule)
-            self._patches.set(module, BACKEND_ATTR, self.backend)
+        attention_backend(model, self.backend, self._patches)
         if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
 
@@ -198,6 +198,17 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None) -> LRPHandle:
     """Patch this model instance so that its backward follows `rule` ("attnlrp" | "cp" | "grad").
     Use as a context manager, or keep the handle and call .remove(). See the module docstring."""
     return LRPHandle(model, rule, backend=backend, gamma=gamma)
+
+
+def attention_backend(model, backend, patches=None) -> Patches:
+    """Route every attention module of `model` to `backend` (as in af.attention; None: auto), through `patches` (new
+    ones when None), which are returned: `with attention_backend(model, "torch"): ...` puts back what each module
+    had. The one place a backend goes onto a model: af.lrp, generation and the evaluation's forwards route here."""
+    check_backend(backend)
+    patches = Patches() if patches is None else patches
+    for module in attention_modules(model):
+        patches.set(module, BACKEND_ATTR, backend)
+    return patches
 
 
 def lrp_scope(model, rule=None, backend=None, *, caller):

@@ -101,15 +101,22 @@ class LowMemoryHandle:
                 return inner(hidden_states, *args, **kwargs)
             grad = torch.is_grad_enabled() and hidden_states.requires_grad
             outs = []
-            for start in range(0, hidden_states.shape[1], chunk):
+            starts = range(0, hidden_states.shape[1], chunk)
+            for index, start in enumerate(starts):
                 part = hidden_states[:, start:start + chunk].contiguous()
-                y = _checkpoint(inner, part, use_reentrant=False) if grad else inner(part)
+                y = self._chunk(inner, part, grad, index, len(starts), outs)
                 if not isinstance(y, torch.Tensor) or y.shape[:2] != part.shape[:2]:
                     # not position-wise in a form we can concatenate: run it whole
                     return inner(hidden_states)
                 outs.append(y)
             return torch.cat(outs, dim=1)
         return forward
+
+    @staticmethod
+    def _chunk(inner, part, grad, index, count, outs):
+        """The MLP on chunk `index` of `count` (`outs`: the earlier chunks' outputs), checkpointed when it takes
+        gradients. af.estimate_memory stands in for the middle chunks of a run on meta tensors (estimate.py)."""
+        return _checkpoint(inner, part, use_reentrant=False) if grad else inner(part)
 
     def remove(self):
         self._patches.restore()

@@ -39,11 +39,3 @@ class Patches:
     def __exit__(self, *exc):
         self.restore()
         return False
-
-
-def set_for_all(modules, attr, value):
-    """Patches setting `attr` to `value` on each module (a context manager: restored on exit)."""
-    patches = Patches()
-    for module in modules:
-        patches.set(module, attr, value)
-    return patches

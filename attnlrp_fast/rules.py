@@ -10,7 +10,7 @@ kernels/rules.py (ATTENTION_FACTORS, re-exported here); the rules applied around
 
 Adding a rule: a Rule row in INDEX; its gradient as a function here (or a factor in kernels/rules.py when the
 attention kernels apply it); the float64 form in reference.py for the tests; and, if a module kind takes it, a
-Replacement in lrp.py with the family maps (models/) naming the classes.
+Replacement in models/common.py with the family maps (models/) naming the classes.
 """
 
 from dataclasses import dataclass

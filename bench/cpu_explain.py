@@ -1,6 +1,6 @@
 """One AttnLRP explanation on CPU, side by side: attnlrp-fast against the LXT-style approach (the reference
 implementation's way: torch SDPA with the gradients rescaled, norms and GLU patched in Python;
-attnlrp_fast/evaluation/lxt_style.py) and against the same LXT-style rules on eager attention (the N x N matrix),
+attnlrp_fast/baselines/lxt_style.py) and against the same LXT-style rules on eager attention (the N x N matrix),
 on the same random Llama and inputs, the same machine and run. Time (median of --repeats after one warm-up) and peak memory above the model (peak RSS
 of a fresh process per measurement, large blocks straight from mmap so that the peak follows live memory).
 
@@ -50,7 +50,7 @@ def _explainer(method, n):
         model = _build(n, "sdpa")
         af.lrp(model, "attnlrp")
         return lambda ids: af.explain(model, input_ids=ids).relevance
-    from attnlrp_fast.evaluation import lxt_style
+    from attnlrp_fast.baselines import lxt_style
 
     model = lxt_style.patch(_build(n, "sdpa"))
     if method == "lxt_style_eager":

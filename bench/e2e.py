@@ -3,7 +3,7 @@ against the LXT-style baseline on the same device in the same run.
 
   forward        a plain inference forward (SDPA, no grad, logits at the last position): the unit for the
                  ratio explanation time / forward time
-  lxt_style      attnlrp_fast/evaluation/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs,
+  lxt_style      attnlrp_fast/baselines/lxt_style.py: SDPA with scaled gradients, Python rules on norms and MLPs,
                  HF gradient checkpointing (the reference implementation's approach)
   attnlrp_fast   af.explain(checkpoint=True): fused kernels, every layer checkpointed, MLP in 1024-token chunks;
                  attention as backend auto picks it (on CUDA: torch's SDPA kernels where the dispatch table says so)
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from attnlrp_fast.evaluation import lxt_style
+from attnlrp_fast.baselines import lxt_style
 
 SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

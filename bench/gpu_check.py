@@ -59,7 +59,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from attnlrp_fast.evaluation.lxt_style import ScaleGrad as _ScaleGrad
+from attnlrp_fast.baselines.lxt_style import ScaleGrad as _ScaleGrad
 
 ROOT = Path(__file__).resolve().parent.parent
 if __package__:   # imported as bench.<module> (the tests)

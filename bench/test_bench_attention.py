@@ -13,7 +13,7 @@ comparison with TFLOP/s and peak memory into one JSON.
 import pytest
 import torch
 
-from attnlrp_fast.evaluation import lxt_style
+from attnlrp_fast.baselines import lxt_style
 
 if __package__:   # imported as bench.<module> (the tests)
     from . import e2e, gpu_check

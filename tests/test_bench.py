@@ -22,7 +22,7 @@ import transformers as tf
 import attnlrp_fast as af
 
 ROOT = Path(__file__).resolve().parent.parent
-from attnlrp_fast.evaluation import lxt_style
+from attnlrp_fast.baselines import lxt_style
 from bench import cpu_explain, e2e, gate, gpu_check, memory, preflight, runner, table, warm_cache  # the repository root
 
 from bench import report as bench_report

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from attnlrp_fast import cli
+from attnlrp_fast.app import cli
 
 
 def test_check_passes_and_prints_a_table(capsys):
@@ -31,7 +31,7 @@ def test_check_fails_on_a_wrong_engine(monkeypatch, capsys):
 def test_missing_cuda_is_one_clear_line():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.cli", "check", "--device", "cuda"],
+    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.app.cli", "check", "--device", "cuda"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("attnlrp-fast: error: --device 'cuda': no CUDA device is available here "
@@ -42,7 +42,7 @@ def test_missing_cuda_is_one_clear_line():
 def test_triton_backend_without_interpreter_is_one_clear_line():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.cli", "check", "--backend", "triton"],
+    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.app.cli", "check", "--backend", "triton"],
                           capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("attnlrp-fast: error: --backend triton: backend='triton' on cpu tensors needs")
@@ -53,28 +53,14 @@ def test_explain_with_a_backend_that_cannot_run_is_one_line_before_loading_the_m
         pytest.skip("this machine has CUDA")
     doc = tmp_path / "doc.txt"
     doc.write_text("A short document.", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.cli", "explain", "--model", str(tmp_path / "no-model"),
-                           "--document", str(doc), "--backend", "triton", "--out", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.app.cli", "explain", "--model",
+                           str(tmp_path / "no-model"), "--document", str(doc), "--backend", "triton", "--out",
+                           str(tmp_path / "out")],
                           capture_output=True, text=True, env={**os.environ, "TRITON_INTERPRET": "0"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     # the backend is refused first: the missing model folder is not reached
     assert proc.stderr.startswith("attnlrp-fast: error: --backend triton: backend='triton' on cpu tensors needs")
     assert not (tmp_path / "out").exists()
-
-
-def test_the_old_module_paths_are_the_application_modules(monkeypatch, capsys):
-    """attnlrp_fast.cli / longdoc / demo / report are the modules in attnlrp_fast.app, so a patch through the old
-    path reaches the code that runs."""
-    import attnlrp_fast.app as app
-    import attnlrp_fast.demo
-    import attnlrp_fast.longdoc
-    import attnlrp_fast.report
-
-    assert cli is app.cli and attnlrp_fast.longdoc is app.longdoc
-    assert attnlrp_fast.demo is app.demo and attnlrp_fast.report is app.report
-    monkeypatch.setattr(attnlrp_fast.report, "summary", lambda *a, **kw: ["patched summary"])
-    app.cli._print_summary(["a"], [1.0], [], [])
-    assert capsys.readouterr().out.splitlines()[0] == "patched summary"
 
 
 def test_info(capsys):

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from attnlrp_fast import evaluate as ev
 from attnlrp_fast.evaluation import deletion
+from attnlrp_fast.evaluation import evaluate as ev
 from test_evaluate import Additive, _ids
 from tiny_models import VOCAB, build
 

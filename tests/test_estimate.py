@@ -10,7 +10,7 @@ import transformers as tf
 import attnlrp_fast as af
 from attnlrp_fast import estimate as est
 from attnlrp_fast.app import cli, estimate_cmd
-from attnlrp_fast.evaluation import lxt_style
+from attnlrp_fast.baselines import lxt_style
 from tiny_models import COMMON, VOCAB, build
 
 # What a real run holds that the meta run cannot know: the kept target positions, found by torch.unique over the

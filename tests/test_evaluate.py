@@ -8,9 +8,9 @@ import torch
 import transformers as tf
 
 import attnlrp_fast as af
-from attnlrp_fast import evaluate as ev
 from attnlrp_fast.bindings.hf import attention_modules
 from attnlrp_fast.evaluation import capture
+from attnlrp_fast.evaluation import evaluate as ev
 from tiny_models import build, inputs
 
 
@@ -319,7 +319,7 @@ def test_callable_target_on_minilm_shape_model():
     """A callable target (a similarity) on an encoder: the rows of the perturbed batch are variants of one input."""
     model = tf.BertModel(tf.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                        intermediate_size=48)).eval()
-    from attnlrp_fast.demo import similarity_target
+    from attnlrp_fast.minilm import similarity_target
 
     ids = torch.randint(5, 50, (1, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnlrp_fast import cli, faithfulness, recall
+from attnlrp_fast.app import cli
+from attnlrp_fast.evaluation import faithfulness, recall
 from tiny_lm import make_local_lm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,23 +51,11 @@ def test_training_learns_to_answer_from_the_context():
     assert loss < bound and accuracy > 0.3 and log[-1]["loss"] < bound
 
 
-def test_the_old_module_paths_are_the_evaluation_modules():
-    import attnlrp_fast.evaluate
-    import attnlrp_fast.faithfulness
-    import attnlrp_fast.recall
-    from attnlrp_fast import evaluation
-    from attnlrp_fast.evaluation import evaluate, faithfulness as moved, recall as recall_moved
-
-    assert attnlrp_fast.evaluate is evaluate and attnlrp_fast.faithfulness is moved is faithfulness
-    assert attnlrp_fast.recall is recall_moved is recall and evaluation.__name__ == "attnlrp_fast.evaluation"
-    assert sys.modules["attnlrp_fast.evaluate"] is evaluate
-
-
-def test_python_m_recall_still_runs():
-    run = subprocess.run([sys.executable, "-m", "attnlrp_fast.recall", "--help"], capture_output=True, text=True,
-                         timeout=300)
+def test_python_m_recall_runs():
+    run = subprocess.run([sys.executable, "-m", "attnlrp_fast.evaluation.recall", "--help"], capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    assert "python -m attnlrp_fast.recall" in run.stdout and "train" in run.stdout and "check" in run.stdout
+    assert "python -m attnlrp_fast.evaluation.recall" in run.stdout and "train" in run.stdout and "check" in run.stdout
 
 
 def test_the_shipped_model_solves_the_task():

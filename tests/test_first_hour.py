@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import attnlrp_fast
-from attnlrp_fast import cli
+from attnlrp_fast.app import cli
 
 TORCH_FREE = """
 import sys
@@ -186,9 +186,9 @@ def test_a_too_long_document_is_one_line_on_stderr(tmp_path):
     tok.save_pretrained(folder)
     doc = tmp_path / "doc.txt"
     doc.write_text("The valve failed in March. " * 40, encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.cli", "explain", "--model", str(folder), "--document",
-                           str(doc), "--quiet", "--out", str(tmp_path / "o")], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    proc = subprocess.run([sys.executable, "-m", "attnlrp_fast.app.cli", "explain", "--model", str(folder),
+                           "--document", str(doc), "--quiet", "--out", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attnlrp-fast: error: the prompt is"), proc.stderr

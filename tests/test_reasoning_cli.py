@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from attnlrp_fast import longdoc
+from attnlrp_fast.app import longdoc
 from test_longdoc import run_cli
 
 OPEN, CLOSE = 50, 51

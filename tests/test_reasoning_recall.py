@@ -90,7 +90,7 @@ def test_the_reasoning_task_one_hop_lands_on_the_reasoning_token_the_hops_on_the
 def test_explain_finds_the_think_block_of_the_shipped_model(tmp_path, capsys):
     """`attnlrp-fast explain --model <the reasoning model> --no-chat`: the model generates "v </think> a_v", auto
     finds the block opened at the prompt's end, and the hops put the most document relevance on the pair."""
-    from attnlrp_fast import cli
+    from attnlrp_fast.app import cli
 
     doc = tmp_path / "doc.txt"
     doc.write_text("k3 v17 _2 k8 v1 k12 v30 _5 _6 k20 v4 k5 v9 ? k8 <think>\n", encoding="utf-8")

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from attnlrp_fast import report
+from attnlrp_fast.app import report
 
 PIECES = ["The", " cat", " sat", ".", " It", " was", " <b>happy</b>", "!", "\n\n", "Dogs", " bark", "."]
 REL = [0.1, 2.0, 0.5, 0.0, -0.3, 0.2, 1.0, 0.0, 0.0, -1.0, 0.4, 0.1]

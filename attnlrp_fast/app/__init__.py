@@ -1,5 +1,3 @@
 """The long-document application: the `attnlrp-fast` command (cli), the job it runs on a causal LM (longdoc), the
 offline MiniLM demo (demo) and the reports both write (report). It sits on top of the core (af.explain, the model
-maps, the bindings) and nothing in the core imports it.
-
-The old paths attnlrp_fast.cli, .longdoc, .demo and .report still import (as these same modules)."""
+maps, the bindings) and nothing below it imports it."""

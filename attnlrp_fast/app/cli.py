@@ -258,13 +258,16 @@ class _LineBar:
 
 def _bar_factory(quiet, lines=False):
     """bar(total=, desc=, unit=, disable=): tqdm bars on a terminal; with lines=True, _LineBar lines when stderr is
-    not a terminal (a log, CI); nothing with quiet."""
+    not a terminal (a log, CI); nothing with quiet. transformers' and huggingface_hub's own bars (loading, saving,
+    downloading) show only on a terminal, and not with quiet."""
     from tqdm.auto import tqdm
 
-    if quiet:
+    if quiet or not sys.stderr.isatty():
+        from huggingface_hub.utils import disable_progress_bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+        disable_progress_bars()
     as_lines = lines and not quiet and not sys.stderr.isatty()
 
     def bar(disable=None, **kw):
@@ -315,7 +318,7 @@ def _load_model(args, device, dtype):
     import os
 
     if args.model != TINY or os.path.exists(args.model):
-        return longdoc.load_model(args.model, device, dtype)
+        return longdoc.load_model(args.model, device, dtype, known=(TINY,))
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="attnlrp-tiny-") as folder:
@@ -338,9 +341,11 @@ class _Answer:
 
 def _prompt_and_answer(args, model, tokenizer, document, bar, backend) -> _Answer:
     """The prompt (document + --question) and the answer: --answer's tokens, else the model's greedy answer."""
+    longdoc.check_hops(args.hops_asked, args.reasoning, tokenizer)   # (no think tags: an error before generating)
     prompt = longdoc.build_prompt(tokenizer, document, args.question, chat=not args.no_chat)
     answer_ids = longdoc.tokenize_answer(tokenizer, args.answer) if args.answer is not None else None
-    longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+    longdoc.check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model,
+                         generated=answer_ids is None)
     if answer_ids is not None:
         return _Answer(prompt, answer_ids, None)
     t = time.perf_counter()
@@ -351,9 +356,14 @@ def _prompt_and_answer(args, model, tokenizer, document, bar, backend) -> _Answe
 
 
 # --- explain ---------------------------------------------------------------------------------------------------
+def _check_hops(args):
+    """--hops against --reasoning (longdoc.check_hops); args.hops becomes the hops to run, args.hops_asked keeps
+    what was given (None: nothing)."""
+    args.hops_asked, args.hops = args.hops, longdoc.check_hops(args.hops, args.reasoning)
+
+
 def _check_explain_options(args):
-    if getattr(args, "hops", 0) < 0:
-        raise UsageError(f"--hops must be 0 or more, got {args.hops}")
+    _check_hops(args)
     if args.mlp_chunk < 0:
         raise UsageError(f"--mlp-chunk must be 0 (no chunking) or a positive number of tokens, got {args.mlp_chunk}")
     if args.answer is None and args.max_new_tokens < 1:
@@ -365,8 +375,10 @@ def _reasoning(args, tokenizer, answer):
     if args.reasoning == "none":
         return None
     if args.reasoning == "auto":
-        return longdoc.find_reasoning(tokenizer, answer.prompt.ids, answer.ids,
+        span = longdoc.find_reasoning(tokenizer, answer.prompt.ids, answer.ids,
                                       args.max_new_tokens if args.answer is None else None)
+        longdoc.check_found_reasoning(args.hops_asked, tokenizer, span)
+        return span
     return longdoc.reasoning_from_option(args.reasoning, answer.prompt.ids, answer.ids)
 
 
@@ -407,6 +419,7 @@ class _Explained:
     answer_text: str          # the answer explained, decoded (with a reasoning span: what follows it)
     reasoning: tuple | None   # (reasoning tokens' text, their hop-0 relevance) with a reasoning span
     think_tags: bool          # whether the tokenizer has think tags (a reasoning model)
+    groups: list              # the document tokens as the reports show them (longdoc.character_groups)
 
     @classmethod
     def of(cls, answer, result, tokenizer):
@@ -416,9 +429,11 @@ class _Explained:
             ids = answer.prompt.ids + answer.ids
             reasoning = reasoning_report.reasoning_tokens(tokenizer, ids, result.hops)
             answer_text = tokenizer.decode(ids[result.hops.span.answer_start:])
+        prompt = answer.prompt
         return cls(answer, text, [tokenizer.decode([i]) for i in answer.ids], result,
-                   _other_prompt_tokens(answer.prompt, result.relevance), answer_text, reasoning,
-                   longdoc.think_tags(tokenizer) is not None)
+                   _other_prompt_tokens(prompt, result.relevance), answer_text, reasoning,
+                   longdoc.think_tags(tokenizer) is not None,
+                   longdoc.character_groups(tokenizer, prompt.ids[prompt.doc_start:prompt.doc_end]))
 
     @property
     def document(self):
@@ -456,6 +471,12 @@ def _reasoning_facts(done):
             "share_left_in_reasoning": f"{hops.share[-1]:.1%}"}
 
 
+def _warnings(args):
+    """What the terminal, the page and the JSON report warn of."""
+    return ([f"--model {TINY}: a random 2-layer Llama built here, so the answer is noise; this run shows the command "
+             "and its reports, not a real explanation"] if args.model == TINY else [])
+
+
 def _write_explanation(args, done, facts):
     """explanation.json, .html (with one map per answer token under --per-token) and, for documents of 200 tokens
     or more, relevance.png; returns their paths."""
@@ -468,8 +489,10 @@ def _write_explanation(args, done, facts):
         maps, label = reasoning_report.document_maps(hops, doc), "hop"
         extra = reasoning_report.html_section(*done.reasoning, hops, doc)
     title = f"Why the model answered {done.answer_text.strip()[:80]!r}"
-    return report.write_reports(args.out, done.answer.prompt.pieces, done.document_relevance, title=title,
-                                maps=maps, maps_label=label, extra_html=extra,
+    maps = {k: report.sum_groups(done.groups, v) for k, v in maps.items()} if maps else None   # characters whole
+    return report.write_reports(args.out, report.join_groups(done.groups, done.answer.prompt.pieces),
+                                report.sum_groups(done.groups, done.document_relevance), title=title,
+                                maps=maps, maps_label=label, extra_html=extra, warnings=_warnings(args),
                                 plot=facts["document_tokens"] >= 200, **facts)
 
 
@@ -477,9 +500,7 @@ def _explain_lines(args, device, done, facts):
     total = facts["relevance_total"]
     share = facts["relevance_document"] / total if total else float("nan")
     n_tokens = len(done.answer.prompt.ids) + len(done.answer.ids)
-    note = ([f"--model {TINY}: a random 2-layer Llama built here, so the answer is noise; this run shows the command "
-             "and its reports, not a real explanation"] if args.model == TINY else [])
-    lines = note + [
+    lines = _warnings(args) + [
         f"answer ({facts['answer_source']}): {done.answer_text.strip()!r}",
         (f"explained {n_tokens} tokens with {args.rule} in {done.result.seconds:.1f} s on {device}; "
          f"target logit {facts['target_logit']:.4g}, relevance total {total:.4g}, {share:.0%} of it on the document"),
@@ -570,7 +591,8 @@ def cmd_explain(args):
     _extend_json(paths[0], {
         "answer_tokens": done.pieces, "answer_token_ids": answer.ids, "target_logits": result.target_logits,
         "other_prompt_tokens": done.others, "timings": timings,
-        **(reasoning_report.json_fields(*done.reasoning, result.hops, done.document) if result.hops else {}),
+        **(reasoning_report.json_fields(*done.reasoning, result.hops, done.document, done.groups)
+           if result.hops else {}),
     })
     _print_summary(answer.prompt.pieces, done.document_relevance, paths,
                    _explain_lines(args, device, done, facts))
@@ -651,8 +673,9 @@ def _check_evaluate_options(args):
     for flag, value in (("--steps", args.steps), ("--samples", args.samples), ("--ig-steps", args.ig_steps)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if args.hops < 0:
-        raise UsageError(f"--hops must be 0 or more, got {args.hops}")
+    _check_hops(args)
+    if args.hops_asked is not None and args.model is None:
+        raise UsageError("--hops goes with --model and --document (the shipped reasoning task runs one hop)")
     if (args.model is None) != (args.document is None):
         raise UsageError("--model and --document go together (evaluate on your own model and document)")
     if args.model is not None and args.task:
@@ -820,7 +843,8 @@ def _add_explain(sub):
                         "tokenizer has those tags; none; or START:END, answer tokens START..END-1 as the reasoning "
                         "(the answer explained: the tokens from END on). Relevance then also flows through the "
                         "reasoning back to the document, one backward pass per hop")
-    e.add_argument("--hops", type=int, default=3, help="hops through the reasoning (default 3)")
+    e.add_argument("--hops", type=int, default=None,
+                   help="hops through the reasoning (default 3); an error where there is no reasoning span")
     e.add_argument("--reasoning-seed", choices=("positive", "signed"), default=None,
                    help="what each hop passes on: the positive part of each reasoning token's relevance (default) "
                         "or all of it")
@@ -857,7 +881,8 @@ def _add_evaluate(sub):
     v.add_argument("--max-new-tokens", type=int, default=16)
     v.add_argument("--reasoning", default="auto", help="as in explain: the answer's reasoning block (auto, none or "
                                                         "START:END); the hop methods join the evaluation")
-    v.add_argument("--hops", type=int, default=3, help="hops through the reasoning for the hop methods")
+    v.add_argument("--hops", type=int, default=None,
+                   help="hops through the reasoning for the hop methods (default 3); only with a reasoning span")
     v.add_argument("--methods", default=None,
                    help="comma-separated, of attnlrp, cp, grad_x_input, integrated_gradients, attention, random "
                         "(name[torch] / name[triton] for a backend); default: all, AttnLRP on each backend here")
@@ -890,10 +915,10 @@ def cmd_estimate(args):
     from attnlrp_fast.app import estimate_cmd
 
     try:
-        lines = estimate_cmd.run(args)
+        for lines in estimate_cmd.tables(args, _bar_factory(False, lines=True)):   # each table as it is done
+            print("\n".join(lines), flush=True)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    print("\n".join(lines))
     return 0
 
 
@@ -947,11 +972,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)   # --help and option errors end here, before torch is imported
+    from attnlrp_fast.minilm import NotInstalled
     from attnlrp_fast.models import UnsupportedModelError
 
     try:
         return args.func(args)
-    except (UsageError, longdoc.InputError, UnsupportedModelError) as e:
+    except (UsageError, longdoc.InputError, UnsupportedModelError, NotInstalled) as e:
         print(f"attnlrp-fast: error: {e}", file=sys.stderr)
         return 2
     except MemoryError:

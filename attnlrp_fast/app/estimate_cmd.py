@@ -1,5 +1,6 @@
 """`attnlrp-fast estimate`: the memory one explanation needs, per mode and length, for any model, from its config
-alone (attnlrp_fast.estimate), and with --gpu-memory the longest document that fits.
+alone (attnlrp_fast.estimate), and with --gpu-memory the longest document that fits. Each table is printed as
+it is done, with a progress bar meanwhile.
 
     attnlrp-fast estimate --model llama-3.1-8b --tokens 8k,32k,128k,1m --gpu-memory 80GiB
 """
@@ -53,39 +54,41 @@ class Longest:
     estimate: object = None
 
 
-def longest(config, budget, dtype, mode, mlp_chunk):
-    """The longest input each mode fits in `budget` bytes (low_memory: the best of MLP_CHUNKS and --mlp-chunk)."""
+def longest(config, budget, dtype, mode, mlp_chunk, tick=None):
+    """The longest input each mode fits in `budget` bytes (low_memory: the best of MLP_CHUNKS and --mlp-chunk);
+    tick() after each estimate."""
     chunks = sorted({mlp_chunk, *MLP_CHUNKS}) if mode == "low_memory" else [mlp_chunk]
     best = Longest(mode, 0)
     for chunk in chunks:
         n, e = est.longest_fitting(config, budget, dtype=dtype, mode=mode, mlp_chunk=chunk, start=4096,
-                                   precision=1 / 32)
+                                   precision=1 / 32, progress=tick)
         if n > best.tokens:
             best = Longest(mode, n, chunk if mode == "low_memory" else None, e)
     return best
 
 
-def estimate_lines(config, name, tokens, dtype, modes, mlp_chunk):
-    """One table per mode: weights, the explanation's peak, their total and where the peak is, per length."""
-    lines = []
-    for mode in modes:
-        lines += ["", f"{mode}" + (f" (--mlp-chunk {mlp_chunk})" if mode == "low_memory" else ""),
-                  f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}  peak at"]
-        for n in tokens:
-            try:
-                e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk)
-            except ValueError as ex:   # a contrast mode that does not cover this family
-                lines.append(f"{_tokens(n):>8}  {str(ex).splitlines()[0][:100]}")
-                break
-            lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}  {e.where}")
-    return [f"Memory of one explanation of {name} ({str(dtype).split('.')[-1]}), as on a GPU:"] + lines
+def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None):
+    """The mode's table: weights, the explanation's peak, their total and where the peak is, per length (a blank line
+    first); tick() after each length."""
+    lines = ["", f"{mode}" + (f" (--mlp-chunk {mlp_chunk})" if mode == "low_memory" else ""),
+             f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}  peak at"]
+    for n in tokens:
+        try:
+            e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk)
+        except ValueError as ex:   # a contrast mode that does not cover this family
+            lines.append(f"{_tokens(n):>8}  {str(ex).splitlines()[0][:100]}")
+            break
+        finally:
+            tick()
+        lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}  {e.where}")
+    return lines
 
 
-def longest_lines(config, budget, dtype, modes, mlp_chunk):
+def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None):
     lines = ["", f"The longest document that fits {size(budget)} with the weights:"]
     for mode in modes:
         try:
-            found = longest(config, budget, dtype, mode, mlp_chunk)
+            found = longest(config, budget, dtype, mode, mlp_chunk, tick)
         except ValueError as ex:
             lines.append(f"  {mode:<11} {str(ex).splitlines()[0][:100]}")
             continue
@@ -97,8 +100,26 @@ def longest_lines(config, budget, dtype, modes, mlp_chunk):
     return lines
 
 
-def run(args):
-    """The command: lines to print. ValueError for bad input (the CLI makes it one line, exit 2)."""
+class _NoBar:
+    """A progress bar that shows nothing (tables() without the CLI's bars)."""
+
+    def __init__(self, **_):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def tables(args, bar=_NoBar):
+    """The command, a table at a time as each is done: lists of lines (the title; a table per mode; with
+    --gpu-memory the longest documents), each computed under bar(total=, desc=, unit=) (the CLI's progress bars).
+    ValueError for bad input (the CLI makes it one line, exit 2), before the first table."""
     tokens = parse_tokens(args.tokens)
     budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
     if args.mlp_chunk < 0:
@@ -106,7 +127,17 @@ def run(args):
     config = est.load_config(args.model)
     dtype = getattr(torch, args.dtype)
     est.meta_model(config, dtype)   # the config builds a causal LM: else one line now
-    lines = estimate_lines(config, args.model, tokens, dtype, args.modes, args.mlp_chunk)
+    yield [f"Memory of one explanation of {args.model} ({str(dtype).split('.')[-1]}), as on a GPU:"]
+    for mode in args.modes:
+        with bar(total=len(tokens), desc=f"estimating {mode}", unit="length") as b:
+            lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update)
+        yield lines
     if budget:
-        lines += longest_lines(config, budget, dtype, args.modes, args.mlp_chunk)
-    return lines
+        with bar(total=None, desc=f"the longest document that fits {size(budget)}", unit="estimate") as b:
+            lines = longest_lines(config, budget, dtype, args.modes, args.mlp_chunk, b.update)
+        yield lines
+
+
+def run(args):
+    """The command's lines, all at once (tables() without progress bars)."""
+    return [line for table in tables(args) for line in table]

@@ -14,7 +14,6 @@ parameters without gradients, every layer checkpointed and MLPs in sequence chun
 """
 
 import contextlib
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -64,33 +63,38 @@ def _quiet_hub():
         logger.setLevel(level)
 
 
-def load_model(model_id, device, dtype):
-    """A causal LM and its tokenizer from a local folder or a hub id, with attention through the engine."""
+def load_model(model_id, device, dtype, known=()):
+    """A causal LM and its tokenizer from a local folder, the Hugging Face cache or the hub, with attention through
+    the engine. A name that is none of these fails at once (attnlrp_fast/hub.py; `known`: other names the command
+    takes, for its "did you mean")."""
     import os
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    local = os.path.exists(model_id)
-    hub_id = not local and re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", model_id) is not None
-    if not local and not hub_id:
-        raise InputError(f"--model {model_id}: no such folder")
+    from attnlrp_fast import hub
+
+    try:
+        options = hub.from_pretrained_options(model_id, known)
+    except ValueError as e:
+        raise InputError(str(e)) from None
     try:
         with _quiet_hub():
-            config = AutoConfig.from_pretrained(model_id)
+            config = AutoConfig.from_pretrained(model_id, **options)
     except Exception as e:  # OSError (not found, offline), ValueError (unknown model type)
-        where = "no local folder of that name, and the hub did not give it" if hub_id else "cannot load its config"
-        raise InputError(f"--model {model_id}: {where} ({_first_line(e)})") from None
+        where = ("cannot load its config" if os.path.exists(model_id) else
+                 "no local folder of that name, and the hub did not give it")
+        raise InputError(f"--model {model_id}: {where} ({_first_line(e)}){hub.did_you_mean(model_id, known)}") from None
     archs = getattr(config, "architectures", None) or []
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise InputError(f"--model {model_id} is a {', '.join(archs)}, not a causal language model; `explain` needs "
                          "a model that generates text (`attnlrp-fast demo` shows an encoder)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
     except Exception as e:
         raise InputError(f"--model {model_id}: cannot load its tokenizer ({_first_line(e)})") from None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, attn_implementation="attnlrp_fast",
-                                                           output_loading_info=True)
+                                                           output_loading_info=True, **options)
     except Exception as e:
         raise InputError(f"--model {model_id}: cannot load it as a causal LM ({_first_line(e)})") from None
     missing = [k for k in info.get("missing_keys", ()) if "rotary" not in k]
@@ -153,14 +157,45 @@ def build_prompt(tokenizer, document, question=None, chat=True):
     return Prompt(text, ids, t0, t1, pieces, token_text)
 
 
-def check_length(model, prompt, answer_tokens, model_id=""):
+def character_groups(tokenizer, ids, longest=4):
+    """[start, end) ranges over `ids`, in order, each whole UTF-8 characters, for reports: a token whose own decode is
+    not valid UTF-8 (it shows U+FFFD: part of a character that a byte-level tokenizer split over several tokens) is
+    grouped with the tokens after it until the group decodes cleanly (at most `longest` tokens, a character's most
+    bytes); every other token is a range of its own."""
+    unique = sorted(set(ids))
+    broken = {t for t, text in zip(unique, tokenizer.batch_decode([[t] for t in unique])) if "\ufffd" in text}
+    groups, i = [], 0
+    while i < len(ids):
+        end = i + 1
+        if ids[i] in broken:
+            end = next((k for k in range(i + 2, min(len(ids), i + longest) + 1)
+                        if "\ufffd" not in tokenizer.decode(ids[i:k])), end)
+        groups.append((i, end))
+        i = end
+    return groups
+
+
+def check_length(model, prompt, answer_tokens, model_id="", generated=False):
+    """An InputError when prompt + answer_tokens (generated: the --max-new-tokens budget, else the --answer's tokens)
+    is longer than the model's context, naming what to reduce and by how much."""
     limit = context_length(model)
-    n = len(prompt.ids) + answer_tokens
-    if limit is not None and n > limit:
-        raise InputError(
-            f"the prompt is {len(prompt.ids)} tokens (document: {prompt.doc_end - prompt.doc_start}) plus "
-            f"{answer_tokens} answer tokens = {n}, more than the context of {model_id or type(model).__name__} "
-            f"({limit} tokens); shorten the document")
+    p, d = len(prompt.ids), prompt.doc_end - prompt.doc_start
+    n = p + answer_tokens
+    if limit is None or n <= limit:
+        return
+    answer = f"--max-new-tokens {answer_tokens}" if generated else f"the --answer's {answer_tokens} tokens"
+    if p >= limit and n - limit > d:
+        fix = f"the question and chat template alone take {p - d}: shorten the question"
+    elif p >= limit:
+        fix = f"the prompt alone does not fit: shorten the document by at least {n - limit} tokens"
+    elif generated:
+        fix = (f"lower --max-new-tokens to {limit - p} or less, or shorten the document by {n - limit} tokens to keep "
+               f"{answer_tokens}")
+    else:
+        fix = f"shorten the document (or the --answer) by {n - limit} tokens"
+    raise InputError(f"the prompt is {p} tokens (the document {d}, the question and chat template {p - d}) plus "
+                     f"{answer} = {n}, more than the context of {model_id or type(model).__name__} ({limit} tokens); "
+                     f"{fix}")
 
 
 def _eos_ids(model, tokenizer):
@@ -190,14 +225,6 @@ class _Ticker:
         pass
 
 
-def _attention_backend(model, backend):
-    """Route the model's attention modules to `backend` (None: auto) while in the `with` block; restored after."""
-    from attnlrp_fast.bindings.hf import BACKEND_ATTR, attention_modules
-    from attnlrp_fast.patching import set_for_all
-
-    return set_for_all(attention_modules(model), BACKEND_ATTR, backend)
-
-
 def generate_answer(model, tokenizer, prompt_ids, max_new_tokens=32, tick=None, backend=None):
     """Greedy answer token ids (without the end-of-sequence token). `backend` as in af.attention (None: auto)."""
     if max_new_tokens < 1:
@@ -210,9 +237,11 @@ def generate_answer(model, tokenizer, prompt_ids, max_new_tokens=32, tick=None, 
 def greedy(model, tokenizer, inputs, max_new_tokens, backend=None, streamer=None):
     """The greedy continuation of the model inputs (input_ids (1, P) and what else the model takes) up to its
     end-of-sequence token, as a list of ids; InputError when it is empty."""
+    from attnlrp_fast.lrp_patch import attention_backend
+
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    with torch.no_grad(), _attention_backend(model, backend):
+    with torch.no_grad(), attention_backend(model, backend):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=pad, streamer=streamer)
     answer = []
@@ -282,6 +311,39 @@ def find_reasoning(tokenizer, prompt_ids, answer_ids, max_new_tokens=None):
     if start >= end:
         return None          # an empty block: nothing to pass relevance through
     return ReasoningSpan(start, end, end + 1, f"auto ({open_tag} ... {close_tag})")
+
+
+DEFAULT_HOPS = 3   # --hops when it is not given
+
+
+def check_hops(hops, reasoning, tokenizer=None):
+    """--hops (None: not given) as the job runs it: DEFAULT_HOPS when not given. Hops go through a reasoning span,
+    so --hops is an InputError where there can be none: with --reasoning none, or with auto and a tokenizer without
+    think tags (and, once the answer is there, where auto found no block: check_found_reasoning)."""
+    if hops is None:
+        return DEFAULT_HOPS
+    if hops < 0:
+        raise InputError(f"--hops must be 0 or more, got {hops}")
+    if reasoning == "none":
+        raise InputError(f"--hops {hops} goes through a reasoning span, and --reasoning none asks for none: leave "
+                         "out --hops, or name the span (--reasoning auto or START:END)")
+    if reasoning == "auto" and tokenizer is not None and think_tags(tokenizer) is None:
+        tags = ", ".join(f"{o} ... {c}" for o, c in THINK_TAGS)
+        raise InputError(f"--hops {hops} goes through a reasoning span, and the tokenizer has no think tags ({tags}) "
+                         "for --reasoning auto to find one: name the span with --reasoning START:END, or leave out "
+                         "--hops")
+    return hops
+
+
+def check_found_reasoning(hops, tokenizer, span):
+    """After --reasoning auto looked at the answer: an InputError when --hops was given (not None) and no reasoning
+    span was found."""
+    if hops is None or span is not None:
+        return
+    check_hops(hops, "auto", tokenizer)
+    open_tag, close_tag, _, _ = think_tags(tokenizer)
+    raise InputError(f"--hops {hops} goes through a reasoning span, and the answer holds no {open_tag} ... "
+                     f"{close_tag} block: name the span with --reasoning START:END, or leave out --hops")
 
 
 def reasoning_from_option(text, prompt_ids, answer_ids):

