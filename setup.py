@@ -15,7 +15,7 @@ setup(
     python_requires=">=3.10",
     # One import namespace: kernels/ and python_bindings/ live at the top of the repository but are
     # installed as attnlrp_fast.kernels and attnlrp_fast.bindings (never as a top-level `kernels`).
-    # Packages are found, not listed (tests/test_packaging.py installs the wheel and imports every module).
+    # Packages are found, not listed (tests/project/test_packaging.py installs the wheel and imports every module).
     packages=find_packages(include=["attnlrp_fast", "attnlrp_fast.*"]) + mapped("attnlrp_fast.kernels", "kernels")
     + mapped("attnlrp_fast.bindings", "python_bindings"),
     package_dir={
@@ -31,8 +31,8 @@ setup(
     extras_require={
         # the interop tests' libraries come with the test extra: accelerate (offload), bitsandbytes (quantized models),
         # captum (the integration); Inseq pins old versions of what it never imports, so .ci/run adds it --no-deps
-        "test": ["pytest>=8", "hypothesis>=6", "pytest-benchmark>=4", "accelerate>=1.0", "bitsandbytes>=0.45",
-                 "captum>=0.8"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "pytest-benchmark>=4", "accelerate>=1.0",
+                 "bitsandbytes>=0.45", "captum>=0.8"],
         "interop": ["accelerate>=1.0", "bitsandbytes>=0.45", "captum>=0.8"],
         "bench": ["pytest-benchmark>=4"],
     },

@@ -29,7 +29,7 @@ Modes:
 What the meta run cannot see, measured against a GPU run by the device check: the caching allocator's rounding
 (blocks of 512 bytes, 2 MiB segments), cuBLAS and Triton workspaces, the CUDA context (hundreds of MiB outside
 torch's counters). Against a real run's live-tensor accounting on CPU the estimate is exact up to the handful of
-bytes of scalars (tests/test_estimate.py).
+bytes of scalars (tests/core/test_estimate.py).
 """
 
 import contextlib

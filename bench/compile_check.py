@@ -12,7 +12,7 @@ pipelining depth, and the warpgroup MMA work per loop iteration against the FLOP
 
     TRITON_INTERPRET=0 python bench/compile_check.py              # the fixed configs launchers use
     TRITON_INTERPRET=0 python bench/compile_check.py --autotune   # every autotune candidate (bf16)
-    TRITON_INTERPRET=0 python bench/compile_check.py --quick      # the largest variants (tests/test_gpu_compile.py)
+    TRITON_INTERPRET=0 python bench/compile_check.py --quick      # the largest variants (tests/bench/test_compile_check.py)
     TRITON_INTERPRET=0 python bench/compile_check.py --resources --only "attention.*bfloat16 D=128 causal"
 """
 

@@ -2,7 +2,8 @@
 implementation's way: torch SDPA with the gradients rescaled, norms and GLU patched in Python;
 attnlrp_fast/baselines/lxt_style.py) and against the same LXT-style rules on eager attention (the N x N matrix),
 on the same random Llama and inputs, the same machine and run. Time (median of --repeats after one warm-up) and peak memory above the model (peak RSS
-of a fresh process per measurement, large blocks straight from mmap so that the peak follows live memory).
+of a fresh process per measurement, large blocks straight from mmap so that the peak follows live memory), in MiB
+(2^20 bytes: ru_maxrss is in KiB on Linux) as "peak_extra_mib" (files before 2026-12-02: "peak_extra_mb", also MiB).
 
     python bench/cpu_explain.py                      # N = 1k, 4k, 16k: bench/results/<date>-cpu-explain.json
     python bench/cpu_explain.py --sizes 256 --repeats 1 --out /tmp/x.json    # quick
@@ -79,7 +80,7 @@ def child(method, n, repeats):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
     assert torch.isfinite(rel).all()
     print(json.dumps({"method": method, "tokens": n, "seconds": statistics.median(times), "runs": times,
-                      "peak_extra_mb": peak, "relevance": rel[0].tolist() if n <= 1024 else None}))
+                      "peak_extra_mib": peak, "relevance": rel[0].tolist() if n <= 1024 else None}))
 
 
 def measure(method, n, repeats, timeout):

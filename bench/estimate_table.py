@@ -1,6 +1,7 @@
 """Predicted peak memory of one explanation for the shapes of well-known models (attnlrp_fast/data/model_shapes.json:
 configs as numbers, no download), per mode and length, in bf16, and the longest document each mode fits on an
-80 GB (H100) and a 141 GB (H200) GPU: bench/results/<date>-estimates.json, the README table via bench/report.py.
+H100 (79.6 GiB) and an H200 (140.4 GiB): bench/results/<date>-estimates.json, the README table via bench/report.py.
+Bytes in the JSON; the table is in GiB (2^30 bytes), as `attnlrp-fast estimate` prints.
 
     python bench/estimate_table.py
     python bench/report.py bench/results/<date>-estimates.json --readme README.md
@@ -18,7 +19,11 @@ from attnlrp_fast import estimate as est
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENS = (8192, 32768, 131072, 524288, 1048576)
-GPUS = {"80 GB": 80 * 10**9, "141 GB": 141 * 10**9}
+# The GPUs' total memory as they report it (nvidia-smi --query-gpu=memory.total, in MiB): 81559 MiB on an H100 80GB
+# SXM, 143771 MiB on an H200 (the "80 GB" and "141 GB" of the datasheets are round decimal figures above what torch
+# can have). The budget is all of it: the CUDA context and the allocator's rounding are not taken off.
+GPU_MIB = {"H100": 81559, "H200": 143771}
+GPUS = {f"{name} ({mib / 1024:.1f} GiB)": mib * 2**20 for name, mib in GPU_MIB.items()}   # label: bytes
 
 
 def _entry(e):

@@ -283,8 +283,9 @@ def environment(env):
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
-def bench_ms(fn, cuda, grad_to_none=None, cpu_runs=3):
-    """Median ms of fn: triton.testing.do_bench on CUDA; on CPU (the smoke run) one warm-up and `cpu_runs` runs."""
+def bench_ms(fn, cuda, grad_to_none=None, cpu_runs=1):
+    """Median ms of fn: triton.testing.do_bench on CUDA; on CPU (the smoke run: its times only show the code path
+    runs) one warm-up and `cpu_runs` runs."""
     if cuda:
         import triton.testing
 
@@ -552,7 +553,7 @@ def decode_row(name, fn, env, shape, check, timed=True):
             row.update(_decode_choice(name, q, k, v))
             with torch.no_grad():
                 if timed:
-                    row["ms"] = bench_ms(lambda: fn(q, k, v), check.cuda, cpu_runs=1)
+                    row["ms"] = bench_ms(lambda: fn(q, k, v), check.cuda)
                 else:
                     fn(q, k, v)
     except Exception as e:  # noqa: BLE001 - recorded in the row
@@ -753,10 +754,13 @@ def step_gate(run, check):
 
 
 def gpu_test_files():
-    """The test files (names in tests/) that hold GPU tests (a `mark.gpu` in their text): collecting only those is
-    quicker. pytest runs in tests/ with the checkout as its rootdir (ids stay tests/...), so that the checkout's own
-    attnlrp_fast/ folder (no kernels/ or bindings/ in it) never shadows an installed attnlrp_fast."""
-    return [p.name for p in sorted((ROOT / "tests").glob("test_*.py")) if "mark.gpu" in p.read_text(encoding="utf-8")]
+    """The test files (paths under tests/, e.g. kernels/test_attention_gpu.py) that hold GPU tests (a `mark.gpu` in
+    their text): collecting only those is quicker. pytest runs in tests/ with the checkout as its rootdir (ids stay
+    tests/...), so that the checkout's own attnlrp_fast/ folder (no kernels/ or bindings/ in it) never shadows an
+    installed attnlrp_fast."""
+    tests = ROOT / "tests"
+    return [p.relative_to(tests).as_posix() for p in sorted(tests.rglob("test_*.py"))
+            if "mark.gpu" in p.read_text(encoding="utf-8")]
 
 
 def pytest_command(*args):

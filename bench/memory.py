@@ -3,7 +3,10 @@
 Each (mode, N) runs in a fresh subprocess: build a random Llama-shaped model, warm up on 64 tokens, reset the
 peak, explain N random tokens (target: the argmax logit at the last position, AttnLRP), read the peak again.
 The difference is what the explanation needed on top of the model. On CPU the peak is the process's peak
-resident memory (ru_maxrss); on CUDA it is torch's peak allocated memory.
+resident memory (ru_maxrss); on CUDA it is torch's peak allocated memory. Recorded in MiB (2^20 bytes: ru_maxrss is
+in KiB on Linux, / 1024; CUDA bytes / 2^20) as "peak_extra_mib", the line's slope in KiB per token; files written
+before 2026-12-02 call the same figures "peak_extra_mb", "mb_at_zero" and "kb_per_token" (bench/report.py reads
+both).
 
 Modes:
   low_memory  af.explain(..., checkpoint=True): every layer checkpointed, MLP in 1024-token chunks (the CLI's
@@ -92,7 +95,7 @@ def _child(mode, n, shape, device):
     after = peak()
     seconds = time.perf_counter() - t
     assert torch.isfinite(rel).all()
-    print(json.dumps({"mode": mode, "tokens": n, "peak_extra_mb": after - before, "seconds": seconds}))
+    print(json.dumps({"mode": mode, "tokens": n, "peak_extra_mib": after - before, "seconds": seconds}))
 
 
 def measure(mode, n, shape, device, timeout):
@@ -115,10 +118,15 @@ def measure(mode, n, shape, device, timeout):
     return json.loads(lines[-1])
 
 
+def _peak_mib(row):
+    """The row's peak in MiB, under its name before 2026-12-02 ("peak_extra_mb", MiB as well) or now."""
+    return row["peak_extra_mib"] if "peak_extra_mib" in row else row["peak_extra_mb"]
+
+
 def linear_fit(rows):
-    """Least-squares MB = a + b * tokens; returns (a, b, worst relative deviation of a point from the line)."""
+    """Least-squares MiB = a + b * tokens; returns (a, b, worst relative deviation of a point from the line)."""
     xs = [r["tokens"] for r in rows]
-    ys = [r["peak_extra_mb"] for r in rows]
+    ys = [_peak_mib(r) for r in rows]
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
@@ -176,7 +184,8 @@ def main(argv=None):
         old = json.loads(Path(out).read_text())
         if old["model"].get("shape", shape) != shape:
             p.error(f"--resume: {out} was measured on the {old['model'].get('shape')} shape, not {shape}")
-        done = {(r["mode"], r["tokens"]): r for r in old["rows"] if "error" not in r}
+        done = {(r["mode"], r["tokens"]): {**{k: v for k, v in r.items() if k != "peak_extra_mb"},
+                                           "peak_extra_mib": _peak_mib(r)} for r in old["rows"] if "error" not in r}
     rows, longest = [], {}
     for mode in args.modes:
         if args.longest:
@@ -202,8 +211,8 @@ def main(argv=None):
         ok = [r for r in rows if r["mode"] == mode and "error" not in r]
         if len(ok) >= 2:
             a, b, worst = linear_fit(ok)
-            fits[mode] = {"mb_at_zero": a, "kb_per_token": b * 1024, "worst_deviation_from_line": worst}
-            print(f"{mode}: {b * 1024:.1f} KB per token (+{a:.0f} MB); worst point off the line by {worst:.0%}")
+            fits[mode] = {"mib_at_zero": a, "kib_per_token": b * 1024, "worst_deviation_from_line": worst}
+            print(f"{mode}: {b * 1024:.1f} KiB per token (+{a:.0f} MiB); worst point off the line by {worst:.0%}")
     for mode, n in longest.items():
         print(f"{mode}: longest input that ran: {n} tokens")
 

@@ -46,6 +46,21 @@ def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
+# Memory is binary everywhere: MiB = 2^20 bytes, GiB = 2^30, KiB = 2^10 (as `attnlrp-fast estimate` prints).
+# bench/memory.py and bench/cpu_explain.py wrote their figures as "peak_extra_mb", "mb_at_zero" and "kb_per_token"
+# until 2026-12-02; those held MiB and KiB/token all along (ru_maxrss KiB / 1024, CUDA bytes / 2^20), so the old
+# names are read as the new ones.
+def peak_mib(row):
+    """A memory.py / cpu_explain.py row's peak above the model, MiB (None where it has none)."""
+    return row["peak_extra_mib"] if "peak_extra_mib" in row else row.get("peak_extra_mb")
+
+
+def fit_mib(fit):
+    """memory.py's linear fit: (MiB at zero tokens, KiB per token)."""
+    return (fit["mib_at_zero"] if "mib_at_zero" in fit else fit["mb_at_zero"],
+            fit["kib_per_token"] if "kib_per_token" in fit else fit["kb_per_token"])
+
+
 def attention_summary(timings):
     """One dict per shape: our figures, the best baselines and the ratios the targets are about."""
     out = []
@@ -118,7 +133,7 @@ def attention_table(result):
     lines = [
         f"Attention, {result.get('dtype', '?')} on {result['device']} (torch {result['versions'].get('torch')}, "
         f"Triton {result['versions'].get('triton')}); TFLOP/s, higher is better; ratios are ours / the best "
-        "baseline in the same run.",
+        "baseline in the same run; peak memory in MiB (2^20 bytes).",
         "",
         "| D | causal | B x H/Hkv x N | fwd | TMA fwd | Hopper fwd | portable fwd | best SDPA fwd | ratio | grad bwd | "
         "SDPA bwd | attnlrp bwd | LXT-style bwd | ratio | attnlrp bwd, atomic dQ | ratio | attnlrp bwd, SDPA path | "
@@ -220,7 +235,8 @@ def memory_table(result):
         return []
     sh = mem["shape"]
     lines = [f"Peak memory above the inputs, one forward+backward, {sh['B']} x {sh['H']}/{sh['Hkv']} x "
-             f"{_tokens(sh['N'])}, D = {sh['D']}, {'causal' if sh['causal'] else 'full'}, {mem.get('dtype', '?')}:", "",
+             f"{_tokens(sh['N'])}, D = {sh['D']}, {'causal' if sh['causal'] else 'full'}, {mem.get('dtype', '?')} "
+             f"(MiB = 2^20 bytes):", "",
              "| method | peak MiB | seconds (one run) |", "|---|---|---|"]
     for r in mem["rows"]:
         peak = r.get("error") or _f(r.get("peak_mib"))
@@ -386,7 +402,7 @@ def e2e_table(result):
     lines = [
         f"One explanation of a {sh['name']}-shaped model ({sh['num_hidden_layers']} layers, hidden "
         f"{sh['hidden_size']}, {sh['num_attention_heads']}/{sh['num_key_value_heads']} heads, FFN "
-        f"{sh['intermediate_size']}, {e['dtype']}, random weights) on {result['device']}:",
+        f"{sh['intermediate_size']}, {e['dtype']}, random weights) on {result['device']} (GiB = 2^30 bytes):",
         "",
         "| tokens | method | seconds | explanation / forward | peak GiB | estimated GiB | measured / estimated |",
         "|---|---|---|---|---|---|---|",
@@ -442,17 +458,19 @@ def cpu_memory_table(result):
     modes = [m for m in ("low_memory", "plain", "eager") if any(r["mode"] == m for r in result["rows"])]
     sizes = sorted({r["tokens"] for r in result["rows"]})
     cell = {(r["mode"], r["tokens"]): r for r in result["rows"]}
-    head = "| mode | " + " | ".join(_tokens(n) for n in sizes) + " | fit: MB + KB/token | worst point off the line |"
-    lines = [head, "|" + "---|" * (len(sizes) + 3)]
+    head = "| mode | " + " | ".join(_tokens(n) for n in sizes) + " | fit: MiB + KiB/token | worst point off the line |"
+    lines = [f"Peak memory of one explanation on top of the model on {result.get('device', '?')}, MiB (MiB = 2^20 "
+             "bytes, KiB = 2^10 bytes); fit: a least-squares line through each mode's points.", "",
+             head, "|" + "---|" * (len(sizes) + 3)]
     for m in modes:
         vals = []
         for n in sizes:
             r = cell.get((m, n))
-            vals.append("-" if r is None else r.get("error", None) or f"{r['peak_extra_mb']:.0f} MB")
+            vals.append("-" if r is None else r.get("error", None) or f"{peak_mib(r):.0f}")
         f = fits.get(m)
         # a straight line that misses a point by more than 10 % is no description of the growth
         linear = f is not None and f["worst_deviation_from_line"] <= 0.1
-        fit = f"{f['mb_at_zero']:.0f} + {f['kb_per_token']:.1f}" if linear else "not linear" if f else "-"
+        fit = "{:.0f} + {:.1f}".format(*fit_mib(f)) if linear else "not linear" if f else "-"
         worst = f"{f['worst_deviation_from_line']:.1%}" if f else "-"
         lines.append(f"| {m} | " + " | ".join(vals) + f" | {fit} | {worst} |")
     return "\n".join(lines)
@@ -465,8 +483,9 @@ def cpu_explain_table(result):
     sizes = sorted({r["tokens"] for r in result["rows"]})
     lines = [f"One AttnLRP explanation on {result['device']}, {result['threads']} threads, torch "
              f"{result['versions']['torch']} (bench/cpu_explain.py: 4-layer Llama, hidden 256, 8/2 heads, fp32; median "
-             f"of {result['repeats']} runs; peak memory above the model). Ratio: the method over attnlrp-fast.", "",
-             "| N | method | seconds | ratio | peak MB | ratio |", "|---|---|---|---|---|---|"]
+             f"of {result['repeats']} runs; peak memory above the model, MiB = 2^20 bytes). Ratio: the method over "
+             "attnlrp-fast.", "",
+             "| N | method | seconds | ratio | peak MiB | ratio |", "|---|---|---|---|---|---|"]
     for n in sizes:
         ours = rows.get(("attnlrp_fast", n), {})
         for method in ("attnlrp_fast", "lxt_style", "lxt_style_eager"):
@@ -476,9 +495,9 @@ def cpu_explain_table(result):
             if "error" in r:
                 lines.append(f"| {_tokens(n)} | {method} | {r['error']} | - | - | - |")
                 continue
-            t, m = _ratio(r["seconds"], ours.get("seconds")), _ratio(r["peak_extra_mb"], ours.get("peak_extra_mb"))
+            t, m = _ratio(r["seconds"], ours.get("seconds")), _ratio(peak_mib(r), peak_mib(ours))
             lines.append(f"| {_tokens(n)} | {method} | {r['seconds']:.2f} | {_f(t, '{:.2f}x')} | "
-                         f"{r['peak_extra_mb']:.0f} | {_f(m, '{:.2f}x')} |")
+                         f"{peak_mib(r):.0f} | {_f(m, '{:.2f}x')} |")
     lines += ["", *cpu_explain_targets(result)]
     agree = result.get("agreement", {})
     if agree:
@@ -496,24 +515,24 @@ def cpu_explain_targets(result):
         if not ours or not lxt:
             out.append(f"- {_tokens(n)}: not measured")
             continue
-        t, m = ours["seconds"] / lxt["seconds"], ours["peak_extra_mb"] / lxt["peak_extra_mb"]
+        t, m = ours["seconds"] / lxt["seconds"], peak_mib(ours) / peak_mib(lxt)
         verdict = "met" if t <= 1.0 and m <= 1.0 else "MISSED"
         out.append(f"- {_tokens(n)}: time {t:.2f}x, memory {m:.2f}x the LXT-style approach ({verdict}; target <= 1.0x)")
     return out
 
 
-def _gb(n):
-    return f"{n / 1e9:.0f}" if n >= 100e9 else f"{n / 1e9:.1f}"
+def _gib(n):
+    return f"{n / 2**30:.0f}" if n >= 100 * 2**30 else f"{n / 2**30:.1f}"
 
 
 def estimates_table(result):
     """bench/estimate_table.py: predicted peak memory (weights + live tensors) of one explanation per model shape,
-    mode and length, and the longest document each mode fits on each GPU size."""
+    mode and length, and the longest document each mode fits on each GPU (the JSON's "gpus": label -> bytes)."""
     rows = result["rows"]
     sizes = sorted({int(n) for r in rows for n in r.get("by_tokens", {})})
     gpus = list(result["gpus"])
-    lines = [f"Predicted peak memory of one explanation, GB (10^9 bytes: weights + the peak of live tensors), batch 1, "
-             f"{result['dtype']}, from `attnlrp-fast estimate` on meta tensors (torch {result['torch']}, "
+    lines = [f"Predicted peak memory of one explanation, GiB (GiB = 2^30 bytes; weights + the peak of live tensors), "
+             f"batch 1, {result['dtype']}, from `attnlrp-fast estimate` on meta tensors (torch {result['torch']}, "
              f"bench/estimate_table.py). Longest: the most tokens (a multiple of 4k) whose total fits the GPU's "
              f"memory, with the `--mlp-chunk` that reaches it.", "",
              "| model | mode | " + " | ".join(_tokens(n) for n in sizes) + " | " +
@@ -526,7 +545,7 @@ def estimates_table(result):
             lines.append(f"| {r['model']} | {r['mode']} | " + " | ".join(["n/a"] * len(sizes)) + " | " +
                          " | ".join([f"not covered ({mark})"] * len(gpus)) + " |")
             continue
-        cells = [_gb(r["by_tokens"][str(n)]["total"]) if str(n) in r["by_tokens"] else "-" for n in sizes]
+        cells = [_gib(r["by_tokens"][str(n)]["total"]) if str(n) in r["by_tokens"] else "-" for n in sizes]
         weights = next(iter(r["by_tokens"].values()))["weights"] if r["by_tokens"] else 0
         longest = []
         for g in gpus:
@@ -534,7 +553,7 @@ def estimates_table(result):
             if found is None:
                 longest.append("-")
             elif found["tokens"] == 0 and weights >= result["gpus"][g]:
-                longest.append(f"does not fit on one GPU (weights {_gb(weights)} GB)")
+                longest.append(f"does not fit on one GPU (weights {_gib(weights)} GiB)")
             elif found["tokens"] == 0:
                 longest.append("< 4k")
             else:
@@ -621,10 +640,10 @@ def plot_cpu_memory(result, path):
     fig, axes = _figure(1, 1, (7, 4))
     ax = axes[0][0]
     for mode in dict.fromkeys(r["mode"] for r in result["rows"]):
-        pts = sorted((r["tokens"], r["peak_extra_mb"]) for r in result["rows"] if r["mode"] == mode and _ok(r))
+        pts = sorted((r["tokens"], peak_mib(r)) for r in result["rows"] if r["mode"] == mode and _ok(r))
         ax.plot(*zip(*pts), marker="o", label=mode)
     ax.set_xlabel("tokens")
-    ax.set_ylabel("peak memory of the explanation, MB")
+    ax.set_ylabel("peak memory of the explanation, MiB")
     ax.set_title(f"Memory against input length on {result['device']}", fontsize=9)
     ax.legend()
     fig.tight_layout()

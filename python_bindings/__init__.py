@@ -7,7 +7,7 @@
   dispatch.py    which implementation, device and dtype run (attention per call: attention_choice)
   dispatch_table.py  the measured table auto follows on a GPU (attnlrp_fast/data/dispatch.json)
   checks.py      the argument checks             hf.py        registration with transformers
-Nothing here imports from attnlrp_fast above it (tests/test_layers.py walks the imports). The package re-exports
+Nothing here imports from attnlrp_fast above it (tests/project/test_layers.py walks the imports). The package re-exports
 only names that differ from its modules' names, so every module stays reachable as itself.
 """
 

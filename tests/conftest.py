@@ -1,7 +1,20 @@
-"""Test setup: Triton's interpreter on machines without CUDA (set before anything imports Triton),
-markers `gpu` (needs CUDA) and `slow` (kept out of CI; run with --runslow)."""
+"""Test setup: Triton's interpreter on machines without CUDA (set before anything imports Triton), one share of the
+cores per pytest-xdist worker, and the markers: `gpu` (needs CUDA, skipped without it) and `slow` (the wide grids,
+trainings, interpreter sweeps and subprocess runs: part of the whole suite, left out by `-m "not slow"`, the inner
+loop).
+
+Tests mirror the source tree: tests/kernels, bindings, core, models, evaluation, integrations, app, bench, and
+project (layers, packaging, the README). Shared pieces live here at the top: helpers.py (attention inputs, the
+float64 oracle, tolerances), tiny_models.py (tiny random HF models of each family), tiny_lm.py (a local causal LM
+folder with a tokenizer), explicit_rules.py / explicit_llama.py (the paper's rules written out), and
+device_run_helpers.py (the benchmark harness)."""
 
 import os
+
+# pytest-xdist workers (-n K) share the machine: each takes cpu_count / K threads unless OMP_NUM_THREADS says otherwise
+# (set before torch is imported; the subprocesses tests start inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 if "TRITON_INTERPRET" not in os.environ:
     import torch
@@ -31,22 +44,26 @@ def doc(tmp_path):
     return p
 
 
-def pytest_addoption(parser):
-    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-    config.addinivalue_line("markers", "slow: slower than CI allows; run with --runslow")
+    config.addinivalue_line("markers", "slow: part of the whole suite; -m 'not slow' leaves it out (the inner loop)")
+
+
+# The files that take longest (minutes of the whole suite on 2 cores) run first: with pytest-xdist's --dist loadfile
+# the others then fill in around them, instead of one worker finishing a long file alone at the end.
+LONGEST_FIRST = ("bench/test_device_run.py", "project/test_readme.py", "kernels/test_attention_kernels.py",
+                 "models/test_families.py", "bindings/test_attention_segments.py", "bench/test_compile_check.py")
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    def rank(item):
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)   # stable: each file's tests stay together and in order
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "slow" in item.keywords and not config.getoption("--runslow"):
-            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

@@ -126,3 +126,20 @@ def qwen_vl_inputs(grids=((4, 6),), length=7, seed=0, row_of=None):
     return {"input_ids": torch.stack(rows),
             "pixel_values": torch.randn(patches, 3 * 2 * QWEN_VL_PATCH ** 2, generator=g),
             "image_grid_thw": torch.tensor([[1, h, w] for h, w in grids])}
+
+
+GEMMA3_IMAGE = 70   # the image token of gemma3_with_images
+
+
+def gemma3_with_images(layer_types, window=16, tokens_per_image=4):
+    """A tiny Gemma 3 with a SigLIP tower (image token GEMMA3_IMAGE); returns (model, image side in pixels)."""
+    torch.manual_seed(0)
+    text = tf.Gemma3TextConfig(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=len(layer_types),
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                               sliding_window=window, query_pre_attn_scalar=8, layer_types=layer_types)
+    side = int(tokens_per_image ** 0.5) * 4
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                   image_size=side, patch_size=4)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
+                             image_token_index=GEMMA3_IMAGE, boi_token_index=71, eoi_token_index=72)
+    return tf.Gemma3ForConditionalGeneration(config).eval(), side

@@ -7,6 +7,7 @@ model (LLaVA) give its answer.
     answer = generate_answer(model, processor, prompt, max_new_tokens=32)
     result = explain_answer(model, prompt, answer, rule="attnlrp")
     paths = write_reports(out, result, ...)                      # overlay_<k>.png, explanation.html, .json
+    explain_images(args)                                         # all of it, as `explain --image` runs it
 
 One forward and one backward pass over prompt + answer with the target "sum of the answer tokens' logits"
 (af.explain): relevance per prompt token (image placeholders included) and one map per image on the vision
@@ -17,6 +18,7 @@ model saw it (the processor's resized / cropped pixels, un-normalised).
 import base64
 import html
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,10 @@ import numpy as np
 import torch
 
 from attnlrp_fast.app import report
-from attnlrp_fast.app.longdoc import InputError, _first_line, _quiet_hub, answer_targets, context_length, greedy
+from attnlrp_fast.app.common import (TINY, Answer, UsageError, bar_factory, check_explain_options, choose_backend,
+                                     choose_device, choose_dtype, extend_json, reasoning_span)
+from attnlrp_fast.app.longdoc import (InputError, _first_line, _quiet_hub, answer_targets, context_length, greedy,
+                                      tokenize_answer)
 
 
 def check_vision_config(model_id):
@@ -301,3 +306,51 @@ def summary(prompt, result, k=5):
     for _, text, v in top_words(prompt, result.relevance, k):
         lines.append(f"  {text.strip()!r}  {v:.4g}")
     return lines
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+def explain_images(args):
+    """`attnlrp-fast explain --image`: the steps above from explain's arguments, the reports written and a summary
+    printed; the exit status."""
+    t0 = time.perf_counter()
+    if args.document is not None:
+        raise UsageError("--image and --document: explain images with a question, or a document, not both")
+    if args.per_token:
+        raise UsageError("--per-token is not available with --image")
+    if args.model == TINY and not os.path.exists(args.model):
+        raise UsageError(f"--image: --model {TINY} is a text-only Llama; images need a vision-language model folder")
+    images = load_images(args.image)
+    device = choose_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+    check_explain_options(args)
+    backend = choose_backend(args.backend, device, dtype, many_passes=True)
+    bar_factory(args.quiet)   # --quiet: no loading bars
+    model, processor = load_model(args.model, device, dtype)
+    try:
+        prompt = build_prompt(processor, images, args.question, chat=not args.no_chat)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--image: the processor cannot build the prompt ({str(e).splitlines()[0]})") from None
+    answer_ids = tokenize_answer(processor.tokenizer, args.answer) if args.answer is not None else None
+    check_length(model, prompt, len(answer_ids) if answer_ids else args.max_new_tokens, args.model)
+    if answer_ids is None:
+        answer_ids = generate_answer(model, processor, prompt, args.max_new_tokens, backend=backend)
+    reasoning = reasoning_span(args, processor.tokenizer, Answer(prompt, answer_ids, None))
+    result = explain_answer(model, prompt, answer_ids, args.rule, backend, reasoning=reasoning, hops=args.hops,
+                            seed=args.reasoning_seed)
+    explained = answer_ids[reasoning.answer_start - len(prompt.ids):] if reasoning else answer_ids
+    text = processor.tokenizer.decode(explained)
+    facts = {"model": args.model, "rule": args.rule, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+             "backend": backend or "triton", "question": args.question, "answer": text,
+             "answer_source": "given" if args.answer is not None else "greedy", "images": list(args.image),
+             "target_logit": sum(result.target_logits), "prompt_tokens": len(prompt.ids),
+             "image_tokens": sum(t == prompt.image_token_id for t in prompt.ids)}
+    paths = write_reports(args.out, prompt, result, seen_images(processor, prompt.inputs["pixel_values"]),
+                          title=f"Why the model answered {text.strip()[:80]!r}", facts=facts)
+    extend_json(paths[0], {"answer_token_ids": answer_ids, "seconds": time.perf_counter() - t0})
+    print(f"answer ({facts['answer_source']}): {text.strip()!r}")
+    print(f"explained {len(prompt.ids) + len(answer_ids)} tokens ({facts['image_tokens']} image tokens) and "
+          f"{len(images)} image(s) with {args.rule} in {result.seconds:.1f} s on {device}")
+    for line in summary(prompt, result):
+        print(line)
+    print("reports: " + ", ".join(str(p) for p in paths))
+    return 0

@@ -11,6 +11,7 @@ answer a_v is read off the reasoning token v (replacing v by another value v' ma
     python -m attnlrp_fast.evaluation.reasoning_recall train [--steps 2000] [--out DIR]
         # default DIR: the package's data/recall_reasoning_llama
     python -m attnlrp_fast.evaluation.reasoning_recall check   # accuracies and dependence of the shipped model
+    python -m attnlrp_fast.evaluation.reasoning_recall path    # the shipped model's folder (for --model)
 
 The trained weights ship with the package (attnlrp_fast/data/recall_reasoning_llama, 1.8 MB).
 """

@@ -10,6 +10,7 @@ that key or that value.
     python -m attnlrp_fast.evaluation.recall train [--steps 2000] [--out DIR]
         # about 5 min on 2 cores (default DIR: the package's data/recall_llama)
     python -m attnlrp_fast.evaluation.recall check   # accuracy of the shipped model
+    python -m attnlrp_fast.evaluation.recall path    # the shipped model's folder (for --model)
 
 The trained weights ship with the package (attnlrp_fast/data/recall_llama, 1.8 MB) so that
 `attnlrp-fast evaluate --task recall` needs no training. The training loop, tokenizer, loader and command line are

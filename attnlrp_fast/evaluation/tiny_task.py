@@ -110,7 +110,8 @@ class TaskCLI:
 
 def run_cli(task: TaskCLI, argv=None):
     """`python -m <task> train [--steps N] [--out DIR]` (saves the model, its tokenizer and training.json with the
-    log and the check) or `check` (the shipped model's check)."""
+    log and the check), `check` (the shipped model's check) or `path` (the shipped model's folder, e.g. for
+    `attnlrp-fast explain --model "$(python -m <task> path)"`)."""
     p = argparse.ArgumentParser(prog=task.prog, description=task.doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -121,7 +122,11 @@ def run_cli(task: TaskCLI, argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help=f"folder (default: the package's {task.weights_path().name})")
     sub.add_parser("check", help="the shipped model on fresh sequences")
+    sub.add_parser("path", help="print the folder of the shipped model and its tokenizer")
     args = p.parse_args(argv)
+    if args.command == "path":
+        print(task.weights_path())
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.command == "train":
         model, log = task.train(args.steps, args.batch_size, args.lr, args.seed)

@@ -1,0 +1,154 @@
+"""`attnlrp-fast estimate`: the memory one explanation needs, per mode and length, for any model, from its config
+alone (attnlrp_fast.estimate), and with --gpu-memory the longest document that fits. Each table is printed as
+it is done, with a progress bar meanwhile.
+
+    attnlrp-fast estimate --model llama-3.1-8b --tokens 8k,32k,128k,1m --gpu-memory 80GiB
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from attnlrp_fast import estimate as est
+from attnlrp_fast.app.common import UsageError, bar_factory
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40}
+MLP_CHUNKS = (256, 1024)   # the --mlp-chunk settings tried for the longest document in low_memory mode
+
+
+def parse_tokens(text):
+    """"8k,32k,128k,1m" -> [8192, 32768, 131072, 1048576] (k = 1024, m = 1024 * 1024); ValueError on nonsense."""
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", part)
+        if not m or int(m.group(1)) == 0:
+            raise ValueError(f"--tokens {text!r}: each length is a positive number, optionally with k or m "
+                             "(8k = 8192), separated by commas")
+        out.append(int(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()])
+    return out
+
+
+def parse_bytes(text):
+    """"80GiB" / "80GB" / "141 GiB" -> bytes (GB = 10^9, GiB = 2^30); ValueError on nonsense."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text or "")
+    if not m or m.group(2).lower() not in UNITS or float(m.group(1)) <= 0:
+        raise ValueError(f"--gpu-memory {text!r}: a size such as 80GiB, 141GiB or 80GB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def size(n):
+    """Bytes for people: GiB from 1 GiB on, MiB below."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def _tokens(n):
+    return f"{n // 2**20}m" if n % 2**20 == 0 else f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+@dataclass
+class Longest:
+    mode: str
+    tokens: int               # 0: not even the shortest length fits
+    mlp_chunk: int = None
+    estimate: object = None
+
+
+def longest(config, budget, dtype, mode, mlp_chunk, tick=None):
+    """The longest input each mode fits in `budget` bytes (low_memory: the best of MLP_CHUNKS and --mlp-chunk);
+    tick() after each estimate."""
+    chunks = sorted({mlp_chunk, *MLP_CHUNKS}) if mode == "low_memory" else [mlp_chunk]
+    best = Longest(mode, 0)
+    for chunk in chunks:
+        n, e = est.longest_fitting(config, budget, dtype=dtype, mode=mode, mlp_chunk=chunk, start=4096,
+                                   precision=1 / 32, progress=tick)
+        if n > best.tokens:
+            best = Longest(mode, n, chunk if mode == "low_memory" else None, e)
+    return best
+
+
+def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None):
+    """The mode's table: weights, the explanation's peak, their total and where the peak is, per length (a blank line
+    first); tick() after each length."""
+    lines = ["", f"{mode}" + (f" (--mlp-chunk {mlp_chunk})" if mode == "low_memory" else ""),
+             f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}  peak at"]
+    for n in tokens:
+        try:
+            e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk)
+        except ValueError as ex:   # a contrast mode that does not cover this family
+            lines.append(f"{_tokens(n):>8}  {str(ex).splitlines()[0][:100]}")
+            break
+        finally:
+            tick()
+        lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}  {e.where}")
+    return lines
+
+
+def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None):
+    lines = ["", f"The longest document that fits {size(budget)} with the weights:"]
+    for mode in modes:
+        try:
+            found = longest(config, budget, dtype, mode, mlp_chunk, tick)
+        except ValueError as ex:
+            lines.append(f"  {mode:<11} {str(ex).splitlines()[0][:100]}")
+            continue
+        if found.tokens == 0:
+            lines.append(f"  {mode:<11} does not fit even 4,096 tokens")
+            continue
+        setting = f" with --mlp-chunk {found.mlp_chunk}" if found.mlp_chunk else ""
+        lines.append(f"  {mode:<11} {found.tokens:,} tokens{setting} ({size(found.estimate.total)})")
+    return lines
+
+
+class _NoBar:
+    """A progress bar that shows nothing (tables() without the CLI's bars)."""
+
+    def __init__(self, **_):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def tables(args, bar=_NoBar):
+    """The command, a table at a time as each is done: lists of lines (the title; a table per mode; with
+    --gpu-memory the longest documents), each computed under bar(total=, desc=, unit=) (the CLI's progress bars).
+    ValueError for bad input (run() makes it one line, exit 2), before the first table."""
+    tokens = parse_tokens(args.tokens)
+    budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
+    if args.mlp_chunk < 0:
+        raise ValueError(f"--mlp-chunk {args.mlp_chunk}: a number of tokens (0: no chunking)")
+    config = est.load_config(args.model)
+    dtype = getattr(torch, args.dtype)
+    est.meta_model(config, dtype)   # the config builds a causal LM: else one line now
+    yield [f"Memory of one explanation of {args.model} ({str(dtype).split('.')[-1]}), as on a GPU:"]
+    for mode in args.modes:
+        with bar(total=len(tokens), desc=f"estimating {mode}", unit="length") as b:
+            lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update)
+        yield lines
+    if budget:
+        with bar(total=None, desc=f"the longest document that fits {size(budget)}", unit="estimate") as b:
+            lines = longest_lines(config, budget, dtype, args.modes, args.mlp_chunk, b.update)
+        yield lines
+
+
+def all_lines(args):
+    """The command's lines, all at once (tables() without progress bars)."""
+    return [line for table in tables(args) for line in table]
+
+
+def run(args):
+    """Each table printed as it is done, a progress bar meanwhile; bad input is a UsageError before the first."""
+    try:
+        for lines in tables(args, bar_factory(False, lines=True)):
+            print("\n".join(lines), flush=True)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+    return 0

@@ -1,0 +1,114 @@
+"""bench/report.py on recorded JSON: the e2e table against the estimate, the targets (worst shape, "MISSED"), markers
+required, the CPU memory table and plot, every committed result rendering in binary units."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from bench import e2e, memory
+from bench import report as bench_report
+from device_run_helpers import PNG
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _row(method, N, D=128, causal=True, H=16, Hkv=16, **figures):
+    return {"method": method, "B": 1, "H": H, "Hkv": Hkv, "N": N, "D": D, "causal": causal, **figures}
+
+
+def test_the_e2e_table_sets_the_measured_peak_against_the_estimate():
+    e2e_result = {"shape": {**e2e.SHAPES["llama3-8b"], "name": "llama3-8b"}, "dtype": "bfloat16", "rows": [
+        {"method": "forward", "tokens": 8192, "seconds": 0.5, "peak_mib": 100.0},
+        {"method": "attnlrp_fast", "tokens": 8192, "seconds": 2.0, "peak_mib": 2662.4, "estimated_peak_mib": 2560.0,
+         "explain_over_forward": 4.0},
+        {"method": "lxt_style", "tokens": 8192, "error": "out of memory", "estimated_peak_mib": 4096.0}]}
+    table = bench_report.e2e_table({"e2e": e2e_result, "device": "H200"})
+    assert "| 8k | attnlrp_fast | 2.00 | 4.0x | 2.6 | 2.5 | 1.040 |" in table
+    assert "| 8k | lxt_style | out of memory | - | - | 4.0 | - |" in table
+    assert "| 8k | forward | 0.50 | - | 0.1 | - | - |" in table
+
+
+def test_report_targets_take_the_worst_shape_and_say_missed():
+    timings = []
+    for N, ours in ((4096, 420.0), (8192, 380.0)):
+        timings += [_row("attnlrp_fast[grad]", N, fwd_tflops=ours, bwd_tflops=300.0),
+                    _row("attnlrp_fast[attnlrp]", N, fwd_tflops=ours, bwd_tflops=310.0, peak_mib=100.0),
+                    _row("attnlrp_fast[attnlrp,dq=atomic]", N, fwd_tflops=ours, bwd_tflops=N / 40, peak_mib=110.0),
+                    _row("sdpa[flash_attention]", N, fwd_tflops=350.0, bwd_tflops=280.0, peak_mib=90.0),
+                    _row("sdpa[cudnn_attention]", N, fwd_tflops=400.0, bwd_tflops=290.0, peak_mib=95.0),
+                    _row("lxt_style[sdpa]", N, fwd_tflops=350.0, bwd_tflops=200.0)]
+    timings += [_row("attnlrp_fast[attnlrp]", 131072, H=32, Hkv=8, peak_mib=1050.0),
+                _row("sdpa[default]", 131072, H=32, Hkv=8, peak_mib=1000.0),
+                _row("sdpa[cudnn_attention]", 131072, H=32, Hkv=8, error="out of memory")]
+    lines = bench_report.targets_lines({"timings": timings})
+    assert lines[0].endswith(f"{380 / 400:.2f}x (MISSED; target >= 1.0x)")      # 8k is the worst shape
+    assert lines[1].endswith(f"{310 / 200:.2f}x (met; target >= 1.0x)")
+    assert lines[2].endswith(f"{4096 / 40 / 200:.2f}x (MISSED; target >= 1.0x)")  # atomic dQ, worst at 4k
+    assert lines[3].endswith("1.05x (met; target <= 1.1x)")                       # the failed baseline is skipped
+    assert lines[4].endswith("not measured")
+    assert all(line.endswith("not measured") for line in bench_report.targets_lines({"timings": []}))
+    # the memory step's rows come before the sweep's; the e2e target takes the worst size from 32k up
+    memory_step = {"shape": {"B": 1, "H": 32, "Hkv": 8, "N": 131072, "D": 128, "causal": True}, "rows": [
+        {"method": "attnlrp_fast[attnlrp]", "peak_mib": 1200.0}, {"method": "sdpa[flash_attention]", "peak_mib": 1000.0},
+        {"method": "sdpa[cudnn_attention]", "error": "No available kernel"}]}
+    e2e_rows = [{"method": m, "tokens": n, "seconds": sec} for m, n, sec in (
+        ("attnlrp_fast", 8192, 9.0), ("lxt_style", 8192, 3.0),                  # below 32k: not the target
+        ("attnlrp_fast", 32768, 10.0), ("lxt_style", 32768, 12.0),
+        ("attnlrp_fast", 65536, 30.0), ("lxt_style", 65536, 33.0))]
+    lines = bench_report.targets_lines({"timings": timings, "memory": memory_step, "e2e": {"rows": e2e_rows}})
+    assert lines[3].endswith("1.20x (MISSED; target <= 1.1x)")
+    assert lines[4].endswith(f"{33 / 30:.2f}x (met; target >= 1.0x)")
+
+
+def test_report_without_markers_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no <!-- table:e2e -->"):
+        bench_report.replace_between("no markers here", "e2e", "x")
+
+
+def test_cpu_memory_table_and_plot(tmp_path):
+    rows = [{"mode": "low_memory", "tokens": n, "peak_extra_mb": 100 + n / 1000, "seconds": 1.0} for n in (2048, 4096)]
+    rows += [{"mode": "eager", "tokens": 2048, "peak_extra_mb": 400.0, "seconds": 1.0},
+             {"mode": "eager", "tokens": 4096, "error": "took longer than 60 s"}]
+    fits = {"low_memory": dict(zip(("mb_at_zero", "kb_per_token", "worst_deviation_from_line"),
+                                   (lambda a, b, w: (a, b * 1024, w))(*memory.linear_fit(rows[:2]))))}
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"device": "cpu", "rows": rows, "linear_fits": fits}))
+    written, tables = bench_report.render(path)
+    assert Path(written[0]).read_bytes()[:8] == PNG
+    table = tables["cpu-memory"]
+    assert "MiB (MiB = 2^20 bytes, KiB = 2^10 bytes)" in table and "| fit: MiB + KiB/token |" in table
+    assert "| low_memory | 102 | 104 | 100 + 1.0 | 0.0% |" in table
+    assert "| eager | 400 | took longer than 60 s | - | - |" in table
+
+
+def test_cpu_memory_table_calls_quadratic_growth_not_linear():
+    rows = [{"mode": "eager", "tokens": n, "peak_extra_mb": (n / 1024) ** 2, "seconds": 1.0} for n in (1024, 2048, 8192)]
+    a, b, worst = memory.linear_fit(rows)
+    assert worst > 0.1
+    table = bench_report.cpu_memory_table({"rows": rows, "linear_fits": {"eager": {
+        "mb_at_zero": a, "kb_per_token": b * 1024, "worst_deviation_from_line": worst}}})
+    assert f"| eager | 1 | 4 | 64 | not linear | {worst:.1%} |" in table
+
+
+def test_committed_results_render_in_binary_units(tmp_path):
+    """Every results JSON in bench/results renders; those written before 2026-12-02 name their MiB figures "_mb"
+    ("peak_extra_mb", "mb_at_zero", "kb_per_token") and render as the same file under the new names does; no table
+    speaks of decimal KB, MB or GB."""
+    renamed = {'"peak_extra_mb"': '"peak_extra_mib"', '"mb_at_zero"': '"mib_at_zero"', '"kb_per_token"': '"kib_per_token"'}
+    kinds = set()
+    for src in sorted((ROOT / "bench" / "results").glob("*.json")):
+        text = src.read_text()
+        (tmp_path / "old").mkdir(exist_ok=True)
+        (tmp_path / "new").mkdir(exist_ok=True)
+        (tmp_path / "old" / src.name).write_text(text)
+        for old, new in renamed.items():
+            text = text.replace(old, new)
+        (tmp_path / "new" / src.name).write_text(text)
+        _, tables = bench_report.render(tmp_path / "old" / src.name)
+        assert tables and tables == bench_report.render(tmp_path / "new" / src.name)[1], src.name
+        for body in tables.values():
+            assert not re.search(r"\b[KMG]B\b", body), (src.name, re.search(r".*\b[KMG]B\b.*", body)[0])
+        kinds |= set(tables)
+    assert {"cpu-memory", "cpu-explain", "estimates"} <= kinds
