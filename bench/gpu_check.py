@@ -283,22 +283,20 @@ def environment(env):
 
 
 # --- measuring ----------------------------------------------------------------------------------------------
-def bench_ms(fn, cuda, grad_to_none=None, cpu_runs=1):
+def bench_ms(fn, cuda, grad_to_none=None):
     """Median ms of fn: triton.testing.do_bench on CUDA; on CPU (the smoke run: its times only show the code path
-    runs) one warm-up and `cpu_runs` runs."""
+    runs) one warm-up and one timed run."""
     if cuda:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
     fn()
-    times = []
-    for _ in range(cpu_runs):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-        for x in grad_to_none or ():
-            x.grad = None
-    return sorted(times)[len(times) // 2]
+    t = time.perf_counter()
+    fn()
+    ms = (time.perf_counter() - t) * 1e3
+    for x in grad_to_none or ():
+        x.grad = None
+    return ms
 
 
 def runners(method, q, k, v, causal, kpm=None):

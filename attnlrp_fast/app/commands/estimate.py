@@ -7,11 +7,12 @@ it is done, with a progress bar meanwhile.
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from attnlrp_fast import estimate as est
-from attnlrp_fast.app.common import UsageError, bar_factory
+from attnlrp_fast.app.common import LineBar, UsageError, bar_factory
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
          "gib": 2**30, "tib": 2**40}
@@ -101,23 +102,10 @@ def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None):
     return lines
 
 
-class _NoBar:
-    """A progress bar that shows nothing (tables() without the CLI's bars)."""
-
-    def __init__(self, **_):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+NO_BAR = partial(LineBar, disable=True)   # tables() without the CLI's bars: a bar that shows nothing
 
 
-def tables(args, bar=_NoBar):
+def tables(args, bar=NO_BAR):
     """The command, a table at a time as each is done: lists of lines (the title; a table per mode; with
     --gpu-memory the longest documents), each computed under bar(total=, desc=, unit=) (the CLI's progress bars).
     ValueError for bad input (run() makes it one line, exit 2), before the first table."""
