@@ -14,7 +14,7 @@ exception, a crash, a hang) is gated out: the later steps never run it and the d
   sdpa      af.attention(backend="torch") on CUDA tensors (torch's fused SDPA kernels): output and gradients under
             grad and attnlrp, with and without key padding, GQA, causal with N < M
 
-Tolerances (DESIGN.md): ||out - ref|| / ||ref|| below 2e-2 (bf16), 1e-2 (fp16), 1e-4 (fp32); the LSE below 1e-3.
+Tolerances (as in the test suite, tests/helpers.py): ||out - ref|| / ||ref|| below 2e-2 (bf16), 1e-2 (fp16), 1e-4 (fp32); the LSE below 1e-3.
 A case a variant cannot take here (the warp-specialised loop with key padding, the descriptor kernels off Hopper or
 in fp32) is "unsupported" with its reason, not a failure; a variant that can take none of its cases is gated out as
 unsupported. Smoke mode (CPU, Triton's interpreter): tiny sizes, fp16 and fp32 (the interpreter's bf16 dot is wrong).
