@@ -1,8 +1,8 @@
 """attnlrp-fast: AttnLRP explanations of transformers with fused Triton flash-attention kernels.
 
 The core: attention (bindings/attention.py), lrp (lrp_patch.py), explain (explanation.py), low_memory (memory.py),
-estimate_memory (estimate.py: the memory of one explanation, on meta tensors), the model maps (models/), the rules
-index (rules.py) and the float64 oracles (reference.py). The long-document application lives in attnlrp_fast.app,
+estimate_memory (estimate.py: the memory of one explanation, on meta tensors), load_model (loading.py: SmolLM2
+offline, or any causal LM), the model maps (models/), the rules index (rules.py) and the float64 oracles (reference.py). The long-document application lives in attnlrp_fast.app,
 the evaluation in attnlrp_fast.evaluation.
 
 Importing the package is light (no torch): each public name is imported on first use (PEP 562), so that
@@ -25,6 +25,7 @@ _PUBLIC = {
     "Explanation": (".explanation", "Explanation"),
     "explain": (".explanation", "explain"),
     "RULES": (".kernels.rules", "RULES"),
+    "load_model": (".loading", "load_model"),
     "LRPHandle": (".lrp_patch", "LRPHandle"),
     "lrp": (".lrp_patch", "lrp"),
     "LowMemoryHandle": (".memory", "LowMemoryHandle"),
@@ -34,7 +35,7 @@ _PUBLIC = {
     "contrast": (".targets", "contrast"),
 }
 
-__all__ = ["attention", "lrp", "explain", "contrast", "Contrast", "Explanation", "LRPHandle", "UnsupportedModelError",
+__all__ = ["attention", "lrp", "explain", "load_model", "contrast", "Contrast", "Explanation", "LRPHandle", "UnsupportedModelError",
            "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate", "segment_ids_from_cu_seqlens",
            "__version__"]
 

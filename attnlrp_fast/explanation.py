@@ -60,6 +60,9 @@ class Explanation:
     image_share       (B,) float32: the signed share of a row's relevance on its images
     text_share        (B,) float32: the share on its text tokens (image_share + text_share = 1)
 
+    With per_target=True (a list target: each (position, token) target explained on its own), else None:
+    target_relevance  (B, P, N) float32: each target's relevance; they sum over P to `relevance`
+
     With reasoning_span= (the relevance carried back through a reasoning span, attnlrp_fast/reasoning.py), else None:
     reasoning_span    (start, end): the positions of the reasoning tokens
     hop_relevance     (hops + 1, B, N) float32: each hop's relevance; hop 0 is `relevance`
@@ -79,6 +82,7 @@ class Explanation:
     latent: dict = field(default_factory=dict)
     positions: Optional[torch.Tensor] = None
     target_logits: Optional[torch.Tensor] = None
+    target_relevance: Optional[torch.Tensor] = None
     image_relevance: Optional[list] = None
     image_rows: Optional[torch.Tensor] = None
     image_share: Optional[torch.Tensor] = None
@@ -140,7 +144,7 @@ def _summary(value):
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
             image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
-            reasoning_seed=None) -> Explanation:
+            reasoning_seed=None, per_target=False) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -154,7 +158,10 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
     position: the position whose logits int/None/contrast targets read (default: each row's last real token).
     checkpoint: checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens (af.low_memory),
           for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
-    progress: called with "forward" / "backward" per transformer layer (progress bars).
+    progress: called with "forward" / "backward" per transformer layer (progress bars), and with per_target "target"
+          after each target's backward pass.
+    per_target: with a list of (position, token_id) targets, one backward pass per target over the one forward:
+          e.target_relevance (B, P, N), each target's own map (their sum is e.relevance).
     Vision-language models: e.image_relevance, e.image_rows, e.image_share, e.text_share (module docstring).
     reasoning_span: (start, end), the positions of the model's own reasoning tokens before the answer; `hops`
           (default 1) further backward passes over the same forward carry the relevance each reasoning token
@@ -175,8 +182,11 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
                                    ("token_type_ids", token_type_ids)) if v is not None}
         reasoning = Reasoning.of(reasoning_span, hops, reasoning_seed, input_ids)
+        if per_target and (reasoning is not None or callable(target) or not isinstance(target, (list, tuple))):
+            raise ValueError("per_target=True needs a list of (position, token_id) targets and no reasoning_span")
         return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
-                                          (latent,) if isinstance(latent, str) else tuple(latent), extra, reasoning))
+                                          (latent,) if isinstance(latent, str) else tuple(latent), extra, reasoning,
+                                          per_target, progress))
 
 
 def _hf_checkpointing(model):
@@ -272,6 +282,8 @@ class Request:
     latent: tuple
     extra: dict = field(default_factory=dict)   # other model inputs passed on as they are (image_sizes, ...)
     reasoning: Optional[Reasoning] = None
+    per_target: bool = False
+    progress: Optional[object] = None           # called with "target" after each target's backward (per_target)
 
 
 @dataclass
@@ -339,15 +351,34 @@ def _target_score(model, req, outputs, positions, kept) -> Scored:
     return Scored(value, ids, parts, logits, positions)
 
 
-def _modified_gradients(scored, inputs, pre_logits, softcap, keep=False):
-    """The rule's gradients of the target score at `inputs`; under a final logit softcap the identity rule there.
-    keep: the forward's graph stays for further backward passes (reasoning hops)."""
+def _modified_gradients(scored, inputs, pre_logits, softcap, keep=False, score=None):
+    """The rule's gradients of the target score (or of `score`, a part of it) at `inputs`; under a final logit
+    softcap the identity rule there. keep: the forward's graph stays for further backward passes (reasoning hops,
+    per-target passes)."""
+    score = scored.score if score is None else score
     if softcap is not None and scored.logits is not None and pre_logits is not None:
-        (g_capped,) = torch.autograd.grad(scored.score.sum(), scored.logits, retain_graph=True)
+        (g_capped,) = torch.autograd.grad(score.sum(), scored.logits, retain_graph=True)
         return torch.autograd.grad(pre_logits, inputs, grad_outputs=final_softcap_identity(g_capped, scored.logits,
                                                                                            pre_logits),
                                    allow_unused=True, retain_graph=keep)
-    return torch.autograd.grad(scored.score.sum(), inputs, allow_unused=True, retain_graph=keep)
+    return torch.autograd.grad(score.sum(), inputs, allow_unused=True, retain_graph=keep)
+
+
+def _per_target_gradients(scored, inputs, pre_logits, softcap, progress):
+    """One backward pass per target (a column of scored.parts) over the one forward: (the gradients summed over the
+    targets, as one pass for the whole score gives them; each target's relevance at inputs[0], (B, P, N))."""
+    total, maps = None, []
+    n = scored.parts.shape[1]
+    for j in range(n):
+        grads = _modified_gradients(scored, inputs, pre_logits, softcap, keep=j < n - 1, score=scored.parts[:, j])
+        g0 = grads[0]
+        maps.append((inputs[0].detach().float() * g0.float()).sum(-1) if g0 is not None else
+                    torch.zeros(inputs[0].shape[:-1], device=inputs[0].device))
+        total = list(grads) if total is None else [a if b is None else (b if a is None else a + b)
+                                                   for a, b in zip(total, grads)]
+        if progress is not None:
+            progress("target")
+    return total, torch.stack(maps, 1)
 
 
 @contextlib.contextmanager
@@ -370,10 +401,10 @@ def _explain(model, handle, req: Request) -> Explanation:
     input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, pixels)
     extra = req.extra if vision is None else {**req.extra, **vision.model_inputs(model, input_ids, req.extra)}
     req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra,
-                  req.reasoning)
+                  req.reasoning, req.per_target, req.progress)
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
     capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision)
-    rows = hops = None
+    rows = hops = per_target = None
     try:
         kwargs, positions, kept = _forward_kwargs(model, req)
         if req.reasoning is not None:
@@ -386,7 +417,10 @@ def _explain(model, handle, req: Request) -> Explanation:
             if rows is not None:
                 req.reasoning.check_target(scored.positions)
                 z = rows.logits(input_ids, handle.final_logit_softcap if handle.rule == "grad" else None)
-            grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
+            if req.per_target:
+                grads, per_target = _per_target_gradients(scored, inputs, capture.pre_logits, softcap, req.progress)
+            else:
+                grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
             if rows is not None:
                 hops = run_hops(req.reasoning, (inputs[0].detach().float() * grads[0].float()).sum(-1), z,
                                 inputs[0], lambda m: warnings.warn(m, stacklevel=4),
@@ -396,7 +430,7 @@ def _explain(model, handle, req: Request) -> Explanation:
         if rows is not None:
             rows.remove()
     rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
-    fields = {}
+    fields = {} if per_target is None else {"target_relevance": per_target}
     if capture.patches is not None:
         maps, counts = vision.image_maps(rel[-1], req.extra)
         fields = _image_fields(rel[0].sum(-1), maps, counts, input_ids == vision.image_token_id)

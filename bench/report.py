@@ -453,6 +453,35 @@ def faithfulness_table(result):
     return "\n".join(lines + ["", faithfulness.table(result)])
 
 
+def needle_table(result):
+    """attnlrp-fast evaluate --task needle: the settings, each length's samples, the table, and the target (AttnLRP's
+    pointing >= 90 % at every length where the model answers)."""
+    from attnlrp_fast.evaluation import faithfulness
+
+    settings = result["settings"]
+    curves = [t for t, out in result["tasks"].items() if out.get("curves")]
+    lines = [f"Measured {result.get('date', '?')} on {result.get('device', '?')} (torch "
+             f"{result.get('versions', {}).get('torch', '?')}), {settings['steps']} perturbation steps (removed tokens' "
+             f"embeddings zeroed) at {', '.join(curves) or 'no length'}, integrated gradients with "
+             f"{settings.get('ig_steps', '?')} path points; the other lengths report pointing, rank and share only.", ""]
+    for task, out in result["tasks"].items():
+        lines.append(f"- {task}: {out['model']}, documents of {out['document_tokens_mean']:.0f} tokens on average; the "
+                     f"model answers {out['samples']} of {out['sampled']} samples right (those are explained)")
+    lines += ["", "Pointing: the most relevant document token lies in the needle sentence; evidence rank: where the "
+                  "needle's best token ranks among the document's; evidence share: the needle's share of the "
+                  "document's positive relevance; attribution s: seconds per explanation.", "",
+              faithfulness.table(result), ""]
+    for task, out in result["tasks"].items():
+        lrp = next((r for m, r in out["methods"].items() if m.split("[")[0] == "attnlrp"), None)
+        if lrp is None:
+            lines.append(f"- {task}: no sample answered right, nothing explained")
+            continue
+        verdict = "met" if lrp["pointing_accuracy"] >= 0.9 else "MISSED"
+        lines.append(f"- {task}: AttnLRP points at the needle in {lrp['pointing_accuracy']:.0%} of "
+                     f"{out['samples']} samples ({verdict}; target >= 90 %)")
+    return "\n".join(lines)
+
+
 def cpu_memory_table(result):
     fits = result.get("linear_fits", {})
     modes = [m for m in ("low_memory", "plain", "eager") if any(r["mode"] == m for r in result["rows"])]
@@ -476,16 +505,28 @@ def cpu_memory_table(result):
     return "\n".join(lines)
 
 
+def cpu_explain_kind(result):
+    """The README marker of a bench/cpu_explain.py file: cpu-explain, or cpu-explain-smollm2 for the real model."""
+    return "cpu-explain-smollm2" if result.get("model") == "SmolLM2-135M-Instruct" else "cpu-explain"
+
+
 def cpu_explain_table(result):
     """bench/cpu_explain.py: one explanation on CPU, time and peak memory of each method with the ratios to
-    attnlrp-fast, and the targets (at 4k and 16k: time and memory <= 1.0x the LXT-style approach)."""
+    attnlrp-fast, and the targets (at 4k and 16k, SmolLM2's at 8k: time and memory <= 1.0x the LXT-style
+    approach)."""
     rows = {(r["method"], r["tokens"]): r for r in result["rows"]}
     sizes = sorted({r["tokens"] for r in result["rows"]})
+    real = cpu_explain_kind(result) == "cpu-explain-smollm2"
+    model = ("SmolLM2-135M-Instruct (real weights, 30 layers), every layer checkpointed in both methods, the sample "
+             "report's tokens" if real else "4-layer Llama, hidden 256, 8/2 heads")
+    runs = f"median of {result['repeats']} runs" if result["repeats"] > 1 else "one run after a warm-up"
     lines = [f"One AttnLRP explanation on {result['device']}, {result['threads']} threads, torch "
-             f"{result['versions']['torch']} (bench/cpu_explain.py: 4-layer Llama, hidden 256, 8/2 heads, fp32; median "
-             f"of {result['repeats']} runs; peak memory above the model, MiB = 2^20 bytes). Ratio: the method over "
-             "attnlrp-fast.", "",
-             "| N | method | seconds | ratio | peak MiB | ratio |", "|---|---|---|---|---|---|"]
+             f"{result['versions']['torch']} (bench/cpu_explain.py: {model}, fp32; {runs}; peak memory above the "
+             "model, MiB = 2^20 bytes). Ratio: the method over attnlrp-fast." +
+             (" Estimated: af.estimate_memory's peak for the method's mode in float32 (from the config, on meta "
+              "tensors), and how far it is from the measured peak." if real else ""), "",
+             "| N | method | seconds | ratio | peak MiB | ratio |" + (" estimated MiB |" if real else ""),
+             "|---|---|---|---|---|---|" + ("---|" if real else "")]
     for n in sizes:
         ours = rows.get(("attnlrp_fast", n), {})
         for method in ("attnlrp_fast", "lxt_style", "lxt_style_eager"):
@@ -496,9 +537,12 @@ def cpu_explain_table(result):
                 lines.append(f"| {_tokens(n)} | {method} | {r['error']} | - | - | - |")
                 continue
             t, m = _ratio(r["seconds"], ours.get("seconds")), _ratio(peak_mib(r), peak_mib(ours))
+            est = r.get("estimated_peak_mib")
+            estimate = (f" | {est:.0f} ({(est - peak_mib(r)) / peak_mib(r):+.0%})" if est is not None else " | -") \
+                if real else ""
             lines.append(f"| {_tokens(n)} | {method} | {r['seconds']:.2f} | {_f(t, '{:.2f}x')} | "
-                         f"{peak_mib(r):.0f} | {_f(m, '{:.2f}x')} |")
-    lines += ["", *cpu_explain_targets(result)]
+                         f"{peak_mib(r):.0f} | {_f(m, '{:.2f}x')}{estimate} |")
+    lines += ["", *cpu_explain_targets(result, (8192,) if real else (4096, 16384))]
     agree = result.get("agreement", {})
     if agree:
         lines += ["", "Relevance agreement with attnlrp-fast (relative difference): " +
@@ -506,11 +550,11 @@ def cpu_explain_table(result):
     return "\n".join(lines)
 
 
-def cpu_explain_targets(result):
+def cpu_explain_targets(result, sizes=(4096, 16384)):
     """One line per target size: ours over the LXT-style approach, time and memory, met or missed."""
     rows = {(r["method"], r["tokens"]): r for r in result["rows"] if "error" not in r}
     out = []
-    for n in (4096, 16384):
+    for n in sizes:
         ours, lxt = rows.get(("attnlrp_fast", n)), rows.get(("lxt_style", n))
         if not ours or not lxt:
             out.append(f"- {_tokens(n)}: not measured")
@@ -662,11 +706,12 @@ def render(json_path, readme=None):
         from attnlrp_fast.evaluation import faithfulness
 
         written.append(faithfulness.plot_curves(result, f"{stem}.png"))
-        tables["faithfulness"] = faithfulness_table(result)
+        needle = all(t.startswith("needle") for t in result["tasks"])
+        tables["needle" if needle else "faithfulness"] = needle_table(result) if needle else faithfulness_table(result)
     elif result.get("kind") == "estimates":      # bench/estimate_table.py
         tables["estimates"] = estimates_table(result)
     elif result.get("kind") == "cpu-explain":    # bench/cpu_explain.py
-        tables["cpu-explain"] = cpu_explain_table(result)
+        tables[cpu_explain_kind(result)] = cpu_explain_table(result)
     elif "linear_fits" in result:        # bench/memory.py
         written.append(plot_cpu_memory(result, f"{stem}.png"))
         tables["cpu-memory"] = cpu_memory_table(result)

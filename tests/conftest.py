@@ -16,6 +16,10 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+# SmolLM2 (attnlrp_fast/smollm2.py) is dequantized once into a cache folder shared by the run's workers (and kept
+# between runs, like the user's own cache); the tests of the first load use a fresh folder of their own.
+os.environ.setdefault("ATTNLRP_FAST_CACHE", os.path.join(__import__("tempfile").gettempdir(), "attnlrp-fast-test-cache"))
+
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

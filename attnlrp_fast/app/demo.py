@@ -19,6 +19,11 @@ DEFAULT_QUERY = "What caused the contamination of the drinking water?"
 MAX_PASSAGE_TOKENS = 200   # MiniLM was trained on inputs of up to 256 tokens
 
 
+# explain's question about the sample report when --document and --question are left out: SmolLM2 (the default
+# model) answers it right over the whole report ("... the Millbrook Treatment Works.", its third paragraph)
+SAMPLE_QUESTION = "What is the treatment works called?"
+
+
 def sample_document_path():
     from importlib.resources import files
 

@@ -11,8 +11,10 @@
                  in attnlrp_fast/data/recall_reasoning_llama): multi-hop relevance against one hop
   tiny_task      what those two share: the tiny Llama's training loop, the word tokenizer, the shipped-model
                  loader and the `train|check` command line
-  faithfulness   the shipped benchmarks (recall, MiniLM sentence pairs, reasoning) and a user's own model and document, as
-                 `attnlrp-fast evaluate` runs them
+  needle         a fact inserted into the sample report at 1k to 8k tokens, asked of a real instruct LLM (SmolLM2):
+                 pointing at the needle sentence, its rank and share, ABPC and the deletion metrics of the answer
+  faithfulness   the shipped benchmarks (recall, MiniLM sentence pairs, reasoning, needle) and a user's own model and
+                 document, as `attnlrp-fast evaluate` runs them
 
 It sits on top of the core (af.explain, af.lrp, the bindings, the baselines) and nothing in the core imports it;
 neither it nor attnlrp_fast.integrations imports the other.

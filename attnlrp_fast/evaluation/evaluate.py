@@ -583,34 +583,49 @@ def pointing(relevance, evidence, candidates=None):
     return rank == 1, rank
 
 
+def evidence_share(relevance, evidence, candidates=None):
+    """(B,) the evidence's share of the candidates' positive relevance (0 where no candidate has any)."""
+    relevance = torch.as_tensor(relevance).float().clamp(min=0)
+    evidence = torch.as_tensor(evidence).bool()
+    if relevance.dim() == 1:
+        relevance, evidence = relevance[None], evidence[None]
+    if candidates is not None:
+        candidates = torch.as_tensor(candidates).bool()
+        relevance = relevance * (candidates[None] if candidates.dim() == 1 else candidates)
+    total = relevance.sum(-1)
+    return torch.where(total > 0, (relevance * evidence).sum(-1) / total.clamp(min=1e-30), 0.0)
+
+
 # --- everything at once ----------------------------------------------------------------------------------------
 def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=None, position=None, eligible=None,
              evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, on_result=None,
-             generation=None, reasoning_span=None, hops=None, **fields):
+             generation=None, reasoning_span=None, hops=None, curves=True, **fields):
     """Each method's attribution, perturbation curves and ABPC, and the deletion metrics, on the same inputs and
     perturbations.
 
     perturbation: a Perturbation, or its fields as keywords (steps, perturb, replace_id, batch_size, seed; the
     seed also seeds the random method). Returns {method: {"abpc": mean, "abpc_per_row": [...], "morf": mean
     curve, "lerf": mean curve, "fractions": [...], "seconds": attribution time, and with evidence (bool (B, N))
-    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...]}}. When the target (or `generation`) has tokens,
-    also "rise", "mas", "rise_ap" (means; lower is better), their "..._per_row" and "degenerate" (deletion_curves,
-    with the same steps). reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after
+    "pointing_accuracy", "evidence_rank": mean rank, "ranks": [...], "evidence_share": the evidence's mean share of
+    the eligible tokens' positive relevance}}. When the target (or `generation`) has tokens, also "rise", "mas",
+    "rise_ap" (means; lower is better), their "..._per_row" and "degenerate" (deletion_curves, with the same steps).
+    curves=False: no perturbation at all (no ABPC, curves or deletion metrics), the attribution and its pointing
+    only. reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after
     each, and on_result(method, its result) as soon as that result is there (partial reports).
     """
     perturbation = _perturbation(perturbation, fields)
     case = Case.of(model, input_ids, attention_mask, target, position)
-    case = replace(case, target=_score(case).target)
-    eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
-    gen = _generation(case, generation)
     out = {}
-    # the perturbed forwards too run on `backend` (models loaded with the engine's attention would otherwise take
-    # the automatic choice: Triton's interpreter on CPU under TRITON_INTERPRET=1)
+    # every forward runs on `backend`, the target's and the perturbed ones too (models loaded with the engine's
+    # attention would otherwise take the automatic choice: Triton's interpreter on CPU under TRITON_INTERPRET=1)
     with attention_backend(model, backend) if backend else contextlib.nullcontext():
+        case = replace(case, target=_score(case).target)
+        eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
+        gen = _generation(case, generation)
         for method in methods:
-            out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen,
+            out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen if curves else None,
                                            {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed,
-                                            "reasoning_span": reasoning_span, "hops": hops})
+                                            "reasoning_span": reasoning_span, "hops": hops}, curves)
             if on_result:
                 on_result(method, out[method])
             if progress:
@@ -618,17 +633,22 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     return out
 
 
-def _evaluate_method(case, method, eligible, evidence, perturbation, gen, options):
+def _evaluate_method(case, method, eligible, evidence, perturbation, gen, options, curves=True):
     a = attribute(case.model, case.input_ids, method, attention_mask=case.attention_mask, target=case.target,
                   position=case.position, **options)
-    c = perturbation_curves(case.model, case.input_ids, a.relevance, attention_mask=case.attention_mask,
-                            target=case.target, position=case.position, eligible=eligible, perturbation=perturbation)
-    row = {"abpc": float(c.abpc.mean()), "abpc_per_row": c.abpc.tolist(), "morf": c.morf.mean(0).tolist(),
-           "lerf": c.lerf.mean(0).tolist(), "fractions": c.fractions, "seconds": a.seconds}
+    row = {"seconds": a.seconds}
+    if curves:
+        c = perturbation_curves(case.model, case.input_ids, a.relevance, attention_mask=case.attention_mask,
+                                target=case.target, position=case.position, eligible=eligible,
+                                perturbation=perturbation)
+        row = {"abpc": float(c.abpc.mean()), "abpc_per_row": c.abpc.tolist(), "morf": c.morf.mean(0).tolist(),
+               "lerf": c.lerf.mean(0).tolist(), "fractions": c.fractions, "seconds": a.seconds}
     if evidence is not None:
-        hit, rank = pointing(a.relevance.cpu(), torch.as_tensor(evidence).cpu(), eligible.cpu())
+        relevance, evidence = a.relevance.cpu(), torch.as_tensor(evidence).cpu()
+        hit, rank = pointing(relevance, evidence, eligible.cpu())
+        share = evidence_share(relevance, evidence, eligible.cpu())
         row.update(pointing_accuracy=float(hit.float().mean()), evidence_rank=float(rank.float().mean()),
-                   ranks=rank.tolist())
+                   ranks=rank.tolist(), evidence_share=float(share.mean()))
     if gen is not None:
         row.update(deletion.summary(_deletion(case, a.relevance, eligible, gen, perturbation)))
     return row

@@ -12,9 +12,14 @@
            rank over the context, ABPC of the answer's logit, and RISE / MAS / RISE+AP of the whole generation
            (v, </think>, a_v) as context tokens go.
 
+  needle   a real instruct LLM (SmolLM2-135M-Instruct) and a fact inserted into the sample report at 1k to 8k tokens
+           (evaluation/needle.py): pointing at the needle sentence, its rank and share of the relevance, ABPC and
+           the deletion metrics of the answer. Not among the default tasks (minutes per sample on a CPU).
+
 Every task with token targets also reports the deletion metrics (RISE, MAS, RISE+AP; evaluation/deletion.py).
 
     attnlrp-fast evaluate --task recall --task minilm --task reasoning --json bench/results/faithfulness.json
+    attnlrp-fast evaluate --task needle --json bench/results/needle.json
 """
 
 import datetime
@@ -29,7 +34,8 @@ from attnlrp_fast.evaluation import evaluate as ev
 from attnlrp_fast.evaluation.deletion import METRICS as DELETION_METRICS
 from attnlrp_fast.evaluation import recall
 
-TASKS = ("recall", "minilm", "reasoning")
+TASKS = ("recall", "minilm", "reasoning")   # the default tasks
+ALL_TASKS = TASKS + ("needle",)
 
 # The backend of methods named without one (the kernels on CUDA, the torch path on CPU): the name
 # `attnlrp-fast evaluate` calls it by.
@@ -213,10 +219,11 @@ def _mean_over_samples(outs):
 
 
 def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu"), perturb="zero", samples=64,
-        ig_steps=32, progress=None, partial=None):
+        ig_steps=32, progress=None, partial=None, needle_options=None):
     """Every task; returns the JSON-able result with versions and settings. partial(result so far) is called after
     each task, and in the recall task after each method (that task then holds {"partial": True, "methods": {...}}),
-    so that a long run can be reported as it goes."""
+    so that a long run can be reported as it goes. needle_options: needle.run's keywords (lengths, curves_up_to,
+    model, tokenizer, model_name); the needle task's samples are `samples` per length."""
     import transformers
     import triton
 
@@ -245,11 +252,22 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
             out = run_reasoning(methods, n=samples, steps=steps, seed=seed, device=device, perturb=perturb,
                                 ig_steps=ig_steps, progress=progress and (lambda m: progress(task, m)),
                                 on_result=partial and (lambda m, r: method_done(task, m, r)))
+        elif task == "needle":
+            from attnlrp_fast.evaluation import needle
+
+            def length_done(name, out):
+                result["tasks"][name] = out
+                if partial:
+                    partial(result)
+            needle.run(methods, samples=samples, steps=steps, seed=seed, ig_steps=ig_steps, perturb=perturb,
+                       backend=backend_for_many_passes(device), progress=progress and (lambda n, m: progress(task, m)),
+                       on_length=length_done, **(needle_options or {}))
+            continue
         elif task == "minilm":
             out = run_minilm(methods, steps=steps, seed=seed, device=device, perturb=perturb, ig_steps=ig_steps,
                              progress=progress and (lambda i: progress(task, i)))
         else:
-            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)}")
         out["seconds"] = time.perf_counter() - t
         result["tasks"][task] = out
         if partial:
@@ -270,22 +288,27 @@ def table(result):
     """Markdown: one row per task and method, with each method's paired ABPC difference to AttnLRP's and the
     deletion metrics of the generation (RISE, MAS, RISE+AP; "-" where the target has no tokens)."""
     lines = ["| task | method | ABPC (higher is better) | ABPC - AttnLRP's (paired, ± s.e.; samples better) | "
-             "RISE | MAS | RISE+AP (lower is better) | pointing accuracy | evidence rank | attribution s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "RISE | MAS | RISE+AP (lower is better) | pointing accuracy | evidence rank | evidence share | "
+             "attribution s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for task, out in result["tasks"].items():
         methods = out["methods"]
         ref = next((m for m in methods if m.split("[")[0] == "attnlrp"), None)
-        for m, r in sorted(methods.items(), key=lambda kv: -kv[1]["abpc"]):
-            acc = f"{r['pointing_accuracy']:.1%}" if "pointing_accuracy" in r else "-"
-            rank = f"{r['evidence_rank']:.2f}" if "evidence_rank" in r else "-"
+        order = (lambda kv: -kv[1]["abpc"]) if all("abpc" in r for r in methods.values()) else \
+            (lambda kv: -kv[1].get("pointing_accuracy", 0))
+        for m, r in sorted(methods.items(), key=order):
+            acc = f"{r['pointing_accuracy']:.1%}" if r.get("pointing_accuracy") is not None else "-"
+            rank = f"{r['evidence_rank']:.2f}" if r.get("evidence_rank") is not None else "-"
+            share = f"{r['evidence_share']:.1%}" if r.get("evidence_share") is not None else "-"
+            abpc = f"{r['abpc']:.3f}" if "abpc" in r else "-"
             diff = "-"
-            if ref is not None and m.split("[")[0] != "attnlrp":
+            if ref is not None and m.split("[")[0] != "attnlrp" and "abpc" in r and "abpc" in methods[ref]:
                 mean, se, wins = paired(r["abpc_per_row"], methods[ref]["abpc_per_row"])
                 n = len(r["abpc_per_row"])
                 spread = f" ± {se:.3f}" if n > 1 else " (n=1: no s.e.)"
                 diff = f"{mean:+.3f}{spread}; {wins} of {n}"
             deletion = " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in DELETION_METRICS)
-            lines.append(f"| {task} | {m} | {r['abpc']:.3f} | {diff} | {deletion} | {acc} | {rank} | "
+            lines.append(f"| {task} | {m} | {abpc} | {diff} | {deletion} | {acc} | {rank} | {share} | "
                          f"{r['seconds']:.2f} |")
     return "\n".join(lines)
 
@@ -322,16 +345,20 @@ def run_document(model, prompt, answer_ids, methods, *, steps=10, seed=0, pertur
 
 
 def plot_curves(result, path):
-    """Mean MoRF (solid) and LeRF (dashed) curves per method, one panel per task; returns the path."""
+    """Mean MoRF (solid) and LeRF (dashed) curves per method, one panel per task that has curves; returns the
+    path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    tasks = list(result["tasks"].items())
+    tasks = [(t, out) for t, out in result["tasks"].items() if any("morf" in r for r in out["methods"].values())]
+    tasks = tasks or list(result["tasks"].items())[:1]   # (a figure with an empty panel when no task has curves)
     fig = Figure(figsize=(5.5 * len(tasks), 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]
     for ax, (task, out) in zip(axes, tasks):
         for i, (m, r) in enumerate(out["methods"].items()):
+            if "morf" not in r:
+                continue
             colour = f"C{i % 10}"
             ax.plot(r["fractions"], r["morf"], color=colour, label=f"{m} (ABPC {r['abpc']:.2f})")
             ax.plot(r["fractions"], r["lerf"], color=colour, linestyle="--")

@@ -245,7 +245,6 @@ def test_cli_errors_are_one_line(lm_dir, doc, tmp_path, capsys):
         (base + ["--document", doc, "--rule", "lime"], ["--rule", "lime"]),
         (base + ["--document", doc, "--max-new-tokens", "0"], ["--max-new-tokens"]),
         (base + ["--document", doc, "--answer", ""], ["--answer is empty"]),
-        (["explain", "--document", doc], ["--model"]),
     ]
     if not torch.cuda.is_available():
         cases.append((base + ["--document", doc, "--device", "cuda"], ["--device 'cuda'", "no CUDA"]))

@@ -47,6 +47,8 @@ def test_readme_commands_run(line, body, tmp_path):
     proc = subprocess.run(["bash", "-e", "-c", script], cwd=tmp_path, env=user_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"README.md:{line}:\n{script}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    if re.search(r"^attnlrp-fast explain(\s+#.*)?$", body, re.M):   # the main job: the answer the README quotes
+        assert "answer (greedy): 'The treatment works are called the Millbrook Treatment Works.'" in proc.stdout
 
 
 def test_readme_python_runs_in_order(tmp_path):

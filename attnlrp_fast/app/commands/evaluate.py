@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from attnlrp_fast.app import longdoc
-from attnlrp_fast.app.common import (UsageError, bar_factory, check_hops, choose_device, choose_dtype, load_model,
-                                     prompt_and_answer, reasoning_span)
+from attnlrp_fast.app.common import (SMOLLM2, UsageError, bar_factory, check_hops, choose_device, choose_dtype,
+                                     load_model, prompt_and_answer, reasoning_span)
 from attnlrp_fast.bindings import dispatch
 from attnlrp_fast.evaluation import evaluate as ev
 from attnlrp_fast.evaluation import faithfulness
@@ -16,15 +16,37 @@ from attnlrp_fast.evaluation import faithfulness
 DOCUMENT_METHODS = ["attnlrp", "cp", "grad_x_input", "attention", "random"]   # the default on --document
 
 
+def tokens(text, flag):
+    """'8k' -> 8192, '1500' -> 1500; a UsageError naming `flag` otherwise."""
+    t = text.strip().lower()
+    try:
+        value = int(float(t[:-1]) * 1024) if t.endswith("k") else int(t)
+    except ValueError:
+        raise UsageError(f"{flag}: {text!r} is not a number of tokens (e.g. 2048 or 2k)") from None
+    if value < 256:
+        raise UsageError(f"{flag}: {text!r} is shorter than 256 tokens")
+    return value
+
+
 def _check_evaluate_options(args):
+    needle = args.task is not None and "needle" in args.task
+    if args.samples is None:
+        args.samples = 4 if needle else 64
     for flag, value in (("--steps", args.steps), ("--samples", args.samples), ("--ig-steps", args.ig_steps)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     check_hops(args)
+    args.lengths = [tokens(t, "--lengths") for t in args.lengths.split(",") if t.strip()]
+    args.curves_up_to = tokens(args.curves_up_to, "--curves-up-to") if args.curves_up_to else None
     if args.hops_asked is not None and args.model is None:
         raise UsageError("--hops goes with --model and --document (the shipped reasoning task runs one hop)")
+    if needle:
+        if args.document is not None:
+            raise UsageError("--task needle makes its own documents from the sample report; leave --document out")
+        return
     if (args.model is None) != (args.document is None):
-        raise UsageError("--model and --document go together (evaluate on your own model and document)")
+        raise UsageError("--model and --document go together (evaluate on your own model and document); "
+                         "--model alone goes with --task needle")
     if args.model is not None and args.task:
         raise UsageError("--task runs the shipped tasks; leave it out with --model / --document")
 
@@ -44,16 +66,17 @@ def _parse_methods(text, device):
     return methods
 
 
-def _task_progress(bar, methods):
+def _task_progress(bar, methods, needle_total=None):
     """A progress(task, _) callback for faithfulness.run: one bar per task (over the methods for recall, over the
-    sentence pairs for minilm); progress.close() closes them."""
+    sentence pairs for minilm, over samples x lengths x methods for needle: at most, as samples the model answers
+    wrongly are not explained); progress.close() closes them."""
     bars = {}
 
     def progress(task, _):
         if task not in bars:
             per_method = task != "minilm"
             total = {"recall": len(methods), "reasoning": len(faithfulness.reasoning_methods(methods)),
-                     "minilm": len(faithfulness.sentence_pairs())}[task]
+                     "minilm": len(faithfulness.sentence_pairs()), "needle": needle_total}[task]
             bars[task] = bar(total=total, desc=f"evaluating: {task}", unit="method" if per_method else "pair")
         bars[task].update()
     progress.close = lambda: [b.close() for b in bars.values()]
@@ -61,15 +84,27 @@ def _task_progress(bar, methods):
 
 
 def _evaluate_shipped_tasks(args, device, methods, bar):
-    tasks = args.task or list(faithfulness.TASKS)
+    tasks = list(dict.fromkeys(args.task or faithfulness.TASKS))
     methods = methods or faithfulness.available_methods(device)
-    progress = _task_progress(bar, methods)
+    progress = _task_progress(bar, methods, args.samples * len(args.lengths) * len(methods))
+    needle_options = {"lengths": args.lengths, "curves_up_to": args.curves_up_to}
+    if "needle" in tasks:
+        model, tokenizer = load_model(_needle_model(args), device, choose_dtype(args.dtype, device))
+        needle_options.update(model=model, tokenizer=tokenizer, model_name=args.model or SMOLLM2)
     try:
         return faithfulness.run(tasks, methods, steps=args.steps, seed=args.seed, device=device, perturb=args.perturb,
                                 samples=args.samples, ig_steps=args.ig_steps, progress=progress,
-                                partial=lambda result: _write_json(args, result, partial=True))
+                                partial=lambda result: _write_json(args, result, partial=True),
+                                needle_options=needle_options)
     finally:
         progress.close()
+
+
+def _needle_model(args):
+    """The arguments common.load_model takes, for the needle task's model (--model, default SmolLM2)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=args.model or SMOLLM2, quiet=args.quiet)
 
 
 def _evaluate_document(args, device, document, methods, bar):
@@ -138,7 +173,8 @@ def run(args):
     print(faithfulness.table(result))
     for task, out in result["tasks"].items():
         if "model_accuracy" in out:
-            print(f"{task}: the model answers {out['model_accuracy']:.1%} of the {out['samples']} samples correctly")
+            sampled = out.get("sampled", out["samples"])
+            print(f"{task}: the model answers {out['model_accuracy']:.1%} of the {sampled} samples correctly")
     print("reports: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -13,15 +13,20 @@ from attnlrp_fast.memory import transformer_layers
 
 
 def _document_path(args):
-    """--document, or the shipped sample report when it is left out."""
-    return args.document if args.document is not None else demo.sample_document_path()
+    """--document, or the shipped sample report when it is left out (then --question defaults to a question about
+    it, demo.SAMPLE_QUESTION)."""
+    if args.document is not None:
+        return args.document
+    if args.question is None:
+        args.question = demo.SAMPLE_QUESTION
+    return demo.sample_document_path()
 
 
 def _explain_answer(args, model, answer, backend, bar, reasoning=None):
     """longdoc.explain_answer with progress bars: the layers forward and backward (one backward per hop with a
     reasoning span), and with --per-token the answer tokens."""
     n_tokens = len(answer.prompt.ids) + len(answer.ids)
-    passes = 1 + (args.hops if reasoning is not None else 0)
+    passes = len(answer.ids) if args.per_token else 1 + (args.hops if reasoning is not None else 0)
     progress = layer_progress(bar, len(transformer_layers(model)), f"explaining {n_tokens} tokens",
                               backward_passes=passes)
     quiet_tokens = args.quiet or not args.per_token

