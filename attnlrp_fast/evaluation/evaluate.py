@@ -242,7 +242,8 @@ def parse_method(method):
 
 # --- attribution methods --------------------------------------------------------------------------------------
 def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target=None, position=None,
-              backend=None, ig_steps=32, ig_batch=32, seed=0, reasoning_span=None, hops=None) -> Attribution:
+              backend=None, ig_steps=32, ig_batch=32, seed=0, reasoning_span=None, hops=None,
+              checkpoint=False) -> Attribution:
     """Relevance (B, N) of each input token for `target` by `method` (see METHODS), on the same footing:
 
     attnlrp / cp / grad_x_input   af.explain with rule attnlrp / cp / grad (gradient x input on the embeddings)
@@ -263,11 +264,11 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
     if name in HOP_METHODS:
         if reasoning_span is None:
             raise ValueError(f"method {method!r} needs reasoning_span=(start, end)")
-        rel = _explain_hops(case, reasoning_span, hops, name.rsplit("_", 1)[1], backend)
+        rel = _explain_hops(case, reasoning_span, hops, name.rsplit("_", 1)[1], backend, checkpoint)
     elif name in _RULES:
-        rel = _explain(case, _RULES[name], backend)
+        rel = _explain(case, _RULES[name], backend, checkpoint)
     elif name == "integrated_gradients":
-        rel = _integrated_gradients(case, ig_steps, ig_batch, backend)
+        rel = _integrated_gradients(case, ig_steps, ig_batch, backend, checkpoint)
     elif name == "attention":
         rel = _last_layer_attention(case, backend)
     else:
@@ -278,16 +279,16 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
     return Attribution(rel.float(), method, case.target, on_input.value, time.perf_counter() - t)
 
 
-def _explain(case, rule, backend):
+def _explain(case, rule, backend, checkpoint=False):
     return explain(case.model, input_ids=case.input_ids, attention_mask=case.attention_mask, target=case.target,
-                   position=case.position, rule=rule, backend=backend).relevance
+                   position=case.position, rule=rule, backend=backend, checkpoint=checkpoint).relevance
 
 
-def _explain_hops(case, span, hops, seed, backend):
+def _explain_hops(case, span, hops, seed, backend, checkpoint=False):
     start, end = span
     e = explain(case.model, input_ids=case.input_ids, attention_mask=case.attention_mask, target=case.target,
                 position=case.position, backend=backend, reasoning_span=span,
-                hops=end - start if hops is None else hops, reasoning_seed=seed)
+                hops=end - start if hops is None else hops, reasoning_seed=seed, checkpoint=checkpoint)
     return e.prompt_relevance
 
 
@@ -297,7 +298,7 @@ def integrated_gradients(model, input_ids, attention_mask, target, position, ste
     return _integrated_gradients(Case.of(model, input_ids, attention_mask, target, position), steps, batch, backend)
 
 
-def _integrated_gradients(case, steps, batch, backend):
+def _integrated_gradients(case, steps, batch, backend, checkpoint=False):
     if steps < 1:
         raise ValueError(f"ig_steps must be at least 1, got {steps}")
     B, N = case.input_ids.shape
@@ -309,7 +310,7 @@ def _integrated_gradients(case, steps, batch, backend):
         s = a.numel()
         # row b * s + j has alpha a[j]; this hook runs before explain's own on the same module
         with scaled_input_embeddings(case.model, a.repeat(B)[:, None, None]):
-            rel = _explain(case.repeated(s), "grad", backend)
+            rel = _explain(case.repeated(s), "grad", backend, checkpoint)
         # relevance of the scaled input is (a x) * g(a x): divide by a for x * g(a x)
         total += (rel.reshape(B, s, N) / a[None, :, None]).sum(1)
     return total / steps
@@ -599,7 +600,7 @@ def evidence_share(relevance, evidence, candidates=None):
 # --- everything at once ----------------------------------------------------------------------------------------
 def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=None, position=None, eligible=None,
              evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, on_result=None,
-             generation=None, reasoning_span=None, hops=None, curves=True, **fields):
+             generation=None, reasoning_span=None, hops=None, curves=True, checkpoint=False, **fields):
     """Each method's attribution, perturbation curves and ABPC, and the deletion metrics, on the same inputs and
     perturbations.
 
@@ -610,7 +611,7 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     the eligible tokens' positive relevance}}. When the target (or `generation`) has tokens, also "rise", "mas",
     "rise_ap" (means; lower is better), their "..._per_row" and "degenerate" (deletion_curves, with the same steps).
     curves=False: no perturbation at all (no ABPC, curves or deletion metrics), the attribution and its pointing
-    only. reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after
+    only. checkpoint=True: the gradient methods checkpoint every layer (af.explain's checkpoint, for long inputs). reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after
     each, and on_result(method, its result) as soon as that result is there (partial reports).
     """
     perturbation = _perturbation(perturbation, fields)
@@ -625,7 +626,8 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
         for method in methods:
             out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen if curves else None,
                                            {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed,
-                                            "reasoning_span": reasoning_span, "hops": hops}, curves)
+                                            "reasoning_span": reasoning_span, "hops": hops,
+                                            "checkpoint": checkpoint}, curves)
             if on_result:
                 on_result(method, out[method])
             if progress:

@@ -12,7 +12,8 @@ explains); the tokens ranked and removed are the document's; the evidence is the
 Per method (evaluate.METHODS): pointing (is the most relevant document token in the needle sentence), the rank of
 the needle's best token among the document's, the needle's share of the document's positive relevance, ABPC and
 RISE / MAS / RISE+AP of the answer (curves=False leaves the perturbation metrics out: at 8k tokens each method's
-curves cost tens of forward passes), and the seconds per explanation.
+curves cost tens of forward passes), and the seconds per explanation. The gradient methods checkpoint every layer
+(as `explain` does), so that a long document's explanation fits in a CPU's memory.
 
     attnlrp-fast evaluate --task needle [--lengths 1k,2k,4k,8k] [--samples 4] [--curves-up-to 2k]
 """
@@ -196,7 +197,7 @@ def run(methods, *, model=None, tokenizer=None, lengths=LENGTHS, samples=4, step
             eligible[0, prompt.doc_start:prompt.doc_end] = True
             evidence = torch.cat([evidence_mask(prompt, s), torch.zeros(len(answer), dtype=torch.bool)])[None]
             results = ev.evaluate(model, ids, methods, target=target, eligible=eligible, evidence=evidence,
-                                  ig_steps=ig_steps, backend=backend, curves=curves,
+                                  ig_steps=ig_steps, backend=backend, curves=curves, checkpoint=True,
                                   progress=progress and (lambda m: progress(length, m)),
                                   perturbation=ev.Perturbation(steps=steps, perturb=perturb, seed=seed, batch_size=8))
             for m in methods:

@@ -95,13 +95,16 @@ def test_real_weights_answer_from_the_document_and_attnlrp_points_at_the_evidenc
     answer = longdoc.generate_answer(model, tokenizer, prompt.ids, max_new_tokens=16, backend="torch")
     assert "4812" in tokenizer.decode(answer)
     result = longdoc.explain_answer(model, prompt, answer, backend="torch")
-    doc = torch.tensor(result.relevance[prompt.doc_start:prompt.doc_end])
-    text = "".join(prompt.pieces)
-    start = text.index(NEEDLE)
-    ends = torch.tensor([len(p) for p in prompt.pieces]).cumsum(0)
-    inside = (ends > start) & (ends - torch.tensor([len(p) for p in prompt.pieces]) < start + len(NEEDLE))
-    top = int(doc.argmax())
-    assert inside[top], (prompt.pieces[top], text[max(0, start - 20):start + len(NEEDLE)])
+    top = int(torch.tensor(result.relevance[prompt.doc_start:prompt.doc_end]).argmax())
+    assert _in_needle(prompt)[top], prompt.pieces[top]
+
+
+def _in_needle(prompt):
+    """bool over the document's tokens: those that overlap the needle sentence."""
+    sizes = torch.tensor([len(p) for p in prompt.pieces])
+    ends = sizes.cumsum(0)
+    start = "".join(prompt.pieces).index(NEEDLE)
+    return (ends > start) & (ends - sizes < start + len(NEEDLE))
 
 
 def _parity(n):
@@ -123,3 +126,26 @@ def _parity(n):
 def test_attnlrp_on_real_weights_equals_the_lxt_style_computation(n):
     err, length = _parity(n)
     assert length == n and err < 1e-5, err
+
+
+@pytest.mark.slow
+def test_per_token_maps_of_a_real_answer_come_from_one_forward_and_sum_to_the_whole_answer():
+    from attnlrp_fast.app import longdoc
+
+    model, tokenizer = af.load_model("smollm2")
+    prompt = _needle_prompt(tokenizer, paragraphs=2, at=1)
+    answer = longdoc.tokenize_answer(tokenizer, "The access code for the north gate is 4812.")
+    events, ticks = [], []
+    per = longdoc.explain_answer(model, prompt, answer, backend="torch", per_token=True, progress=events.append,
+                                 token_tick=lambda: ticks.append(1))
+    whole = longdoc.explain_answer(model, prompt, answer, backend="torch")
+    assert [j for j, _ in per.per_token] == list(range(len(answer))) and len(ticks) == len(answer)
+    assert events.count("forward") == model.config.num_hidden_layers                       # one forward
+    assert events.count("backward") == model.config.num_hidden_layers * len(answer)         # a backward per token
+    total = torch.tensor([r for _, r in per.per_token]).sum(0)
+    ref = torch.tensor(whole.relevance)
+    assert ((total - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.allclose(torch.tensor(per.target_logits), torch.tensor(whole.target_logits), atol=1e-4)
+    code = [j for j in range(len(answer)) if "4" in tokenizer.decode([answer[j]])][0]
+    top = int(torch.tensor(dict(per.per_token)[code][prompt.doc_start:prompt.doc_end]).argmax())
+    assert _in_needle(prompt)[top], prompt.pieces[top]          # the code's own map points into the needle
