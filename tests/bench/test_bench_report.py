@@ -112,3 +112,50 @@ def test_committed_results_render_in_binary_units(tmp_path):
             assert not re.search(r"\b[KMG]B\b", body), (src.name, re.search(r".*\b[KMG]B\b.*", body)[0])
         kinds |= set(tables)
     assert {"cpu-memory", "cpu-explain", "estimates"} <= kinds
+
+
+def test_the_needle_table_says_what_ran_and_whether_pointing_met_its_target(tmp_path):
+    def method(pointing, rank, share, seconds, abpc=None):
+        r = {"pointing_accuracy": pointing, "evidence_rank": rank, "evidence_share": share, "seconds": seconds}
+        return r if abpc is None else {**r, "abpc": abpc, "abpc_per_row": [abpc, abpc], "morf": [1, 0],
+                                       "lerf": [1, 1], "fractions": [0, 1], "rise": 0.2, "mas": 0.3, "rise_ap": 0.3}
+    task = dict(model="smollm2", target="sum of the answer tokens' logits", sampled=2, wrong=[])
+    result = {"date": "2026-12-02", "device": "cpu", "versions": {"torch": "2.13.0+cpu"},
+              "settings": {"steps": 5, "seed": 0, "perturb": "zero", "ig_steps": 8, "methods": ["attnlrp", "random"]},
+              "tasks": {
+                  "needle-1k": {**task, "task": "needle-1k", "curves": True, "samples": 2, "document_tokens_mean": 880,
+                                "methods": {"attnlrp": method(1.0, 1.0, 0.42, 4.1, abpc=20.0),
+                                            "random": method(0.0, 300.0, 0.02, 0.0, abpc=0.5)}},
+                  "needle-8k": {**task, "task": "needle-8k", "curves": False, "samples": 1, "document_tokens_mean": 8010,
+                                "wrong": [{"kind": "code", "fact": "x", "answer": "y"}],
+                                "methods": {"attnlrp": method(0.5, 2.0, 0.3, 90.0),
+                                            "random": method(0.0, 4000.0, 0.0, 0.0)}}}}
+    path = tmp_path / "needle.json"
+    path.write_text(json.dumps(result))
+    _, tables = bench_report.render(path)
+    assert set(tables) == {"needle"}
+    body = tables["needle"]
+    assert "5 perturbation steps (removed tokens' embeddings zeroed) at needle-1k" in body
+    assert "integrated gradients with 8 path points" in body
+    assert "- needle-8k: smollm2, documents of 8010 tokens on average; the model answers 1 of 2 samples right" in body
+    assert "| needle-1k | attnlrp | 20.000 | - | 0.200 | 0.300 | 0.300 | 100.0% | 1.00 | 42.0% | 4.10 |" in body
+    assert "| needle-8k | attnlrp | - | - | - | - | - | 50.0% | 2.00 | 30.0% | 90.00 |" in body
+    assert "- needle-1k: AttnLRP points at the needle in 100% of 2 samples (met; target >= 90 %)" in body
+    assert "- needle-8k: AttnLRP points at the needle in 50% of 1 samples (MISSED; target >= 90 %)" in body
+    assert (tmp_path / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_smollm2_cpu_table_sets_each_peak_against_the_estimate():
+    def row(method, n, s, mib, est=None):
+        return {"method": method, "tokens": n, "seconds": s, "peak_extra_mib": mib,
+                **({} if est is None else {"estimated_peak_mib": est})}
+    result = {"kind": "cpu-explain", "device": "cpu (x86_64)", "threads": 2, "versions": {"torch": "2.13.0+cpu"},
+              "model": "SmolLM2-135M-Instruct", "repeats": 1,
+              "rows": [row("attnlrp_fast", 8192, 90.0, 1000.0, 950.0), row("lxt_style", 8192, 120.0, 1250.0, 1400.0),
+                       row("lxt_style_eager", 8192, 0, 0) | {"error": "not run past 1024 tokens (N x N attention)"}]}
+    assert bench_report.cpu_explain_kind(result) == "cpu-explain-smollm2"
+    table = bench_report.cpu_explain_table(result)
+    assert "SmolLM2-135M-Instruct (real weights, 30 layers)" in table and "one run after a warm-up" in table
+    assert "| 8k | attnlrp_fast | 90.00 | 1.00x | 1000 | 1.00x | 950 (-5%) |" in table
+    assert "| 8k | lxt_style | 120.00 | 1.33x | 1250 | 1.25x | 1400 (+12%) |" in table
+    assert "- 8k: time 0.75x, memory 0.80x the LXT-style approach (met; target <= 1.0x)" in table

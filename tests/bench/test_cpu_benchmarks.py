@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from bench import cpu_explain, memory
 from bench import report as bench_report
@@ -61,3 +62,15 @@ def test_cpu_explain_targets_say_met_or_missed():
     lines = bench_report.cpu_explain_targets({"rows": rows})
     assert lines == ["- 4k: time 0.80x, memory 0.90x the LXT-style approach (met; target <= 1.0x)",
                      "- 16k: time 1.10x, memory 0.90x the LXT-style approach (MISSED; target <= 1.0x)"]
+
+
+def test_cpu_explain_on_smollm2_reads_the_report_and_stays_in_its_context(capsys):
+    ids = cpu_explain._inputs(6000, "smollm2")            # longer than the report: it repeats
+    assert ids.shape == (1, 6000) and ids.dtype == torch.long
+    assert torch.equal(ids[0, :100], cpu_explain._inputs(100, "smollm2")[0])
+    with pytest.raises(SystemExit):
+        cpu_explain.main(["--model", "smollm2", "--sizes", "16384"])
+    assert "its context is 8192 tokens" in capsys.readouterr().err
+    est = cpu_explain._estimate("attnlrp_fast", 1024, "smollm2")
+    assert est["estimated_mode"] == "low_memory" and est["estimated_peak_mib"] > 0
+    assert cpu_explain._estimate("lxt_style_eager", 1024, "smollm2") == {}
