@@ -23,7 +23,7 @@ Modes:
               default)
   plain       af.explain(): every activation kept for the backward
   lxt_style   the reference implementation's approach for contrast: SDPA (flash) with the gradients rescaled in
-              autograd, norms and GLU patched in Python, HF gradient checkpointing (evaluation/lxt_style.py)
+              autograd, norms and GLU patched in Python, HF gradient checkpointing (baselines/lxt_style.py)
   eager       the same rules on HF's eager attention (the N x N attention matrix) without checkpointing
 
 What the meta run cannot see, measured against a GPU run by the device check: the caching allocator's rounding
@@ -313,7 +313,7 @@ def _run(model, ids, mode, mlp_chunk):
     try:
         lxt_style.patch(model)
     except ValueError as e:      # transformers refuses SDPA for the family, or no Llama-type norm/MLP found
-        raise ValueError(f"the lxt_style and eager modes (evaluation/lxt_style.py) cover Llama-type models with "
+        raise ValueError(f"the lxt_style and eager modes (baselines/lxt_style.py) cover Llama-type models with "
                          f"SDPA attention: {str(e).split('. ')[0]}") from None
     if mode == "eager":
         model.set_attn_implementation(lxt_style.EAGER_NAME)
