@@ -465,8 +465,11 @@ def needle_table(result):
              f"embeddings zeroed) at {', '.join(curves) or 'no length'}, integrated gradients with "
              f"{settings.get('ig_steps', '?')} path points; the other lengths report pointing, rank and share only.", ""]
     for task, out in result["tasks"].items():
+        ran = out.get("methods_run", settings["methods"])
+        left = [m for m in settings["methods"] if m not in ran]
         lines.append(f"- {task}: {out['model']}, documents of {out['document_tokens_mean']:.0f} tokens on average; the "
-                     f"model answers {out['samples']} of {out['sampled']} samples right (those are explained)")
+                     f"model answers {out['samples']} of {out['sampled']} samples right (those are explained)" +
+                     (f"; not run here: {', '.join(left)}" if left else ""))
     lines += ["", "Pointing: the most relevant document token lies in the needle sentence; evidence rank: where the "
                   "needle's best token ranks among the document's; evidence share: the needle's share of the "
                   "document's positive relevance; attribution s: seconds per explanation.", "",

@@ -206,7 +206,8 @@ def run(methods, *, model=None, tokenizer=None, lengths=LENGTHS, samples=4, step
         name = f"needle-{length // 1024}k" if length % 1024 == 0 else f"needle-{length}"
         out[name] = {"task": name, "length": length, "document_tokens_max": length - HEADROOM,
                      "document_tokens_mean": sum(sizes) / len(sizes),
-                     "model": model_name, "target": "sum of the answer tokens' logits", "samples": kept,
+                     "model": model_name, "target": "sum of the answer tokens' logits", "seed": seed,
+                     "methods_run": list(methods), "samples": kept,
                      "sampled": samples, "model_accuracy": kept / samples, "curves": curves, "wrong": wrong,
                      "seconds": time.perf_counter() - t0,
                      "methods": {m: _summary(rows) for m, rows in per_method.items() if rows}}

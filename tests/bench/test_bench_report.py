@@ -143,6 +143,11 @@ def test_the_needle_table_says_what_ran_and_whether_pointing_met_its_target(tmp_
     assert "- needle-1k: AttnLRP points at the needle in 100% of 2 samples (met; target >= 90 %)" in body
     assert "- needle-8k: AttnLRP points at the needle in 50% of 1 samples (MISSED; target >= 90 %)" in body
     assert (tmp_path / "needle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "not run here" not in body
+    long = result["tasks"]["needle-8k"]
+    long["methods_run"] = ["attnlrp"]
+    del long["methods"]["random"]
+    assert "samples right (those are explained); not run here: random" in bench_report.needle_table(result)
 
 
 def test_the_smollm2_cpu_table_sets_each_peak_against_the_estimate():
