@@ -55,7 +55,8 @@ def pytest_configure(config):
 
 # The files that take longest (minutes of the whole suite on 2 cores) run first: with pytest-xdist's --dist loadfile
 # the others then fill in around them, instead of one worker finishing a long file alone at the end.
-LONGEST_FIRST = ("bench/test_device_run.py", "project/test_readme.py", "kernels/test_attention_kernels.py",
+LONGEST_FIRST = ("core/test_smollm2.py", "project/test_readme.py", "bench/test_device_run.py",
+                 "evaluation/test_needle.py", "kernels/test_attention_kernels.py",
                  "models/test_families.py", "bindings/test_attention_segments.py", "bench/test_compile_check.py")
 
 
