@@ -122,8 +122,8 @@ def model_shapes():
 
 
 def load_config(source):
-    """A HF config from a shipped shape name (model_shapes), a config JSON file, a model folder or a hub id.
-    ValueError naming what is wrong."""
+    """A HF config from a shipped shape name (model_shapes), "smollm2" (the installed SmolLM2), a config JSON file, a
+    model folder or a hub id. ValueError naming what is wrong (smollm2.NotInstalled when SmolLM2 is not installed)."""
     import json
     from pathlib import Path
 
@@ -134,6 +134,10 @@ def load_config(source):
         fields = dict(shapes[source])
         return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
     path = Path(source)
+    if source == "smollm2" and not path.exists():   # the offline instruct LLM (attnlrp_fast/smollm2.py)
+        from attnlrp_fast import smollm2
+
+        return smollm2.config()
     if path.is_file():
         try:
             fields = json.loads(path.read_text())

@@ -106,6 +106,19 @@ def folder(progress=None):
     return target
 
 
+def config():
+    """The model's config (no weights): from the cache folder when the model is there, else read from the GGUF
+    file's metadata (a few seconds)."""
+    from transformers import AutoConfig
+
+    if is_cached():
+        return AutoConfig.from_pretrained(cached_folder())
+    source = gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise NotInstalled(f"--model {NAME} reads a GGUF file, which needs the PyPI package gguf: pip install gguf")
+    return AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
+
+
 def load(device="cpu", dtype=None, attn_implementation="attnlrp_fast", progress=None):
     """(model in eval mode on `device`, tokenizer): SmolLM2-135M-Instruct from the cache folder (folder())."""
     import torch

