@@ -2,8 +2,8 @@
 
 The core: attention (bindings/attention.py), lrp (lrp_patch.py), explain (explanation.py), low_memory (memory.py),
 estimate_memory (estimate.py: the memory of one explanation, on meta tensors), load_model (loading.py: SmolLM2
-offline, or any causal LM), the model maps (models/), the rules index (rules.py) and the float64 oracles (reference.py). The long-document application lives in attnlrp_fast.app,
-the evaluation in attnlrp_fast.evaluation.
+offline, or any causal LM), the model maps (models/), the rules index (rules.py) and the float64 oracles
+(reference.py). The long-document application lives in attnlrp_fast.app, the evaluation in attnlrp_fast.evaluation.
 
 Importing the package is light (no torch): each public name is imported on first use (PEP 562), so that
 `attnlrp-fast --help` answers at once. attn_implementation="attnlrp_fast" is still registered with transformers
@@ -35,9 +35,9 @@ _PUBLIC = {
     "contrast": (".targets", "contrast"),
 }
 
-__all__ = ["attention", "lrp", "explain", "load_model", "contrast", "Contrast", "Explanation", "LRPHandle", "UnsupportedModelError",
-           "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate", "segment_ids_from_cu_seqlens",
-           "__version__"]
+__all__ = ["attention", "lrp", "explain", "load_model", "contrast", "Contrast", "Explanation", "LRPHandle",
+           "UnsupportedModelError", "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate",
+           "segment_ids_from_cu_seqlens", "__version__"]
 
 _TRANSFORMERS_MODULE = "transformers.modeling_utils"   # holds AttentionInterface; imports masking_utils
 

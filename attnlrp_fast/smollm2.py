@@ -44,6 +44,14 @@ def gguf_path():
     return path
 
 
+def _readable_gguf():
+    """gguf_path(), once the gguf package that reads it is known to be installed."""
+    source = gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise NotInstalled(f"--model {NAME} reads a GGUF file, which needs the PyPI package gguf: pip install gguf")
+    return source
+
+
 def cache_root():
     """Where dequantized models are kept: $ATTNLRP_FAST_CACHE, else $XDG_CACHE_HOME/attnlrp_fast, else
     ~/.cache/attnlrp_fast."""
@@ -77,9 +85,7 @@ def folder(progress=None):
     target = cached_folder()
     if is_cached():
         return target
-    source = gguf_path()
-    if importlib.util.find_spec("gguf") is None:
-        raise NotInstalled(f"--model {NAME} reads a GGUF file, which needs the PyPI package gguf: pip install gguf")
+    source = _readable_gguf()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,9 +119,7 @@ def config():
 
     if is_cached():
         return AutoConfig.from_pretrained(cached_folder())
-    source = gguf_path()
-    if importlib.util.find_spec("gguf") is None:
-        raise NotInstalled(f"--model {NAME} reads a GGUF file, which needs the PyPI package gguf: pip install gguf")
+    source = _readable_gguf()
     return AutoConfig.from_pretrained(source.parent, gguf_file=source.name)
 
 

