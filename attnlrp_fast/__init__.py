@@ -31,13 +31,18 @@ _PUBLIC = {
     "LowMemoryHandle": (".memory", "LowMemoryHandle"),
     "low_memory": (".memory", "low_memory"),
     "UnsupportedModelError": (".models", "UnsupportedModelError"),
+    "FamilyMap": (".models", "FamilyMap"),
+    "GLUSpec": (".models", "GLUSpec"),
+    "MLPSpec": (".models", "MLPSpec"),
+    "NormSpec": (".models", "NormSpec"),
+    "RMSNormSpec": (".models", "RMSNormSpec"),
     "Contrast": (".targets", "Contrast"),
     "contrast": (".targets", "contrast"),
 }
 
 __all__ = ["attention", "lrp", "explain", "load_model", "contrast", "Contrast", "Explanation", "LRPHandle",
            "UnsupportedModelError", "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate",
-           "segment_ids_from_cu_seqlens", "__version__"]
+           "segment_ids_from_cu_seqlens", "FamilyMap", "GLUSpec", "MLPSpec", "NormSpec", "RMSNormSpec", "__version__"]
 
 _TRANSFORMERS_MODULE = "transformers.modeling_utils"   # holds AttentionInterface; imports masking_utils
 

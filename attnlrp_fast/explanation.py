@@ -25,6 +25,8 @@ t * h * w / merge^2 placeholders.
 """
 
 import contextlib
+import os
+import traceback
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Optional
@@ -34,7 +36,7 @@ import torch
 from attnlrp_fast.inputs import check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import maybe_low_memory
-from attnlrp_fast.models import is_vision_language, vision_parts
+from attnlrp_fast.models import UnsupportedModelError, is_vision_language, vision_parts
 from attnlrp_fast.reasoning import HeadRows, Reasoning, run_hops
 from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
@@ -144,7 +146,7 @@ def _summary(value):
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
             image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
-            reasoning_seed=None, per_target=False) -> Explanation:
+            reasoning_seed=None, per_target=False, family=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -168,6 +170,7 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           received back to the logit that predicted it (reasoning_seed "positive" (default): its positive part;
           "signed": all of it). e.hop_relevance, e.prompt_relevance (the total on the prompt), e.reasoning_share
           (attnlrp_fast/reasoning.py); e.relevance stays hop 0.
+    family: an af.FamilyMap for a model the built-in maps and the generic rules do not cover (af.lrp's).
     """
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
     if _hf_checkpointing(model) and not checkpoint:
@@ -176,7 +179,7 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                       "only; explain() runs in eval mode and checkpoints every layer itself instead (checkpoint=True)",
                       stacklevel=2)
         checkpoint = True
-    with lrp_scope(model, rule, backend, caller="explain()") as h, \
+    with lrp_scope(model, rule, backend, caller="explain()", family=family) as h, \
             maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
                              mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
@@ -236,7 +239,9 @@ class _Capture:
             if self.frozen:
                 return None
             setattr(self, attr, output.detach().requires_grad_(True))
-            return getattr(self, attr)
+            # a copy goes on: models that scale their embeddings in place (CTRL, GIT) would otherwise write into the
+            # leaf, which autograd refuses
+            return getattr(self, attr).clone()
         return hook
 
     def _pre_logits_hook(self, module, inputs, output):
@@ -394,6 +399,23 @@ def _parameters_frozen(model):
             p.requires_grad_(True)
 
 
+def _model_forward(model, kwargs):
+    """model(**kwargs); an error raised inside transformers' modeling code (inputs were checked before) means the
+    model's own code does something the engine cannot serve (it reads the attention mask as a 4-D tensor, builds its
+    own, ...): an UnsupportedModelError naming the model, where its code failed and why, in one line."""
+    try:
+        return model(**kwargs)
+    except (TypeError, ValueError, RuntimeError, AttributeError, IndexError, NotImplementedError) as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        last = frames[-1] if frames else None
+        if last is None or "transformers" + os.sep + "models" not in last.filename:
+            raise
+        where = f"{os.path.basename(last.filename)}:{last.lineno} ({last.name})"
+        reason = " ".join(str(exc).split())[:200]
+        raise UnsupportedModelError(f"{type(model).__name__}: its own code at {where} fails under the explanation "
+                                    f"engine: {type(exc).__name__}: {reason}") from exc
+
+
 def _explain(model, handle, req: Request) -> Explanation:
     vision = vision_parts(model) if is_vision_language(model) else None
     # (Qwen2-VL: flattened patches, their layout checked by the VisionParts, the rest by check_inputs on a view)
@@ -410,7 +432,7 @@ def _explain(model, handle, req: Request) -> Explanation:
         if req.reasoning is not None:
             rows = _reasoning_rows(model, req, kwargs, positions, kept)
         with _parameters_frozen(model), torch.enable_grad():
-            outputs = model(**kwargs)
+            outputs = _model_forward(model, kwargs)
             capture.frozen = True
             scored = _target_score(model, req, outputs, positions, kept)
             inputs = capture.inputs(req.latent)

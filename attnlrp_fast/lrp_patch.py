@@ -21,30 +21,41 @@ import torch
 from attnlrp_fast.bindings.checks import check_rule
 from attnlrp_fast.bindings.dispatch import check_backend
 from attnlrp_fast.bindings.hf import BACKEND_ATTR, NAME, RULE_ATTR, attention_modules
-from attnlrp_fast.models import UnsupportedModelError, family_for
-from attnlrp_fast.models.common import gamma_linear_forward, replacement_for
+from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacement_for
+from attnlrp_fast.models.common import gamma_linear_forward
+from attnlrp_fast.models.moe import gated_shared_experts
 from attnlrp_fast.patching import Patches
+from attnlrp_fast.rules import half_gradient
 from attnlrp_fast.selfcheck import rel_err
 
 HANDLE_ATTR = "_attnlrp_fast_handle"
+# class-name endings of modules that need a rule (or a known container): norms, MLPs, mixture-of-experts blocks
+_SUSPICIOUS_ENDINGS = ("norm", "mlp", "moe", "experts", "expert", "moeblock", "moelayer", "feedforward", "ffn",
+                       "moemlp")
+# token mixers other than attention, which have products of input-dependent factors and no rule here: state-space
+# layers, linear attention, gated short convolutions, recurrent cells
+_NO_RULE_MIXERS = ("mamba", "mixer", "deltanet", "ssm", "shortconv", "linearattention", "lightning", "rwkv",
+                   "recurrent", "lstm", "rglru")
 _UNSET = object()
 
 
 class LRPHandle:
     """The patches af.lrp() applied to one model; remove() undoes them (also on leaving a with-block)."""
 
-    def __init__(self, model, rule="attnlrp", *, backend=None, gamma=None):
+    def __init__(self, model, rule="attnlrp", *, backend=None, gamma=None, family=None):
         check_rule(rule)
         check_backend(backend)
         if gamma is not None and (not isinstance(gamma, (int, float)) or gamma < 0):
             raise ValueError(f"gamma must be a non-negative number or None, got {gamma!r}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module (a HuggingFace model), got {type(model).__name__}")
+        if family is not None and not isinstance(family, FamilyMap):
+            raise TypeError(f"family must be an af.FamilyMap, got {type(family).__name__}")
         model = unwrap(model)
         if getattr(model, HANDLE_ATTR, None) is not None:
             raise RuntimeError("this model is already inside af.lrp(); leave it (or call .remove()) first")
         self.model, self.rule, self.backend, self.gamma = model, rule, backend, gamma
-        self.family = family_for(model)
+        self.family = family if family is not None else family_for(model)
         self.final_logit_softcap = getattr(getattr(model, "config", None), self.family.final_logit_softcap, None) \
             if self.family.final_logit_softcap else None
         self._patches = Patches()   # forwards and attention attributes
@@ -79,9 +90,19 @@ class LRPHandle:
                 self._specs[cls] = self._checked_spec(name, module, replacement, spec)
             self._set_forward(name, module, replacement.forward(module, self._specs[cls], lrp, self.backend),
                               replacement.kind)
+        if lrp:
+            self._apply_shared_expert_gates()
         if self.gamma is not None:
             self._apply_gamma()
         self._check_coverage()
+
+    def _apply_shared_expert_gates(self):
+        """sigmoid(shared_expert_gate(x)) * shared_expert(x) in a MoE block: the uniform rule, half of the gradient to
+        each factor (each feeds only that product), on the outputs of the two modules."""
+        for gate, shared in gated_shared_experts(self.model):
+            for module in (gate, shared):
+                inner = module.forward
+                self._patches.set(module, "forward", _halved(inner))
 
     def _route_attention(self):
         model = self.model
@@ -102,14 +123,26 @@ class LRPHandle:
     def _checked_spec(self, name, module, replacement, spec):
         """The spec (of the map's, or the candidates a generic entry leaves open) whose replacement computes what
         the module computes on random input; UnsupportedModelError when none does."""
-        for candidate in replacement.candidates(spec):
-            forward = replacement.forward(module, candidate, self.rule != "grad", self.backend)
-            if self._matches(module, replacement, forward, candidate):
-                return candidate
-        if spec is None and len(replacement.candidates(spec)) > 1:
-            raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not an RMSNorm this library knows")
+        candidates = replacement.candidates(spec, module)
+        for candidate in candidates:
+            try:
+                forward = replacement.forward(module, candidate, self.rule != "grad", self.backend)
+                if self._matches(module, replacement, forward, candidate):
+                    return candidate
+            except UnsupportedModelError:
+                raise
+            except Exception:   # noqa: BLE001 (a candidate that cannot even run on the probe does not fit)
+                continue
+        cls = type(module).__name__
+        if spec is None and replacement.kind == "rms_norm":
+            raise UnsupportedModelError(f"{name} ({cls}) is not an RMSNorm this library knows")
+        if spec is None:
+            raise UnsupportedModelError(
+                f"{name} ({cls}) computes no {replacement.kind} form this library knows "
+                f"({len(candidates)} tried against its forward); pass af.lrp(..., family=af.FamilyMap(...)) "
+                "naming it as a container if it is linear around its children")
         raise UnsupportedModelError(
-            f"{name} ({type(module).__name__}): the fused {replacement.kind} replacement does not compute what the "
+            f"{name} ({cls}): the fused {replacement.kind} replacement does not compute what the "
             f"module computes; the map for '{self.family.name}' does not fit this model")
 
     def _matches(self, module, replacement, forward, spec):
@@ -141,12 +174,20 @@ class LRPHandle:
         """Norm, MLP and expert modules the map neither patched nor knows as linear containers would carry
         unchecked rules: refuse them."""
         missing = []
+        attention = set(map(id, attention_modules(self.model)))
+        experts = [n for n, what in self.patched.items() if what == "experts"]
         for name, module in self.model.named_modules():
             cls = type(module).__name__
             lowered = cls.lower()
-            suspicious = lowered.endswith("norm") or any(w in lowered for w in ("mlp", "expert", "moe"))
-            if suspicious and name not in self.patched and cls not in self.family.containers:
-                missing.append(f"{name} ({cls})")
+            suspicious = lowered.endswith(_SUSPICIOUS_ENDINGS) or "sparsemoe" in lowered or "mlp" in lowered \
+                or (any(w in lowered for w in _NO_RULE_MIXERS) and linear_dims(module) is None)
+            if not suspicious or name in self.patched or cls in self.family.containers:
+                continue
+            if any(id(m) in attention for m in module.modules()):
+                continue   # a layer or a whole model (Qwen2MoeDecoderLayer): its parts are checked one by one
+            if any(e.startswith(name + ".") for e in experts):
+                continue   # a MoE block around patched experts: route, weight (uniform rule), sum
+            missing.append(f"{name} ({cls})")
         if missing:
             raise UnsupportedModelError(
                 f"no LRP rule for these modules of '{self.family.name}': {', '.join(missing[:8])}"
@@ -194,10 +235,16 @@ def _forward_attr(module):
     return "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
 
 
-def lrp(model, rule="attnlrp", *, backend=None, gamma=None) -> LRPHandle:
+def lrp(model, rule="attnlrp", *, backend=None, gamma=None, family=None) -> LRPHandle:
     """Patch this model instance so that its backward follows `rule` ("attnlrp" | "cp" | "grad").
-    Use as a context manager, or keep the handle and call .remove(). See the module docstring."""
-    return LRPHandle(model, rule, backend=backend, gamma=gamma)
+    Use as a context manager, or keep the handle and call .remove(). See the module docstring.
+    family: an af.FamilyMap naming this model's module classes, for a model the built-in maps and the generic
+    rules do not cover (it replaces the built-in map; its replacements are checked like those)."""
+    return LRPHandle(model, rule, backend=backend, gamma=gamma, family=family)
+
+
+def _halved(forward):
+    return lambda *args, **kwargs: half_gradient(forward(*args, **kwargs))
 
 
 def attention_backend(model, backend, patches=None) -> Patches:
@@ -211,13 +258,15 @@ def attention_backend(model, backend, patches=None) -> Patches:
     return patches
 
 
-def lrp_scope(model, rule=None, backend=None, *, caller):
-    """A context manager with the model under rules: af.lrp(model, rule or "attnlrp", backend) for the block, or,
-    when the model is already inside af.lrp, that one (left as it is on exit); a different rule or backend asked of
-    it by `caller` is a ValueError naming both."""
+def lrp_scope(model, rule=None, backend=None, *, caller, family=None):
+    """A context manager with the model under rules: af.lrp(model, rule or "attnlrp", backend, family=family) for the
+    block, or, when the model is already inside af.lrp, that one (left as it is on exit); a different rule or backend
+    asked of it by `caller` is a ValueError naming both."""
     handle = active_handle(model)
     if handle is None:
-        return lrp(model, rule or "attnlrp", backend=backend)
+        return lrp(model, rule or "attnlrp", backend=backend, family=family)
+    if family is not None and family is not handle.family:
+        raise ValueError(f"the model is inside af.lrp() with the map '{handle.family.name}'; {caller} got another")
     if rule is not None and rule != handle.rule:
         raise ValueError(f"the model is inside af.lrp(rule={handle.rule!r}) but {caller} was asked for rule={rule!r}")
     if backend is not None and backend != handle.backend:

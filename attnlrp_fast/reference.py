@@ -62,8 +62,9 @@ def softcap_identity(u, softcap):
 
 
 def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=None, key_padding_mask=None,
-                    rule="grad", return_lse=False, segment_ids=None, key_limit=None):
-    """Materialised attention whose autograd gradients follow `rule`. Shapes as af.attention."""
+                    rule="grad", return_lse=False, segment_ids=None, key_limit=None, sinks=None):
+    """Materialised attention whose autograd gradients follow `rule`. Shapes as af.attention; v may have its own head
+    dim. sinks (H,): a logit per head in every row's softmax, a column of the softmax whose value is 0."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     B, H, N, D = q.shape
@@ -84,7 +85,12 @@ def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=N
                                 device=q.device, segment_ids=segment_ids, key_limit=key_limit)
     row_any = keep.any(-1, keepdim=True)
     s = s.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0)
-    p = torch.softmax(s, dim=-1).masked_fill(~row_any, 0.0)
+    if sinks is None:
+        p = torch.softmax(s, dim=-1).masked_fill(~row_any, 0.0)
+    else:
+        s = s.masked_fill(~row_any, float("-inf"))
+        column = sinks.to(s.dtype)[None, :, None, None].expand(B, H, N, 1)
+        p = torch.softmax(torch.cat([s, column], -1), dim=-1)[..., :M]
     if rule == "cp":
         p = p.detach()
     elif rule == "attnlrp":

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from attnlrp_fast.kernels.rules import ATTENTION_FACTORS, RULES, SOFTCAP_IDENTITY
 
 __all__ = ["Rule", "INDEX", "RULES", "ATTENTION_FACTORS", "SOFTCAP_IDENTITY", "half_gradient", "uniform_product",
-           "GammaLinear", "final_softcap_identity", "cosine_norm_identity", "rule_for"]
+           "identity_activation", "split_product", "plain_norm", "GammaLinear", "final_softcap_identity",
+           "cosine_norm_identity", "rule_for"]
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,23 @@ INDEX = (
     Rule("identity (normaliser)", "RMSNorm, LayerNorm", "AttnLRP sec. 3.3",
          "gradient stopped through the variance/std only (rstd constant; centering stays linear)",
          "kernels/norm.py (LRP constexpr), bindings/norm.py rms_norm / layer_norm(lrp=True)"),
+    Rule("identity (normaliser, any)", "any other norm: an affine map of (x - mean) / std or x / rms over the last "
+         "dim, with or without weight, weight offset or bias", "AttnLRP sec. 3.3",
+         "as above", "rules.py plain_norm (plain torch), used by models/generic.py NormReplacement"),
     Rule("identity (activation)", "SiLU, GELU (exact and tanh), tanh, ReLU; CLIP's QuickGELU", "AttnLRP sec. 3.3",
          "g_in = g_out f(x) / x", "kernels/glu.py act_and_factor, bindings/glu.py activation(lrp=True); "
          "QuickGELU: models/common.py quick_gelu (plain torch, the sigmoid held constant)"),
+    Rule("identity (activation, any)", "any other element-wise activation (ReLU^2, xIELU, ...), in MLPs, GLUs and "
+         "experts", "AttnLRP sec. 3.3", "g_in = g_out f(x) / x (0 where x = 0)",
+         "rules.py identity_activation (plain torch), used by models/generic.py and models/moe.py"),
+    Rule("uniform (gated product, any)", "f(gate) * h(up) for element-wise f, h (experts' own gate functions: "
+         "clamped SwiGLU, GPT-OSS's (up + 1) * glu)", "AttnLRP Prop. 3.2 with the identity rule on f and h",
+         "each factor x_k gets g_z z / (2 x_k): half of z's relevance each", "rules.py split_product, used by "
+         "models/moe.py"),
     Rule("uniform (GLU)", "act(gate) * up in GLU MLPs", "AttnLRP Prop. 3.2 with the identity rule on act",
          "dgate = 1/2 g up act(gate)/gate, dup = 1/2 g act(gate)", "kernels/glu.py, bindings/glu.py glu_product"),
     Rule("uniform (routing)", "routing weight * expert output in mixture-of-experts layers", "AttnLRP Prop. 3.2",
-         "each factor's gradient halved", "rules.py uniform_product, used by models/common.py ExpertsReplacement"),
+         "each factor's gradient halved", "rules.py uniform_product, used by models/moe.py ExpertsReplacement"),
     Rule("gamma", "ViT linear layers (optional, gamma=...)", "Montavon et al. 2019 (LRP-gamma)",
          "g_x = (W + gamma W+)^T (y g_y / z_gamma)", "rules.py GammaLinear, used by models/common.py"),
     Rule("identity (cosine target)", "a cosine-similarity target", "AttnLRP sec. 3.3 (normalisations)",
@@ -86,6 +97,50 @@ def half_gradient(x):
 def uniform_product(a, b, lrp):
     """a * b; under LRP the uniform rule: each factor gets half of the gradient."""
     return half_gradient(a) * half_gradient(b) if lrp else a * b
+
+
+def _ratio(num, den):
+    """num / den, 0 where den == 0."""
+    zero = den == 0
+    return torch.where(zero, torch.zeros_like(num), num / torch.where(zero, torch.ones_like(den), den))
+
+
+def identity_activation(x, f, lrp):
+    """f(x) for an element-wise f; under LRP the identity rule: the value f(x), the gradient g_out * f(x) / x (0 where
+    x = 0), so that x * g_in == f(x) * g_out element-wise. f is evaluated without a graph."""
+    if not lrp:
+        return f(x)
+    with torch.no_grad():
+        y = f(x)
+    return y + (x - x.detach()) * _ratio(y, x).to(x.dtype)
+
+
+def split_product(z, factors, lrp):
+    """z, a product of element-wise functions of `factors` (z = f(a) * h(b)), passed on with its value; under LRP each
+    factor x_k gets the gradient g_z * z / (K x_k) (K factors): the uniform rule on the product with the identity
+    rule on each function, so that each factor's relevance is z * g_z / K. Without LRP: z with its own graph."""
+    if not lrp:
+        return z
+    value = z.detach()
+    out = value
+    for x in factors:
+        out = out + (x - x.detach()) * (_ratio(value, x) / len(factors)).to(x.dtype)
+    return out
+
+
+def plain_norm(x, weight, bias, eps, *, center, offset=0.0, lrp, out_dtype=None):
+    """(x - mean) / std (center) or x / rms over the last dim, in float32, times (offset + weight) plus bias when
+    given; under LRP the identity rule on the normaliser: std / rms held constant (the centering stays linear)."""
+    xf = x.float()
+    if center:
+        xf = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * (rstd.detach() if lrp else rstd)
+    if weight is not None:
+        y = y * (offset + weight.float())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype)
 
 
 class GammaLinear(torch.autograd.Function):

@@ -17,5 +17,9 @@ RULE_IDS = {rule: i for i, rule in enumerate(RULES)}   # passed to the kernels a
 # rule -> (factor on dQ and dK, factor on dV), relative to the exact gradient (the softcap's derivative per rule)
 ATTENTION_FACTORS = {"grad": (1.0, 1.0), "attnlrp": (0.25, 0.5), "cp": (0.0, 1.0)}
 
+# rule -> factor on the gradient of the softmax's own inputs other than Q K^T (an attention sink's learned logit):
+# the uniform rule on P V halves it under attnlrp, CP-LRP holds P constant
+SOFTMAX_INPUT_FACTORS = {"grad": 1.0, "attnlrp": 0.5, "cp": 0.0}
+
 # rules whose softcap derivative is the identity rule's cap(u) / u instead of 1 - tanh^2
 SOFTCAP_IDENTITY = ("attnlrp",)

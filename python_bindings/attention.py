@@ -21,6 +21,7 @@ import torch
 
 from ..kernels.attention_bwd import attention_bwd as triton_bwd
 from ..kernels.attention_fwd import attention_fwd as triton_fwd
+from ..kernels.rules import SOFTMAX_INPUT_FACTORS
 from . import torch_path
 from .checks import check_attention_arguments
 from .dispatch import attention_choice, dense
@@ -113,8 +114,42 @@ def segment_ids_from_cu_seqlens(cu_seqlens, total):
     return ids.to(torch.int32)[None]
 
 
+class _SinkAttention(torch.autograd.Function):
+    """Attention with a learned logit per head in every row's softmax denominator (attention sinks: GPT-OSS): a key
+    with logit sinks[h] and value 0. From the plain forward's (o, lse): lse' = logaddexp(lse, sink) and
+    o' = o exp(lse - lse'). The backward is the plain backward given (o', lse'): it recomputes P' = exp(s - lse')
+    and delta = rowsum(dO o'), which is the sink-attention softmax's backward (the sink's value is 0, so its
+    column adds nothing to dP); each rule's factors apply as without a sink. The sink logits' own gradient is
+    -sum over rows of P'_sink * delta, times the rule's factor on the softmax's inputs (kernels/rules.py
+    SOFTMAX_INPUT_FACTORS; under the explanation rules the sink is a constant that absorbs relevance, like a bias)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids,
+                key_limit):
+        o, lse = attention_fwd_op(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend,
+                                  segment_ids, key_limit)
+        lse_sink = torch.logaddexp(lse, sinks.float()[None, :, None].expand_as(lse))
+        o_sink = (o.float() * torch.exp(lse - lse_sink)[..., None]).to(o.dtype)
+        ctx.save_for_backward(q, k, v, o_sink, lse_sink, sinks, key_padding_mask, segment_ids, key_limit)
+        ctx.options = (causal, scale, window, softcap, rule, backend)
+        return o_sink
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sinks, key_padding_mask, segment_ids, key_limit = ctx.saved_tensors
+        dq, dk, dv = attention_bwd_op(do.contiguous(), q, k, v, o, lse, key_padding_mask, *ctx.options, segment_ids,
+                                      key_limit)
+        dsinks = None
+        if ctx.needs_input_grad[3]:
+            delta = (do.float() * o.float()).sum(-1)
+            factor = SOFTMAX_INPUT_FACTORS[ctx.options[4]]
+            dsinks = -factor * (torch.exp(sinks.float()[None, :, None] - lse) * delta).sum((0, 2))
+            dsinks = dsinks.to(sinks.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None, None
+
+
 def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, softcap=None,
-              key_padding_mask=None, backend=None, segment_ids=None, key_limit=None):
+              key_padding_mask=None, backend=None, segment_ids=None, key_limit=None, sinks=None):
     """Scaled dot-product attention whose backward follows an explanation rule.
 
     q (B, H, N, D); k, v (B, Hkv, M, D) with H % Hkv == 0 (grouped-query attention without copying
@@ -131,12 +166,26 @@ def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, so
     key_limit: int32/int64 (B, N), needs causal=True: query i sees the keys j <= key_limit[b, i] in place of the
     causal j <= i + M - N (e.g. key_limit[b, i] = the end of the image block holding query i, i + M - N
     elsewhere). Both combine with window, softcap, key_padding_mask and with each other; memory stays O(N + M).
+    sinks: (H,) one logit per query head added to every row's softmax denominator (attention sinks, GPT-OSS): a
+    key every query sees, with value 0 (_SinkAttention).
+    v may have another head dim than q and k (multi-head latent attention, DeepSeek V2/V3): the smaller of the two
+    is padded with zeros to the larger (zero value columns add nothing; zero q/k columns leave the logits as they
+    are, and scale defaults to 1 / sqrt(q's own head dim)); the output has v's head dim.
     A query row that sees no key outputs zeros and gets zero gradient.
     """
     check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend,
-                              segment_ids=segment_ids, key_limit=key_limit)
+                              segment_ids=segment_ids, key_limit=key_limit, sinks=sinks)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
-    o, _ = attention_fwd_op(q, k, v, key_padding_mask, causal, float(scale), int(window or 0),
-                            float(softcap or 0.0), rule, backend or "auto", segment_ids, key_limit)
-    return o
+    dqk, dv = q.shape[3], v.shape[3]
+    if dv < dqk:
+        v = torch.nn.functional.pad(v, (0, dqk - dv))
+    elif dqk < dv:
+        q, k = (torch.nn.functional.pad(t, (0, dv - dqk)) for t in (q, k))
+    args = (key_padding_mask, causal, float(scale), int(window or 0), float(softcap or 0.0), rule, backend or "auto",
+            segment_ids, key_limit)
+    if sinks is not None:
+        o = _SinkAttention.apply(q, k, v, sinks, *args)
+    else:
+        o, _ = attention_fwd_op(q, k, v, *args)
+    return o[..., :dv] if dv < dqk else o

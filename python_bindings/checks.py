@@ -48,8 +48,8 @@ def _check_qkv(q, k, v):
         if x.dim() != 4:
             raise ValueError(f"{name} must have 4 dimensions {'(B, H, N, D)' if name == 'q' else '(B, Hkv, M, D)'}, "
                              f"got shape {tuple(x.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, M, D), got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same (B, Hkv, M), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     if q.shape[3] != k.shape[3]:
@@ -97,9 +97,15 @@ def _check_index_tensor(name, t, shape, what, q):
 
 
 def check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend, *,
-                              segment_ids=None, key_limit=None):
+                              segment_ids=None, key_limit=None, sinks=None):
     """Everything attention() takes, checked against its contract (README, the af.attention arguments)."""
     _check_qkv(q, k, v)
+    if sinks is not None:
+        check_float_tensor("sinks", sinks)
+        if tuple(sinks.shape) != (q.shape[1],):
+            raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), one logit per query head, "
+                             f"got {tuple(sinks.shape)}")
+        check_same_device("sinks", sinks, "q", q)
     check_flag("causal", causal)
     check_rule(rule)
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)

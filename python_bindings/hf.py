@@ -181,17 +181,19 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
         raise ValueError(
             f"attn_implementation='{NAME}' has no attention dropout (got p={dropout}): call model.eval(), or set the "
             "config's attention dropout to 0 for training")
-    for name in ("s_aux", "position_bias"):
+    for name in ("position_bias",):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"attn_implementation='{NAME}' does not support {name}")
+    sinks = kwargs.get("s_aux")
     kpm = segment_ids = key_limit = None
     if isinstance(attention_mask, KernelMask):
         kpm, segment_ids, key_limit = attention_mask.key_padding_mask, attention_mask.segment_ids, attention_mask.key_limit
     elif attention_mask is not None:
         if attention_mask.dim() != 2:
-            raise ValueError(
+            raise NotImplementedError(
                 f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
-                "mask its own mask function makes. Was the mask built for another attn_implementation?")
+                f"mask its own mask function makes, and {type(module).__name__} passed one built otherwise (by the "
+                "model itself, or for another attn_implementation)")
         kpm = attention_mask.to(torch.bool)
     position_ids = kwargs.get("position_ids")
     if torch.compiler.is_compiling() and kpm is None and isinstance(position_ids, torch.Tensor) \
@@ -210,8 +212,8 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
         extra["key_limit"] = key_limit
     out = attention(query, key, value, causal=bool(causal), scale=scaling, window=sliding_window, softcap=softcap,
                     key_padding_mask=kpm, rule=getattr(module, RULE_ATTR, "grad"),
-                    backend=getattr(module, BACKEND_ATTR, None), **extra)
-    return out.transpose(1, 2), None
+                    backend=getattr(module, BACKEND_ATTR, None), sinks=sinks, **extra)
+    return out.transpose(1, 2).contiguous(), None   # (B, N, H, D) as the other implementations return it
 
 
 def register() -> bool:

@@ -1,13 +1,18 @@
 """Per-family model maps: which module classes get which fused LRP op (see common.py)."""
 
+import torch
+
 from .bert import BERT
-from .common import ACTIVATIONS, FamilyMap, GLUSpec, RMSNormSpec, UnsupportedModelError
+from .common import (_NO_MATCH, ACTIVATIONS, ActivationReplacement, FamilyMap, GLUMLPReplacement, GLUSpec, LayerNormReplacement,
+                     RMSNormReplacement, RMSNormSpec, UnsupportedModelError, activation_name)
 from .gemma import GEMMA, GEMMA2, GEMMA3
+from .generic import AnyActivationReplacement, MLPReplacement, MLPSpec, NormReplacement, NormSpec, linear_dims
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .llava import VLM_TYPES, VisionParts, is_vision_language, llava_family, vision_parts
 from .mistral import MISTRAL
 from .mixtral import MIXTRAL
+from .moe import ExpertsReplacement
 from .phi3 import PHI3
 from .qwen2 import QWEN2
 from .qwen2_vl import QWEN_VL_TYPES, qwen_vl_family
@@ -36,17 +41,36 @@ def family_for(model) -> FamilyMap:
 
 
 def generic_family(model, model_type) -> FamilyMap:
+    """RMSNorm-named modules with a weight and Llama-style GLU MLPs (gate_proj, up_proj, down_proj linears and an
+    act_fn) go to the fused ops; every other norm, MLP, activation and experts module is recognised by what it
+    computes (replacement_for)."""
     rms, glus = {}, {}
     for module in model.modules():
         cls = type(module).__name__
-        if cls.endswith("RMSNorm") and getattr(module, "weight", None) is not None:
+        if cls.endswith("RMSNorm") and isinstance(getattr(module, "weight", None), torch.Tensor) \
+                and not list(module.children()):
             # Which offset? Gemma-style norms start from zero weights and add 1; tell by the forward's output.
             rms[cls] = None
-        elif all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        elif all(linear_dims(getattr(module, a, None)) is not None for a in ("gate_proj", "up_proj", "down_proj")) \
+                and activation_name(getattr(module, "act_fn", None)) in ("silu", "gelu", "gelu_tanh"):
             glus[cls] = GLUSpec()
     return FamilyMap(name=f"generic ({model_type})", model_types=(model_type,), rms_norms=rms, layer_norms=("LayerNorm",),
                      glu_mlps=glus)
 
 
+# In the order replacement_for tries them on each module: the family map's kinds, then the generic ones.
+REPLACEMENTS = (RMSNormReplacement(), LayerNormReplacement(), GLUMLPReplacement(), ExpertsReplacement(),
+                MLPReplacement(), NormReplacement(), ActivationReplacement(), AnyActivationReplacement())
+
+
+def replacement_for(module, family):
+    """(Replacement, spec) for a module the family map (or the generic rules) covers, else None."""
+    for replacement in REPLACEMENTS:
+        spec = replacement.spec_for(module, family)
+        if spec is not _NO_MATCH:
+            return replacement, spec
+    return None
+
+
 __all__ = ["FAMILIES", "FamilyMap", "GLUSpec", "RMSNormSpec", "UnsupportedModelError", "family_for", "ACTIVATIONS",
-           "VisionParts", "is_vision_language", "vision_parts"]
+           "VisionParts", "is_vision_language", "vision_parts", "MLPSpec", "NormSpec", "replacement_for", "REPLACEMENTS", "linear_dims"]

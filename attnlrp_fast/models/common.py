@@ -4,8 +4,11 @@ A FamilyMap names, for one HF model family, which module classes get which fused
   rms_norms    class name -> RMSNormSpec (weight offset: 0 for Llama-style, 1 for Gemma-style)
   layer_norms  class names computing torch.nn.LayerNorm over the last dim
   glu_mlps     class name -> GLUSpec (where gate, up and down live)
-  experts      class names of fused mixture-of-experts modules (Mixtral-style 3-D weights)
+  mlps         class name -> MLPSpec (models/generic.py: linear -> activation -> linear, or a GLU of any act)
+  norms        class name -> NormSpec (models/generic.py: any affine norm over the last dim)
+  experts      class names of fused mixture-of-experts modules (3-D weights; models/moe.py)
   containers   MLP / MoE classes whose own forward is linear around children that are patched (GPT2MLP)
+Modules no map names are recognised by what they compute (models/generic.py, models/moe.py) and verified the same way.
   activations  handled for every family: any module whose class is in ACTIVATIONS (fused ops) or TORCH_ACTIVATIONS
 Attention is not listed: it goes through attn_implementation="attnlrp_fast" for every family.
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from attnlrp_fast.bindings import activation, glu_product, layer_norm, rms_norm
-from attnlrp_fast.rules import GammaLinear, uniform_product
+from attnlrp_fast.rules import GammaLinear
 
 
 class UnsupportedModelError(ValueError):
@@ -49,6 +52,8 @@ class FamilyMap:
     rms_norms: dict = field(default_factory=dict)
     layer_norms: tuple = ()
     glu_mlps: dict = field(default_factory=dict)
+    mlps: dict = field(default_factory=dict)          # class name -> generic.MLPSpec
+    norms: dict = field(default_factory=dict)         # class name -> generic.NormSpec
     experts: tuple = ()
     containers: tuple = ()         # MLP/MoE classes whose own forward is linear around patched children
     final_logit_softcap: str = ""   # config attribute holding the final logit softcap, if any
@@ -120,7 +125,7 @@ class Replacement:
     def spec_for(self, module, family):
         raise NotImplementedError
 
-    def candidates(self, spec):
+    def candidates(self, spec, module=None):
         return [spec]
 
     def forward(self, module, spec, lrp, backend):
@@ -144,7 +149,7 @@ class RMSNormReplacement(Replacement):
     def spec_for(self, module, family):
         return family.rms_norms.get(type(module).__name__, _NO_MATCH)
 
-    def candidates(self, spec):
+    def candidates(self, spec, module=None):
         return [spec] if spec is not None else list(self.GENERIC)
 
     def forward(self, module, spec, lrp, backend):
@@ -202,38 +207,6 @@ class GLUMLPReplacement(Replacement):
         return getattr(module, spec.fused or spec.gate).in_features
 
 
-class ExpertsReplacement(Replacement):
-    """Mixtral-style experts (3-D gate_up_proj / down_proj weights): the GLU through the fused op and the routing
-    weight times expert output under the uniform rule."""
-    kind = "experts"
-
-    def spec_for(self, module, family):
-        return None if type(module).__name__ in family.experts else _NO_MATCH
-
-    def forward(self, module, spec, lrp, backend):
-        act = _act_of(module, "act_fn")
-
-        def forward(hidden_states, top_k_index, top_k_weights):
-            out = torch.zeros_like(hidden_states)
-            with torch.no_grad():
-                hit = torch.unique(top_k_index)
-            for e in hit.tolist():
-                if e >= module.num_experts:
-                    continue
-                token_idx, top_k_pos = torch.where(top_k_index == e)
-                gate, up = F.linear(hidden_states[token_idx], module.gate_up_proj[e]).chunk(2, dim=-1)
-                h = F.linear(glu_product(gate, up, act=act, lrp=lrp, backend=backend), module.down_proj[e])
-                h = uniform_product(h, top_k_weights[token_idx, top_k_pos, None], lrp)
-                out = out.index_add(0, token_idx, h.to(out.dtype))
-            return out
-        return forward
-
-    def probe(self, module, spec, generator):
-        x = _random((6, module.gate_up_proj.shape[-1]), module, generator)
-        idx = torch.randint(0, module.num_experts, (6, 2), generator=generator).to(x.device)
-        return (x, idx, torch.rand(6, 2, generator=generator).to(x.device, x.dtype))
-
-
 class ActivationReplacement(Replacement):
     kind = "activation"
 
@@ -248,20 +221,6 @@ class ActivationReplacement(Replacement):
 
     def width(self, module, spec):
         return 24
-
-
-# In the order replacement_for tries them on each module.
-REPLACEMENTS = (RMSNormReplacement(), LayerNormReplacement(), GLUMLPReplacement(), ExpertsReplacement(),
-                ActivationReplacement())
-
-
-def replacement_for(module, family):
-    """(Replacement, spec) for a module the family map (or the generic rules) covers, else None."""
-    for replacement in REPLACEMENTS:
-        spec = replacement.spec_for(module, family)
-        if spec is not _NO_MATCH:
-            return replacement, spec
-    return None
 
 
 def _act_of(module, attr):

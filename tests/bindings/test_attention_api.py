@@ -21,7 +21,7 @@ def _qkv(**kw):
     "change,error,words",
     [
         (lambda q, k, v, kw: (q[0], k, v, kw), ValueError, "q must have 4 dimensions"),
-        (lambda q, k, v, kw: (q, k, v[:, :, :5], kw), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v, kw: (q, k, v[:, :, :5], kw), ValueError, "k and v must have the same \\(B, Hkv, M\\)"),
         (lambda q, k, v, kw: (q[:1], k, v, kw), ValueError, "batch size"),
         (lambda q, k, v, kw: (q[..., :8], k, v, kw), ValueError, "head dim"),
         (lambda q, k, v, kw: (q[:, :3], k, v, kw), ValueError, "multiple of the number of key/value heads"),

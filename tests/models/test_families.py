@@ -351,7 +351,7 @@ def test_minilm_real_weights_explain_similarity():
 
 def test_mixtral_routing_product_takes_the_uniform_rule():
     """Routing weight x expert output: under LRP each factor gets half of the exact gradient."""
-    from attnlrp_fast.models.common import ExpertsReplacement
+    from attnlrp_fast.models.moe import ExpertsReplacement
 
     experts = build("mixtral", seed=15).model.layers[0].mlp.experts
     g = torch.Generator().manual_seed(15)

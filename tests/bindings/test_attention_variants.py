@@ -1,0 +1,95 @@
+"""Attention variants in the engine against the float64 oracle, in both backends: attention sinks (a learned logit per
+head in the softmax denominator) and a value head dim other than the query/key head dim (multi-head latent attention).
+Sizes are not multiples of any block size."""
+
+import pytest
+import torch
+
+import attnlrp_fast as af
+from attnlrp_fast.kernels import interpreting
+from attnlrp_fast.reference import attention_dense
+from helpers import rel_err
+
+BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
+            "torch"]
+CASES = {"plain": {}, "causal_window_padding": {"causal": True, "window": 13, "padding": True},
+         "softcap": {"softcap": 3.0, "causal": True}}
+
+
+def _run(fn, q, k, v, do, sinks=None, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    extra = {}
+    if sinks is not None:
+        extra["sinks"] = sinks.detach().clone().requires_grad_()
+    o = fn(*leaves, **extra, **kw)
+    o.backward(do)
+    return [o.detach()] + [t.grad for t in leaves] + ([extra["sinks"].grad] if sinks is not None else [])
+
+
+def _inputs(seed, N=37, M=45, D=24, Dv=24, H=4, Hkv=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, N, D, generator=g)
+    k = torch.randn(2, Hkv, M, D, generator=g)
+    v = torch.randn(2, Hkv, M, Dv, generator=g)
+    return g, q, k, v
+
+
+def _case(g, case, M):
+    kw = dict(CASES[case])
+    if kw.pop("padding", False):
+        kw["key_padding_mask"] = torch.rand(2, M, generator=g) > 0.3
+    return kw
+
+
+def _compare(q, k, v, do, backend, rule, sinks=None, tol=1e-4, **kw):
+    got = _run(af.attention, q, k, v, do, sinks=sinks, rule=rule, backend=backend, **kw)
+    ref = _run(attention_dense, *(t.double() for t in (q, k, v)), do.double(),
+               sinks=None if sinks is None else sinks.double(), rule=rule, **kw)
+    names = ["o", "dq", "dk", "dv", "dsinks"]
+    for name, a, b in zip(names, got, ref):
+        if name in ("dq", "dk", "dsinks") and rule == "cp":   # attention weights held constant
+            assert a.abs().max() == 0, name
+            continue
+        assert rel_err(a.double(), b) < tol, f"{name} differs from the float64 oracle ({backend}, {rule})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sinks_match_oracle(case, rule, backend):
+    g, q, k, v = _inputs(len(case) + len(rule))
+    sinks = torch.randn(q.shape[1], generator=g) + 1.0
+    kw = _case(g, case, k.shape[2])
+    do = torch.randn(q.shape[0], q.shape[1], q.shape[2], v.shape[3], generator=g)
+    _compare(q, k, v, do, backend, rule, sinks=sinks, **kw)
+
+
+def test_sinks_take_probability_mass():
+    """A large sink logit drains the row: the output shrinks by exp(lse) / (exp(lse) + exp(sink))."""
+    _, q, k, v = _inputs(3)
+    plain = af.attention(q, k, v, backend="torch")
+    drained = af.attention(q, k, v, backend="torch", sinks=torch.full((q.shape[1],), 30.0))
+    assert drained.abs().max() < 1e-6 * plain.abs().max()
+    same = af.attention(q, k, v, backend="torch", sinks=torch.full((q.shape[1],), -60.0))
+    assert rel_err(same, plain) < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(24, 16), (16, 40)], ids=["v_smaller", "v_larger"])
+@pytest.mark.parametrize("rule", ["grad", "attnlrp"])
+def test_value_head_dim_differs(dims, rule, backend):
+    D, Dv = dims
+    g, q, k, v = _inputs(D + Dv, D=D, Dv=Dv)
+    kw = _case(g, "causal_window_padding", k.shape[2])
+    do = torch.randn(q.shape[0], q.shape[1], q.shape[2], Dv, generator=g)
+    _compare(q, k, v, do, backend, rule, **kw)
+
+
+def test_variant_arguments_are_checked():
+    _, q, k, v = _inputs(4)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(H,\) = \(4,\)"):
+        af.attention(q, k, v, sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks"):
+        af.attention(q, k, v, sinks=[0.0] * 4)
+    with pytest.raises(ValueError, match="same \\(B, Hkv, M\\)"):
+        af.attention(q, k, v[:, :, :-1])
