@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from attnlrp_fast.inputs import check_inputs, forward_parameters
+from attnlrp_fast.inputs import check_decoder_inputs, check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import maybe_low_memory
 from attnlrp_fast.models import UnsupportedModelError, is_vision_language, vision_parts
@@ -61,6 +61,9 @@ class Explanation:
     image_rows        (images,): the batch row each image belongs to
     image_share       (B,) float32: the signed share of a row's relevance on its images
     text_share        (B,) float32: the share on its text tokens (image_share + text_share = 1)
+
+    An encoder-decoder model's (decoder_input_ids=...), else None:
+    decoder_relevance (B, M) float32: each decoder input token's relevance (`relevance` is the encoder tokens')
 
     With per_target=True (a list target: each (position, token) target explained on its own), else None:
     target_relevance  (B, P, N) float32: each target's relevance; they sum over P to `relevance`
@@ -97,6 +100,7 @@ class Explanation:
     reasoning_skipped: int = 0
     hop_image_relevance: Optional[list] = None
     prompt_image_relevance: Optional[list] = None
+    decoder_relevance: Optional[torch.Tensor] = None
 
     def __repr__(self):
         shown = []
@@ -146,7 +150,8 @@ def _summary(value):
 def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, latent=(), backend=None, *,
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
             image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
-            reasoning_seed=None, per_target=False, family=None) -> Explanation:
+            reasoning_seed=None, per_target=False, family=None, decoder_input_ids=None,
+            decoder_attention_mask=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -171,6 +176,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           "signed": all of it). e.hop_relevance, e.prompt_relevance (the total on the prompt), e.reasoning_share
           (attnlrp_fast/reasoning.py); e.relevance stays hop 0.
     family: an af.FamilyMap for a model the built-in maps and the generic rules do not cover (af.lrp's).
+    decoder_input_ids / decoder_attention_mask: an encoder-decoder model's (T5, BART) decoder tokens (B, M); the
+          target is read from the decoder's logits (default: its last real position), e.relevance is on the encoder
+          tokens (input_ids) and e.decoder_relevance on the decoder tokens.
     """
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
     if _hf_checkpointing(model) and not checkpoint:
@@ -187,9 +195,12 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
         reasoning = Reasoning.of(reasoning_span, hops, reasoning_seed, input_ids)
         if per_target and (reasoning is not None or callable(target) or not isinstance(target, (list, tuple))):
             raise ValueError("per_target=True needs a list of (position, token_id) targets and no reasoning_span")
+        decoder = check_decoder_inputs(model, input_ids, decoder_input_ids, decoder_attention_mask)
+        if decoder is not None and (reasoning is not None or pixel_values is not None):
+            raise ValueError("decoder_input_ids cannot be combined with reasoning_span or pixel_values")
         return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
                                           (latent,) if isinstance(latent, str) else tuple(latent), extra, reasoning,
-                                          per_target, progress))
+                                          per_target, progress, decoder))
 
 
 def _hf_checkpointing(model):
@@ -206,17 +217,26 @@ class _Capture:
     output-embedding (lm_head) output for the final-softcap identity rule; for a vision-language model (`vision`: its
     VisionParts) also the patch embeddings as a leaf and the language model's inputs_embeds (image features placed)."""
 
-    def __init__(self, model, latent, want_pre_logits, vision=None):
+    def __init__(self, model, latent, want_pre_logits, vision=None, decoder=False):
         self.handles, self.latent, self.embeds, self.pre_logits = [], {}, None, None
+        self.decoder_embeds = None
         self.merged = self.patches = None
         self.frozen = False  # set after the forward: checkpointed layers re-run their hooks in the backward
         if vision is not None:
             self.handles.append(vision.patch_embedding.register_forward_hook(self._leaf("patches")))
             self.handles.append(vision.language_model.register_forward_pre_hook(self._merged_hook, with_kwargs=True))
-        emb = model.get_input_embeddings()
+        emb = _part_embeddings(model, "get_encoder") if decoder else model.get_input_embeddings()
         if emb is None:
             raise ValueError(f"{type(model).__name__} has no input-embedding module (get_input_embeddings())")
-        self.handles.append(emb.register_forward_hook(self._leaf("embeds")))
+        if decoder:
+            dec = _part_embeddings(model, "get_decoder")
+            if dec is emb:   # one module for both (the encoder runs first)
+                self.handles.append(emb.register_forward_hook(self._leaf("embeds", then="decoder_embeds")))
+            else:
+                self.handles.append(emb.register_forward_hook(self._leaf("embeds")))
+                self.handles.append(dec.register_forward_hook(self._leaf("decoder_embeds")))
+        else:
+            self.handles.append(emb.register_forward_hook(self._leaf("embeds")))
         for spec in latent:
             name, _, where = spec.partition(":")
             if where not in ("", "input"):
@@ -233,15 +253,17 @@ class _Capture:
             head = model.get_output_embeddings()
             self.handles.append(head.register_forward_hook(self._pre_logits_hook))
 
-    def _leaf(self, attr):
-        """A forward hook that replaces the module's output by a detached leaf that requires grad, kept as `attr`."""
+    def _leaf(self, attr, then=None):
+        """A forward hook that replaces the module's output by a detached leaf that requires grad, kept as `attr`
+        (as `then` from the second call on, when one module embeds both an encoder's and a decoder's tokens)."""
         def hook(module, inputs, output):
             if self.frozen:
                 return None
-            setattr(self, attr, output.detach().requires_grad_(True))
+            name = then if then is not None and getattr(self, attr) is not None else attr
+            setattr(self, name, output.detach().requires_grad_(True))
+            return getattr(self, name).clone()
             # a copy goes on: models that scale their embeddings in place (CTRL, GIT) would otherwise write into the
             # leaf, which autograd refuses
-            return getattr(self, attr).clone()
         return hook
 
     def _pre_logits_hook(self, module, inputs, output):
@@ -273,7 +295,8 @@ class _Capture:
         if missing:
             raise ValueError(f"latent modules {missing} did not run in the forward pass")
         first = self.merged if self.merged is not None else self.embeds
-        return [first] + [self.latent[k] for k in latent] + ([self.patches] if self.patches is not None else [])
+        return [first] + [self.latent[k] for k in latent] + ([self.patches] if self.patches is not None else []) + \
+            ([self.decoder_embeds] if self.decoder_embeds is not None else [])
 
 
 @dataclass
@@ -289,6 +312,11 @@ class Request:
     reasoning: Optional[Reasoning] = None
     per_target: bool = False
     progress: Optional[object] = None           # called with "target" after each target's backward (per_target)
+    decoder: Optional[tuple] = None             # an encoder-decoder model's (decoder_input_ids, decoder_attention_mask)
+
+    def target_tokens(self):
+        """(ids, mask) the target's positions are read from: the decoder's tokens for an encoder-decoder model."""
+        return self.decoder if self.decoder is not None else (self.input_ids, self.attention_mask)
 
 
 @dataclass
@@ -312,11 +340,15 @@ def _forward_kwargs(model, req):
         kwargs["input_ids"] = req.input_ids
         if req.attention_mask is not None:
             kwargs["attention_mask"] = req.attention_mask
+    if req.decoder is not None:
+        kwargs["decoder_input_ids"] = req.decoder[0]
+        if req.decoder[1] is not None:
+            kwargs["decoder_attention_mask"] = req.decoder[1]
     if "use_cache" in forward_args or is_vision_language(model):   # (LLaVA passes it on to its language model)
         kwargs["use_cache"] = False
     positions = kept = None
     if not callable(req.target) and req.input_ids is not None and "logits_to_keep" in forward_args:
-        positions = token_positions(req.target, req.input_ids, req.attention_mask, req.position)
+        positions = token_positions(req.target, *req.target_tokens(), req.position)
         # the distinct positions; on the meta device (af.estimate_memory) their count is unknown: one per target
         # position is the most it can be
         kept = positions[0] if positions.is_meta else torch.unique(positions)
@@ -351,7 +383,7 @@ def _target_score(model, req, outputs, positions, kept) -> Scored:
         raise ValueError(f"{type(model).__name__} returns no logits: pass target as a callable "
                          "f(outputs) -> (B,) (e.g. a similarity of pooled embeddings)")
     if positions is None and logits.dim() == 3:
-        positions = token_positions(target, req.input_ids, req.attention_mask, req.position)
+        positions = token_positions(target, *req.target_tokens(), req.position)
     value, ids, parts = score(target, logits, positions, kept)
     return Scored(value, ids, parts, logits, positions)
 
@@ -399,6 +431,18 @@ def _parameters_frozen(model):
             p.requires_grad_(True)
 
 
+def _part_embeddings(model, getter):
+    """The input-embedding module an encoder-decoder model's encoder ("get_encoder") or decoder ("get_decoder")
+    calls (BART's parts embed with modules of their own that share the weights of model.shared)."""
+    part = getattr(model, getter)() if hasattr(model, getter) else None
+    emb = getattr(part, "embed_tokens", None)
+    if emb is None and part is not None and hasattr(part, "get_input_embeddings"):
+        emb = part.get_input_embeddings()
+    if emb is None:
+        raise UnsupportedModelError(f"{type(model).__name__}: no input-embedding module found in its {getter[4:]}")
+    return emb
+
+
 def _model_forward(model, kwargs):
     """model(**kwargs); an error raised inside transformers' modeling code (inputs were checked before) means the
     model's own code does something the engine cannot serve (it reads the attention mask as a 4-D tensor, builds its
@@ -423,9 +467,10 @@ def _explain(model, handle, req: Request) -> Explanation:
     input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, pixels)
     extra = req.extra if vision is None else {**req.extra, **vision.model_inputs(model, input_ids, req.extra)}
     req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra,
-                  req.reasoning, req.per_target, req.progress)
+                  req.reasoning, req.per_target, req.progress, req.decoder)
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
-    capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision)
+    capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision,
+                       decoder=req.decoder is not None)
     rows = hops = per_target = None
     try:
         kwargs, positions, kept = _forward_kwargs(model, req)
@@ -453,6 +498,9 @@ def _explain(model, handle, req: Request) -> Explanation:
             rows.remove()
     rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
     fields = {} if per_target is None else {"target_relevance": per_target}
+    if req.decoder is not None:
+        fields["decoder_relevance"] = rel[-1].sum(-1)
+        rel = rel[:-1]
     if capture.patches is not None:
         maps, counts = vision.image_maps(rel[-1], req.extra)
         fields = _image_fields(rel[0].sum(-1), maps, counts, input_ids == vision.image_token_id)

@@ -72,6 +72,40 @@ def check_inputs(model, input_ids, attention_mask, pixel_values):
     return input_ids, attention_mask
 
 
+def check_decoder_inputs(model, input_ids, decoder_input_ids, decoder_attention_mask):
+    """(decoder_input_ids, decoder_attention_mask) as (B, M) for an encoder-decoder model, None for another model;
+    each problem raised."""
+    config = getattr(model, "config", None)
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if not seq2seq:
+        if decoder_input_ids is not None or decoder_attention_mask is not None:
+            raise ValueError(f"{type(model).__name__} is not an encoder-decoder model: decoder_input_ids and "
+                             "decoder_attention_mask are for models such as T5 and BART")
+        return None
+    if decoder_input_ids is None:
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model: pass decoder_input_ids (the decoder's "
+                         "tokens, e.g. its start token followed by the answer) as well as input_ids")
+    if not isinstance(decoder_input_ids, torch.Tensor) or decoder_input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("decoder_input_ids must be an integer tensor (B, M)")
+    if decoder_input_ids.dim() == 1:
+        decoder_input_ids = decoder_input_ids[None]
+    device = model_device(model)
+    if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[1] == 0:
+        raise ValueError(f"decoder_input_ids must have shape (B, M) with M > 0, got {tuple(decoder_input_ids.shape)}")
+    if decoder_input_ids.device != device:
+        raise ValueError(f"decoder_input_ids is on {decoder_input_ids.device} but the model is on {device}")
+    rows = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 else 1
+    if decoder_input_ids.shape[0] != rows:
+        raise ValueError(f"decoder_input_ids has {decoder_input_ids.shape[0]} rows, input_ids {rows}")
+    if decoder_attention_mask is not None:
+        if decoder_attention_mask.dim() == 1:
+            decoder_attention_mask = decoder_attention_mask[None]
+        if tuple(decoder_attention_mask.shape) != tuple(decoder_input_ids.shape):
+            raise ValueError(f"decoder_attention_mask has shape {tuple(decoder_attention_mask.shape)}, "
+                             f"decoder_input_ids {tuple(decoder_input_ids.shape)}")
+    return decoder_input_ids, decoder_attention_mask
+
+
 def forward_parameters(model):
     """Names of the keyword arguments the model's forward takes (empty when its signature is opaque)."""
     try:

@@ -129,17 +129,17 @@ def split_product(z, factors, lrp):
 
 
 def plain_norm(x, weight, bias, eps, *, center, offset=0.0, lrp, out_dtype=None):
-    """(x - mean) / std (center) or x / rms over the last dim, in float32, times (offset + weight) plus bias when
+    """(x - mean) / std (center) or x / rms over the last dim, in float32 (or x's wider dtype), times (offset + weight) plus bias when
     given; under LRP the identity rule on the normaliser: std / rms held constant (the centering stays linear)."""
-    xf = x.float()
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if center:
         xf = xf - xf.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     y = xf * (rstd.detach() if lrp else rstd)
     if weight is not None:
-        y = y * (offset + weight.float())
+        y = y * (offset + weight.to(xf.dtype))
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(xf.dtype)
     return y.to(out_dtype or x.dtype)
 
 

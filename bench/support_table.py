@@ -120,7 +120,7 @@ def inputs_for(model, kind):
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, min(vocab, 100), (1, SEQ_LEN), generator=g)
     extra = {}
-    if kind == "seq2seq":
+    if kind == "seq2seq" and getattr(model.config, "is_encoder_decoder", False):
         extra["decoder_input_ids"] = torch.randint(3, min(vocab, 100), (1, 5), generator=g)
     return ids, extra
 

@@ -1,0 +1,293 @@
+"""Rules by what a module computes (models/generic.py, models/moe.py), encoder-decoder models, a user's family map,
+and the families that used to crash: each against a float64 reference or an exact property of the rule."""
+
+import pytest
+import torch
+import transformers as tf
+
+import attnlrp_fast as af
+from attnlrp_fast.kernels import interpreting
+from attnlrp_fast.models import MLPReplacement, NormReplacement, replacement_for
+from attnlrp_fast.reference import layer_norm_dense, rms_norm_dense
+from attnlrp_fast.rules import identity_activation, split_product
+from explicit_phi import phi_token_relevance
+from helpers import rel_err
+from tiny_models import COMMON
+
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1"))
+
+
+def _phi(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    config = tf.PhiConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=128, partial_rotary_factor=0.5)
+    return tf.PhiForCausalLM(config).to(dtype).eval()
+
+
+def test_phi_equals_float64_layer_by_layer_reference():
+    """Phi (the model of the paper's knowledge-neuron figure): parallel blocks, LayerNorm with bias, partial RoPE,
+    a GELU MLP recognised from its children; af.explain equals the rules written out layer by layer."""
+    model = _phi()
+    ids = torch.randint(3, 61, (1, 13), generator=torch.Generator().manual_seed(5))
+    e = af.explain(model, ids, backend="torch")
+    token = int(e.target_ids[0])
+    ref = phi_token_relevance(model, ids[0], ids.shape[1] - 1, token)
+    assert rel_err(e.relevance[0].double(), ref) < 1e-6
+    with af.lrp(model) as h:
+        assert sorted(set(h.patched.values())) == ["activation", "layer_norm", "mlp"]
+
+
+@pytest.mark.slow
+def test_phi_triton_agrees_with_torch():
+    model = _phi(dtype=torch.float32)
+    ids = torch.randint(3, 61, (2, 11), generator=torch.Generator().manual_seed(6))
+    a = af.explain(model, ids, backend="torch").relevance
+    b = af.explain(model, ids, backend="triton" if interpreting() else "torch").relevance
+    assert rel_err(b, a) < 1e-4
+
+
+class _ToyMLP(torch.nn.Module):
+    """An MLP no family map names, its activation a plain function in the forward (ReLU^2)."""
+
+    def __init__(self, glu=False, fused=False):
+        super().__init__()
+        self.glu, self.fused = glu, fused
+        self.w_in = torch.nn.Linear(12, 40 if fused else 20, bias=False)
+        if glu and not fused:
+            self.w_other = torch.nn.Linear(12, 20, bias=False)
+        self.w_out = torch.nn.Linear(20, 12, bias=False)
+
+    def forward(self, x):
+        h = self.w_in(x)
+        if self.fused:
+            a, b = h.chunk(2, dim=-1)
+            return self.w_out(torch.relu(b).square() * a)   # the gate is the second half
+        if self.glu:
+            return self.w_out(torch.relu(h).square() * self.w_other(x))
+        return self.w_out(torch.relu(h).square())
+
+
+def _patched_forward(module, rule="attnlrp"):
+    found = replacement_for(module, af.FamilyMap(name="toy", model_types=()))
+    assert found is not None and isinstance(found[0], MLPReplacement)
+    replacement = found[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 12, generator=g, dtype=torch.float64)
+    for spec in replacement.candidates(None, module):
+        fwd = replacement.forward(module, spec, rule != "grad", "torch")
+        try:
+            if rel_err(fwd(x), module(x)) < 1e-10:
+                return spec, fwd
+        except RuntimeError:
+            continue
+    raise AssertionError("no candidate matched")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "glu", "fused"])
+def test_generic_mlp_matches_and_conserves(kind):
+    """Recognised with its inline activation; without biases the identity and uniform rules conserve relevance
+    through the block exactly, and under rule='grad' the gradient is the module's own."""
+    torch.manual_seed(1)
+    module = _ToyMLP(glu=kind != "mlp", fused=kind == "fused").double()
+    spec, fwd = _patched_forward(module)
+    assert spec.pattern == kind and spec.act == "relu2"
+    if kind == "fused":
+        assert not spec.gate_first
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    y = fwd(x)
+    r_y = torch.randn_like(y) * y.abs()
+    (g,) = torch.autograd.grad(y, x, r_y / y)
+    assert torch.allclose((x * g).sum(), r_y.sum(), rtol=1e-9)
+    _, exact = _patched_forward(module, rule="grad")
+    x2 = x.detach().clone().requires_grad_()
+    (g_exact,) = torch.autograd.grad(exact(x2).sum(), x2)
+    (g_module,) = torch.autograd.grad(module(x2).sum(), x2)
+    assert torch.allclose(g_exact, g_module)
+
+
+def test_identity_activation_and_split_product():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True)
+    f = lambda t: torch.relu(t).square() + 0.1 * t   # noqa: E731
+    y = identity_activation(x, f, lrp=True)
+    assert torch.equal(y.detach(), f(x.detach()))
+    r = torch.randn(50, generator=g, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, r)
+    assert torch.allclose(x * gx, y.detach() * r)     # R_in = R_out element-wise
+    a = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.sigmoid(a) * a * (b.clamp(-1, 1) + 1)
+    out = split_product(z, (a, b), lrp=True)
+    assert torch.equal(out.detach(), z.detach())
+    ga, gb = torch.autograd.grad(out, (a, b), r)
+    assert torch.allclose(a * ga, z.detach() * r / 2) and torch.allclose(b * gb, z.detach() * r / 2)
+
+
+class ToyNorm(torch.nn.Module):
+    """A norm no map names (its class name says it is one): Cohere-style, LayerNorm-style or Gemma-style."""
+
+    def __init__(self, n, center, bias, offset):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n))
+        self.bias = torch.nn.Parameter(torch.randn(n)) if bias else None
+        self.eps, self.center, self.offset = 1e-5, center, offset
+
+    def forward(self, x):
+        c = x - x.mean(-1, keepdim=True) if self.center else x
+        y = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + self.eps) * (self.offset + self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+@pytest.mark.parametrize("center,bias,offset", [(True, False, 0.0), (True, True, 0.0), (False, False, 1.0)])
+def test_generic_norm_matches_the_oracle(center, bias, offset):
+    torch.manual_seed(3)
+    module = ToyNorm(24, center, bias, offset).double()
+    replacement = NormReplacement()
+    x = torch.randn(4, 24, dtype=torch.float64)
+    chosen = [s for s in replacement.candidates(None, module)
+              if rel_err(replacement.forward(module, s, True, "torch")(x), module(x)) < 1e-10]
+    assert chosen and chosen[0].center == center and chosen[0].offset == offset
+    xg = x.clone().requires_grad_()
+    y = replacement.forward(module, chosen[0], True, "torch")(xg)
+    do = torch.randn_like(y)
+    (got,) = torch.autograd.grad(y, xg, do)
+    xr = x.clone().requires_grad_()
+    if center:
+        ref = layer_norm_dense(xr, module.weight.detach(), None if module.bias is None else module.bias.detach(),
+                               module.eps, lrp=True)
+    else:
+        ref = rms_norm_dense(xr, module.weight.detach(), module.eps, offset=offset, lrp=True)
+    (want,) = torch.autograd.grad(ref, xr, do)
+    assert rel_err(got, want) < 1e-10
+
+
+def _moe(config_cls, model_cls, **extra):
+    torch.manual_seed(0)
+    return model_cls(config_cls(**{**COMMON, **extra})).eval()
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "gpt_oss"])
+def test_moe_families_explain_under_the_rules(name):
+    """Experts found from their layout flags (Qwen2-MoE: shared expert behind a sigmoid gate; GPT-OSS: transposed,
+    biased, interleaved experts with their own clamped gate, attention sinks): the uniform rule on routing weight x
+    expert output means the experts' relevance is not the gradient's, the model is restored, both backends agree."""
+    if name == "qwen2_moe":
+        model = _moe(tf.Qwen2MoeConfig, tf.Qwen2MoeForCausalLM, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=24, shared_expert_intermediate_size=24)
+    else:
+        model = _moe(tf.GptOssConfig, tf.GptOssForCausalLM, num_local_experts=4, num_experts_per_tok=2,
+                     layer_types=["sliding_attention", "full_attention"], sliding_window=4)
+    ids = torch.randint(3, 61, (2, 9), generator=torch.Generator().manual_seed(7))
+    before = model(ids).logits
+    with af.lrp(model) as h:
+        kinds = set(h.patched.values())
+    assert "experts" in kinds
+    e = af.explain(model, ids, backend="torch")
+    grad = af.explain(model, ids, rule="grad", backend="torch").relevance
+    assert torch.isfinite(e.relevance).all() and rel_err(e.relevance, grad) > 1e-3
+    assert torch.equal(model(ids).logits, before)
+    if interpreting():
+        t = af.explain(model, ids, backend="triton").relevance
+        assert rel_err(t, e.relevance) < 1e-4
+
+
+def test_user_family_map():
+    """A block the generic rules cannot read is refused naming it; a user's map naming it as linear (a container)
+    is taken, and a map of the wrong type is a TypeError."""
+    class OddMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(32))
+
+        def forward(self, x):
+            return x * self.scale   # linear in x, but not a form the generic rules know
+
+    model = _moe(tf.LlamaConfig, tf.LlamaForCausalLM)
+    for layer in model.model.layers:
+        layer.mlp = OddMLP()
+    ids = torch.randint(3, 61, (1, 7))
+    with pytest.raises(af.UnsupportedModelError, match=r"model.layers.0.mlp \(OddMLP\)"):
+        af.explain(model, ids)
+    family = af.FamilyMap(name="mine", model_types=("llama",), rms_norms={"LlamaRMSNorm": af.RMSNormSpec()},
+                          containers=("OddMLP",))
+    e = af.explain(model, ids, family=family, backend="torch")
+    assert torch.isfinite(e.relevance).all()
+    with pytest.raises(TypeError, match="FamilyMap"):
+        af.lrp(model, family={"containers": ("OddMLP",)})
+
+
+def _bart(seed=0):
+    torch.manual_seed(seed)
+    config = tf.BartConfig(vocab_size=61, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                           decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48,
+                           max_position_embeddings=64, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                           decoder_start_token_id=2)
+    return tf.BartForConditionalGeneration(config).eval()
+
+
+def test_encoder_decoder_relevance_on_both_sides():
+    """BART: relevance on the encoder tokens (e.relevance) and the decoder tokens (e.decoder_relevance); with
+    rule='grad' both are gradient x input at the two embedding outputs, computed here by hand."""
+    model = _bart()
+    g = torch.Generator().manual_seed(8)
+    ids, dec = torch.randint(3, 61, (2, 10), generator=g), torch.randint(3, 61, (2, 6), generator=g)
+    e = af.explain(model, ids, decoder_input_ids=dec, backend="torch")
+    assert e.relevance.shape == (2, 10) and e.decoder_relevance.shape == (2, 6)
+    assert torch.isfinite(e.relevance).all() and torch.isfinite(e.decoder_relevance).all()
+    grad = af.explain(model, ids, decoder_input_ids=dec, rule="grad", backend="torch")
+    leaves = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            leaves[name] = output.detach().requires_grad_()
+            return leaves[name] * 1.0
+        return hook
+    handles = [model.get_encoder().embed_tokens.register_forward_hook(keep("enc")),
+               model.get_decoder().embed_tokens.register_forward_hook(keep("dec"))]
+    try:
+        logits = model(input_ids=ids, decoder_input_ids=dec).logits[:, -1]
+    finally:
+        for hd in handles:
+            hd.remove()
+    score = logits.gather(1, grad.target_ids[:, None]).sum()
+    g_enc, g_dec = torch.autograd.grad(score, [leaves["enc"], leaves["dec"]])
+    assert rel_err(grad.relevance, (leaves["enc"] * g_enc).sum(-1).detach()) < 1e-5
+    assert rel_err(grad.decoder_relevance, (leaves["dec"] * g_dec).sum(-1).detach()) < 1e-5
+    assert rel_err(e.decoder_relevance, grad.decoder_relevance) > 1e-3
+    if interpreting():
+        t = af.explain(model, ids, decoder_input_ids=dec, backend="triton")
+        assert rel_err(t.relevance, e.relevance) < 1e-4 and rel_err(t.decoder_relevance, e.decoder_relevance) < 1e-4
+
+
+def test_encoder_decoder_inputs_are_checked():
+    model = _bart()
+    ids = torch.randint(3, 61, (2, 10))
+    with pytest.raises(ValueError, match="pass decoder_input_ids"):
+        af.explain(model, ids)
+    with pytest.raises(ValueError, match="decoder_input_ids has 1 rows, input_ids 2"):
+        af.explain(model, ids, decoder_input_ids=torch.tensor([[2, 5]]))
+    llama = _moe(tf.LlamaConfig, tf.LlamaForCausalLM)
+    with pytest.raises(ValueError, match="not an encoder-decoder model"):
+        af.explain(llama, ids, decoder_input_ids=ids)
+
+
+def test_models_that_scale_embeddings_in_place_explain():
+    """CTRL multiplies its embeddings in place: the captured leaf is not what the model writes into."""
+    torch.manual_seed(0)
+    model = tf.CTRLLMHeadModel(tf.CTRLConfig(vocab_size=61, n_embd=32, n_layer=2, n_head=4, dff=48,
+                                             n_positions=64)).eval()
+    e = af.explain(model, torch.randint(3, 61, (1, 8)), backend="torch")
+    assert torch.isfinite(e.relevance).all()
+
+
+def test_model_code_that_cannot_run_under_the_engine_is_refused_in_one_line():
+    """GIT adds the mask to its scores itself: refused, naming the model, the line of its code and the reason."""
+    torch.manual_seed(0)
+    config = tf.GitConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          intermediate_size=48, max_position_embeddings=64,
+                          vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=4, image_size=16, patch_size=8))
+    model = tf.GitForCausalLM(config).eval()
+    with pytest.raises(af.UnsupportedModelError, match=r"GitForCausalLM: its own code at modeling_git.py:\d+") as err:
+        af.explain(model, torch.randint(3, 61, (1, 8)), backend="torch")
+    assert "\n" not in str(err.value)
