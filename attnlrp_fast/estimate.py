@@ -171,10 +171,6 @@ def meta_model(model_or_config, dtype):
     config = getattr(model_or_config, "config", model_or_config)
     if not isinstance(config, transformers.PretrainedConfig):
         raise TypeError(f"estimate_memory takes a HF model or its config, got {type(model_or_config).__name__}")
-    experts = [getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")]
-    if any(isinstance(e, int) and e > 1 for e in experts):
-        raise ValueError(f"{config.model_type!r} is a mixture of experts: its router sends tokens to experts by value, "
-                         "which a run on meta tensors cannot follow; estimates cover dense models")
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()     # its advice on building encoders as decoders: the error says it
     with torch.device("meta"):

@@ -9,6 +9,7 @@ replacement computes the same thing expert by expert under the rules:
   a class's own _apply_gate    computed by the class, its relevance split evenly between the gate and up halves
                                (rules.split_product; checked to be a product f(gate) * h(up) first)
   routing weight * output      the uniform rule (as for Mixtral)
+On the meta device (af.estimate_memory) the routing has no values and the worst case stands in (_assignments).
 The router's choice of experts is taken as made (no gradient flows through the top-k selection; the routing weights'
 own gradient flows through the router's softmax or sigmoid unchanged). A shared expert gated by sigmoid(gate(x)) (Qwen2-MoE
 style: the block's shared_expert_gate) takes the uniform rule on that product: half of the gradient to each factor.
@@ -105,12 +106,7 @@ class ExpertsReplacement(Replacement):
 
         def forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs):
             out = torch.zeros_like(hidden_states)
-            with torch.no_grad():
-                hit = torch.unique(top_k_index)
-            for e in hit.tolist():
-                if e >= module.num_experts or e < 0:
-                    continue
-                token_idx, top_k_pos = torch.where(top_k_index == e)
+            for e, token_idx, top_k_pos in _assignments(top_k_index, module.num_experts):
                 h = linear(hidden_states[token_idx], up_w[e], None if up_b is None else up_b[e])
                 if not has_gate:
                     z = identity_activation(h, lambda t: type(module.act_fn).forward(module.act_fn, t), lrp)
@@ -132,6 +128,23 @@ class ExpertsReplacement(Replacement):
         x = _random((6, _hidden(module)), module, generator)
         idx = torch.randint(0, module.num_experts, (6, 2), generator=generator).to(x.device)
         return (x, idx, torch.rand(6, 2, generator=generator).to(x.device, x.dtype))
+
+
+def _assignments(top_k_index, num_experts):
+    """(expert, token indices, top-k slots) for each expert the router chose. On the meta device (af.estimate_memory)
+    the choice has no values: the worst case stands in, top_k experts each taking every token (the same number of
+    token-expert pairs as any routing, the largest load one expert can get)."""
+    if top_k_index.is_meta:
+        n, k = top_k_index.shape[0], top_k_index.shape[-1]
+        for j in range(min(k, num_experts)):
+            tokens = torch.arange(n, device=top_k_index.device)
+            yield j, tokens, torch.full_like(tokens, j)
+        return
+    with torch.no_grad():
+        hit = torch.unique(top_k_index)
+    for e in hit.tolist():
+        if 0 <= e < num_experts:
+            yield (e, *torch.where(top_k_index == e))
 
 
 def gated_shared_experts(model):
