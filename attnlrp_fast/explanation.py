@@ -488,6 +488,7 @@ def _explain(model, handle, req: Request) -> Explanation:
                 grads, per_target = _per_target_gradients(scored, inputs, capture.pre_logits, softcap, req.progress)
             else:
                 grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
+            handle.check_engine_used()
             if rows is not None:
                 hops = run_hops(req.reasoning, (inputs[0].detach().float() * grads[0].float()).sum(-1), z,
                                 inputs[0], lambda m: warnings.warn(m, stacklevel=4),

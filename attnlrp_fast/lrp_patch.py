@@ -20,7 +20,8 @@ import torch
 
 from attnlrp_fast.bindings.checks import check_rule
 from attnlrp_fast.bindings.dispatch import check_backend
-from attnlrp_fast.bindings.hf import BACKEND_ATTR, NAME, RULE_ATTR, attention_modules
+from attnlrp_fast.bindings.hf import (BACKEND_ATTR, ENGINE_CALLS, NAME, RULE_ATTR, RelativePositionBias,
+                                     attention_modules, relative_bias_modules)
 from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacement_for
 from attnlrp_fast.models.common import gamma_linear_forward
 from attnlrp_fast.models.moe import gated_shared_experts
@@ -59,6 +60,8 @@ class LRPHandle:
         self.final_logit_softcap = getattr(getattr(model, "config", None), self.family.final_logit_softcap, None) \
             if self.family.final_logit_softcap else None
         self._patches = Patches()   # forwards and attention attributes
+        self._hooks = []            # the attention modules' hooks that notice attention computed outside the engine
+        self.bypassed = {}          # attention module name -> class: ran without the engine, and a gradient reached it
         self._modes = []
         self._attn = _UNSET        # the attention implementation to put back
         self._specs = {}           # module class -> the spec its check confirmed (the family map stays as it is)
@@ -117,8 +120,45 @@ class LRPHandle:
         for module in modules:
             self._patches.set(module, RULE_ATTR, self.rule)
         attention_backend(model, self.backend, self._patches)
+        self._watch_attention(modules)
+        for module in relative_bias_modules(model):   # T5: its bias from the table in the kernel, never N x M
+            self._patches.set(module, "compute_bias", _relative_bias_of(module.compute_bias))
         if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
+
+    def _watch_attention(self, modules):
+        """Hooks on the innermost attention modules: one that runs without the engine being called computed its
+        attention itself (LongT5's local attention, ...), without the rules; when a gradient then reaches its output
+        (it matters to the target: a vision tower's unused pooling head does not), check_engine_used() says so."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        ids = set(map(id, modules))
+        for module in modules:
+            if any(id(m) in ids for m in module.modules() if m is not module):
+                continue
+            start = []
+            self._hooks.append(module.register_forward_pre_hook(
+                lambda m, a, s=start: None if torch.compiler.is_compiling() else s.append(ENGINE_CALLS[0])))
+
+            def after(m, args, out, s=start, name=names.get(id(module), "?")):
+                if not s or torch.compiler.is_compiling() or ENGINE_CALLS[0] != s.pop():
+                    return
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(lambda g, n=name, c=type(m).__name__: self._reached(n, c, g))
+            self._hooks.append(module.register_forward_hook(after))
+
+    def _reached(self, name, cls, grad):
+        if bool((grad != 0).any()):
+            self.bypassed[name] = cls
+
+    def check_engine_used(self):
+        """UnsupportedModelError when an attention module computed its attention outside the engine and the last
+        backward pass went through it (its rules would be missing from the explanation)."""
+        if self.bypassed:
+            name, cls = next(iter(self.bypassed.items()))
+            self.bypassed = {}
+            raise UnsupportedModelError(f"{name} ({cls}) computes its attention itself, outside transformers' "
+                                        "AttentionInterface, so the attention rules cannot be applied there")
 
     def _checked_spec(self, name, module, replacement, spec):
         """The spec (of the map's, or the candidates a generic entry leaves open) whose replacement computes what
@@ -203,6 +243,9 @@ class LRPHandle:
     # --- undoing --------------------------------------------------------------------------------------
     def remove(self):
         """Restore the model exactly as it was. Safe to call twice."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
         self._patches.restore()
         if self._attn is not _UNSET:
             self.model.set_attn_implementation(self._attn)
@@ -248,6 +291,12 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None, family=None) -> LRPH
     family: an af.FamilyMap naming this model's module classes, for a model the built-in maps and the generic
     rules do not cover (it replaces the built-in map; its replacements are checked like those)."""
     return LRPHandle(model, rule, backend=backend, gamma=gamma, family=family)
+
+
+def _relative_bias_of(compute_bias):
+    def patched(query_length, key_length, device=None, past_seen_tokens=0):
+        return RelativePositionBias(compute_bias, past_seen_tokens)
+    return patched
 
 
 def _halved(forward):

@@ -62,9 +62,10 @@ def softcap_identity(u, softcap):
 
 
 def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=None, key_padding_mask=None,
-                    rule="grad", return_lse=False, segment_ids=None, key_limit=None, sinks=None):
+                    rule="grad", return_lse=False, segment_ids=None, key_limit=None, sinks=None, rel_bias=None):
     """Materialised attention whose autograd gradients follow `rule`. Shapes as af.attention; v may have its own head
-    dim. sinks (H,): a logit per head in every row's softmax, a column of the softmax whose value is 0."""
+    dim. sinks (H,): a logit per head in every row's softmax, a column of the softmax whose value is 0.
+    rel_bias (H, N + M - 1): the (1, H, N, M) bias rel_bias[h, j - i + N - 1] added after the softcap, a constant."""
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     B, H, N, D = q.shape
@@ -81,6 +82,9 @@ def attention_dense(q, k, v, *, causal=False, scale=None, window=None, softcap=N
         s = softcap_identity(u, softcap)
     else:
         s = softcap * torch.tanh(u / softcap)
+    if rel_bias is not None:
+        offsets = torch.arange(M)[None, :] - torch.arange(N)[:, None] + (N - 1)
+        s = s + rel_bias.detach().to(s.dtype)[:, offsets][None]
     keep = attention_mask_dense(N, M, causal=causal, window=window, key_padding_mask=key_padding_mask,
                                 device=q.device, segment_ids=segment_ids, key_limit=key_limit)
     row_any = keep.any(-1, keepdim=True)

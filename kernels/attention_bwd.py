@@ -58,6 +58,7 @@ from .attention_common import (
     masked_queries_until,
     on_device,
     query_range,
+    rel_bias_tile,
     row_ids,
     softcap_grad_factor,
     store_rows,
@@ -90,7 +91,8 @@ def _dkdv_inner(dk, dv, k, v, key_ok, k_seg, seg_base, kl_base, q_base, do_base,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
                 HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr,
-                RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr):
+                RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr, rb_base,
+                HAS_REL_BIAS: tl.constexpr):
     """Accumulate dK, dV of one key block over the query blocks [lo, hi) of one query head. Blocks before
     `masked_until` are masked; the others see every key of the block, so they skip the mask (key padding still
     applies). DQ_ATOMIC: also add this key block's share of dQ (unscaled) into the fp32 rows at dq_base.
@@ -104,6 +106,8 @@ def _dkdv_inner(dk, dv, k, v, key_ok, k_seg, seg_base, kl_base, q_base, do_base,
         lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * LOG2E
         # Transposed scores (keys x queries), so dK and dV accumulate without transposes.
         st, ut, tt = base2_logits(tl.dot(k, qt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        if HAS_REL_BIAS:
+            st += rel_bias_tile(rb_base, offs_n, offs_m, N, N + shift, True)
         pt = tl.exp2(st - lse2[None, :])
         if start_m < masked_until:
             keep = visible(offs_m[None, :] + shift, offs_n[:, None], window, key_ok[:, None],
@@ -132,20 +136,20 @@ def _dkdv_inner(dk, dv, k, v, key_ok, k_seg, seg_base, kl_base, q_base, do_base,
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, SEG, KL, KLQ, DK, DV, DQ_ACC,
+    Q, K, V, DO, LSE, DELTA, KPM, SEG, KL, KLQ, RB, DK, DV, DQ_ACC,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_kpm_b, stride_seg_b, stride_kl_b, stride_klq_b,
+    stride_kpm_b, stride_seg_b, stride_kl_b, stride_klq_b, stride_rb_h,
     H, GROUP, N, M, shift, window, scale, softcap, dk_factor, dv_factor, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr,
     RULE: tl.constexpr, DOT_PRECISION: tl.constexpr, DQ_ATOMIC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_REL_BIAS: tl.constexpr = False,
 ):
     k_first = tl.program_id(0) * BLOCK_N
     hk = tl.program_id(1)
@@ -186,7 +190,7 @@ def attention_bwd_dkdv_kernel(
                              DQ_ACC + row_base * HEAD_DIM, offs_n, lo, hi, masked_until, stride_qn, stride_qd,
                              stride_don, stride_dod, N, shift, window, scale, softcap, HEAD_DIM, BLOCK_D, BLOCK_M,
                              IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, HAS_SEGMENTS, HAS_KEY_LIMIT, RULE,
-                             DOT_PRECISION, DQ_ATOMIC)
+                             DOT_PRECISION, DQ_ATOMIC, RB + h.to(tl.int64) * stride_rb_h, HAS_REL_BIAS)
 
     store_rows(head_base(DK, b, hk, stride_dkb, stride_dkh), dk * dk_factor, k_first, M, stride_dkn, stride_dkd,
                BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -200,7 +204,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, seg_base, q_seg,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
               HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, RULE: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, rb_base, HAS_REL_BIAS: tl.constexpr):
     """Accumulate dQ of one query block over the key blocks [lo, hi). Blocks before `masked_from` are known to
     be whole and visible to every row, so they skip the mask (key padding still applies). q_seg, q_limit: the
     rows' segment ids and key limits, (BLOCK_M, 1) (unused without HAS_SEGMENTS / HAS_KEY_LIMIT)."""
@@ -210,6 +214,8 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, seg_base, q_seg,
         kt = load_rows(k_base, start_n, M, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
         vt = load_rows(v_base, start_n, M, stride_vn, stride_vd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
         s, u, t = base2_logits(tl.dot(q, kt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        if HAS_REL_BIAS:
+            s += rel_bias_tile(rb_base, offs_m, offs_n, M - shift, M, False)
         p = tl.exp2(s - lse2[:, None])
         if start_n >= masked_from:
             keep = visible(qpos, offs_n[None, :], window, key_mask(kpm_base, offs_n, M, HAS_KPM)[None, :], q_seg,
@@ -228,18 +234,18 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kpm_base, seg_base, q_seg,
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, KPM, SEG, KL, DQ,
+    Q, K, V, DO, LSE, DELTA, KPM, SEG, KL, RB, DQ,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    stride_kpm_b, stride_seg_b, stride_kl_b,
+    stride_kpm_b, stride_seg_b, stride_kl_b, stride_rb_h,
     H, GROUP, N, M, shift, window, scale, softcap, dq_factor, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, RULE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_REL_BIAS: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:   # the last query blocks see the most keys: start them first
@@ -276,7 +282,7 @@ def attention_bwd_dq_kernel(
                    q_seg[:, None], q_limit[:, None], offs_m, lo, hi,
                    masked_from, stride_kn, stride_kd, stride_vn, stride_vd, M, shift, window, scale, softcap,
                    HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, HAS_SEGMENTS,
-                   HAS_KEY_LIMIT, RULE, DOT_PRECISION)
+                   HAS_KEY_LIMIT, RULE, DOT_PRECISION, RB + h.to(tl.int64) * stride_rb_h, HAS_REL_BIAS)
 
     store_rows(head_base(DQ, b, h, stride_dqb, stride_dqh), dq * dq_factor, q_first, N, stride_dqn, stride_dqd,
                BLOCK_M, HEAD_DIM, BLOCK_D)
@@ -285,7 +291,7 @@ def attention_bwd_dq_kernel(
 DQ_MODES = ("separate", "atomic")
 
 TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "HAS_SEGMENTS", "HAS_KEY_LIMIT", "RULE",
-            "GROUP", "N_BUCKET"]
+            "GROUP", "N_BUCKET", "HAS_REL_BIAS"]
 _tuned_dkdv = autotuned(attention_bwd_dkdv_kernel, "dkdv", key=TUNE_KEY + ["DQ_ATOMIC"])
 _tuned_dkdv_atomic = autotuned(attention_bwd_dkdv_kernel, "dkdv_atomic", key=TUNE_KEY + ["DQ_ATOMIC"],
                                reset_to_zero=["DQ_ACC"])
@@ -302,10 +308,11 @@ def dq_mode_default():
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                  softcap=None, rule="grad", config=None, dq_mode=None, segment_ids=None, key_limit=None):
+                  softcap=None, rule="grad", config=None, dq_mode=None, segment_ids=None, key_limit=None,
+                  rel_bias=None):
     """Launch the backward for `rule` ("grad" | "attnlrp" | "cp"). Shapes as in attention_fwd; do like o.
     Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v. segment_ids, key_limit:
-    as in attention_fwd (the same ones the forward had).
+    as in attention_fwd (the same ones the forward had); rel_bias too (a constant: no gradient is returned for it).
 
     dq_mode: "separate" (a third launch recomputes the scores per query block: deterministic, 14 units of
     N*M*D FLOPs in all) or "atomic" (the dK/dV launch also adds each block's dQ into an fp32 buffer with
@@ -332,6 +339,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     q, k, v, o, do = (fit_int32_tiles(x) for x in (q, k, v, o, do))
     kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None   # rows of stride 1
     seg, lim = index_inputs(segment_ids, key_limit, N, M, causal)
+    rb = None if rel_bias is None else rel_bias.to(torch.float32).contiguous()
     with on_device(q):
         klq = key_limit_table(lim, M) if lim is not None and launchable(q) else None
         delta = _delta(o, do)
@@ -342,7 +350,7 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
             idx = tuple(None if t is None else t[part] for t in (seg, lim, klq))
             _launch_bwd(do[part], q[part], k[part], v[part], lse[part], delta[part],
                         None if kpm is None else kpm[part], dq[part], dk[part], dv[part], acc,
-                        causal, scale, window, softcap, rule, config, atomic, idx)
+                        causal, scale, window, softcap, rule, config, atomic, idx, rb)
         if atomic:
             dq.copy_(dq_acc.mul_(float(scale) * ATTENTION_FACTORS[rule][0]))
     return dq, dk, dv
@@ -363,7 +371,7 @@ def _delta(o, do):
 
 
 def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale, window, softcap, rule, config,
-                atomic, idx=(None, None, None)):
+                atomic, idx=(None, None, None), rb=None):
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     qk_factor, dv_factor = ATTENTION_FACTORS[rule]
@@ -372,24 +380,26 @@ def _launch_bwd(do, q, k, v, lse, delta, kpm, dq, dk, dv, dq_acc, causal, scale,
         HEAD_DIM=D, BLOCK_D=head_dim_block(D), IS_CAUSAL=bool(causal), HAS_WINDOW=window is not None,
         HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None, HAS_SEGMENTS=idx[0] is not None,
         HAS_KEY_LIMIT=idx[1] is not None, RULE=RULE_IDS[rule], DOT_PRECISION=dot_precision(q.dtype),
+        HAS_REL_BIAS=rb is not None,
     )
+    rb_arg, rb_stride = (q, 0) if rb is None else (rb, rb.stride(0))
     kpm_arg = kpm if kpm is not None else q
     kpm_stride = kpm.stride(0) if kpm is not None else 0
     seg_arg, kl_arg, klq_arg = (q if t is None else t for t in idx)
     seg_stride, kl_stride, klq_stride = (0 if t is None else t.stride(0) for t in idx)
     bucket = length_bucket(max(N, M))
     dkdv_args = (
-        q, k, v, do, lse, delta, kpm_arg, seg_arg, kl_arg, klq_arg, dk, dv, dq_acc,
+        q, k, v, do, lse, delta, kpm_arg, seg_arg, kl_arg, klq_arg, rb_arg, dk, dv, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(), kpm_stride, seg_stride,
-        kl_stride, klq_stride, *common, float(scale) * qk_factor, dv_factor, bucket,
+        kl_stride, klq_stride, rb_stride, *common, float(scale) * qk_factor, dv_factor, bucket,
     )
     launch(attention_bwd_dkdv_kernel, _tuned_dkdv_atomic if atomic else _tuned_dkdv, "dkdv_atomic" if atomic else "dkdv",
            M, "BLOCK_N", Hkv, B, dkdv_args, dict(flags, DQ_ATOMIC=atomic), config, q.element_size())
     if not atomic and rule != "cp":
         dq_args = (
-            q, k, v, do, lse, delta, kpm_arg, seg_arg, kl_arg, dq,
+            q, k, v, do, lse, delta, kpm_arg, seg_arg, kl_arg, rb_arg, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(), kpm_stride, seg_stride, kl_stride,
-            *common, float(scale) * qk_factor, bucket,
+            rb_stride, *common, float(scale) * qk_factor, bucket,
         )
         launch(attention_bwd_dq_kernel, _tuned_dq, "dq", N, "BLOCK_M", H, B, dq_args, flags, config,
                q.element_size())

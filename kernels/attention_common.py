@@ -276,6 +276,20 @@ def softcap_grad_factor(u, t, softcap, RULE: tl.constexpr):
 
 
 @triton.jit
+def rel_bias_tile(rb_base, rows, cols, N, M, TRANSPOSED: tl.constexpr):
+    """log2(e) * the relative bias of a tile: query i, key j get rel_bias[h, j - i + N - 1] (rb_base: head h's row).
+    rows / cols: query and key indices (TRANSPOSED: key rows and query columns, the backward's dK/dV tile); 0
+    outside the tensors."""
+    if TRANSPOSED:
+        idx = rows[:, None] - cols[None, :] + (N - 1)
+        ok = (rows < M)[:, None] & (cols < N)[None, :]
+    else:
+        idx = cols[None, :] - rows[:, None] + (N - 1)
+        ok = (rows < N)[:, None] & (cols < M)[None, :]
+    return tl.load(rb_base + idx, mask=ok, other=0.0).to(tl.float32) * LOG2E
+
+
+@triton.jit
 def base2_logits(dot, scale, softcap, HAS_SOFTCAP: tl.constexpr):
     """log2(e) * cap(scale * dot) for the exp2-based softmax, and what the softcap's derivative needs: the
     scaled logits u and tanh(u / c) (both unused without a softcap). Without a softcap that is one multiply by

@@ -49,6 +49,7 @@ from .attention_common import (
     load_rows,
     masked_keys_from,
     on_device,
+    rel_bias_tile,
     resolve_config,
     row_ids,
     store_rows,
@@ -93,7 +94,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, q_seg, q_li
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_KPM: tl.constexpr, HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, rb_base=None, HAS_REL_BIAS: tl.constexpr = False):
     """Online-softmax accumulation (base 2) over the key blocks [lo, hi). Blocks before `masked_from` are known
     to be whole and visible to every row, so they skip the mask (key padding still applies): a uniform branch in
     one loop rather than two loops, which costs registers (spills at D = 64 in Triton 3.6). q_seg, q_limit: the
@@ -103,6 +104,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, kpm_base, seg_base, q_seg, q_li
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = load_rows(k_base, start_n, M, stride_kn, stride_kd, BLOCK_N, HEAD_DIM, BLOCK_D, True)
         s, _u, _t = base2_logits(tl.dot(q, kt, input_precision=DOT_PRECISION), scale, softcap, HAS_SOFTCAP)
+        if HAS_REL_BIAS:
+            s += rel_bias_tile(rb_base, offs_m, offs_n, M - shift, M, False)
         s = hide_keys(s, start_n >= masked_from, qpos, offs_n, window, kpm_base, M, IS_CAUSAL, HAS_WINDOW, HAS_KPM,
                       seg_base, q_seg, q_limit, HAS_SEGMENTS, HAS_KEY_LIMIT)
         p, alpha, m_new, l_i = online_softmax(s, m_i, l_i)
@@ -138,17 +141,17 @@ def store_lse(lse_row, lse, q_first, N, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, O, LSE, KPM, SEG, KL,
+    Q, K, V, O, LSE, KPM, SEG, KL, RB,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_on, stride_od,
-    stride_kpm_b, stride_seg_b, stride_kl_b,
+    stride_kpm_b, stride_seg_b, stride_kl_b, stride_rb_h,
     H, GROUP, N, M, shift, window, scale, softcap, N_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KPM: tl.constexpr,
     HAS_SEGMENTS: tl.constexpr, HAS_KEY_LIMIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_REL_BIAS: tl.constexpr = False,
 ):
     q_first = fwd_block_start(BLOCK_M, IS_CAUSAL)
     h = tl.program_id(1)
@@ -178,7 +181,7 @@ def attention_fwd_kernel(
         masked_from, stride_kn, stride_kd, stride_vn, stride_vd,
         M, shift, window, scale, softcap,
         HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_KPM, HAS_SEGMENTS, HAS_KEY_LIMIT,
-        DOT_PRECISION,
+        DOT_PRECISION, RB + h.to(tl.int64) * stride_rb_h, HAS_REL_BIAS,
     )
     o, lse = normalise(acc, l_i, m_i)
     # O by pointer stores: the warp specialisation splits the rows between the consumer warpgroups, and Triton
@@ -257,7 +260,7 @@ def attention_fwd_tma_kernel(
 
 
 TUNE_KEY = ["HEAD_DIM", "IS_CAUSAL", "HAS_WINDOW", "HAS_SOFTCAP", "HAS_KPM", "GROUP", "N_BUCKET"]
-_tuned_fwd = autotuned(attention_fwd_kernel, "fwd", key=TUNE_KEY + ["HAS_SEGMENTS", "HAS_KEY_LIMIT"])
+_tuned_fwd = autotuned(attention_fwd_kernel, "fwd", key=TUNE_KEY + ["HAS_SEGMENTS", "HAS_KEY_LIMIT", "HAS_REL_BIAS"])
 _tuned_fwd_tma = autotuned(attention_fwd_tma_kernel, "fwd_tma", key=TUNE_KEY + ["WARP_SPECIALIZE"])
 _tuned_fwd_ws = autotuned(attention_fwd_tma_kernel, "fwd_ws", key=TUNE_KEY + ["WARP_SPECIALIZE"])
 
@@ -280,7 +283,7 @@ def _triton_version():
 
 
 def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids=None, key_limit=None,
-                    prefer=None, window=None, exclude=()) -> str:
+                    prefer=None, window=None, exclude=(), rel_bias=None) -> str:
     """The forward kernel for these tensors: "portable", "tma", "hopper" or "decode" (see FWD_VARIANTS). Asking for a
     descriptor variant the tensors or the machine cannot take is an error that says why; "auto" falls back
     (and under the interpreter, where only tests force the others, is "portable"): it tries `prefer` (a variant
@@ -295,6 +298,11 @@ def forward_variant(q, k, v, key_padding_mask=None, variant=None, *, segment_ids
     if prefer not in (None, *FWD_VARIANTS):
         raise ValueError(f"the preferred forward variant must be one of {', '.join(FWD_VARIANTS)}, got {prefer!r}")
     prefer = None if prefer in exclude else prefer
+    if rel_bias is not None:   # the relative bias is read by the portable kernel only
+        if asked not in ("auto", "portable"):
+            raise ValueError(f"forward variant {asked!r} cannot run here: it takes no rel_bias (the 'portable' "
+                             "forward does)")
+        return "portable"
     if asked == "decode" or (asked == "auto" and segment_ids is None and key_limit is None
                              and "decode" not in exclude):
         from .attention_decode import decode_pays, decode_unsupported   # (it builds on this module's kernel)
@@ -358,12 +366,14 @@ def descriptor_device_unsupported(device):
 
 
 def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                  config=None, variant=None, segment_ids=None, key_limit=None, prefer=None, exclude=()):
+                  config=None, variant=None, segment_ids=None, key_limit=None, prefer=None, exclude=(),
+                  rel_bias=None):
     """Launch the forward. q (B,H,N,D), k/v (B,Hkv,M,D) of one dtype and device, any strides;
     key_padding_mask: uint8/bool (B, M), nonzero = real key. Returns O (B,H,N,D) and LSE (B,H,N) fp32.
     segment_ids: int (B, M), one id per key position (query i has the id of position i + M - N; needs N <= M):
     queries see the keys of their segment only. key_limit: int (B, N), causal only: query i sees the keys
-    j <= key_limit[:, i] in place of j <= i + M - N. Both take the "portable" kernel.
+    j <= key_limit[:, i] in place of j <= i + M - N. rel_bias: (H, N + M - 1) float, added to the logit of query i
+    and key j at [h, j - i + N - 1] (after the softcap). All three take the "portable" kernel.
 
     config: optional {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} overriding the tuned choice (or such a
     dict under the key "fwd"). variant: the kernel (FWD_VARIANTS; None: ATTNLRP_FAST_FWD, else "auto"); prefer:
@@ -379,7 +389,7 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
     kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None   # rows of stride 1
     seg, lim = index_inputs(segment_ids, key_limit, N, k.shape[2], causal)
     variant = forward_variant(q, k, v, kpm, variant, segment_ids=seg, key_limit=lim, prefer=prefer, window=window,
-                              exclude=exclude)
+                              exclude=exclude, rel_bias=rel_bias)
     if variant == "decode":
         from . import attention_decode
 
@@ -388,7 +398,8 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, wi
     o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if variant == "portable":
-        run = partial(_launch_fwd, seg=seg, lim=lim)
+        rb = None if rel_bias is None else rel_bias.to(torch.float32).contiguous()
+        run = partial(_launch_fwd, seg=seg, lim=lim, rb=rb)
     else:
         run = partial(_launch_fwd_tma, warp_specialize=variant == "hopper")
     if not launchable(q):
@@ -428,15 +439,17 @@ def _flags(q, kpm, causal, window, softcap):
                 HAS_SOFTCAP=softcap is not None, HAS_KPM=kpm is not None)
 
 
-def _launch_fwd(q, k, v, o, lse, kpm, causal, scale, window, softcap, config, *, seg=None, lim=None, part=None):
+def _launch_fwd(q, k, v, o, lse, kpm, causal, scale, window, softcap, config, *, seg=None, lim=None, rb=None,
+                part=None):
     seg = None if seg is None else seg[part]
     lim = None if lim is None else lim[part]
     kpm_stride, *rest = _scalars(q, k, kpm, window, scale, softcap)
     args = (q, k, v, o, lse, kpm if kpm is not None else q, seg if seg is not None else q,
-            lim if lim is not None else q, *q.stride(), *k.stride(), *v.stride(), *o.stride(), kpm_stride,
-            seg.stride(0) if seg is not None else 0, lim.stride(0) if lim is not None else 0, *rest)
+            lim if lim is not None else q, rb if rb is not None else q, *q.stride(), *k.stride(), *v.stride(),
+            *o.stride(), kpm_stride, seg.stride(0) if seg is not None else 0, lim.stride(0) if lim is not None else 0,
+            rb.stride(0) if rb is not None else 0, *rest)
     flags = dict(_flags(q, kpm, causal, window, softcap), HAS_SEGMENTS=seg is not None, HAS_KEY_LIMIT=lim is not None,
-                 DOT_PRECISION=dot_precision(q.dtype))
+                 DOT_PRECISION=dot_precision(q.dtype), HAS_REL_BIAS=rb is not None)
     launch(attention_fwd_kernel, _tuned_fwd, "fwd", q.shape[2], "BLOCK_M", q.shape[1], q.shape[0], args, flags,
            config, q.element_size())
 

@@ -31,28 +31,31 @@ def _opt(window: int, softcap: float):
     return (window if window > 0 else None), (softcap if softcap > 0 else None)
 
 
-def _choice(q, k, kpm, causal, window, softcap, rule, backend, segment_ids, key_limit):
+def _choice(q, k, kpm, causal, window, softcap, rule, backend, segment_ids, key_limit, rel_bias=None):
     """Where this call runs (dispatch.attention_choice); the forward and backward of one call decide alike."""
     return attention_choice(q, k, key_padding_mask=kpm, causal=causal, window=window, softcap=softcap, rule=rule,
                             segment_ids=segment_ids, key_limit=key_limit,
-                            backend=None if backend == "auto" else backend)
+                            backend=None if backend == "auto" else backend, rel_bias=rel_bias)
 
 
 @torch.library.custom_op("attnlrp_fast::attention_fwd", mutates_args=())
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
                      causal: bool, scale: float, window: int, softcap: float, rule: str,
                      backend: str, segment_ids: Optional[torch.Tensor] = None,
-                     key_limit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     key_limit: Optional[torch.Tensor] = None,
+                     rel_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
-    choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit)
-    kw = dict(causal=causal, scale=scale, window=win, softcap=cap, segment_ids=segment_ids, key_limit=key_limit)
+    choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit, rel_bias)
+    kw = dict(causal=causal, scale=scale, window=win, softcap=cap, segment_ids=segment_ids, key_limit=key_limit,
+              rel_bias=rel_bias)
     if choice.path == "triton":
         return dense(triton_fwd)(q, k, v, key_padding_mask, prefer=choice.forward, exclude=choice.exclude, **kw)
     return dense(torch_path.attention_fwd_torch)(q, k, v, key_padding_mask, **kw)
 
 
 @attention_fwd_op.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids=None, key_limit=None):
+def _(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids=None, key_limit=None,
+      rel_bias=None):
     B, H, N, D = q.shape   # contiguous, as dispatch.pick returns every path's results
     return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
 
@@ -62,11 +65,12 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                      lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float,
                      window: int, softcap: float, rule: str,
                      backend: str, segment_ids: Optional[torch.Tensor] = None,
-                     key_limit: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     key_limit: Optional[torch.Tensor] = None,
+                     rel_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
-    choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit)
+    choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit, rel_bias)
     kw = dict(causal=causal, scale=scale, window=win, softcap=cap, rule=rule, segment_ids=segment_ids,
-              key_limit=key_limit)
+              key_limit=key_limit, rel_bias=rel_bias)
     if choice.path == "triton":
         return dense(triton_bwd)(do, q, k, v, o, lse, key_padding_mask, dq_mode=choice.dq, **kw)
     return dense(torch_path.attention_bwd_torch)(do, q, k, v, o, lse, key_padding_mask, **kw)
@@ -74,23 +78,24 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids=None,
-      key_limit=None):
+      key_limit=None, rel_bias=None):
     # contiguous, as dispatch.pick returns every path's results
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids, key_limit = inputs
+    q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids, key_limit, rel_bias = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, segment_ids, key_limit)
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask, segment_ids, key_limit, rel_bias)
     ctx.options = (causal, scale, window, softcap, rule, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, _dlse):
-    q, k, v, o, lse, key_padding_mask, segment_ids, key_limit = ctx.saved_tensors
-    dq, dk, dv = attention_bwd_op(do, q, k, v, o, lse, key_padding_mask, *ctx.options, segment_ids, key_limit)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    q, k, v, o, lse, key_padding_mask, segment_ids, key_limit, rel_bias = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(do, q, k, v, o, lse, key_padding_mask, *ctx.options, segment_ids, key_limit,
+                                  rel_bias)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("attnlrp_fast::attention_fwd", _backward, setup_context=_setup_context)
@@ -125,31 +130,31 @@ class _SinkAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids,
-                key_limit):
+                key_limit, rel_bias):
         o, lse = attention_fwd_op(q, k, v, key_padding_mask, causal, scale, window, softcap, rule, backend,
-                                  segment_ids, key_limit)
+                                  segment_ids, key_limit, rel_bias)
         lse_sink = torch.logaddexp(lse, sinks.float()[None, :, None].expand_as(lse))
         o_sink = (o.float() * torch.exp(lse - lse_sink)[..., None]).to(o.dtype)
-        ctx.save_for_backward(q, k, v, o_sink, lse_sink, sinks, key_padding_mask, segment_ids, key_limit)
+        ctx.save_for_backward(q, k, v, o_sink, lse_sink, sinks, key_padding_mask, segment_ids, key_limit, rel_bias)
         ctx.options = (causal, scale, window, softcap, rule, backend)
         return o_sink
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, sinks, key_padding_mask, segment_ids, key_limit = ctx.saved_tensors
+        q, k, v, o, lse, sinks, key_padding_mask, segment_ids, key_limit, rel_bias = ctx.saved_tensors
         dq, dk, dv = attention_bwd_op(do.contiguous(), q, k, v, o, lse, key_padding_mask, *ctx.options, segment_ids,
-                                      key_limit)
+                                      key_limit, rel_bias)
         dsinks = None
         if ctx.needs_input_grad[3]:
             delta = (do.float() * o.float()).sum(-1)
             factor = SOFTMAX_INPUT_FACTORS[ctx.options[4]]
             dsinks = -factor * (torch.exp(sinks.float()[None, :, None] - lse) * delta).sum((0, 2))
             dsinks = dsinks.to(sinks.dtype)
-        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None, None, None
 
 
 def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, softcap=None,
-              key_padding_mask=None, backend=None, segment_ids=None, key_limit=None, sinks=None):
+              key_padding_mask=None, backend=None, segment_ids=None, key_limit=None, sinks=None, rel_bias=None):
     """Scaled dot-product attention whose backward follows an explanation rule.
 
     q (B, H, N, D); k, v (B, Hkv, M, D) with H % Hkv == 0 (grouped-query attention without copying
@@ -168,13 +173,17 @@ def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, so
     elsewhere). Both combine with window, softcap, key_padding_mask and with each other; memory stays O(N + M).
     sinks: (H,) one logit per query head added to every row's softmax denominator (attention sinks, GPT-OSS): a
     key every query sees, with value 0 (_SinkAttention).
+    rel_bias: (H, N + M - 1) float, a bias on the logits that depends on the head and the offset j - i only: query i
+    and key j get + rel_bias[h, j - i + N - 1] (after scale and softcap). T5's bucketed relative position bias and
+    ALiBi (-slope_h |j - i|) are such vectors, O(N + M) where the bias matrix would be N x M. It is a constant of
+    the call (no gradient flows to it; under the rules it absorbs relevance like any bias).
     v may have another head dim than q and k (multi-head latent attention, DeepSeek V2/V3): the smaller of the two
     is padded with zeros to the larger (zero value columns add nothing; zero q/k columns leave the logits as they
     are, and scale defaults to 1 / sqrt(q's own head dim)); the output has v's head dim.
     A query row that sees no key outputs zeros and gets zero gradient.
     """
     check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend,
-                              segment_ids=segment_ids, key_limit=key_limit, sinks=sinks)
+                              segment_ids=segment_ids, key_limit=key_limit, sinks=sinks, rel_bias=rel_bias)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[3])
     dqk, dv = q.shape[3], v.shape[3]
@@ -182,8 +191,9 @@ def attention(q, k, v, *, causal=False, scale=None, rule="grad", window=None, so
         v = torch.nn.functional.pad(v, (0, dqk - dv))
     elif dqk < dv:
         q, k = (torch.nn.functional.pad(t, (0, dv - dqk)) for t in (q, k))
+    rel_bias = None if rel_bias is None else rel_bias.detach()
     args = (key_padding_mask, causal, float(scale), int(window or 0), float(softcap or 0.0), rule, backend or "auto",
-            segment_ids, key_limit)
+            segment_ids, key_limit, rel_bias)
     if sinks is not None:
         o = _SinkAttention.apply(q, k, v, sinks, *args)
     else:

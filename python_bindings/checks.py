@@ -97,7 +97,7 @@ def _check_index_tensor(name, t, shape, what, q):
 
 
 def check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key_padding_mask, backend, *,
-                              segment_ids=None, key_limit=None, sinks=None):
+                              segment_ids=None, key_limit=None, sinks=None, rel_bias=None):
     """Everything attention() takes, checked against its contract (README, the af.attention arguments)."""
     _check_qkv(q, k, v)
     if sinks is not None:
@@ -106,6 +106,13 @@ def check_attention_arguments(q, k, v, causal, scale, rule, window, softcap, key
             raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), one logit per query head, "
                              f"got {tuple(sinks.shape)}")
         check_same_device("sinks", sinks, "q", q)
+    if rel_bias is not None:
+        check_float_tensor("rel_bias", rel_bias)
+        want = (q.shape[1], q.shape[2] + k.shape[2] - 1)
+        if tuple(rel_bias.shape) != want:
+            raise ValueError(f"rel_bias must have shape (H, N + M - 1) = {want}, one value per head and offset j - i, "
+                             f"got {tuple(rel_bias.shape)}")
+        check_same_device("rel_bias", rel_bias, "q", q)
     check_flag("causal", causal)
     check_rule(rule)
     if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)

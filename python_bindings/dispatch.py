@@ -86,8 +86,8 @@ class AttentionChoice:
     exclude: tuple = ()
 
 
-def _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit):
-    why = sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, key_padding_mask)
+def _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit, rel_bias=None):
+    why = sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, key_padding_mask, rel_bias)
     if why is None:
         name = sdpa.kernel_name(q, key_padding_mask, k, k)
         return "torch fused attention (CPU)" if name == "cpu" else f"torch SDPA ({name} kernel)", None
@@ -109,7 +109,7 @@ def _excluded(table):
 
 
 def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, softcap=None, rule="grad",
-                     segment_ids=None, key_limit=None, backend=None) -> AttentionChoice:
+                     segment_ids=None, key_limit=None, backend=None, rel_bias=None) -> AttentionChoice:
     """Where attention on these tensors runs under `backend`, and why.
 
     "triton" / "torch": that path (on CUDA the Triton kernels take the table's forward and dQ mode when a table
@@ -123,14 +123,14 @@ def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, 
     if device.type == "cuda":
         table, why_no_table = dispatch_table.applicable_table(device)
     if backend == "torch":
-        engine, why = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit)
+        engine, why = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit, rel_bias)
         return AttentionChoice("torch", engine, "backend='torch'" + (f" ({why})" if why else ""))
     if backend == "triton":
         uses_triton(device, dtype, backend)   # raises, saying why, where Triton cannot run
         engine, forward, dq = _triton_engine(device, table)
         return AttentionChoice("triton", engine, "backend='triton'", forward, dq, _excluded(table))
     if dtype == torch.float64 or not triton_runs_on(device):
-        engine, chunked = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit)
+        engine, chunked = _torch_engine(q, k, key_padding_mask, window, softcap, segment_ids, key_limit, rel_bias)
         why = "float64 (Triton has no float64 dot)" if dtype == torch.float64 else \
             f"{device.type} tensors (Triton runs on the CPU only in its interpreter, TRITON_INTERPRET=1)"
         return AttentionChoice("torch", engine, why + (f"; chunked: {chunked}" if chunked else ""))
@@ -141,7 +141,7 @@ def attention_choice(q, k, *, key_padding_mask=None, causal=False, window=None, 
     engine, forward, dq = _triton_engine(device, table)
     gated = table.get("gated_out", {}) if table else {}
     triton = dict(forward=forward, dq=dq, exclude=_excluded(table))
-    why = sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, key_padding_mask)
+    why = sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, key_padding_mask, rel_bias)
     if why is not None:
         return AttentionChoice("triton", engine, f"only the Triton kernels express it: {why}", **triton)
     if rule == "cp":

@@ -15,6 +15,7 @@ The rule of a module's backward is read from `module.attnlrp_fast_rule` ("grad" 
 the backend from `module.attnlrp_fast_backend`.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +25,9 @@ from .attention import attention
 
 NAME = "attnlrp_fast"
 RULE_ATTR = "attnlrp_fast_rule"
+# attention calls served by the engine, counted outside torch.compile: af.lrp's hooks tell from it which attention
+# modules computed their attention themselves (and so without the rules)
+ENGINE_CALLS = [0]
 BACKEND_ATTR = "attnlrp_fast_backend"
 
 # The mask-function building blocks of transformers.masking_utils that the kernel's flags express (a tuple: torch.compile
@@ -169,6 +173,45 @@ def attnlrp_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
     return KernelMask(attention_mask, segments, limit)
 
 
+class RelativePositionBias:
+    """T5's relative position bias, kept as its module's own compute_bias in place of the (1, H, N, M) tensor it
+    builds: af.lrp patches T5-style attention modules (a relative_attention_bias table and a compute_bias method) to
+    return this, T5 passes it from layer to layer as it passes the tensor, and the attention function asks it for the
+    (H, N + M - 1) vector the kernels read (af.attention's rel_bias): compute_bias for one query at position
+    N - 1 + past against N + M - 1 keys gives the bias of every offset j - i, bucketed by the model's own code."""
+
+    def __init__(self, compute_bias, past=0):
+        self.compute_bias, self.past = compute_bias, int(past)
+        self._cached = None
+
+    def vector(self, N, M, device):
+        key = (N, M, device)
+        if self._cached is None or self._cached[0] != key:
+            with torch.no_grad():   # a constant of the explanation (no relevance, no gradient)
+                values = self.compute_bias(1, N + M - 1, device=device, past_seen_tokens=N - 1 + self.past)
+            self._cached = (key, values[0, :, 0, :].float().contiguous())
+        return self._cached[1]
+
+    def to(self, *args, **kwargs):   # (moved with the hidden states between devices: its vector follows the call)
+        return self
+
+
+def relative_bias_modules(model):
+    """T5-style attention modules with a relative position bias table of their own and T5's compute_bias(query_length,
+    key_length, device, past_seen_tokens) (LongT5's block-local one is another kind)."""
+    found = []
+    for m in model.modules():
+        fn = getattr(m, "compute_bias", None)
+        if isinstance(getattr(m, "relative_attention_bias", None), torch.nn.Module) and callable(fn):
+            try:
+                names = set(inspect.signature(fn).parameters)
+            except (TypeError, ValueError):
+                continue
+            if {"query_length", "key_length", "past_seen_tokens"} <= names:
+                found.append(m)
+    return found
+
+
 def attention_modules(model):
     """The model's attention modules (those the attention interface is called from)."""
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") or hasattr(m, "is_causal")]
@@ -181,9 +224,9 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
         raise ValueError(
             f"attn_implementation='{NAME}' has no attention dropout (got p={dropout}): call model.eval(), or set the "
             "config's attention dropout to 0 for training")
-    for name in ("position_bias",):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"attn_implementation='{NAME}' does not support {name}")
+    if not torch.compiler.is_compiling():
+        ENGINE_CALLS[0] += 1
+    rel_bias = _relative_bias(module, kwargs.get("position_bias"), query.shape[2], key.shape[2], query.device)
     sinks = kwargs.get("s_aux")
     kpm = segment_ids = key_limit = None
     if isinstance(attention_mask, KernelMask):
@@ -212,8 +255,23 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
         extra["key_limit"] = key_limit
     out = attention(query, key, value, causal=bool(causal), scale=scaling, window=sliding_window, softcap=softcap,
                     key_padding_mask=kpm, rule=getattr(module, RULE_ATTR, "grad"),
-                    backend=getattr(module, BACKEND_ATTR, None), sinks=sinks, **extra)
+                    backend=getattr(module, BACKEND_ATTR, None), sinks=sinks, rel_bias=rel_bias, **extra)
     return out.transpose(1, 2).contiguous(), None   # (B, N, H, D) as the other implementations return it
+
+
+def _relative_bias(module, position_bias, N, M, device):
+    """af.attention's rel_bias for a T5-style position_bias: its vector (RelativePositionBias), None for none or for
+    the zeros T5 passes to layers without a table of their own; a position bias of any other values as an N x M
+    tensor is refused."""
+    if position_bias is None:
+        return None
+    if isinstance(position_bias, RelativePositionBias):
+        return position_bias.vector(N, M, device)
+    if isinstance(position_bias, torch.Tensor) and not bool(position_bias.any()):
+        return None
+    raise NotImplementedError(
+        f"attn_implementation='{NAME}': {type(module).__name__} passes its position bias as an N x M tensor, which "
+        "the engine does not take; inside af.lrp() T5-style biases are computed from their table in the kernel")
 
 
 def register() -> bool:

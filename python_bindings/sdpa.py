@@ -70,8 +70,11 @@ def kernel_name(q, key_padding_mask=None, k=None, v=None, causal=False):
     return "flash" if q.dtype in (torch.float16, torch.bfloat16) else "efficient"
 
 
-def unsupported(q, k, window=None, softcap=None, segment_ids=None, key_limit=None, key_padding_mask=None):
+def unsupported(q, k, window=None, softcap=None, segment_ids=None, key_limit=None, key_padding_mask=None,
+                rel_bias=None):
     """Why torch's fused attention cannot compute this call (None when it can)."""
+    if rel_bias is not None:
+        return "a relative position bias would need an N x M bias in torch's fused kernels"
     if window is not None:
         return "a sliding window would need an N x M mask in torch's fused kernels"
     if softcap is not None:

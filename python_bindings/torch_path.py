@@ -60,18 +60,23 @@ def _chunk_rows(B, H, N, M, chunk):
     return [(i, min(i + chunk, N)) for i in range(0, N, chunk)]
 
 
-def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask, segment_ids=None, key_limit=None):
+def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask, segment_ids=None, key_limit=None,
+            rel_bias=None):
     """Raw logits u, transformed logits s and visibility for the query rows `rows`.
-    qc (B, Hkv, G, C, D), k (B, Hkv, M, D) -> (B, Hkv, G, C, M) blocks."""
+    qc (B, Hkv, G, C, D), k (B, Hkv, M, D) -> (B, Hkv, G, C, M) blocks. rel_bias (H, N + M - 1): added to s at
+    [h, j - i + N - 1] (after the softcap), gathered for these rows only."""
     u = scale * (qc @ k[:, :, None].transpose(-1, -2))
     s = u if softcap is None else softcap * torch.tanh(u / softcap)
+    if rel_bias is not None:
+        idx = torch.arange(M, device=qc.device)[None, :] - torch.as_tensor(rows, device=qc.device)[:, None] + (N - 1)
+        s = s + rel_bias.to(s.dtype)[:, idx].reshape(1, k.shape[1], -1, idx.shape[0], M)
     keep = visible_keys(rows, N, M, causal=causal, window=window, key_padding_mask=key_padding_mask, device=qc.device,
                         segment_ids=segment_ids, key_limit=key_limit)
     return u, s, keep[:, :, None]
 
 
 def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                           chunk=None, segment_ids=None, key_limit=None):
+                           chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
     """Chunked forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key)."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -83,7 +88,7 @@ def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scal
     lse = torch.empty((B, Hkv, G, N), dtype=torch.float32, device=q.device)
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
         _, s, keep = _scores(qg[:, :, :, i0:i1], kc, range(i0, i1), N, M, scale, softcap, causal, window,
-                             key_padding_mask, segment_ids, key_limit)
+                             key_padding_mask, segment_ids, key_limit, rel_bias)
         s = s.masked_fill(~keep, float("-inf"))
         lse_c = torch.logsumexp(s, dim=-1)
         lse_c = lse_c.masked_fill(lse_c == float("-inf"), float("inf"))
@@ -94,7 +99,7 @@ def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scal
 
 
 def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                           softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None):
+                           softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
     """Chunked backward under `rule`; the formulas of kernels/attention_bwd.py (o is not needed: delta comes
     from each chunk's P and dP)."""
     B, H, N, D = q.shape
@@ -112,7 +117,7 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
     for i0, i1 in _chunk_rows(B, H, N, M, chunk):
         qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
         u, s, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask,
-                             segment_ids, key_limit)
+                             segment_ids, key_limit, rel_bias)
         p = torch.where(keep, torch.exp(s - lseg[:, :, :, i0:i1, None]), 0.0)
         dv += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
         if rule == "cp":
@@ -124,7 +129,8 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
         if softcap is not None:
             if rule in SOFTCAP_IDENTITY:
                 small = u.abs() < 1e-6
-                ds = ds * torch.where(small, 1.0, s / torch.where(small, 1.0, u))
+                capped = s if rel_bias is None else softcap * torch.tanh(u / softcap)   # (s holds the bias too)
+                ds = ds * torch.where(small, 1.0, capped / torch.where(small, 1.0, u))
             else:  # 1 - t^2 without cancellation where tanh saturates
                 e = torch.exp(-2.0 * (u / softcap).abs())
                 ds = ds * (4.0 * e / (1.0 + e) ** 2)
@@ -134,32 +140,33 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
     return ((dq * f).reshape(B, H, N, D).to(q.dtype), (dk * f).to(k.dtype), (dv * dv_factor).to(v.dtype))
 
 
-def fused(q, k, window=None, softcap=None, chunk=None, segment_ids=None, key_limit=None):
+def fused(q, k, window=None, softcap=None, chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
     """Whether torch's fused attention (sdpa.py) computes this call; else the chunked path (windows, softcaps,
     segment ids, key limits, head dims its CUDA kernels do not take, or a `chunk` asked for)."""
-    return chunk is None and sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit) is None
+    return chunk is None and sdpa.unsupported(q, k, window, softcap, segment_ids, key_limit, rel_bias=rel_bias) is None
 
 
 def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None, softcap=None,
-                        chunk=None, segment_ids=None, key_limit=None):
+                        chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
     """The torch forward: O (B,H,N,D) in q's dtype and LSE (B,H,N) fp32 (+inf for rows seeing no key), on torch's
     fused attention where it applies (`fused`: CPU, or CUDA's flash / memory-efficient kernels), else in query
     chunks (also when `chunk` is given). segment_ids (B, M) and key_limit (B, N, causal only): as af.attention;
     they take the chunked path."""
-    if fused(q, k, window, softcap, chunk, segment_ids, key_limit):
+    if fused(q, k, window, softcap, chunk, segment_ids, key_limit, rel_bias):
         return sdpa.attention_fwd(q, k, v, key_padding_mask, causal=causal, scale=scale)
     return _attention_fwd_chunked(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
-                                  softcap=softcap, chunk=chunk, segment_ids=segment_ids, key_limit=key_limit)
+                                  softcap=softcap, chunk=chunk, segment_ids=segment_ids, key_limit=key_limit,
+                                  rel_bias=rel_bias)
 
 
 def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                        softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None):
+                        softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
     """The torch backward under `rule`: dq, dk, dv, on the path the forward took."""
-    if fused(q, k, window, softcap, chunk, segment_ids, key_limit):
+    if fused(q, k, window, softcap, chunk, segment_ids, key_limit, rel_bias):
         return sdpa.attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, rule=rule)
     return _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=window,
                                   softcap=softcap, rule=rule, chunk=chunk, segment_ids=segment_ids,
-                                  key_limit=key_limit)
+                                  key_limit=key_limit, rel_bias=rel_bias)
 
 
 # --- norms, GLU products, activations: the formulas of kernels/norm.py and kernels/glu.py ---

@@ -26,8 +26,10 @@ def _safe_div(a, b):
 
 
 def attention_relevance(q, k, v, relevance_out, *, rule="attnlrp", causal=False, scale=None, window=None,
-                        softcap=None, key_padding_mask=None):
-    """(R_Q, R_K, R_V) for output relevance R_O, shapes of q, k, v (K/V relevance summed over GQA groups)."""
+                        softcap=None, key_padding_mask=None, bias=None):
+    """(R_Q, R_K, R_V) for output relevance R_O, shapes of q, k, v (K/V relevance summed over GQA groups).
+    bias: a (1 or B, H, N, M) constant added to the logits S (T5's position bias): the epsilon rule on that sum
+    leaves R_A = (S - bias) / S * R_S, the bias absorbing the rest."""
     q, k, v, r_o = (x.double() for x in (q, k, v, relevance_out))
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
@@ -36,6 +38,8 @@ def attention_relevance(q, k, v, relevance_out, *, rule="attnlrp", causal=False,
     kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
     a = q @ kr.transpose(-1, -2)
     s = scale * a if softcap is None else softcap * torch.tanh(scale * a / softcap)
+    if bias is not None:
+        s = s + bias.double()
     keep = attention_mask_dense(N, M, causal=causal, window=window, key_padding_mask=key_padding_mask)
     row_any = keep.any(-1, keepdim=True)
     p = torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(~row_any, 0.0), -1).masked_fill(~row_any, 0.0)
@@ -48,6 +52,8 @@ def attention_relevance(q, k, v, relevance_out, *, rule="attnlrp", causal=False,
     assert rule == "attnlrp"
     r_p = 0.5 * torch.einsum("bhij,bhjd,bhid->bhij", p, vr, share)
     r_s = torch.where(keep, s * (r_p - p * r_p.sum(-1, keepdim=True)), 0.0)
+    if bias is not None:
+        r_s = _safe_div(s - bias.double(), s) * r_s
     ratio = _safe_div(r_s, a)  # R_A[i, j] / A_ij
     r_q = 0.5 * torch.einsum("bhid,bhjd,bhij->bhid", q, kr, ratio)
     r_k = 0.5 * torch.einsum("bhid,bhjd,bhij->bhjd", q, kr, ratio)

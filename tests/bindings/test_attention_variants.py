@@ -93,3 +93,54 @@ def test_variant_arguments_are_checked():
         af.attention(q, k, v, sinks=[0.0] * 4)
     with pytest.raises(ValueError, match="same \\(B, Hkv, M\\)"):
         af.attention(q, k, v[:, :, :-1])
+
+
+def _t5_buckets(N, M, num_buckets=8, max_distance=20, bidirectional=True):
+    """T5's bucket of each offset j - i (transformers' formula, written again), from -(N - 1) to M - 1."""
+    rel = torch.arange(-(N - 1), M)
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    exact = num_buckets // 2
+    large = exact + (torch.log(rel.float() / exact) / torch.log(torch.tensor(max_distance / exact))
+                     * (num_buckets - exact)).long()
+    return buckets + torch.where(rel < exact, rel, large.clamp(max=num_buckets - 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
+@pytest.mark.parametrize("kind", ["t5", "alibi"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_relative_bias_matches_oracle(case, kind, rule, backend):
+    """A bias that depends on the head and the offset j - i only, given as (H, N + M - 1): T5's bucketed table
+    (bidirectional) or ALiBi's -slope_h |j - i|."""
+    g, q, k, v = _inputs(len(case) + len(kind) + len(rule))
+    H, N, M = q.shape[1], q.shape[2], k.shape[2]
+    if kind == "t5":
+        table = torch.randn(8, H, generator=g)
+        rel_bias = table[_t5_buckets(N, M)].T.contiguous()
+    else:
+        slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1) / H)
+        rel_bias = -slopes[:, None] * torch.arange(-(N - 1), M).abs()[None, :].float()
+    kw = _case(g, case, M)
+    do = torch.randn(q.shape, generator=g)
+    got = _run(af.attention, q, k, v, do, rel_bias=rel_bias, rule=rule, backend=backend, **kw)
+    ref = _run(attention_dense, q.double(), k.double(), v.double(), do.double(), rel_bias=rel_bias.double(),
+               rule=rule, **kw)
+    for name, a, b in zip(["o", "dq", "dk", "dv"], got, ref):
+        if name in ("dq", "dk") and rule == "cp":
+            assert a.abs().max() == 0
+            continue
+        assert rel_err(a.double(), b) < 1e-4, f"{name} differs from the float64 oracle ({backend}, {rule})"
+    plain = af.attention(q, k, v, backend=backend, **kw)
+    assert rel_err(got[0], plain) > 1e-3   # the bias does change the output
+
+
+def test_relative_bias_is_checked():
+    _, q, k, v = _inputs(5)
+    with pytest.raises(ValueError, match=r"rel_bias must have shape \(H, N \+ M - 1\) = \(4, 81\)"):
+        af.attention(q, k, v, rel_bias=torch.zeros(4, 80))

@@ -11,6 +11,7 @@ from attnlrp_fast.models import MLPReplacement, NormReplacement, replacement_for
 from attnlrp_fast.reference import layer_norm_dense, rms_norm_dense
 from attnlrp_fast.rules import identity_activation, split_product
 from explicit_phi import phi_token_relevance
+from explicit_t5 import t5_relevance
 from helpers import rel_err
 from tiny_models import COMMON
 
@@ -291,3 +292,48 @@ def test_model_code_that_cannot_run_under_the_engine_is_refused_in_one_line():
     with pytest.raises(af.UnsupportedModelError, match=r"GitForCausalLM: its own code at modeling_git.py:\d+") as err:
         af.explain(model, torch.randint(3, 61, (1, 8)), backend="torch")
     assert "\n" not in str(err.value)
+
+
+def _t5(gated=True, seed=0, tie=False):
+    torch.manual_seed(seed)
+    config = tf.T5Config(vocab_size=61, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                         relative_attention_num_buckets=8, relative_attention_max_distance=20,
+                         feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=tie,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return tf.T5ForConditionalGeneration(config).double().eval()
+
+
+@pytest.mark.parametrize("gated,tie", [(True, False), (False, True)], ids=["flan_t5", "t5"])
+def test_t5_equals_float64_layer_by_layer_reference(gated, tie):
+    """Flan-T5 (gated GELU, untied head) and T5 (ReLU, tied head scaled by d_model^-0.5): relevance on the encoder
+    and the decoder tokens equal to the rules written out in float64, the relative position bias computed from its
+    table in the engine (never an N x M tensor)."""
+    model = _t5(gated=gated, tie=tie)
+    g = torch.Generator().manual_seed(9)
+    ids, dec = torch.randint(2, 61, (1, 23), generator=g), torch.randint(2, 61, (1, 7), generator=g)
+    e = af.explain(model, ids, decoder_input_ids=dec, backend="torch")
+    enc_ref, dec_ref = t5_relevance(model, ids[0], dec[0], int(e.target_ids[0]))
+    assert rel_err(e.relevance[0].double(), enc_ref) < 1e-6
+    assert rel_err(e.decoder_relevance[0].double(), dec_ref) < 1e-6
+
+
+def test_t5_bias_comes_from_its_table_and_both_backends_agree():
+    """Inside af.lrp T5's compute_bias gives the table's (H, N + M - 1) vector of offsets, not the (1, H, N, M)
+    tensor, equal to the tensor's diagonals; Triton and torch agree on the explanation."""
+    model = _t5().float()
+    g = torch.Generator().manual_seed(10)
+    ids, dec = torch.randint(2, 61, (2, 19), generator=g), torch.randint(2, 61, (2, 5), generator=g)
+    attn = model.encoder.block[0].layer[0].SelfAttention
+    dense = attn.compute_bias(19, 19)[0]                                   # (H, N, M)
+    with af.lrp(model, backend="torch"):
+        bias = attn.compute_bias(19, 19)
+        assert not isinstance(bias, torch.Tensor)
+        vector = bias.vector(19, 19, torch.device("cpu"))
+        e = af.explain(model, ids, decoder_input_ids=dec)
+    assert vector.shape == (4, 37)
+    i, j = torch.meshgrid(torch.arange(19), torch.arange(19), indexing="ij")
+    assert torch.equal(vector[:, j - i + 18], dense)
+    assert torch.isfinite(e.relevance).all()
+    if interpreting():
+        t = af.explain(model, ids, decoder_input_ids=dec, backend="triton")
+        assert rel_err(t.relevance, e.relevance) < 1e-4 and rel_err(t.decoder_relevance, e.decoder_relevance) < 1e-4
