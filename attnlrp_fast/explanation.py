@@ -443,6 +443,19 @@ def _part_embeddings(model, getter):
     return emb
 
 
+def _check_embedded(model, capture, input_ids, decoder):
+    """The captured embeddings are those of the tokens given (LED, which pads its input to its attention window and
+    embeds the padding in a call of its own, is refused: which call holds the tokens cannot be told)."""
+    pairs = [] if capture.merged is not None or input_ids is None else [(capture.embeds, input_ids, "input")]
+    if decoder is not None:
+        pairs.append((capture.decoder_embeds, decoder[0], "decoder input"))
+    for emb, ids, what in pairs:
+        if emb is None or tuple(emb.shape[:2]) != tuple(ids.shape):
+            got = "nothing" if emb is None else f"{tuple(emb.shape[:2])} embedded"
+            raise UnsupportedModelError(f"{type(model).__name__}: its {what} embedding ran on other tokens than the "
+                                        f"{tuple(ids.shape)} given ({got}): the tokens' relevance cannot be read there")
+
+
 def _model_forward(model, kwargs):
     """model(**kwargs); an error raised inside transformers' modeling code (inputs were checked before) means the
     model's own code does something the engine cannot serve (it reads the attention mask as a 4-D tensor, builds its
@@ -481,6 +494,7 @@ def _explain(model, handle, req: Request) -> Explanation:
             capture.frozen = True
             scored = _target_score(model, req, outputs, positions, kept)
             inputs = capture.inputs(req.latent)
+            _check_embedded(model, capture, input_ids, req.decoder)
             if rows is not None:
                 req.reasoning.check_target(scored.positions)
                 z = rows.logits(input_ids, handle.final_logit_softcap if handle.rule == "grad" else None)

@@ -22,6 +22,7 @@ from attnlrp_fast.bindings.checks import check_rule
 from attnlrp_fast.bindings.dispatch import check_backend
 from attnlrp_fast.bindings.hf import (BACKEND_ATTR, ENGINE_CALLS, NAME, RULE_ATTR, RelativePositionBias,
                                      attention_modules, relative_bias_modules)
+from attnlrp_fast.eager_rules import wrap_forward
 from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacement_for
 from attnlrp_fast.models.common import gamma_linear_forward
 from attnlrp_fast.models.moe import gated_shared_experts
@@ -62,6 +63,7 @@ class LRPHandle:
         self._patches = Patches()   # forwards and attention attributes
         self._hooks = []            # the attention modules' hooks that notice attention computed outside the engine
         self.bypassed = {}          # attention module name -> class: ran without the engine, and a gradient reached it
+        self.eager_attention = False   # the model's own attention code runs under the rules (eager_rules.py)
         self._modes = []
         self._attn = _UNSET        # the attention implementation to put back
         self._specs = {}           # module class -> the spec its check confirmed (the family map stays as it is)
@@ -111,9 +113,8 @@ class LRPHandle:
         model = self.model
         can_set = getattr(type(model), "_can_set_attn_implementation", None)
         if not hasattr(model, "set_attn_implementation") or (can_set is not None and not can_set()):
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: its attention does not go through transformers' AttentionInterface, "
-                "so the attention engine cannot be plugged in")
+            self._eager_attention()
+            return
         self._attn = _attn_tree(model.config)
         model.set_attn_implementation(NAME)
         modules = attention_modules(model)
@@ -121,20 +122,27 @@ class LRPHandle:
             self._patches.set(module, RULE_ATTR, self.rule)
         attention_backend(model, self.backend, self._patches)
         self._watch_attention(modules)
-        for module in relative_bias_modules(model):   # T5: its bias from the table in the kernel, never N x M
-            self._patches.set(module, "compute_bias", _relative_bias_of(module.compute_bias))
         if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
+
+    def _eager_attention(self):
+        """A model whose attention does not go through transformers' AttentionInterface: its innermost attention
+        modules run their own code under the rules (eager_rules.py); memory is then what that code takes."""
+        modules = _innermost(attention_modules(self.model))
+        if not modules:
+            raise UnsupportedModelError(f"{type(self.model).__name__}: no attention module found")
+        self.eager_attention = True
+        if self.rule != "grad":
+            for module in modules:
+                self._patches.set(module, _forward_attr(module),
+                                  wrap_forward(getattr(module, _forward_attr(module)), self.rule, self.backend))
 
     def _watch_attention(self, modules):
         """Hooks on the innermost attention modules: one that runs without the engine being called computed its
         attention itself (LongT5's local attention, ...), without the rules; when a gradient then reaches its output
         (it matters to the target: a vision tower's unused pooling head does not), check_engine_used() says so."""
         names = {id(m): n for n, m in self.model.named_modules()}
-        ids = set(map(id, modules))
-        for module in modules:
-            if any(id(m) in ids for m in module.modules() if m is not module):
-                continue
+        for module in _innermost(modules):
             start = []
             self._hooks.append(module.register_forward_pre_hook(
                 lambda m, a, s=start: None if torch.compiler.is_compiling() else s.append(ENGINE_CALLS[0])))
@@ -293,6 +301,12 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None, family=None) -> LRPH
     return LRPHandle(model, rule, backend=backend, gamma=gamma, family=family)
 
 
+def _innermost(modules):
+    """The modules of the list that hold no other module of the list."""
+    ids = set(map(id, modules))
+    return [m for m in modules if not any(id(c) in ids for c in m.modules() if c is not m)]
+
+
 def _relative_bias_of(compute_bias):
     def patched(query_length, key_length, device=None, past_seen_tokens=0):
         return RelativePositionBias(compute_bias, past_seen_tokens)
@@ -306,11 +320,15 @@ def _halved(forward):
 def attention_backend(model, backend, patches=None) -> Patches:
     """Route every attention module of `model` to `backend` (as in af.attention; None: auto), through `patches` (new
     ones when None), which are returned: `with attention_backend(model, "torch"): ...` puts back what each module
-    had. The one place a backend goes onto a model: af.lrp, generation and the evaluation's forwards route here."""
+    had. The one place a backend goes onto a model: af.lrp, generation and the evaluation's forwards route here.
+    T5-style attention modules also compute their relative position bias as the table's (H, N + M - 1) offsets
+    (bindings/hf.py RelativePositionBias) for the duration, never as an N x M tensor."""
     check_backend(backend)
     patches = Patches() if patches is None else patches
     for module in attention_modules(model):
         patches.set(module, BACKEND_ATTR, backend)
+    for module in relative_bias_modules(model):   # T5: its bias from the table in the kernel, never N x M
+        patches.set(module, "compute_bias", _relative_bias_of(module.compute_bias))
     return patches
 
 

@@ -104,7 +104,8 @@ def greedy(model, tokenizer, inputs, max_new_tokens, backend=None, streamer=None
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=pad, streamer=streamer)
     answer = []
-    for t in out[0, inputs["input_ids"].shape[1]:].tolist():
+    first = 1 if getattr(model.config, "is_encoder_decoder", False) else inputs["input_ids"].shape[1]
+    for t in out[0, first:].tolist():   # (an encoder-decoder's output is the decoder's: its start token, the answer)
         if t in eos:
             break
         answer.append(t)

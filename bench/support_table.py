@@ -1,7 +1,7 @@
 """Which model families af.explain() supports: every causal-LM and seq2seq architecture registered in the installed
 transformers, built tiny from its own config class with shrunk sizes and random weights, then explained.
 
-    python bench/support_table.py                      # all, writes bench/results/support.json and bench/SUPPORT.md
+    python bench/support_table.py                      # all, writes bench/support.json and bench/SUPPORT.md
     python bench/support_table.py llama phi t5         # some model types, printed
 
 Each architecture ends in one of:
@@ -233,7 +233,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*", help="model types to check (default: all)")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "support.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "support.json"))
     parser.add_argument("--markdown", default=os.path.join(os.path.dirname(__file__), "SUPPORT.md"))
     args = parser.parse_args(argv)
     rows = run(args.types or None, processes=args.processes)

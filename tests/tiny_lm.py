@@ -53,3 +53,21 @@ def make_local_lm(path, *, chat=True, max_positions=4096, seed=0, layers=2, hidd
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return model, tokenizer
+
+
+def make_local_t5(path, *, seed=0):
+    """Save a tiny random Flan-T5-style encoder-decoder (gated GELU) and its tokenizer (no chat template) in `path`;
+    returns (model, tokenizer)."""
+    tokenizer = make_tokenizer(chat=False)
+    torch.manual_seed(seed)
+    config = tf.T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=64,
+                         feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                         decoder_start_token_id=tokenizer.pad_token_id, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    model = tf.T5ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id] = 0   # never the end token: the greedy answer is not empty
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer

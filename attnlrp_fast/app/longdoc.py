@@ -68,7 +68,7 @@ def load_model(model_id, device, dtype, known=()):
     takes, for its "did you mean")."""
     import os
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from attnlrp_fast import hub
 
@@ -91,9 +91,10 @@ def load_model(model_id, device, dtype, known=()):
         tokenizer = AutoTokenizer.from_pretrained(model_id, **options)
     except Exception as e:
         raise InputError(f"--model {model_id}: cannot load its tokenizer ({_first_line(e)})") from None
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, attn_implementation="attnlrp_fast",
-                                                           output_loading_info=True, **options)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:   # an encoder-decoder (T5, BART): the prompt goes to the encoder, the answer is the decoder's
+        model, info = auto.from_pretrained(model_id, dtype=dtype, attn_implementation="attnlrp_fast",
+                                           output_loading_info=True, **options)
     except Exception as e:
         raise InputError(f"--model {model_id}: cannot load it as a causal LM ({_first_line(e)})") from None
     missing = [k for k in info.get("missing_keys", ()) if "rotary" not in k]
@@ -297,6 +298,8 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, p
     import attnlrp_fast as af
 
     device = next(model.parameters()).device
+    if getattr(model.config, "is_encoder_decoder", False):
+        return _explain_seq2seq(model, prompt, answer_ids, rule, backend, per_token, reasoning, progress, token_tick)
     ids = torch.tensor([prompt.ids + answer_ids], device=device)
     p = len(prompt.ids)
     targets = answer_targets(p, answer_ids, reasoning)
@@ -326,3 +329,37 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, p
     relevance = e.relevance[0].cpu().tolist()
     logits = e.target_logits[0].cpu().tolist()
     return Result(relevance, per, logits, time.perf_counter() - t)
+
+
+def _explain_seq2seq(model, prompt, answer_ids, rule, backend, per_token, reasoning, progress, token_tick):
+    """explain_answer for an encoder-decoder model: the prompt is the encoder's input, the decoder reads its start
+    token and the answer (token j predicted at decoder position j). The relevance comes back in the layout of a
+    causal LM's, prompt tokens then answer tokens: the encoder's, then the decoder's past its start token."""
+    import attnlrp_fast as af
+
+    if reasoning is not None:
+        raise InputError("--reasoning needs a causal LM (the answer of an encoder-decoder model has no reasoning "
+                         "span here); pass --reasoning none")
+    device = next(model.parameters()).device
+    start = model.config.decoder_start_token_id
+    if start is None:
+        raise InputError(f"{type(model).__name__} has no decoder_start_token_id in its config")
+    ids = torch.tensor([prompt.ids], device=device)
+    dec = torch.tensor([[start] + answer_ids], device=device)
+    targets = [(j, tok) for j, tok in enumerate(answer_ids)]
+    kw = dict(rule=rule, backend=backend, decoder_input_ids=dec, target=targets)
+    t = time.perf_counter()
+    per = []
+    if per_token:
+        def tick(event):
+            if event == "target" and token_tick:
+                token_tick()
+            elif event != "target" and progress is not None:
+                progress(event)
+        e = af.explain(model, input_ids=ids, per_target=True, progress=tick, **kw)
+    else:
+        e = af.explain(model, input_ids=ids, progress=progress, **kw)
+    if per_token:   # (a target's relevance on the decoder tokens is not kept per target)
+        per = [(j, r.tolist() + [0.0] * len(answer_ids)) for j, r in enumerate(e.target_relevance[0].cpu())]
+    relevance = e.relevance[0].cpu().tolist() + e.decoder_relevance[0, 1:].cpu().tolist()
+    return Result(relevance, per, e.target_logits[0].cpu().tolist(), time.perf_counter() - t)

@@ -15,6 +15,7 @@ that call F.silu in their forward); SiLU and GELU go through the fused ops, any 
 rules.identity_activation.
 """
 
+import inspect
 import itertools
 from dataclasses import dataclass
 
@@ -66,7 +67,8 @@ def is_activation_module(module):
 class MLPSpec:
     """How a generic MLP computes: pattern "mlp" (a -> act -> b), "glu" (b(act(a) * c)) or "fused" (halves of a, then
     b); act: "child:<name>" (its activation module) or a name in ACTIVATION_FUNCTIONS; split "chunk" | "interleave"
-    and gate_first for "fused"."""
+    and gate_first for "fused"; residual: the forward takes (hidden_states, residual) and adds the residual to its
+    output (BLOOM, MPT)."""
     pattern: str
     a: str
     b: str
@@ -74,6 +76,7 @@ class MLPSpec:
     act: str = "silu"
     split: str = "chunk"
     gate_first: bool = True
+    residual: bool = False
 
 
 def _act_callable(module, act):
@@ -106,10 +109,11 @@ class MLPReplacement(Replacement):
         linears = _linears(module)
         acts = [f"child:{n}" for n, m in module.named_children() if is_activation_module(m)]
         acts += list(ACTIVATION_FUNCTIONS)
+        residual = _takes_residual(module)
         found = []
         for (na, a), (nb, b) in itertools.permutations(linears.items(), 2):
             if a[0] == b[1] and a[1] == b[0]:
-                found += [MLPSpec("mlp", na, nb, act=act) for act in acts]
+                found += [MLPSpec("mlp", na, nb, act=act, residual=residual) for act in acts]
             if a[0] == b[1] and a[1] == 2 * b[0]:
                 found += [MLPSpec("fused", na, nb, act=act, split=split, gate_first=first)
                           for act in acts for split in ("chunk", "interleave") for first in (True, False)]
@@ -123,6 +127,12 @@ class MLPReplacement(Replacement):
         first, last = getattr(module, spec.a), getattr(module, spec.b)
 
         def forward(x, *args, **kwargs):
+            if spec.residual:
+                residual = args[0] if args else kwargs["residual"]
+                return _plain(x) + residual
+            return _plain(x)
+
+        def _plain(x):
             h = first(x)
             if spec.pattern == "mlp":
                 if fused in _FUSED_ACT:
@@ -143,6 +153,19 @@ class MLPReplacement(Replacement):
 
     def width(self, module, spec):
         return linear_dims(getattr(module, spec.a))[0]
+
+    def probe(self, module, spec, generator):
+        x = _random((2, 5, self.width(module, spec)), module, generator) * 2
+        if spec.residual:
+            return x, _random((2, 5, linear_dims(getattr(module, spec.b))[1]), module, generator)
+        return (x,)
+
+
+def _takes_residual(module):
+    try:
+        return "residual" in inspect.signature(type(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _linears(module):

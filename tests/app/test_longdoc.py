@@ -345,3 +345,30 @@ def test_the_context_error_names_what_to_reduce():
     with pytest.raises(longdoc.InputError, match="prompt alone does not fit: shorten the document by at least 62"):
         longdoc.check_length(model, long, 32, "m", generated=True)
     longdoc.check_length(model, prompt, 10, "m", generated=True)   # fits exactly
+
+
+def test_cli_explain_on_an_encoder_decoder_model(doc, tmp_path, capsys):
+    """A Flan-T5-style model: the prompt (document and question) goes to the encoder, the greedy answer is the
+    decoder's; the report's relevance is the encoder's on the document, equal to af.explain's with the answer as
+    decoder_input_ids after the start token."""
+    from tiny_lm import make_local_t5
+
+    folder = tmp_path / "t5"
+    make_local_t5(folder)
+    out = tmp_path / "report"
+    rc, stdout, err = run_cli(["explain", "--model", folder, "--document", doc, "--question", "What failed?",
+                               "--max-new-tokens", "3", "--out", out, "--quiet"], capsys)
+    assert rc == 0, err
+    data = json.loads((out / "explanation.json").read_text())
+    assert "".join(data["tokens"]) == DOC.rstrip() and len(data["answer_token_ids"]) == 3
+    model, tok = longdoc.load_model(str(folder), torch.device("cpu"), torch.float32)
+    assert model.config.is_encoder_decoder
+    prompt = longdoc.build_prompt(tok, DOC, "What failed?")
+    answer = data["answer_token_ids"]
+    dec = torch.tensor([[model.config.decoder_start_token_id] + answer])
+    direct = af.explain(model, torch.tensor([prompt.ids]), decoder_input_ids=dec,
+                        target=list(enumerate(answer)), backend="torch")
+    on_doc = direct.relevance[0, prompt.doc_start:prompt.doc_end].tolist()
+    groups = longdoc.character_groups(tok, prompt.ids[prompt.doc_start:prompt.doc_end])
+    assert data["relevance"] == pytest.approx([sum(on_doc[a:b]) for a, b in groups], rel=1e-4, abs=1e-5)
+    assert sum(data["target_logits"]) == pytest.approx(float(direct.target_logit[0]), rel=1e-4)

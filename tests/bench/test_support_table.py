@@ -1,4 +1,4 @@
-"""The support table (bench/SUPPORT.md, bench/results/support.json) is true: every causal-LM and seq2seq architecture of
+"""The support table (bench/SUPPORT.md, bench/support.json) is true: every causal-LM and seq2seq architecture of
 the installed transformers, built tiny and explained again, ends as the table says, and none crashes."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from bench import support_table
 
-TABLE = os.path.join(os.path.dirname(support_table.__file__), "results", "support.json")
+TABLE = os.path.join(os.path.dirname(support_table.__file__), "support.json")
 
 
 @pytest.mark.slow

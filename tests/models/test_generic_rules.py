@@ -337,3 +337,46 @@ def test_t5_bias_comes_from_its_table_and_both_backends_agree():
     if interpreting():
         t = af.explain(model, ids, decoder_input_ids=dec, backend="triton")
         assert rel_err(t.relevance, e.relevance) < 1e-4 and rel_err(t.decoder_relevance, e.decoder_relevance) < 1e-4
+
+
+@pytest.mark.parametrize("rule", ["attnlrp", "cp"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_in_the_models_own_code_takes_the_rules(rule, impl, monkeypatch):
+    """A model whose attention cannot go through the engine runs its own attention code under the rules
+    (eager_rules.py): on Llama, made to look like such a model, with transformers' eager attention (matmul, softmax,
+    matmul) or SDPA (torch's function, routed to af.attention), the relevance equals the engine's."""
+    model = _moe(tf.LlamaConfig, tf.LlamaForCausalLM).double()
+    ids = torch.randint(3, 61, (2, 11), generator=torch.Generator().manual_seed(11))
+    engine = af.explain(model, ids, rule=rule, backend="torch").relevance
+    model.set_attn_implementation(impl)
+    monkeypatch.setattr(type(model), "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with af.lrp(model, rule=rule, backend="torch") as h:
+        assert h.eager_attention
+        own = af.explain(model, ids).relevance
+    assert rel_err(own, engine) < 1e-6   # (the relevance is returned in float32)
+    grad = af.explain(model, ids, rule="grad", backend="torch").relevance
+    assert rel_err(own, grad) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt_neo", "bloom", "falcon"])
+def test_families_outside_the_attention_interface_explain(name):
+    """GPT-Neo (eager matmuls), BLOOM (ALiBi through baddbmm, an MLP that adds its residual) and Falcon (SDPA):
+    finite, not gradient x input, the model restored, CP-LRP different again."""
+    torch.manual_seed(0)
+    config, cls = {
+        "gpt_neo": (tf.GPTNeoConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64,
+                                    attention_types=[[["global", "local"], 1]], window_size=4, initializer_range=0.3),
+                    tf.GPTNeoForCausalLM),
+        "bloom": (tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.3),
+                  tf.BloomForCausalLM),
+        "falcon": (tf.FalconConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   max_position_embeddings=64, initializer_range=0.3), tf.FalconForCausalLM),
+    }[name]
+    model = cls(config).eval()
+    ids = torch.randint(3, 61, (1, 9), generator=torch.Generator().manual_seed(12))
+    before = model(ids).logits
+    e = af.explain(model, ids, backend="torch").relevance
+    cp = af.explain(model, ids, rule="cp", backend="torch").relevance
+    grad = af.explain(model, ids, rule="grad", backend="torch").relevance
+    assert torch.isfinite(e).all() and rel_err(e, grad) > 1e-3 and rel_err(cp, e) > 1e-3
+    assert torch.equal(model(ids).logits, before)
