@@ -15,6 +15,7 @@ Every replacement is checked against the module's own forward on random input wh
 """
 
 import contextlib
+import inspect
 
 import torch
 
@@ -121,7 +122,12 @@ class LRPHandle:
         for module in modules:
             self._patches.set(module, RULE_ATTR, self.rule)
         attention_backend(model, self.backend, self._patches)
-        self._watch_attention(modules)
+        innermost = _innermost(modules)
+        own = [m for m in innermost if not _calls_interface(m)]
+        for module in own if self.rule != "grad" else ():   # attention in code of their own (LongT5's local
+            self._patches.set(module, _forward_attr(module),  # attention, Pegasus-X's global-local): the rules there
+                              wrap_forward(getattr(module, _forward_attr(module)), self.rule, self.backend))
+        self._watch_attention([m for m in innermost if all(m is not o for o in own)])
         if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
 
@@ -138,11 +144,11 @@ class LRPHandle:
                                   wrap_forward(getattr(module, _forward_attr(module)), self.rule, self.backend))
 
     def _watch_attention(self, modules):
-        """Hooks on the innermost attention modules: one that runs without the engine being called computed its
+        """Hooks on these (innermost) attention modules: one that runs without the engine being called computed its
         attention itself (LongT5's local attention, ...), without the rules; when a gradient then reaches its output
         (it matters to the target: a vision tower's unused pooling head does not), check_engine_used() says so."""
         names = {id(m): n for n, m in self.model.named_modules()}
-        for module in _innermost(modules):
+        for module in modules:
             start = []
             self._hooks.append(module.register_forward_pre_hook(
                 lambda m, a, s=start: None if torch.compiler.is_compiling() else s.append(ENGINE_CALLS[0])))
@@ -299,6 +305,15 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None, family=None) -> LRPH
     family: an af.FamilyMap naming this model's module classes, for a model the built-in maps and the generic
     rules do not cover (it replaces the built-in map; its replacements are checked like those)."""
     return LRPHandle(model, rule, backend=backend, gamma=gamma, family=family)
+
+
+def _calls_interface(module):
+    """Whether the module's class calls transformers' attention interface in its forward (read from its source)."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return "ATTENTION_FUNCTIONS" in source or "attention_interface" in source
 
 
 def _innermost(modules):

@@ -10,8 +10,10 @@ from attnlrp_fast.kernels import interpreting
 from attnlrp_fast.reference import attention_dense
 from helpers import rel_err
 
-BACKENDS = [pytest.param("triton", marks=pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")),
-            "torch"]
+NEEDS_INTERPRETER = pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1")
+BACKENDS = [pytest.param("triton", marks=NEEDS_INTERPRETER), "torch"]
+# the wide grids: Triton's interpreter there is the slow part (one case of each runs in the inner loop below)
+GRID_BACKENDS = [pytest.param("triton", marks=[NEEDS_INTERPRETER, pytest.mark.slow]), "torch"]
 CASES = {"plain": {}, "causal_window_padding": {"causal": True, "window": 13, "padding": True},
          "softcap": {"softcap": 3.0, "causal": True}}
 
@@ -53,7 +55,7 @@ def _compare(q, k, v, do, backend, rule, sinks=None, tol=1e-4, **kw):
         assert rel_err(a.double(), b) < tol, f"{name} differs from the float64 oracle ({backend}, {rule})"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 @pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sinks_match_oracle(case, rule, backend):
@@ -111,7 +113,7 @@ def _t5_buckets(N, M, num_buckets=8, max_distance=20, bidirectional=True):
     return buckets + torch.where(rel < exact, rel, large.clamp(max=num_buckets - 1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRID_BACKENDS)
 @pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
 @pytest.mark.parametrize("kind", ["t5", "alibi"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -144,3 +146,11 @@ def test_relative_bias_is_checked():
     _, q, k, v = _inputs(5)
     with pytest.raises(ValueError, match=r"rel_bias must have shape \(H, N \+ M - 1\) = \(4, 81\)"):
         af.attention(q, k, v, rel_bias=torch.zeros(4, 80))
+
+
+@NEEDS_INTERPRETER
+def test_triton_variants_one_case_each():
+    """The inner loop's share of the Triton grids above: sinks and a T5 bias, AttnLRP, causal with a window and
+    padding."""
+    test_sinks_match_oracle("causal_window_padding", "attnlrp", "triton")
+    test_relative_bias_matches_oracle("causal_window_padding", "t5", "attnlrp", "triton")

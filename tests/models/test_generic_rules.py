@@ -380,3 +380,23 @@ def test_families_outside_the_attention_interface_explain(name):
     grad = af.explain(model, ids, rule="grad", backend="torch").relevance
     assert torch.isfinite(e).all() and rel_err(e, grad) > 1e-3 and rel_err(cp, e) > 1e-3
     assert torch.equal(model(ids).logits, before)
+
+
+def test_attention_modules_with_code_of_their_own_take_the_rules():
+    """LongT5's local attention does not call the attention interface in a model that otherwise could: it runs its
+    own code under the rules (not refused, not left with exact gradients)."""
+    torch.manual_seed(0)
+    config = tf.LongT5Config(vocab_size=61, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2,
+                             num_heads=4, local_radius=3, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                             initializer_factor=3.0)
+    model = tf.LongT5ForConditionalGeneration(config).eval()
+    g = torch.Generator().manual_seed(13)
+    ids, dec = torch.randint(2, 61, (1, 12), generator=g), torch.randint(2, 61, (1, 4), generator=g)
+    with af.lrp(model) as h:
+        wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "LongT5LocalAttention"
+                   and "forward" in m.__dict__]
+    assert wrapped
+    e = af.explain(model, ids, decoder_input_ids=dec, backend="torch").relevance
+    cp = af.explain(model, ids, decoder_input_ids=dec, rule="cp", backend="torch").relevance
+    grad = af.explain(model, ids, decoder_input_ids=dec, rule="grad", backend="torch").relevance
+    assert torch.isfinite(e).all() and rel_err(e, grad) > 1e-3 and rel_err(e, cp) > 1e-3
