@@ -23,8 +23,8 @@ from attnlrp_fast.bindings.checks import check_rule
 from attnlrp_fast.bindings.dispatch import check_backend
 from attnlrp_fast.bindings.hf import (BACKEND_ATTR, ENGINE_CALLS, NAME, RULE_ATTR, RelativePositionBias,
                                      attention_modules, relative_bias_modules)
-from attnlrp_fast.eager_rules import wrap_forward
-from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacement_for
+from attnlrp_fast.models.eager_rules import wrap_forward
+from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacements_for
 from attnlrp_fast.models.common import gamma_linear_forward
 from attnlrp_fast.models.moe import gated_shared_experts
 from attnlrp_fast.patching import Patches
@@ -86,16 +86,17 @@ class LRPHandle:
         self._modes = [(m, m.training) for m in model.modules()]
         model.eval()
         self._route_attention()
-        for name, module in model.named_modules():
-            found = replacement_for(module, self.family)
-            if found is None:
-                continue
-            replacement, spec = found
+        # children before their parents: a module run under the rules operation by operation (eager_rules.py) finds
+        # the norms and activations inside it already replaced
+        for name, module in reversed(list(model.named_modules())):
             cls = type(module).__name__
             if cls not in self._specs:
-                self._specs[cls] = self._checked_spec(name, module, replacement, spec)
-            self._set_forward(name, module, replacement.forward(module, self._specs[cls], lrp, self.backend),
-                              replacement.kind)
+                found = replacements_for(module, self.family)
+                if not found:
+                    continue
+                self._specs[cls] = self._first_fitting(name, module, found)
+            replacement, spec = self._specs[cls]
+            self._set_forward(name, module, replacement.forward(module, spec, lrp, self.backend), replacement.kind)
         if lrp:
             self._apply_shared_expert_gates()
         if self.gamma is not None:
@@ -174,6 +175,17 @@ class LRPHandle:
             raise UnsupportedModelError(f"{name} ({cls}) computes its attention itself, outside transformers' "
                                         "AttentionInterface, so the attention rules cannot be applied there")
 
+    def _first_fitting(self, name, module, found):
+        """(replacement, spec) of the first kind in `found` whose check passes (a generic map's Llama-style GLU that
+        does not fit the module falls through to the generic MLP readings); the last one's error when none does."""
+        for i, (replacement, spec) in enumerate(found):
+            try:
+                return replacement, self._checked_spec(name, module, replacement, spec)
+            except UnsupportedModelError:
+                if i == len(found) - 1 or not self.family.name.startswith("generic"):
+                    raise
+        raise AssertionError("unreachable")
+
     def _checked_spec(self, name, module, replacement, spec):
         """The spec (of the map's, or the candidates a generic entry leaves open) whose replacement computes what
         the module computes on random input; UnsupportedModelError when none does."""
@@ -183,8 +195,10 @@ class LRPHandle:
                 forward = replacement.forward(module, candidate, self.rule != "grad", self.backend)
                 if self._matches(module, replacement, forward, candidate):
                     return candidate
-            except UnsupportedModelError:
-                raise
+            except UnsupportedModelError as e:
+                if str(e).startswith(f"{name} "):
+                    raise
+                raise UnsupportedModelError(f"{name} ({type(module).__name__}): {e}") from None
             except Exception:   # noqa: BLE001 (a candidate that cannot even run on the probe does not fit)
                 continue
         cls = type(module).__name__
@@ -240,6 +254,8 @@ class LRPHandle:
         for name, module in self.model.named_modules():
             cls = type(module).__name__
             lowered = cls.lower()
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                continue   # affine in eval mode (running statistics)
             suspicious = lowered.endswith(_SUSPICIOUS_ENDINGS) or "sparsemoe" in lowered or "mlp" in lowered \
                 or (any(w in lowered for w in _NO_RULE_MIXERS) and linear_dims(module) is None)
             if not suspicious or name in self.patched or cls in self.family.containers:

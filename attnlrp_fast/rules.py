@@ -128,13 +128,15 @@ def split_product(z, factors, lrp):
     return out
 
 
-def plain_norm(x, weight, bias, eps, *, center, offset=0.0, lrp, out_dtype=None):
+def plain_norm(x, weight, bias, eps, *, center, offset=0.0, lrp, out_dtype=None, l2=False):
     """(x - mean) / std (center) or x / rms over the last dim, in float32 (or x's wider dtype), times (offset + weight) plus bias when
-    given; under LRP the identity rule on the normaliser: std / rms held constant (the centering stays linear)."""
+    given (l2: x / sqrt(sum x^2 + eps), nGPT's unit sphere); under LRP the identity rule on the normaliser: std / rms
+    held constant (the centering stays linear)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if center:
         xf = xf - xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    squares = xf.pow(2)
+    rstd = torch.rsqrt((squares.sum(-1, keepdim=True) if l2 else squares.mean(-1, keepdim=True)) + eps)
     y = xf * (rstd.detach() if lrp else rstd)
     if weight is not None:
         y = y * (offset + weight.to(xf.dtype))

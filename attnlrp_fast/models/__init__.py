@@ -63,14 +63,23 @@ REPLACEMENTS = (RMSNormReplacement(), LayerNormReplacement(), GLUMLPReplacement(
                 MLPReplacement(), NormReplacement(), ActivationReplacement(), AnyActivationReplacement())
 
 
-def replacement_for(module, family):
-    """(Replacement, spec) for a module the family map (or the generic rules) covers, else None."""
+def replacements_for(module, family):
+    """[(Replacement, spec)] of every kind that applies to the module, the family map's first (af.lrp takes the first
+    whose check passes)."""
+    found = []
     for replacement in REPLACEMENTS:
         spec = replacement.spec_for(module, family)
         if spec is not _NO_MATCH:
-            return replacement, spec
-    return None
+            found.append((replacement, spec))
+    return found
+
+
+def replacement_for(module, family):
+    """(Replacement, spec) for a module the family map (or the generic rules) covers first, else None."""
+    found = replacements_for(module, family)
+    return found[0] if found else None
 
 
 __all__ = ["FAMILIES", "FamilyMap", "GLUSpec", "RMSNormSpec", "UnsupportedModelError", "family_for", "ACTIVATIONS",
-           "VisionParts", "is_vision_language", "vision_parts", "MLPSpec", "NormSpec", "replacement_for", "REPLACEMENTS", "linear_dims"]
+           "VisionParts", "is_vision_language", "vision_parts", "MLPSpec", "NormSpec", "replacement_for", "replacements_for", "REPLACEMENTS",
+           "linear_dims"]

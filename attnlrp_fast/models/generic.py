@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from attnlrp_fast.bindings import activation, glu_product
+from .eager_rules import check_rules_cover, wrap_forward
 from attnlrp_fast.rules import identity_activation, plain_norm, uniform_product
 
-from .common import _NO_MATCH, Replacement, _random, activation_name
+from .common import _NO_MATCH, Replacement, UnsupportedModelError, _random, activation_name
 
 ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
@@ -94,14 +95,14 @@ class MLPReplacement(Replacement):
 
     def spec_for(self, module, family):
         cls = type(module).__name__
-        if cls in family.containers or cls in family.glu_mlps:
+        if cls in family.containers:
             return _NO_MATCH
         if cls in family.mlps:
             return family.mlps[cls]
         lowered = cls.lower()
         if not any(w in lowered for w in _MLP_WORDS):
             return _NO_MATCH
-        return None if len(_linears(module)) >= 2 else _NO_MATCH
+        return None if _last_linear(module) is not None else _NO_MATCH
 
     def candidates(self, spec, module=None):
         if spec is not None:
@@ -120,9 +121,12 @@ class MLPReplacement(Replacement):
         for (ng, g), (nu, u), (nd, d) in itertools.permutations(linears.items(), 3):
             if g == u and g[0] == d[1] and g[1] == d[0]:
                 found += [MLPSpec("glu", ng, nd, nu, act=act) for act in acts]
-        return found
+        # last: the module's own forward under the rules, operation by operation (eager_rules.py)
+        return found + [MLPSpec("own", "", "", residual=residual)]
 
     def forward(self, module, spec, lrp, backend):
+        if spec.pattern == "own":
+            return self._own(module, spec, lrp, backend)
         fused, f = _act_callable(module, spec.act)
         first, last = getattr(module, spec.a), getattr(module, spec.b)
 
@@ -151,14 +155,37 @@ class MLPReplacement(Replacement):
             return last(uniform_product(identity_activation(gate, f, lrp), up, lrp))
         return forward
 
+    def _own(self, module, spec, lrp, backend):
+        """The module's own forward under the rules (eager_rules.RulesMode, element-wise and strict), once a run on
+        random input found a rule for every operation on an input-dependent tensor (else UnsupportedModelError
+        naming the first without one)."""
+        def own(*args, **kwargs):
+            return type(module).forward(module, *args, **kwargs)
+        rule = "attnlrp" if lrp else "grad"
+        if lrp:
+            try:
+                check_rules_cover(module, own, self.probe(module, spec, torch.Generator().manual_seed(0)), rule)
+            except UnsupportedModelError as e:
+                raise UnsupportedModelError(f"{type(module).__name__} matches no MLP form, and in its own forward {e}")
+        return wrap_forward(own, rule, backend, elementwise=True, module=module) if lrp else own
+
     def width(self, module, spec):
+        if spec.pattern == "own":
+            return linear_dims(_last_linear(module))[1]
         return linear_dims(getattr(module, spec.a))[0]
 
     def probe(self, module, spec, generator):
         x = _random((2, 5, self.width(module, spec)), module, generator) * 2
         if spec.residual:
-            return x, _random((2, 5, linear_dims(getattr(module, spec.b))[1]), module, generator)
+            out = self.width(module, spec) if spec.pattern == "own" else linear_dims(getattr(module, spec.b))[1]
+            return x, _random((2, 5, out), module, generator)
         return (x,)
+
+
+def _last_linear(module):
+    """The last linear layer among the module's descendants (an MLP's output projection), or None."""
+    found = [m for m in module.modules() if m is not module and linear_dims(m) is not None]
+    return found[-1] if found else None
 
 
 def _takes_residual(module):
@@ -174,10 +201,12 @@ def _linears(module):
 
 @dataclass(frozen=True)
 class NormSpec:
-    """A generic norm: center (LayerNorm) or not (RMSNorm), the weight offset (Gemma-style 1), eps."""
+    """A generic norm: center (LayerNorm) or not (RMSNorm), the weight offset (Gemma-style 1), eps; l2: the sum of
+    squares in place of their mean (nGPT's L2 norm)."""
     center: bool
     offset: float = 0.0
     eps: float = 1e-6
+    l2: bool = False
 
 
 class NormReplacement(Replacement):
@@ -190,6 +219,8 @@ class NormReplacement(Replacement):
             return family.norms[cls]
         if "norm" not in cls.lower() or list(module.children()) or cls in family.containers:
             return _NO_MATCH
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            return _NO_MATCH   # in eval mode an affine map with the running statistics: the exact gradient is the rule
         return None
 
     def candidates(self, spec, module=None):
@@ -200,12 +231,13 @@ class NormReplacement(Replacement):
             eps = torch.finfo(torch.float32).eps
         epsilons = [eps] if eps is not None else [1e-5, 1e-6, 1e-12, 1e-8]
         offsets = (0.0, 1.0) if _param(module, "weight") is not None else (0.0,)
-        return [NormSpec(center, offset, e) for center in (False, True) for offset in offsets for e in epsilons]
+        return [NormSpec(center, offset, e) for center in (False, True) for offset in offsets for e in epsilons] + \
+            [NormSpec(False, offset, e, l2=True) for offset in offsets for e in epsilons]
 
     def forward(self, module, spec, lrp, backend):
         def forward(x, *args, **kwargs):
             return plain_norm(x, _param(module, "weight"), _param(module, "bias"), spec.eps, center=spec.center,
-                              offset=spec.offset, lrp=lrp)
+                              offset=spec.offset, lrp=lrp, l2=spec.l2)
         return forward
 
     def probe(self, module, spec, generator):

@@ -400,3 +400,50 @@ def test_attention_modules_with_code_of_their_own_take_the_rules():
     cp = af.explain(model, ids, decoder_input_ids=dec, rule="cp", backend="torch").relevance
     grad = af.explain(model, ids, decoder_input_ids=dec, rule="grad", backend="torch").relevance
     assert torch.isfinite(e).all() and rel_err(e, grad) > 1e-3 and rel_err(e, cp) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["bitnet", "minimax_m3"])
+def test_mlps_of_no_form_run_their_own_code_under_the_rules(name):
+    """BitNet's MLP (a norm between the product and the down projection) and MiniMax-M3's (a clamped SwiGLU times
+    up + 1) match no MLP form: their own forward runs under the rules, operation by operation (the norm inside as
+    replaced). Without biases the identity and uniform rules conserve the relevance through the block."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    if name == "bitnet":
+        model = tf.BitNetForCausalLM(tf.BitNetConfig(**{**COMMON, "hidden_act": "relu2"})).double().eval()
+        mlp = model.model.layers[0].mlp
+        want = mlp(x)
+        with af.lrp(model, backend="torch") as h:
+            assert h.patched["model.layers.0.mlp"] == "mlp" and h._specs["BitNetMLP"][1].pattern == "own"
+            y, g, r_y = _relevance_through(mlp.forward, x)
+    else:
+        from transformers.models.minimax_m3_vl.modeling_minimax_m3_vl import MiniMaxM3VLDenseMLP
+        config = tf.MiniMaxM3VLTextConfig(**{**COMMON, "dense_intermediate_size": 40})
+        mlp = MiniMaxM3VLDenseMLP(config).double()
+        want = mlp(x)
+        replacement = MLPReplacement()
+        spec = replacement.candidates(None, mlp)[-1]
+        assert spec.pattern == "own"
+        y, g, r_y = _relevance_through(replacement.forward(mlp, spec, True, "torch"), x)
+        assert torch.allclose(y, want)
+        # the rules written out: uniform on (up + 1) * glu and on gate * sigmoid(alpha gate), identity through the
+        # clamps and the sigmoid, the epsilon rule on up + 1 (the constant absorbs its share)
+        W, Wd, lim, alpha = mlp.gate_up_proj.weight, mlp.down_proj.weight, mlp.swiglu_limit, mlp.swiglu_alpha
+        h = x @ W.T
+        gate, up = h.chunk(2, -1)
+        gc, uc = gate.clamp(max=lim), up.clamp(-lim, lim)
+        z = (uc + 1) * (gc * torch.sigmoid(gc * alpha))
+        r_z = z * ((r_y / y) @ Wd)
+        r_h = torch.cat([0.5 * r_z, uc / (uc + 1) * 0.5 * r_z], -1)
+        assert torch.allclose(x * g, x * ((r_h / h) @ W), rtol=1e-8, atol=1e-12)
+        return
+    assert torch.allclose(y, want)
+    assert torch.allclose((x * g).sum(), r_y.sum(), rtol=1e-8)
+
+
+def _relevance_through(forward, x):
+    xg = x.clone().requires_grad_()
+    y = forward(xg)
+    r_y = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(15)) * y.abs()
+    (g,) = torch.autograd.grad(y, xg, r_y / y)
+    return y.detach(), g, r_y
