@@ -27,6 +27,10 @@ query block that can see its keys, from a host-side table key_limit_table (B, 2,
 memory: a running max of the limits searched per key), and reads there where the unmasked query blocks begin.
 Segments do not bound either loop: blocks are masked element-wise (correct for any id layout; packed sequences
 cost as much as one sequence of their total length under the other masks).
+
+A relative bias (HAS_REL_BIAS: T5's bucketed table, ALiBi) is added to S as in the forward, from the same
+(H, N + M - 1) vector (a gather of one value per score in both kernels; no memory beyond the vector). It is a
+constant: it changes P, not the formulas above, and gets no gradient.
 """
 
 import os

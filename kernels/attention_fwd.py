@@ -10,6 +10,10 @@ Cost for q (B, H, N, D), k/v (B, Hkv, M, D):
          no N x M buffer, extra memory O(N).
 Rows that see no key get O = 0 and LSE = +inf (so the backward's exp(S - LSE) is 0 for them).
 
+A relative bias (HAS_REL_BIAS, portable kernel only): the logit of query i and key j gets rel_bias[h, j - i + N - 1]
+from an (H, N + M - 1) fp32 vector (T5's bucketed position bias, ALiBi): one gathered load per score, O(N + M) memory
+where the bias matrix would be N x M.
+
 Segments and key limits (portable kernel only; forward_variant picks it when they are given): each program
 reads its rows' key limits (BLOCK_M int32) and, with segments, its rows' and each key block's segment ids.
 Key limits bound the key loop in-kernel (up to 1 + the block's largest limit; blocks below 1 + its smallest
