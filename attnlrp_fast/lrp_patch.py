@@ -37,8 +37,8 @@ _SUSPICIOUS_ENDINGS = ("norm", "mlp", "moe", "experts", "expert", "moeblock", "m
                        "moemlp")
 # token mixers other than attention, which have products of input-dependent factors and no rule here: state-space
 # layers, linear attention, gated short convolutions, recurrent cells
-_NO_RULE_MIXERS = ("mamba", "mixer", "deltanet", "shortconv", "shortconvolution", "linearattention", "lightning", "rwkv",
-                   "recurrent", "lstm", "rglru")
+_NO_RULE_MIXERS = ("mamba", "mixer", "deltanet", "shortconv", "shortconvolution", "linearattention", "lightning",
+                   "rwkv", "recurrent", "lstm", "rglru")
 _UNSET = object()
 
 

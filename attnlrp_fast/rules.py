@@ -129,9 +129,9 @@ def split_product(z, factors, lrp):
 
 
 def plain_norm(x, weight, bias, eps, *, center, offset=0.0, lrp, out_dtype=None, l2=False):
-    """(x - mean) / std (center) or x / rms over the last dim, in float32 (or x's wider dtype), times (offset + weight) plus bias when
-    given (l2: x / sqrt(sum x^2 + eps), nGPT's unit sphere); under LRP the identity rule on the normaliser: std / rms
-    held constant (the centering stays linear)."""
+    """(x - mean) / std (center) or x / rms over the last dim, in float32 (or x's wider dtype), times
+    (offset + weight) plus bias when given (l2: x / sqrt(sum x^2 + eps), nGPT's unit sphere); under LRP the
+    identity rule on the normaliser: std / rms held constant (the centering stays linear)."""
     xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if center:
         xf = xf - xf.mean(-1, keepdim=True)

@@ -3,8 +3,8 @@
 import torch
 
 from .bert import BERT
-from .common import (_NO_MATCH, ACTIVATIONS, ActivationReplacement, FamilyMap, GLUMLPReplacement, GLUSpec, LayerNormReplacement,
-                     RMSNormReplacement, RMSNormSpec, UnsupportedModelError, activation_name)
+from .common import (_NO_MATCH, ACTIVATIONS, ActivationReplacement, FamilyMap, GLUMLPReplacement, GLUSpec,
+                     LayerNormReplacement, RMSNormReplacement, RMSNormSpec, UnsupportedModelError, activation_name)
 from .gemma import GEMMA, GEMMA2, GEMMA3
 from .generic import AnyActivationReplacement, MLPReplacement, MLPSpec, NormReplacement, NormSpec, linear_dims
 from .gpt2 import GPT2
@@ -81,5 +81,5 @@ def replacement_for(module, family):
 
 
 __all__ = ["FAMILIES", "FamilyMap", "GLUSpec", "RMSNormSpec", "UnsupportedModelError", "family_for", "ACTIVATIONS",
-           "VisionParts", "is_vision_language", "vision_parts", "MLPSpec", "NormSpec", "replacement_for", "replacements_for", "REPLACEMENTS",
-           "linear_dims"]
+           "VisionParts", "is_vision_language", "vision_parts", "MLPSpec", "NormSpec", "replacement_for",
+           "replacements_for", "REPLACEMENTS", "linear_dims"]

@@ -20,7 +20,6 @@ attnlrp_fast/rules.py and the fused ops; this file only wires modules to them.
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from attnlrp_fast.bindings import activation, glu_product, layer_norm, rms_norm
 from attnlrp_fast.rules import GammaLinear

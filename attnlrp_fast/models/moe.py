@@ -11,8 +11,9 @@ replacement computes the same thing expert by expert under the rules:
   routing weight * output      the uniform rule (as for Mixtral)
 On the meta device (af.estimate_memory) the routing has no values and the worst case stands in (_assignments).
 The router's choice of experts is taken as made (no gradient flows through the top-k selection; the routing weights'
-own gradient flows through the router's softmax or sigmoid unchanged). A shared expert gated by sigmoid(gate(x)) (Qwen2-MoE
-style: the block's shared_expert_gate) takes the uniform rule on that product: half of the gradient to each factor.
+own gradient flows through the router's softmax or sigmoid unchanged). A shared expert gated by sigmoid(gate(x))
+(Qwen2-MoE style: the block's shared_expert_gate) takes the uniform rule on that product: half of the gradient to
+each factor.
 """
 
 import torch

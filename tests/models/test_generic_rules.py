@@ -392,7 +392,7 @@ def test_attention_modules_with_code_of_their_own_take_the_rules():
     model = tf.LongT5ForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(13)
     ids, dec = torch.randint(2, 61, (1, 12), generator=g), torch.randint(2, 61, (1, 4), generator=g)
-    with af.lrp(model) as h:
+    with af.lrp(model):
         wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "LongT5LocalAttention"
                    and "forward" in m.__dict__]
     assert wrapped
