@@ -38,7 +38,7 @@ _SUSPICIOUS_ENDINGS = ("norm", "mlp", "moe", "experts", "expert", "moeblock", "m
 # token mixers other than attention, which have products of input-dependent factors and no rule here: state-space
 # layers, linear attention, gated short convolutions, recurrent cells
 _NO_RULE_MIXERS = ("mamba", "mixer", "deltanet", "shortconv", "shortconvolution", "linearattention", "lightning",
-                   "rwkv", "recurrent", "lstm", "rglru")
+                   "rwkv", "recurrent", "lstm", "rglru", "moa")   # (moa: JetMoE's mixture of attention heads)
 _UNSET = object()
 
 
@@ -96,7 +96,9 @@ class LRPHandle:
                     continue
                 self._specs[cls] = self._first_fitting(name, module, found)
             replacement, spec = self._specs[cls]
-            self._set_forward(name, module, replacement.forward(module, spec, lrp, self.backend), replacement.kind)
+            forward = _own_code(name, module, lrp, self.backend) if replacement is OWN_CODE else \
+                replacement.forward(module, spec, lrp, self.backend)
+            self._set_forward(name, module, forward, replacement.kind)
         if lrp:
             self._apply_shared_expert_gates()
         if self.gamma is not None:
@@ -124,7 +126,8 @@ class LRPHandle:
             self._patches.set(module, RULE_ATTR, self.rule)
         attention_backend(model, self.backend, self._patches)
         innermost = _innermost(modules)
-        own = [m for m in innermost if not _calls_interface(m)]
+        own = [m for m in innermost if not _calls_interface(m)
+               and not any(w in type(m).__name__.lower() for w in _NO_RULE_MIXERS)]   # (linear attention: refused)
         for module in own if self.rule != "grad" else ():   # attention in code of their own (LongT5's local
             self._patches.set(module, _forward_attr(module),  # attention, Pegasus-X's global-local): the rules there
                               wrap_forward(getattr(module, _forward_attr(module)), self.rule, self.backend))
@@ -181,9 +184,13 @@ class LRPHandle:
         for i, (replacement, spec) in enumerate(found):
             try:
                 return replacement, self._checked_spec(name, module, replacement, spec)
-            except UnsupportedModelError:
-                if i == len(found) - 1 or not self.family.name.startswith("generic"):
+            except UnsupportedModelError as e:
+                if not self.family.name.startswith("generic"):
                     raise
+                if i == len(found) - 1:
+                    if "in its own forward" in str(e) or not _own_code_eligible(module):
+                        raise
+                    return OWN_CODE, None   # a norm or experts module of no form: its own code under the rules
         raise AssertionError("unreachable")
 
     def _checked_spec(self, name, module, replacement, spec):
@@ -249,6 +256,7 @@ class LRPHandle:
         """Norm, MLP and expert modules the map neither patched nor knows as linear containers would carry
         unchecked rules: refuse them."""
         missing = []
+        lrp = self.rule != "grad"
         attention = set(map(id, attention_modules(self.model)))
         experts = [n for n, what in self.patched.items() if what == "experts"]
         for name, module in self.model.named_modules():
@@ -264,6 +272,9 @@ class LRPHandle:
                 continue   # a layer or a whole model (Qwen2MoeDecoderLayer): its parts are checked one by one
             if any(e.startswith(name + ".") for e in experts):
                 continue   # a MoE block around patched experts: route, weight (uniform rule), sum
+            if _own_code_eligible(module):   # its own code under the rules, operation by operation
+                self._set_forward(name, module, _own_code(name, module, lrp, self.backend), OWN_CODE.kind)
+                continue
             missing.append(f"{name} ({cls})")
         if missing:
             raise UnsupportedModelError(
@@ -321,6 +332,42 @@ def lrp(model, rule="attnlrp", *, backend=None, gamma=None, family=None) -> LRPH
     family: an af.FamilyMap naming this model's module classes, for a model the built-in maps and the generic
     rules do not cover (it replaces the built-in map; its replacements are checked like those)."""
     return LRPHandle(model, rule, backend=backend, gamma=gamma, family=family)
+
+
+class _OwnCode:
+    """A norm, MLP, experts or mixture-of-experts module that no reading computes: its own forward under the rules,
+    operation by operation (models/eager_rules.py, strict: an operation with no rule is refused, naming the module and
+    the operation, when it runs). _own_code builds the forward."""
+    kind = "own code"
+
+
+OWN_CODE = _OwnCode()
+
+
+def _own_code(name, module, lrp, backend):
+    own = getattr(module, _forward_attr(module))
+    if not lrp:
+        return own
+    ruled = wrap_forward(own, "attnlrp", backend, elementwise=True, module=module)
+
+    def forward(*args, **kwargs):
+        try:
+            return ruled(*args, **kwargs)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{name} ({type(module).__name__}) runs its own code under the rules, and "
+                                        f"there {e}") from None
+    return forward
+
+
+def _own_code_eligible(module):
+    """Norm, MLP, experts and mixture-of-experts modules (not token mixers without a rule: state-space layers,
+    linear attention, recurrent cells), holding no attention module."""
+    lowered = type(module).__name__.lower()
+    if any(w in lowered for w in _NO_RULE_MIXERS):
+        return False
+    if any(type(m).__name__.endswith("Attention") for m in module.modules()):
+        return False
+    return lowered.endswith(_SUSPICIOUS_ENDINGS) or "sparsemoe" in lowered or "mlp" in lowered or "norm" in lowered
 
 
 def _calls_interface(module):

@@ -33,13 +33,17 @@ from torch.overrides import TorchFunctionMode
 
 from .common import UnsupportedModelError
 from attnlrp_fast.patching import Patches
-from attnlrp_fast.rules import half_gradient, identity_activation
+from attnlrp_fast.rules import half_gradient, identity_activation, plain_norm
 
 _PRODUCTS = {torch.matmul, torch.bmm, torch.mul, torch.einsum, torch.baddbmm, torch.Tensor.matmul,
              torch.Tensor.__matmul__, torch.Tensor.bmm, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
              torch.Tensor.baddbmm}
 _SOFTMAX = {torch.softmax, F.softmax, torch.Tensor.softmax}
 # element-wise nonlinearities (identity rule with elementwise=True)
+# normalisers: the identity rule holds them constant (their output detached); inline norms through plain_norm
+_NORMALISERS = {torch.norm, torch.Tensor.norm, torch.linalg.vector_norm, torch.linalg.norm, torch.rsqrt,
+                torch.Tensor.rsqrt, torch.sqrt, torch.Tensor.sqrt, torch.var, torch.Tensor.var, torch.std,
+                torch.Tensor.std}
 _ELEMENTWISE = {F.silu, F.gelu, F.relu, torch.relu, torch.Tensor.relu, torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid,
                 torch.tanh, torch.Tensor.tanh, F.tanh, F.mish, F.softplus, F.elu, F.selu, F.leaky_relu, F.relu6,
                 F.hardswish, F.hardsigmoid, torch.exp, torch.Tensor.exp, torch.clamp, torch.Tensor.clamp,
@@ -77,13 +81,20 @@ def opaque(forward):
     return run
 
 
+def is_router(module):
+    """A mixture-of-experts router (its softmax or sigmoid keeps its exact gradient, as in models/moe.py)."""
+    lowered = type(module).__name__.lower()
+    return "router" in lowered or "gating" in lowered or lowered.endswith("topkgate")
+
+
 @contextlib.contextmanager
 def replaced_children_opaque(module):
-    """For the duration: every descendant of `module` that af.lrp replaced (an instance forward) runs opaque."""
+    """For the duration: every descendant of `module` that af.lrp replaced (an instance forward), and every router,
+    runs opaque."""
     with Patches() as patches:
         for child in module.modules():
-            if child is not module and "forward" in child.__dict__:
-                patches.set(child, "forward", opaque(child.__dict__["forward"]))
+            if child is not module and ("forward" in child.__dict__ or is_router(child)):
+                patches.set(child, "forward", opaque(child.forward))
         yield
 
 
@@ -111,6 +122,14 @@ class RulesMode(TorchFunctionMode):
         if func in _ELEMENTWISE and args and _grad(args[0]):
             rest = args[1:]
             return identity_activation(args[0], lambda t: func(t, *rest, **kwargs), True)
+        if func in _NORMALISERS:
+            return func(*args, **kwargs).detach()
+        if func in (F.layer_norm, F.rms_norm) and args and _grad(args[0]):
+            return _inline_norm(func, *args, **kwargs)
+        if func is F.normalize and args and _grad(args[0]):
+            x, p, dim = args[0], kwargs.get("p", args[1] if len(args) > 1 else 2.0), kwargs.get("dim", -1)
+            eps = kwargs.get("eps", 1e-12)
+            return x / x.norm(p=p, dim=dim, keepdim=True).clamp_min(eps).detach()
         name = getattr(func, "__name__", "")
         if name in ("div", "__truediv__", "true_divide", "__itruediv__") and len(args) > 1 and _grad(args[1]):
             raise UnsupportedModelError(f"a division by an input-dependent tensor ({name}) has no rule here")
@@ -143,6 +162,17 @@ class RulesMode(TorchFunctionMode):
         elif self.rule == "attnlrp":
             p = half_gradient(p)
         return p @ v
+
+
+def _inline_norm(func, x, normalized_shape, weight=None, bias=None, eps=None):
+    """F.layer_norm / F.rms_norm over the last dim with the identity rule on the normaliser (rules.plain_norm)."""
+    if len(tuple(normalized_shape)) != 1:
+        raise UnsupportedModelError(f"{func.__name__} over {tuple(normalized_shape)} (more than the last dim) has no "
+                                    "rule here")
+    if func is F.rms_norm:
+        bias, eps = None, (weight if isinstance(weight, float) else eps)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return plain_norm(x, weight, bias, eps, center=func is F.layer_norm, lrp=True)
 
 
 def _tensors(args, kwargs):

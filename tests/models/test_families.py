@@ -242,13 +242,13 @@ def test_vit_gamma_rule_applies_where_and_as_asked():
 def test_unknown_architecture_is_refused_with_names():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    class SquaredMLP(torch.nn.Module):  # divides by an input-dependent norm: no rule covers that inline
+    class SquaredMLP(torch.nn.Module):  # a log-sum-exp inline: an operation no rule covers
         def __init__(self, mlp):
             super().__init__()
             self.inner = mlp
 
         def forward(self, x):
-            return self.inner(x) / x.norm(dim=-1, keepdim=True)
+            return self.inner(x) * torch.logsumexp(x, dim=-1, keepdim=True)
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                          num_attention_heads=4, num_key_value_heads=2))

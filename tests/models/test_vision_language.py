@@ -160,13 +160,13 @@ def test_gamma_scope_is_the_vision_encoder_and_unknown_modules_are_refused():
         gamma = [n for n, kind in handle.patched.items() if kind == "gamma_linear"]
         assert len(gamma) == 2 * 6 and all(n.startswith("model.vision_tower.encoder.layers.") for n in gamma)
 
-    class SquaredMLP(torch.nn.Module):     # an inline norm no rule covers, in the vision tower
+    class SquaredMLP(torch.nn.Module):     # a log-sum-exp inline, no rule covers it, in the vision tower
         def __init__(self, mlp):
             super().__init__()
             self.inner = mlp
 
         def forward(self, x):
-            return self.inner(x) / x.norm(dim=-1, keepdim=True)
+            return self.inner(x) * torch.logsumexp(x, dim=-1, keepdim=True)
 
     layer = model.model.vision_tower.encoder.layers[1]
     layer.mlp = SquaredMLP(layer.mlp)
@@ -434,7 +434,7 @@ def test_qwen_vl_lrp_patches_every_part_and_restores(version):
             self.inner = inner
 
         def forward(self, x):
-            return self.inner(x) / x.norm(dim=-1, keepdim=True)
+            return self.inner(x) * torch.logsumexp(x, dim=-1, keepdim=True)
 
     model.model.visual.blocks[1].mlp = SquaredMLP(model.model.visual.blocks[1].mlp)
     with pytest.raises(af.UnsupportedModelError, match=r"visual.blocks.1.mlp \(SquaredMLP\)"):
