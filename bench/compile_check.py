@@ -103,15 +103,18 @@ def hf_layout(B, heads, N, D, dtype):
 
 def attention_cases(dtype, D, masks, autotune, variants, override=None):
     """(label, call) pairs for one dtype, head dim and mask set ("plain", "causal", "all": causal + window + softcap
-    + key padding): the forward in each variant, the backward in each rule and dQ mode."""
+    + key padding; "rel_bias": causal + key padding + a relative bias, T5's or ALiBi's, which the portable forward
+    takes): the forward in each variant, the backward in each rule and dQ mode."""
     from attnlrp_fast.kernels.attention_bwd import attention_bwd
     from attnlrp_fast.kernels.attention_common import CONFIGS, head_dim_block, prune_configs
     from attnlrp_fast.kernels.attention_fwd import attention_fwd
 
     B, H, Hkv, N = 2, 32, 8, 1024
     kw = ({"causal": True, "window": 256, "softcap": 30.0} if masks == "all" else
-          {"causal": True} if masks == "causal" else {})
-    kpm = torch.ones(B, N, dtype=torch.bool) if masks == "all" else None
+          {"causal": True} if masks in ("causal", "rel_bias") else {})
+    if masks == "rel_bias":
+        kw["rel_bias"] = torch.randn(H, 2 * N - 1)
+    kpm = torch.ones(B, N, dtype=torch.bool) if masks in ("all", "rel_bias") else None
     q, k, v = hf_layout(B, H, N, D, dtype), hf_layout(B, Hkv, N, D, dtype), hf_layout(B, Hkv, N, D, dtype)
     o, lse = torch.empty(B, H, N, D, dtype=dtype), torch.empty(B, H, N)
     label = f"{str(dtype)[6:]} D={D} {masks}"
@@ -203,18 +206,18 @@ def record_cases(autotune, quick=False, override=None):
     variants = forward_variants()
     if quick:  # the largest tiles in each dtype class, the benchmark's masks and every flag on
         grid = [(torch.bfloat16, 128, "causal"), (torch.bfloat16, 128, "all"), (torch.bfloat16, 256, "all"),
-                (torch.float32, 64, "all")]
+                (torch.float32, 64, "all"), (torch.bfloat16, 64, "rel_bias")]
     elif autotune:  # every candidate, at the shapes a GPU model runs
         grid = list(itertools.product((torch.bfloat16,), (64, 128, 256), ("causal", "all")))
     else:
         grid = list(itertools.product((torch.bfloat16, torch.float16, torch.float32), (64, 80, 128, 256),
-                                      ("plain", "causal", "all")))
+                                      ("plain", "causal", "all", "rel_bias")))
     cases = []
     for dtype, D, masks in grid:
-        usable = [v for v in variants if v == "portable" or (dtype != torch.float32 and not (v == "hopper" and
-                                                                                          masks == "all"))]
+        usable = [v for v in variants if v == "portable" or (dtype != torch.float32 and masks != "rel_bias" and
+                                                             not (v == "hopper" and masks == "all"))]
         cases += attention_cases(dtype, D, masks, autotune, usable, override)
-        if not autotune and (not quick or (dtype, D) == (torch.bfloat16, 128)):   # quick: the model shapes only
+        if masks != "rel_bias" and not autotune and (not quick or (dtype, D) == (torch.bfloat16, 128)):
             cases += decode_cases(dtype, D, masks)
     norms = [(torch.bfloat16, 4096)] if quick else list(itertools.product((torch.bfloat16, torch.float32), (96, 4096)))
     for dtype, D in norms:

@@ -278,15 +278,15 @@ def softcap_grad_factor(u, t, softcap, RULE: tl.constexpr):
 @triton.jit
 def rel_bias_tile(rb_base, rows, cols, N, M, TRANSPOSED: tl.constexpr):
     """log2(e) * the relative bias of a tile: query i, key j get rel_bias[h, j - i + N - 1] (rb_base: head h's row).
-    rows / cols: query and key indices (TRANSPOSED: key rows and query columns, the backward's dK/dV tile); 0
-    outside the tensors."""
+    rows / cols: query and key indices (TRANSPOSED: key rows and query columns, the backward's dK/dV tile). Lanes
+    past N or M read a clamped offset, a finite value of the vector: those lanes are masked, zero-weighted (LSE +inf)
+    or never stored by the callers, and a clamp holds fewer registers than a mask tile."""
     if TRANSPOSED:
         idx = rows[:, None] - cols[None, :] + (N - 1)
-        ok = (rows < M)[:, None] & (cols < N)[None, :]
     else:
         idx = cols[None, :] - rows[:, None] + (N - 1)
-        ok = (rows < N)[:, None] & (cols < M)[None, :]
-    return tl.load(rb_base + idx, mask=ok, other=0.0).to(tl.float32) * LOG2E
+    idx = tl.minimum(tl.maximum(idx, 0), N + M - 2)
+    return tl.load(rb_base + idx).to(tl.float32) * LOG2E
 
 
 @triton.jit
