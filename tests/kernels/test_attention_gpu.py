@@ -141,3 +141,26 @@ def test_gpu_forward_variants(dtype, variant, feature, D):
     o, lse = attention_fwd(q, k, v, kpm, scale=D ** -0.5, variant=variant, **kw)
     ref = attention_dense(q.double(), k.double(), v.double(), key_padding_mask=kpm, **kw)
     assert rel_err(o, ref) < TOL[dtype], f"{variant}/{feature}/D={D}"
+
+
+@pytest.mark.parametrize("variant", ["rel_bias", "sinks", "v_dim"])
+@pytest.mark.parametrize("rule", ["grad", "attnlrp"])
+def test_gpu_attention_variants(variant, rule):
+    """T5/ALiBi-style relative bias (compiled Triton kernels), attention sinks and a value head dim of its own
+    (MLA), bf16 against the float64 oracle."""
+    g = torch.Generator().manual_seed(7)
+    B, H, Hkv, N, M, D = 2, 8, 2, 700, 731, 64
+    Dv = 32 if variant == "v_dim" else D
+    q, k, v = make_qkv(B, H, Hkv, N, M, D, torch.bfloat16, device="cuda", layout="bnhd", generator=g)
+    if variant == "v_dim":
+        v = torch.randn(B, Hkv, M, Dv, generator=g).to("cuda", torch.bfloat16)
+    kw = {"causal": True, "key_padding_mask": (torch.rand(B, M, generator=g) > 0.2).cuda()}
+    if variant == "rel_bias":
+        kw["rel_bias"] = (torch.randn(H, N + M - 1, generator=g) * 2).cuda()
+    if variant == "sinks":
+        kw["sinks"] = torch.randn(H, generator=g).cuda()
+    do = torch.randn(B, H, N, Dv, generator=g).to("cuda", torch.bfloat16)
+    outs = run_attention(af.attention, q, k, v, do, rule=rule, **kw)
+    refs = dense_reference(q, k, v, do, rule=rule, **{k_: (t.double() if k_ in ("rel_bias", "sinks") else t)
+                                                      for k_, t in kw.items()})
+    assert_close_all(outs, refs, TOL[torch.bfloat16], f"{variant}/{rule}")
