@@ -445,15 +445,21 @@ def _part_embeddings(model, getter):
 
 def _check_embedded(model, capture, input_ids, decoder):
     """The captured embeddings are those of the tokens given (LED, which pads its input to its attention window and
-    embeds the padding in a call of its own, is refused: which call holds the tokens cannot be told)."""
+    embeds the padding in a call of its own, is refused: which call holds the tokens cannot be told). True when the
+    model embeds sequence-first, (N, B, D) (XLNet)."""
     pairs = [] if capture.merged is not None or input_ids is None else [(capture.embeds, input_ids, "input")]
     if decoder is not None:
         pairs.append((capture.decoder_embeds, decoder[0], "decoder input"))
+    seq_first = bool(pairs) and pairs[0][0] is not None and decoder is None and input_ids.shape[0] != \
+        input_ids.shape[1] and tuple(pairs[0][0].shape[:2]) == tuple(input_ids.shape)[::-1]
+    if seq_first:
+        return True
     for emb, ids, what in pairs:
         if emb is None or tuple(emb.shape[:2]) != tuple(ids.shape):
             got = "nothing" if emb is None else f"{tuple(emb.shape[:2])} embedded"
             raise UnsupportedModelError(f"{type(model).__name__}: its {what} embedding ran on other tokens than the "
                                         f"{tuple(ids.shape)} given ({got}): the tokens' relevance cannot be read there")
+    return False
 
 
 def _model_forward(model, kwargs):
@@ -494,7 +500,7 @@ def _explain(model, handle, req: Request) -> Explanation:
             capture.frozen = True
             scored = _target_score(model, req, outputs, positions, kept)
             inputs = capture.inputs(req.latent)
-            _check_embedded(model, capture, input_ids, req.decoder)
+            seq_first = _check_embedded(model, capture, input_ids, req.decoder)
             if rows is not None:
                 req.reasoning.check_target(scored.positions)
                 z = rows.logits(input_ids, handle.final_logit_softcap if handle.rule == "grad" else None)
@@ -512,6 +518,8 @@ def _explain(model, handle, req: Request) -> Explanation:
         if rows is not None:
             rows.remove()
     rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
+    if seq_first:   # (XLNet embeds (N, B, D): the relevance comes back as (B, N))
+        rel[0] = rel[0].transpose(0, 1)
     fields = {} if per_target is None else {"target_relevance": per_target}
     if req.decoder is not None:
         fields["decoder_relevance"] = rel[-1].sum(-1)

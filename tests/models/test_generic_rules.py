@@ -358,10 +358,11 @@ def test_attention_in_the_models_own_code_takes_the_rules(rule, impl, monkeypatc
     assert rel_err(own, grad) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["gpt_neo", "bloom", "falcon"])
+@pytest.mark.parametrize("name", ["gpt_neo", "bloom", "falcon", "xlnet"])
 def test_families_outside_the_attention_interface_explain(name):
-    """GPT-Neo (eager matmuls), BLOOM (ALiBi through baddbmm, an MLP that adds its residual) and Falcon (SDPA):
-    finite, not gradient x input, the model restored, CP-LRP different again."""
+    """GPT-Neo (eager matmuls), BLOOM (ALiBi through baddbmm, an MLP that adds its residual), Falcon (SDPA) and
+    XLNet (einsum, sequence-first embeddings): finite, one value per token, not gradient x input, the model restored,
+    CP-LRP different again."""
     torch.manual_seed(0)
     config, cls = {
         "gpt_neo": (tf.GPTNeoConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, max_position_embeddings=64,
@@ -371,6 +372,8 @@ def test_families_outside_the_attention_interface_explain(name):
                   tf.BloomForCausalLM),
         "falcon": (tf.FalconConfig(vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                    max_position_embeddings=64, initializer_range=0.3), tf.FalconForCausalLM),
+        "xlnet": (tf.XLNetConfig(vocab_size=61, d_model=32, n_layer=2, n_head=4, d_inner=48, initializer_range=0.3),
+                  tf.XLNetLMHeadModel),
     }[name]
     model = cls(config).eval()
     ids = torch.randint(3, 61, (1, 9), generator=torch.Generator().manual_seed(12))
@@ -378,7 +381,7 @@ def test_families_outside_the_attention_interface_explain(name):
     e = af.explain(model, ids, backend="torch").relevance
     cp = af.explain(model, ids, rule="cp", backend="torch").relevance
     grad = af.explain(model, ids, rule="grad", backend="torch").relevance
-    assert torch.isfinite(e).all() and rel_err(e, grad) > 1e-3 and rel_err(cp, e) > 1e-3
+    assert e.shape == ids.shape and torch.isfinite(e).all() and rel_err(e, grad) > 1e-3 and rel_err(cp, e) > 1e-3
     assert torch.equal(model(ids).logits, before)
 
 
