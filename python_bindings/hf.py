@@ -232,11 +232,14 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
     if isinstance(attention_mask, KernelMask):
         kpm, segment_ids, key_limit = attention_mask.key_padding_mask, attention_mask.segment_ids, attention_mask.key_limit
     elif attention_mask is not None:
+        if attention_mask.dim() == 4:   # a mask the model built itself (Doge, Switch Transformers): it is N x M already
+            return _dense_with_mask(module, query, key, value, attention_mask, scaling, softcap, sinks=kwargs.get(
+                "s_aux"), rel_bias=_relative_bias(module, kwargs.get("position_bias"), query.shape[2], key.shape[2],
+                                                  query.device))
         if attention_mask.dim() != 2:
             raise NotImplementedError(
                 f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
-                f"mask its own mask function makes, and {type(module).__name__} passed one built otherwise (by the "
-                "model itself, or for another attn_implementation)")
+                f"mask its own mask function makes, and {type(module).__name__} passed one built otherwise")
         kpm = attention_mask.to(torch.bool)
     position_ids = kwargs.get("position_ids")
     if torch.compiler.is_compiling() and kpm is None and isinstance(position_ids, torch.Tensor) \
@@ -257,6 +260,46 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
                     key_padding_mask=kpm, rule=getattr(module, RULE_ATTR, "grad"),
                     backend=getattr(module, BACKEND_ATTR, None), sinks=sinks, rel_bias=rel_bias, **extra)
     return out.transpose(1, 2).contiguous(), None   # (B, N, H, D) as the other implementations return it
+
+
+def _scaled_grad(x, factor):
+    return x * factor + (x * (1.0 - factor)).detach()
+
+
+def _dense_with_mask(module, q, k, v, mask, scaling, softcap, sinks=None, rel_bias=None):
+    """Attention with a 4-D mask the model built itself (bool, True = visible, or additive), as its own eager code
+    would compute it (the mask is N x M already), with the module's rule in autograd: AttnLRP halves Q, K, V and P's
+    gradients (dQ = dK = 1/4, dV = 1/2, kernels/rules.py), the softcap's tanh under the identity rule; CP-LRP holds
+    P constant. -> ((B, N, H, Dv), None), as attnlrp_fast_attention returns."""
+    from ..kernels.rules import SOFTCAP_IDENTITY
+
+    rule = getattr(module, RULE_ATTR, "grad")
+    B, H, N, _ = q.shape
+    if k.shape[1] != H:
+        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    if rule == "attnlrp":
+        q, k, v = _scaled_grad(q, 0.5), _scaled_grad(k, 0.5), _scaled_grad(v, 0.5)
+    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+    u = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if softcap:
+        capped = softcap * torch.tanh(u / softcap)
+        s = u * (capped / torch.where(u == 0, torch.ones_like(u), u)).detach() if rule in SOFTCAP_IDENTITY else capped
+    else:
+        s = u
+    if rel_bias is not None:
+        offsets = torch.arange(k.shape[2], device=q.device)[None, :] - torch.arange(N, device=q.device)[:, None]
+        s = s + rel_bias[:, offsets + N - 1][None]
+    # (as transformers' eager attention: a finite minimum, so a row that sees nothing is no NaN)
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask.float()
+    if sinks is not None:
+        s = torch.cat([s, sinks.float()[None, :, None, None].expand(B, H, N, 1)], dim=-1)
+    p = torch.softmax(s, dim=-1)
+    p = p[..., :k.shape[2]] if sinks is not None else p
+    if rule == "cp":
+        p = p.detach()
+    elif rule == "attnlrp":
+        p = _scaled_grad(p, 0.5)
+    return (p.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
 
 
 def _relative_bias(module, position_bias, N, M, device):
