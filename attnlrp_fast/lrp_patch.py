@@ -126,11 +126,10 @@ class LRPHandle:
             self._patches.set(module, RULE_ATTR, self.rule)
         attention_backend(model, self.backend, self._patches)
         innermost = _innermost(modules)
-        own = [m for m in innermost if not _calls_interface(m)
-               and not any(w in type(m).__name__.lower() for w in _NO_RULE_MIXERS)]   # (linear attention: refused)
-        for module in own if self.rule != "grad" else ():   # attention in code of their own (LongT5's local
-            self._patches.set(module, _forward_attr(module),  # attention, Pegasus-X's global-local): the rules there
-                              wrap_forward(getattr(module, _forward_attr(module)), self.rule, self.backend))
+        # attention in code of its own (LongT5's local attention, Pegasus-X's global-local): the rules there; linear
+        # attention stays refused (by the watch below)
+        own = [m for m in innermost if not _calls_interface(m) and not _no_rule_mixer(m)]
+        self._attention_under_rules(own)
         self._watch_attention([m for m in innermost if all(m is not o for o in own)])
         if not modules:
             raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
@@ -142,10 +141,15 @@ class LRPHandle:
         if not modules:
             raise UnsupportedModelError(f"{type(self.model).__name__}: no attention module found")
         self.eager_attention = True
-        if self.rule != "grad":
-            for module in modules:
-                self._patches.set(module, _forward_attr(module),
-                                  wrap_forward(getattr(module, _forward_attr(module)), self.rule, self.backend))
+        self._attention_under_rules(modules)
+
+    def _attention_under_rules(self, modules):
+        """These attention modules run their own code under the rule, operation by operation (eager_rules.py)."""
+        if self.rule == "grad":
+            return
+        for module in modules:
+            attr = _forward_attr(module)
+            self._patches.set(module, attr, wrap_forward(getattr(module, attr), self.rule, self.backend))
 
     def _watch_attention(self, modules):
         """Hooks on these (innermost) attention modules: one that runs without the engine being called computed its
@@ -264,8 +268,7 @@ class LRPHandle:
             lowered = cls.lower()
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 continue   # affine in eval mode (running statistics)
-            suspicious = lowered.endswith(_SUSPICIOUS_ENDINGS) or "sparsemoe" in lowered or "mlp" in lowered \
-                or (any(w in lowered for w in _NO_RULE_MIXERS) and linear_dims(module) is None)
+            suspicious = _needs_rule(lowered) or (_no_rule_mixer(module) and linear_dims(module) is None)
             if not suspicious or name in self.patched or cls in self.family.containers:
                 continue
             if any(id(m) in attention for m in module.modules()):
@@ -362,12 +365,21 @@ def _own_code(name, module, lrp, backend):
 def _own_code_eligible(module):
     """Norm, MLP, experts and mixture-of-experts modules (not token mixers without a rule: state-space layers,
     linear attention, recurrent cells), holding no attention module."""
+    if _no_rule_mixer(module) or any(type(m).__name__.endswith("Attention") for m in module.modules()):
+        return False
     lowered = type(module).__name__.lower()
-    if any(w in lowered for w in _NO_RULE_MIXERS):
-        return False
-    if any(type(m).__name__.endswith("Attention") for m in module.modules()):
-        return False
-    return lowered.endswith(_SUSPICIOUS_ENDINGS) or "sparsemoe" in lowered or "mlp" in lowered or "norm" in lowered
+    return _needs_rule(lowered) or "norm" in lowered
+
+
+def _needs_rule(lowered):
+    """Whether a (lower-cased) class name is a norm's, an MLP's or a mixture of experts' (they need a rule, or a map
+    naming them linear containers)."""
+    return lowered.endswith(_SUSPICIOUS_ENDINGS) or "sparsemoe" in lowered or "mlp" in lowered
+
+
+def _no_rule_mixer(module):
+    """A token mixer other than attention without a rule here (_NO_RULE_MIXERS)."""
+    return any(w in type(module).__name__.lower() for w in _NO_RULE_MIXERS)
 
 
 def _calls_interface(module):

@@ -233,9 +233,10 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
         kpm, segment_ids, key_limit = attention_mask.key_padding_mask, attention_mask.segment_ids, attention_mask.key_limit
     elif attention_mask is not None:
         if attention_mask.dim() == 4:   # a mask the model built itself (Doge, Switch Transformers): it is N x M already
-            return _dense_with_mask(module, query, key, value, attention_mask, scaling, softcap, sinks=kwargs.get(
-                "s_aux"), rel_bias=_relative_bias(module, kwargs.get("position_bias"), query.shape[2], key.shape[2],
-                                                  query.device))
+            out = dense_attention(query, key, value, rule=getattr(module, RULE_ATTR, "grad"), scale=scaling,
+                                  mask=attention_mask, softcap=softcap, sinks=sinks, rel_bias=rel_bias,
+                                  fill=torch.finfo(torch.float32).min)
+            return out.transpose(1, 2).contiguous(), None
         if attention_mask.dim() != 2:
             raise NotImplementedError(
                 f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
@@ -266,40 +267,44 @@ def _scaled_grad(x, factor):
     return x * factor + (x * (1.0 - factor)).detach()
 
 
-def _dense_with_mask(module, q, k, v, mask, scaling, softcap, sinks=None, rel_bias=None):
-    """Attention with a 4-D mask the model built itself (bool, True = visible, or additive), as its own eager code
-    would compute it (the mask is N x M already), with the module's rule in autograd: AttnLRP halves Q, K, V and P's
-    gradients (dQ = dK = 1/4, dV = 1/2, kernels/rules.py), the softcap's tanh under the identity rule; CP-LRP holds
-    P constant. -> ((B, N, H, Dv), None), as attnlrp_fast_attention returns."""
+def dense_attention(q, k, v, *, rule, scale=None, mask=None, causal=False, softcap=None, sinks=None, rel_bias=None,
+                    fill=float("-inf")):
+    """Attention computed densely, for calls that bring an N x M mask of their own (a 4-D mask a model built itself;
+    scaled_dot_product_attention with a mask, in code a model runs itself: models/eager_rules.py), with `rule` in
+    autograd: AttnLRP halves Q, K, V and P's gradients (dQ = dK = 1/4, dV = 1/2, kernels/rules.py) and puts the
+    softcap's tanh under the identity rule; CP-LRP holds P constant. q (..., H, N, D), k/v (..., Hkv, M, D); mask:
+    bool (True = visible, hidden keys get `fill`) or additive; causal: queries aligned to the end of the keys; the
+    scores in float32 at least. -> (..., H, N, Dv) in v's dtype."""
     from ..kernels.rules import SOFTCAP_IDENTITY
 
-    rule = getattr(module, RULE_ATTR, "grad")
-    B, H, N, _ = q.shape
-    if k.shape[1] != H:
-        k, v = (t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    H, N, M = q.shape[-3], q.shape[-2], k.shape[-2]
+    if k.shape[-3] != H:
+        k, v = (t.repeat_interleave(H // t.shape[-3], dim=-3) for t in (k, v))
     if rule == "attnlrp":
         q, k, v = _scaled_grad(q, 0.5), _scaled_grad(k, 0.5), _scaled_grad(v, 0.5)
-    scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-    u = (q.float() @ k.float().transpose(-1, -2)) * scale
+    ct = torch.promote_types(q.dtype, torch.float32)
+    u = (q.to(ct) @ k.to(ct).transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if softcap:
         capped = softcap * torch.tanh(u / softcap)
         s = u * (capped / torch.where(u == 0, torch.ones_like(u), u)).detach() if rule in SOFTCAP_IDENTITY else capped
     else:
         s = u
     if rel_bias is not None:
-        offsets = torch.arange(k.shape[2], device=q.device)[None, :] - torch.arange(N, device=q.device)[:, None]
-        s = s + rel_bias[:, offsets + N - 1][None]
-    # (as transformers' eager attention: a finite minimum, so a row that sees nothing is no NaN)
-    s = s.masked_fill(~mask, torch.finfo(s.dtype).min) if mask.dtype == torch.bool else s + mask.float()
+        offsets = torch.arange(M, device=q.device)[None, :] - torch.arange(N, device=q.device)[:, None]
+        s = s + rel_bias.to(ct)[:, offsets + N - 1]
+    if causal:
+        s = s.masked_fill(torch.ones(N, M, dtype=torch.bool, device=s.device).tril(M - N).logical_not(), fill)
+    if mask is not None:
+        s = s.masked_fill(~mask, fill) if mask.dtype == torch.bool else s + mask.to(ct)
     if sinks is not None:
-        s = torch.cat([s, sinks.float()[None, :, None, None].expand(B, H, N, 1)], dim=-1)
+        s = torch.cat([s, sinks.to(ct)[:, None, None].expand(*s.shape[:-1], 1)], dim=-1)
     p = torch.softmax(s, dim=-1)
-    p = p[..., :k.shape[2]] if sinks is not None else p
+    p = p[..., :M] if sinks is not None else p
     if rule == "cp":
         p = p.detach()
     elif rule == "attnlrp":
         p = _scaled_grad(p, 0.5)
-    return (p.to(v.dtype) @ v).transpose(1, 2).contiguous(), None
+    return p.to(v.dtype) @ v
 
 
 def _relative_bias(module, position_bias, N, M, device):

@@ -141,27 +141,11 @@ class RulesMode(TorchFunctionMode):
 
     def _sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **_):
         from attnlrp_fast.bindings.attention import attention
+        from attnlrp_fast.bindings.hf import dense_attention
 
         if attn_mask is None and q.shape[-1] == k.shape[-1] and q.dim() == 4:
             return attention(q, k, v, causal=bool(is_causal), scale=scale, rule=self.rule, backend=self.backend)
-        if k.shape[-3] != q.shape[-3]:
-            k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        if self.rule == "attnlrp":
-            q, k, v = half_gradient(q), half_gradient(k), half_gradient(v)
-        s = (q @ k.transpose(-1, -2)) * scale
-        if is_causal:
-            n, m = s.shape[-2], s.shape[-1]
-            s = s.masked_fill(torch.ones(n, m, dtype=torch.bool, device=s.device).tril(m - n).logical_not(),
-                              float("-inf"))
-        if attn_mask is not None:
-            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
-        p = torch.softmax(s.float(), dim=-1).to(q.dtype)
-        if self.rule == "cp":
-            p = p.detach()
-        elif self.rule == "attnlrp":
-            p = half_gradient(p)
-        return p @ v
+        return dense_attention(q, k, v, rule=self.rule, scale=scale, mask=attn_mask, causal=bool(is_causal))
 
 
 def _inline_norm(func, x, normalized_shape, weight=None, bias=None, eps=None):
