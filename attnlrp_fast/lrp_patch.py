@@ -27,6 +27,7 @@ from attnlrp_fast.models.eager_rules import wrap_forward
 from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacements_for
 from attnlrp_fast.models.common import gamma_linear_forward
 from attnlrp_fast.models.moe import gated_shared_experts
+from attnlrp_fast.models.recurrent import is_recurrent, recurrent_forward
 from attnlrp_fast.patching import Patches
 from attnlrp_fast.rules import half_gradient
 from attnlrp_fast.selfcheck import rel_err
@@ -38,7 +39,7 @@ _SUSPICIOUS_ENDINGS = ("norm", "mlp", "moe", "experts", "expert", "moeblock", "m
 # token mixers other than attention, which have products of input-dependent factors and no rule here: state-space
 # layers, linear attention, gated short convolutions, recurrent cells
 _NO_RULE_MIXERS = ("mamba", "mixer", "deltanet", "shortconv", "shortconvolution", "linearattention", "lightning",
-                   "rwkv", "recurrent", "lstm", "rglru", "moa")   # (moa: JetMoE's mixture of attention heads)
+                   "recurrent", "lstm", "rglru", "moa")   # (moa: JetMoE's mixture of attention heads)
 _UNSET = object()
 
 
@@ -90,6 +91,11 @@ class LRPHandle:
         # the norms and activations inside it already replaced
         for name, module in reversed(list(model.named_modules())):
             cls = type(module).__name__
+            if is_recurrent(module):   # a state-space layer, delta-rule or RWKV mixer: MambaLRP (models/recurrent.py)
+                own = getattr(module, _forward_attr(module))
+                self._set_forward(name, module, recurrent_forward(name, module, own, self.backend) if lrp else own,
+                                  "recurrence")
+                continue
             if cls not in self._specs:
                 found = replacements_for(module, self.family)
                 if not found:
@@ -121,7 +127,7 @@ class LRPHandle:
             return
         self._attn = _attn_tree(model.config)
         model.set_attn_implementation(NAME)
-        modules = attention_modules(model)
+        modules = _attention_modules(model)
         for module in modules:
             self._patches.set(module, RULE_ATTR, self.rule)
         attention_backend(model, self.backend, self._patches)
@@ -131,17 +137,21 @@ class LRPHandle:
         own = [m for m in innermost if not _calls_interface(m) and not _no_rule_mixer(m)]
         self._attention_under_rules(own)
         self._watch_attention([m for m in innermost if all(m is not o for o in own)])
-        if not modules:
-            raise UnsupportedModelError(f"{type(model).__name__}: no attention module found")
+        self._check_has_mixer(modules)
 
     def _eager_attention(self):
         """A model whose attention does not go through transformers' AttentionInterface: its innermost attention
         modules run their own code under the rules (eager_rules.py); memory is then what that code takes."""
-        modules = _innermost(attention_modules(self.model))
-        if not modules:
-            raise UnsupportedModelError(f"{type(self.model).__name__}: no attention module found")
+        modules = _innermost(_attention_modules(self.model))
+        self._check_has_mixer(modules)
         self.eager_attention = True
         self._attention_under_rules(modules)
+
+    def _check_has_mixer(self, attention):
+        """UnsupportedModelError for a model with neither attention nor a recurrent mixer (models/recurrent.py)."""
+        if not attention and not any(is_recurrent(m) for m in self.model.modules()):
+            raise UnsupportedModelError(f"{type(self.model).__name__}: no attention module found (nor a state-space, "
+                                        "delta-rule or RWKV mixer)")
 
     def _attention_under_rules(self, modules):
         """These attention modules run their own code under the rule, operation by operation (eager_rules.py)."""
@@ -261,7 +271,9 @@ class LRPHandle:
         unchecked rules: refuse them."""
         missing = []
         lrp = self.rule != "grad"
-        attention = set(map(id, attention_modules(self.model)))
+        # attention modules and recurrent mixers: a module holding one (a layer, a whole model) has its parts checked
+        attention = set(map(id, attention_modules(self.model))) | \
+            {id(m) for m in self.model.modules() if is_recurrent(m)}
         experts = [n for n, what in self.patched.items() if what == "experts"]
         for name, module in self.model.named_modules():
             cls = type(module).__name__
@@ -389,6 +401,12 @@ def _calls_interface(module):
     except (OSError, TypeError):
         return True
     return "ATTENTION_FUNCTIONS" in source or "attention_interface" in source
+
+
+def _attention_modules(model):
+    """The model's attention modules (bindings/hf.py), less the recurrent mixers among them (RWKV's "attention":
+    its rule is models/recurrent.py's)."""
+    return [m for m in attention_modules(model) if not is_recurrent(m)]
 
 
 def _innermost(modules):

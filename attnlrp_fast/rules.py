@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from attnlrp_fast.kernels.rules import ATTENTION_FACTORS, RULES, SOFTCAP_IDENTITY
 
 __all__ = ["Rule", "INDEX", "RULES", "ATTENTION_FACTORS", "SOFTCAP_IDENTITY", "half_gradient", "uniform_product",
-           "identity_activation", "split_product", "plain_norm", "GammaLinear", "final_softcap_identity",
+           "identity_activation", "split_product", "gated_split", "plain_norm", "GammaLinear", "final_softcap_identity",
            "cosine_norm_identity", "rule_for"]
 
 
@@ -67,9 +67,10 @@ INDEX = (
          "experts", "AttnLRP sec. 3.3", "g_in = g_out f(x) / x (0 where x = 0)",
          "rules.py identity_activation (plain torch), used by models/generic.py and models/moe.py"),
     Rule("uniform (gated product, any)", "f(gate) * h(up) for element-wise f, h (experts' own gate functions: "
-         "clamped SwiGLU, GPT-OSS's (up + 1) * glu)", "AttnLRP Prop. 3.2 with the identity rule on f and h",
+         "clamped SwiGLU, GPT-OSS's (up + 1) * glu; torch's GLU a * sigmoid(b))",
+         "AttnLRP Prop. 3.2 with the identity rule on f and h",
          "each factor x_k gets g_z z / (2 x_k): half of z's relevance each", "rules.py split_product, used by "
-         "models/moe.py"),
+         "models/moe.py; gated_split (nn.GLU / F.glu), used by models/generic.py and models/eager_rules.py"),
     Rule("uniform (GLU)", "act(gate) * up in GLU MLPs", "AttnLRP Prop. 3.2 with the identity rule on act",
          "dgate = 1/2 g up act(gate)/gate, dup = 1/2 g act(gate)", "kernels/glu.py, bindings/glu.py glu_product"),
     Rule("uniform (routing)", "routing weight * expert output in mixture-of-experts layers", "AttnLRP Prop. 3.2",
@@ -126,6 +127,13 @@ def split_product(z, factors, lrp):
     for x in factors:
         out = out + (x - x.detach()) * (_ratio(value, x) / len(factors)).to(x.dtype)
     return out
+
+
+def gated_split(x, dim, lrp):
+    """torch's GLU (nn.GLU, F.glu): a * sigmoid(b) for the halves a, b of x along `dim`; under LRP the uniform rule on
+    the product with the identity rule on the sigmoid (split_product): each half gets half of the output's relevance."""
+    a, b = x.chunk(2, dim=dim)
+    return split_product(a * torch.sigmoid(b), (a, b), lrp)
 
 
 def plain_norm(x, weight, bias, eps, *, center, offset=0.0, lrp, out_dtype=None, l2=False):

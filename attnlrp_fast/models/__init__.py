@@ -6,7 +6,8 @@ from .bert import BERT
 from .common import (_NO_MATCH, ACTIVATIONS, ActivationReplacement, FamilyMap, GLUMLPReplacement, GLUSpec,
                      LayerNormReplacement, RMSNormReplacement, RMSNormSpec, UnsupportedModelError, activation_name)
 from .gemma import GEMMA, GEMMA2, GEMMA3
-from .generic import AnyActivationReplacement, MLPReplacement, MLPSpec, NormReplacement, NormSpec, linear_dims
+from .generic import (AnyActivationReplacement, GatedSplitReplacement, MLPReplacement, MLPSpec, NormReplacement,
+                      NormSpec, linear_dims)
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .llava import VLM_TYPES, VisionParts, is_vision_language, llava_family, vision_parts
@@ -60,7 +61,8 @@ def generic_family(model, model_type) -> FamilyMap:
 
 # In the order replacement_for tries them on each module: the family map's kinds, then the generic ones.
 REPLACEMENTS = (RMSNormReplacement(), LayerNormReplacement(), GLUMLPReplacement(), ExpertsReplacement(),
-                MLPReplacement(), NormReplacement(), ActivationReplacement(), AnyActivationReplacement())
+                MLPReplacement(), NormReplacement(), ActivationReplacement(), GatedSplitReplacement(),
+                AnyActivationReplacement())
 
 
 def replacements_for(module, family):

@@ -15,7 +15,8 @@ Inside those modules' forward (and only there) a torch function mode rewrites wh
       softmax(Q K^T scale + mask) V with the rules above;
   with elementwise=True: an element-wise nonlinearity of an input-dependent tensor (SiLU, GELU, ReLU, sigmoid, tanh,
       powers, clamps, exp, ...) -> the identity rule (rules.identity_activation); linear and structural operations
-      (linear layers, sums, scaling by constants, views, concatenation, dropout) -> unchanged; anything else on an
+      (linear layers, convolutions, sums, cumulative sums, zero padding, scaling by constants, views, concatenation,
+      dropout, solving A X = B for a constant A) -> unchanged; anything else on an
       input-dependent tensor (a division by one, a norm computed inline, ...) -> UnsupportedModelError naming it.
 Tensors that do not depend on the input (masks, ALiBi or position biases, rotary cos/sin, frozen weights) do not
 require grad and are left alone, so a product with them keeps its exact gradient (the epsilon rule). Modules inside
@@ -33,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .common import UnsupportedModelError
 from attnlrp_fast.patching import Patches
-from attnlrp_fast.rules import half_gradient, identity_activation, plain_norm
+from attnlrp_fast.rules import gated_split, half_gradient, identity_activation, plain_norm
 
 _PRODUCTS = {torch.matmul, torch.bmm, torch.mul, torch.einsum, torch.baddbmm, torch.Tensor.matmul,
              torch.Tensor.__matmul__, torch.Tensor.bmm, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__,
@@ -61,7 +62,10 @@ _LINEAR_NAMES = {
     "new_empty", "new_ones", "copy_", "__setitem__", "index_add", "index_add_", "__get__", "__len__", "size", "dim",
     "numel", "element_size", "stride", "is_contiguous", "data_ptr", "__contains__", "__bool__", "__eq__", "__ne__",
     "__lt__", "__le__", "__gt__", "__ge__", "argmax", "argmin", "topk", "sort", "max", "min", "any", "all",
+    "conv1d", "conv2d", "conv3d", "pad", "cumsum", "tril", "triu",
 }
+# solving A X = B (the delta rule's chunked form, with its coefficients held constant): linear in B for a constant A
+_SOLVES = {"linalg_solve_triangular", "solve_triangular", "linalg_solve", "solve"}
 _OPAQUE = threading.local()
 
 
@@ -105,10 +109,17 @@ class RulesMode(TorchFunctionMode):
     def __init__(self, rule, backend=None, elementwise=False):
         super().__init__()
         self.rule, self.backend, self.elementwise = rule, backend, elementwise
+        self._base = 0
+
+    def __enter__(self):
+        # opaque code steps this mode aside, not a mode entered inside it (a replaced child that runs its own code
+        # under the rules: the gated norm inside a state-space mixer)
+        self._base = getattr(_OPAQUE, "depth", 0)
+        return super().__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(_OPAQUE, "depth", 0) > 0:
+        if getattr(_OPAQUE, "depth", 0) > self._base:
             return func(*args, **kwargs)
         if func is F.scaled_dot_product_attention:
             return self._sdpa(*args, **kwargs)
@@ -122,6 +133,8 @@ class RulesMode(TorchFunctionMode):
         if func in _ELEMENTWISE and args and _grad(args[0]):
             rest = args[1:]
             return identity_activation(args[0], lambda t: func(t, *rest, **kwargs), True)
+        if func is F.glu and args and _grad(args[0]):
+            return gated_split(args[0], kwargs.get("dim", args[1] if len(args) > 1 else -1), True)
         if func in _NORMALISERS:
             return func(*args, **kwargs).detach()
         if func in (F.layer_norm, F.rms_norm) and args and _grad(args[0]):
@@ -133,6 +146,8 @@ class RulesMode(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if name in ("div", "__truediv__", "true_divide", "__itruediv__") and len(args) > 1 and _grad(args[1]):
             raise UnsupportedModelError(f"a division by an input-dependent tensor ({name}) has no rule here")
+        if name in _SOLVES and args and not _grad(args[0]):   # A^-1 B for a constant A: linear in B
+            return func(*args, **kwargs)
         if name in _LINEAR_NAMES or name in ("div", "__truediv__", "true_divide") or \
                 isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) or \
                 not any(map(_grad, _tensors(args, kwargs))):

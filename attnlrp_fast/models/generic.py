@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from attnlrp_fast.bindings import activation, glu_product
 from .eager_rules import check_rules_cover, wrap_forward
-from attnlrp_fast.rules import identity_activation, plain_norm, uniform_product
+from attnlrp_fast.rules import gated_split, identity_activation, plain_norm, uniform_product
 
 from .common import _NO_MATCH, Replacement, UnsupportedModelError, _random, activation_name
 
@@ -254,11 +254,28 @@ def _param(module, name):
     return value if isinstance(value, torch.Tensor) else None
 
 
+class GatedSplitReplacement(Replacement):
+    """torch's GLU module (a * sigmoid(b), the halves of its input along a dim: Granite-Speech's conformer): the
+    uniform rule on the product, the identity rule on the sigmoid (rules.gated_split)."""
+    kind = "gated_split"
+
+    def spec_for(self, module, family):
+        return None if isinstance(module, torch.nn.GLU) else _NO_MATCH
+
+    def forward(self, module, spec, lrp, backend):
+        return lambda x: gated_split(x, module.dim, lrp)
+
+    def probe(self, module, spec, generator):
+        return (_random((2, 6, 8), module, generator) * 2,)   # even along every dim the halves may be taken
+
+
 class AnyActivationReplacement(Replacement):
     """An element-wise activation module no fused op computes (ReLU^2, xIELU, ...): the identity rule."""
     kind = "activation"
 
     def spec_for(self, module, family):
+        if isinstance(module, torch.nn.GLU):
+            return _NO_MATCH
         return None if is_activation_module(module) and activation_name(module) is None else _NO_MATCH
 
     def forward(self, module, spec, lrp, backend):

@@ -85,3 +85,55 @@ def test_routers_and_replaced_children_run_outside_the_rules():
     s = torch.sigmoid(x.detach())
     assert torch.allclose(g, s * (1 - s))   # exact, not the identity rule's sigmoid(x) / x
     assert "forward" not in block.router.__dict__   # restored
+
+
+def test_convolutions_padding_cumsum_and_solves_with_a_constant_matrix_are_linear():
+    x = _x(2, 6, 9)
+    w = _x(6, 1, 3, seed=7)
+    a = torch.eye(9, dtype=torch.float64) + _x(9, 9, seed=8).tril(-1) * 0.1
+    for fn in (lambda x: F.conv1d(x, w, padding=2, groups=6),
+               lambda x: F.pad(x, (1, 2)).cumsum(-1),
+               lambda x: torch.linalg.solve_triangular(a, x.transpose(-1, -2), upper=False)):
+        y, r_y, (r_x,) = _relevance(fn, x)
+        xg = x.clone().requires_grad_()
+        (exact,) = torch.autograd.grad(fn(xg), xg, r_y / y)
+        assert torch.allclose(y, fn(x)) and torch.allclose(r_x, x * exact)   # the exact gradient
+
+
+def test_a_solve_whose_matrix_depends_on_the_input_is_refused():
+    b = _x(4, 2)
+    with pytest.raises(UnsupportedModelError, match="linalg_solve_triangular on an input-dependent tensor"):
+        _relevance(lambda m: torch.linalg.solve_triangular(m.tril() + 4 * torch.eye(4, dtype=m.dtype), b,
+                                                           upper=False), _x(4, 4))
+
+
+def test_a_mode_entered_inside_opaque_code_applies_its_rules():
+    """A child that runs its own code under the rules (opaque to its parent's mode) keeps its own mode's rules."""
+    from attnlrp_fast.models.eager_rules import opaque
+
+    def child(a, b):
+        with RulesMode("attnlrp", None, elementwise=True):
+            return a * torch.tanh(b)
+
+    a, b = _x(3, 4), _x(3, 4, seed=9)
+    y, r_y, (r_a, r_b) = _relevance(lambda a, b: opaque(child)(a, b) + 0 * a, a, b)
+    assert torch.allclose(r_a, r_y / 2) and torch.allclose(r_b, r_y / 2)
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_torch_glu_splits_the_relevance_between_its_halves(dim):
+    """F.glu (in code under the rules) and an nn.GLU module (af.lrp's gated_split replacement): a * sigmoid(b) with
+    the uniform rule, the identity rule on the sigmoid: each half gets half of the output's relevance."""
+    from attnlrp_fast.models.generic import GatedSplitReplacement
+
+    x = _x(3, 6, 8)
+    y, r_y, (r_x,) = _relevance(lambda x: F.glu(x, dim), x)
+    r_a, r_b = r_x.chunk(2, dim=dim)
+    assert torch.allclose(y, F.glu(x, dim)) and torch.allclose(r_a, r_y / 2) and torch.allclose(r_b, r_y / 2)
+    module = torch.nn.GLU(dim)
+    replacement = GatedSplitReplacement()
+    assert replacement.spec_for(module, None) is None
+    xg = x.clone().requires_grad_()
+    out = replacement.forward(module, None, True, None)(xg)
+    (g,) = torch.autograd.grad(out, xg, r_y / y)
+    assert torch.allclose(out, module(x)) and torch.allclose(x * g, r_x)
