@@ -75,6 +75,11 @@ INDEX = (
          "dgate = 1/2 g up act(gate)/gate, dup = 1/2 g act(gate)", "kernels/glu.py, bindings/glu.py glu_product"),
     Rule("uniform (routing)", "routing weight * expert output in mixture-of-experts layers", "AttnLRP Prop. 3.2",
          "each factor's gradient halved", "rules.py uniform_product, used by models/moe.py ExpertsReplacement"),
+    Rule("MambaLRP (recurrence)", "state-space, gated delta-rule and RWKV mixers (Mamba, Mamba-2, gated DeltaNet, "
+         "RWKV's WKV)", "Jafari et al. 2024, MambaLRP (NeurIPS)",
+         "the recurrence's input-dependent coefficients held constant (no gradient): the mixer linear in its values",
+         "models/recurrent.py (the scan's coefficient arguments detached; the rest of the mixer under "
+         "models/eager_rules.py)"),
     Rule("gamma", "ViT linear layers (optional, gamma=...)", "Montavon et al. 2019 (LRP-gamma)",
          "g_x = (W + gamma W+)^T (y g_y / z_gamma)", "rules.py GammaLinear, used by models/common.py"),
     Rule("identity (cosine target)", "a cosine-similarity target", "AttnLRP sec. 3.3 (normalisations)",
