@@ -5,7 +5,9 @@
     handle = af.lrp(model); ...; handle.remove()
 
 What it changes, on this instance only (never a class):
-- attention goes through the engine: attn_implementation="attnlrp_fast", the rule set on each attention module;
+- attention goes through the engine: attn_implementation="attnlrp_fast", the rule set on each attention module
+  (BLOOM's and MPT's ALiBi attention, outside the attention interface, swapped for the engine: models/alibi.py);
+- state-space, delta-rule and RWKV mixers take MambaLRP's rule (models/recurrent.py);
 - RMSNorm / LayerNorm, GLU products, mixture-of-experts weighting and element-wise activations go through the
   fused ops (identity rule on norms and activations, uniform rule on products) per the model's family map;
 - with gamma=..., the linear layers of a vision transformer's encoder take the gamma rule;
@@ -26,6 +28,7 @@ from attnlrp_fast.bindings.hf import (BACKEND_ATTR, ENGINE_CALLS, NAME, RULE_ATT
 from attnlrp_fast.models.eager_rules import wrap_forward
 from attnlrp_fast.models import FamilyMap, UnsupportedModelError, family_for, linear_dims, replacements_for
 from attnlrp_fast.models.common import gamma_linear_forward
+from attnlrp_fast.models import alibi
 from attnlrp_fast.models.moe import gated_shared_experts
 from attnlrp_fast.models.recurrent import is_recurrent, recurrent_forward
 from attnlrp_fast.patching import Patches
@@ -123,7 +126,8 @@ class LRPHandle:
         model = self.model
         can_set = getattr(type(model), "_can_set_attn_implementation", None)
         if not hasattr(model, "set_attn_implementation") or (can_set is not None and not can_set()):
-            self._eager_attention()
+            if not self._alibi_attention():
+                self._eager_attention()
             return
         self._attn = _attn_tree(model.config)
         model.set_attn_implementation(NAME)
@@ -138,6 +142,22 @@ class LRPHandle:
         self._attention_under_rules(own)
         self._watch_attention([m for m in innermost if all(m is not o for o in own)])
         self._check_has_mixer(modules)
+
+    def _alibi_attention(self):
+        """BLOOM / MPT: their ALiBi attention modules swapped for the engine (models/alibi.py), their masks built as
+        KernelMasks; False (nothing changed) when the model has other attention modules."""
+        modules = _innermost(_attention_modules(self.model))
+        names = {id(m): n for n, m in self.model.named_modules()}
+        forwards = [alibi.engine_forward(m, names[id(m)]) for m in modules]
+        if not modules or any(f is None for f in forwards):
+            return False
+        alibi.register()
+        self._patches.set(self.model.config, "_attn_implementation_internal", alibi.MASK_NAME)
+        for module, forward in zip(modules, forwards):
+            self._patches.set(module, RULE_ATTR, self.rule)
+            self._set_forward(names[id(module)], module, forward, "alibi_attention")
+        attention_backend(self.model, self.backend, self._patches)
+        return True
 
     def _eager_attention(self):
         """A model whose attention does not go through transformers' AttentionInterface: its innermost attention
