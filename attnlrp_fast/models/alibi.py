@@ -28,13 +28,15 @@ def alibi_table(bias, key_padding_mask, N, name):
     key_padding_mask (B, M), all when None). UnsupportedModelError naming `name` when the bias is not linear in the
     key position with one slope per head across the batch."""
     B, H, M = bias.shape
+    dtype = torch.promote_types(bias.dtype, torch.float32)
+    if bias.is_meta:   # af.estimate_memory: shapes are all there is
+        return bias.new_empty(H, N + M - 1, dtype=dtype)
     real = torch.ones(B, M, dtype=torch.bool, device=bias.device) if key_padding_mask is None else key_padding_mask
     pos = torch.arange(M, device=bias.device)
     first = torch.where(real, pos, M).amin(-1)                      # (B,) the first and last real key of each row
     last = torch.where(real, pos, -1).amax(-1)
     if bool((last < 0).any()):
         raise UnsupportedModelError(f"{name}: a batch row without a real key")
-    dtype = torch.promote_types(bias.dtype, torch.float32)
     b = bias.to(dtype)
     rows = torch.arange(B, device=bias.device)
     span = (last - first).clamp_min(1).to(b.dtype)

@@ -120,3 +120,14 @@ def test_a_bias_that_is_not_alibi_is_refused():
         alibi_table((slopes[:, None] * pos ** 2).expand(2, 2, 9), None, 9, "layer")
     with pytest.raises(UnsupportedModelError, match="not one slope per head"):
         alibi_table(torch.stack([line[0], 2 * line[1]]), None, 9, "layer")   # another slope in another row
+
+
+@pytest.mark.parametrize("kind", ["bloom", "mpt"])
+def test_alibi_memory_is_linear_in_the_length(kind):
+    """af.estimate_memory runs the real path on meta tensors: doubling the length doubles what it adds (no N x M
+    scores or mask)."""
+    model, _ = _tiny(kind)
+    if kind == "mpt":
+        model.config.max_seq_len = 4096
+    peaks = [af.estimate_memory(model.config, n, dtype=torch.float32).peak for n in (512, 1024, 2048)]
+    assert peaks[2] - peaks[1] <= 2.05 * (peaks[1] - peaks[0])

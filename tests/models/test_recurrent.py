@@ -213,3 +213,11 @@ def test_a_model_without_attention_or_recurrent_mixer_is_refused():
             return self.head(self.emb(input_ids))
     with pytest.raises(UnsupportedModelError, match="no attention module found"):
         af.lrp(Bag())
+
+
+@pytest.mark.parametrize("kind", ["mamba", "deltanet"])
+def test_recurrent_memory_is_estimated(kind):
+    """af.estimate_memory runs the mixers' real path on meta tensors, and what it adds grows linearly."""
+    model, _, _ = _tiny(kind)
+    peaks = [af.estimate_memory(model.config, n, dtype=torch.float32).peak for n in (128, 256, 512)]
+    assert 0 < peaks[0] < peaks[1] < peaks[2] and peaks[2] - peaks[1] <= 2.05 * (peaks[1] - peaks[0])
