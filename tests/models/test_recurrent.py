@@ -161,6 +161,8 @@ def test_recurrent_models_explain_with_every_rule(kind):
     with torch.no_grad():
         before = model(input_ids=ids).logits
     e = af.explain(model, ids, backend="torch")
+    t = af.explain(model, ids, backend="triton")   # the hybrids' attention layers in the Triton kernels
+    assert torch.allclose(e.relevance, t.relevance, rtol=1e-3, atol=1e-5 * e.relevance.abs().max())
     g = af.explain(model, ids, rule="grad", backend="torch")
     cp = af.explain(model, ids, rule="cp", backend="torch")
     assert torch.isfinite(e.relevance).all() and torch.isfinite(cp.relevance).all()
