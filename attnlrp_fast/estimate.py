@@ -107,6 +107,7 @@ class MemoryEstimate:
     peak: int           # the most the explanation holds on top of them at once
     where: str          # when that happens: "forward, layer 3 of 32", "backward, layer 31 of 32", ...
     largest: int        # the largest single tensor
+    host: int = 0       # with offload="cpu": the most the layers' checkpoints hold in host memory at once
 
     @property
     def total(self):
@@ -302,12 +303,16 @@ def _stood_in_chunks(enabled):
         yield
 
 
-def _run(model, ids, mode, mlp_chunk):
+def _run(model, ids, mode, mlp_chunk, offload=None):
+    """One explanation in `mode`; the bytes its offloaded checkpoints held in host memory at most (0 without)."""
     import attnlrp_fast as af
 
     if mode in ("low_memory", "plain"):
-        af.explain(model, input_ids=ids, checkpoint=mode == "low_memory", mlp_chunk=mlp_chunk)
-        return
+        from attnlrp_fast.memory import offload_meter
+
+        with offload_meter() as offloaders:
+            af.explain(model, input_ids=ids, checkpoint=mode == "low_memory", mlp_chunk=mlp_chunk, offload=offload)
+        return max((o.host_peak for o in offloaders), default=0)
     from attnlrp_fast.baselines import lxt_style
 
     try:
@@ -321,9 +326,14 @@ def _run(model, ids, mode, mlp_chunk):
         F = torch.nn.functional
         patches.set(F, "scaled_dot_product_attention", _flash_sdpa(F.scaled_dot_product_attention))
         lxt_style.explain(model, ids, checkpoint=mode == "lxt_style")
+    return 0
 
 
-def _check_arguments(mode, tokens, batch, mlp_chunk):
+def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None):
+    if offload not in (None, "cpu"):
+        raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+    if offload is not None and mode != "low_memory":
+        raise ValueError(f"offload='cpu' moves low_memory's checkpoints to the host; mode {mode!r} has none")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
@@ -334,7 +344,7 @@ def _check_arguments(mode, tokens, batch, mlp_chunk):
         raise ValueError(f"mlp_chunk must be a number of tokens (0: no chunking), got {mlp_chunk!r}")
 
 
-def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False) -> MemoryEstimate:
+def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, offload=None) -> MemoryEstimate:
     """One meta run of the whole explanation (every_chunk: no MLP chunk stood in for)."""
     model = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -344,14 +354,14 @@ def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False) -
     with _meta_safe_transformers(), _as_on_gpu(), _stood_in_chunks(not every_chunk), LiveBytes() as meter:
         locator = _Locator(model, meter)
         try:
-            _run(model, ids, mode, mlp_chunk)
+            host = _run(model, ids, mode, mlp_chunk, offload)
         except (NotImplementedError, RuntimeError) as e:   # an op of this family with no meta implementation
             raise ValueError(f"{type(model).__name__} cannot run on meta tensors in mode {mode!r}: "
                              f"{str(e).splitlines()[0][:200]}") from None
         finally:
             locator.remove()
     return MemoryEstimate(mode, tokens, batch, str(dtype).split(".")[-1], weights, meter.peak, meter.peak_where,
-                          meter.largest)
+                          meter.largest, host)
 
 
 def with_layers(config, layers):
@@ -368,28 +378,30 @@ def with_layers(config, layers):
 
 
 def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, mode="low_memory",
-                    mlp_chunk=1024, exact=False) -> MemoryEstimate:
+                    mlp_chunk=1024, exact=False, offload=None) -> MemoryEstimate:
     """Peak memory of one explanation of `tokens` tokens (target: the argmax logit at the last position) by the model
     of this config in `dtype`, in one of MODES, as it would run on a GPU. See the module docstring.
 
     A model's layers are alike, so each adds the same bytes: unless `exact`, the run is done with 1, 2 and 3 layers
     and, where the three peaks lie on a line to the byte (they do for every family here), extended to the model's
     depth; where they do not, the whole model runs. Weights are always counted for the whole model. `exact` also
-    runs every MLP chunk (module docstring): the same numbers, slower."""
-    _check_arguments(mode, tokens, batch, mlp_chunk)
+    runs every MLP chunk (module docstring): the same numbers, slower. offload="cpu" (low_memory only): the layers'
+    checkpoints in host memory (af.low_memory), counted in `host`, not in `peak`."""
+    _check_arguments(mode, tokens, batch, mlp_chunk, offload)
     config = getattr(model_or_config, "config", model_or_config)
     layers = getattr(config, "num_hidden_layers", None)
     if exact or not isinstance(layers, int) or layers <= 3:
-        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=exact)
-    runs = [_measure(with_layers(config, k), tokens, dtype, batch, mode, mlp_chunk) for k in (1, 2, 3)]
-    step = runs[1].peak - runs[0].peak
+        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=exact, offload=offload)
+    runs = [_measure(with_layers(config, k), tokens, dtype, batch, mode, mlp_chunk, offload=offload)
+            for k in (1, 2, 3)]
+    step, host_step = runs[1].peak - runs[0].peak, runs[1].host - runs[0].host
     where = _scaled_where([r.where for r in runs], layers)
-    if runs[2].peak - runs[1].peak != step or where is None:
-        return _measure(config, tokens, dtype, batch, mode, mlp_chunk)
+    if runs[2].peak - runs[1].peak != step or runs[2].host - runs[1].host != host_step or where is None:
+        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, offload=offload)
     full = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(full.parameters()) + list(full.buffers()))
     return MemoryEstimate(mode, tokens, batch, runs[2].dtype, weights, runs[2].peak + (layers - 3) * step, where,
-                          runs[2].largest)
+                          runs[2].largest, runs[2].host + (layers - 3) * host_step)
 
 
 def _scaled_where(wheres, layers):
@@ -435,7 +447,7 @@ def _bracket(at, budget, lo, e_lo, guess, start, limit):
 
 
 def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode="low_memory", mlp_chunk=1024,
-                    batch=1, start=1024, limit=1 << 24, precision=0.0, progress=None):
+                    batch=1, start=1024, limit=1 << 24, precision=0.0, progress=None, offload=None):
     """The longest input (a multiple of `start` tokens, up to `limit`) whose explanation fits `budget_bytes` with
     the weights, and its estimate; (0, None) when not even `start` tokens fit. The memory grows with the length in
     every mode and nearly on a line (eager mode aside): the line through `start` and `2 start` gives a first guess,
@@ -443,7 +455,8 @@ def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode
     `start` tokens, or `precision` of the length. A handful of estimates, where doubling would take twenty;
     progress() after each."""
     def at(n):
-        e = estimate_memory(model_or_config, n, dtype=dtype, batch=batch, mode=mode, mlp_chunk=mlp_chunk)
+        e = estimate_memory(model_or_config, n, dtype=dtype, batch=batch, mode=mode, mlp_chunk=mlp_chunk,
+                            offload=offload)
         if progress is not None:
             progress()
         return e

@@ -35,7 +35,7 @@ import torch
 
 from attnlrp_fast.inputs import check_decoder_inputs, check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
-from attnlrp_fast.memory import maybe_low_memory
+from attnlrp_fast.memory import OFFLOAD_ATTR, maybe_low_memory
 from attnlrp_fast.models import UnsupportedModelError, is_vision_language, vision_parts
 from attnlrp_fast.reasoning import HeadRows, Reasoning, run_hops
 from attnlrp_fast.rules import final_softcap_identity
@@ -151,7 +151,7 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
             image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
             reasoning_seed=None, per_target=False, family=None, decoder_input_ids=None,
-            decoder_attention_mask=None) -> Explanation:
+            decoder_attention_mask=None, offload=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -165,6 +165,8 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
     position: the position whose logits int/None/contrast targets read (default: each row's last real token).
     checkpoint: checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens (af.low_memory),
           for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
+    offload: "cpu" keeps those checkpoints (one B x N x hidden input per layer) in host memory, brought back one
+          layer ahead of the backward (af.low_memory's offload; implies checkpoint=True).
     progress: called with "forward" / "backward" per transformer layer (progress bars), and with per_target "target"
           after each target's backward pass.
     per_target: with a list of (position, token_id) targets, one backward pass per target over the one forward:
@@ -187,9 +189,11 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                       "only; explain() runs in eval mode and checkpoints every layer itself instead (checkpoint=True)",
                       stacklevel=2)
         checkpoint = True
+    if offload is not None:
+        checkpoint = True
     with lrp_scope(model, rule, backend, caller="explain()", family=family) as h, \
             maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
-                             mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress):
+                             mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress, offload=offload):
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
                                    ("token_type_ids", token_type_ids)) if v is not None}
         reasoning = Reasoning.of(reasoning_span, hops, reasoning_seed, input_ids)
@@ -488,6 +492,10 @@ def _explain(model, handle, req: Request) -> Explanation:
     req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra,
                   req.reasoning, req.per_target, req.progress, req.decoder)
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
+    if req.latent and getattr(model, OFFLOAD_ATTR, None):
+        raise ValueError(f"latent={list(req.latent)}: latents are read from the forward's graph, and with "
+                         "offload='cpu' each layer's forward runs without one (its backward recomputes it); explain "
+                         "latents without offload (checkpoint=True keeps the memory linear)")
     capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision,
                        decoder=req.decoder is not None)
     rows = hops = per_target = None

@@ -16,14 +16,29 @@ layer for the saved layer inputs plus one layer's O(N * hidden) working set.
 
 `progress(event)` (optional) is called with "forward" after each layer's forward and with "backward" when the
 gradient of a layer's input is complete, for progress bars.
+
+With offload="cpu" the layers' saved inputs (what the checkpoints keep: B x N x hidden per layer) live in host
+memory (pinned, on a GPU) instead of on the device: each layer's forward copies its input to the host on a side
+stream and lets the device copy go; the backward of layer l brings its input back (prefetched while layer l + 1's
+backward ran) and starts bringing layer l - 1's on the side stream, so that the copy overlaps layer l's backward
+(_Offloader). Nothing else changes: the recomputation and the gradients are those of the checkpointed layer. On the
+CPU (host == device) the same path runs with copies in place of transfers; `handle.copies` records each copy
+("to host" | "to device", layer index) in order. On the meta device (af.estimate_memory) the host copies are
+counted as host bytes (`handle.host_peak`), not as device memory.
 """
 
 import contextlib
+import weakref
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from attnlrp_fast.patching import Patches
+
+OFFLOAD_TARGETS = (None, "cpu")
+OFFLOAD_ATTR = "_attnlrp_fast_offload"   # set on a model inside low_memory(offload=...): where its stash goes
+_TENSOR = object()   # a tensor's place among a layer's outputs (_offloaded)
 
 # Attribute names under which HF layers keep their position-wise MLP (or mixture of experts).
 MLP_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
@@ -54,19 +69,179 @@ def _hidden_input(args, kwargs):
     return value if isinstance(value, torch.Tensor) else None
 
 
+class _Stash:
+    """One layer's saved input: its host copy (and the event that says the copy is done), its shape, and the device
+    copy brought back ahead of its backward (with its event)."""
+
+    def __init__(self, index, x):
+        self.index, self.shape, self.dtype, self.device = index, x.shape, x.dtype, x.device
+        self.nbytes = x.numel() * x.element_size()
+        self.host = self.host_done = self.fetched = self.fetched_done = None
+
+
+_METERS = []   # offload_meter()'s lists
+
+
+@contextlib.contextmanager
+def offload_meter():
+    """A list of the offloaders created inside the block (af.estimate_memory reads their host bytes)."""
+    found = []
+    _METERS.append(found)
+    try:
+        yield found
+    finally:
+        _METERS.remove(found)
+
+
+class _Offloader:
+    """The saved layer inputs of one low_memory handle, in host memory (module docstring)."""
+
+    def __init__(self):
+        for meter in _METERS:
+            meter.append(self)
+        self.copies = []                               # ("to host" | "to device", layer index), in order
+        self.host_bytes = self.host_peak = 0
+        self._stashes = weakref.WeakValueDictionary()  # layer index -> its stash (alive while the graph holds it)
+        self._stream = None
+
+    def _side_stream(self, device):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device)
+        return self._stream
+
+    def save(self, index, x):
+        """A stash holding `x` (a layer's input) in host memory; the device copy is the caller's to let go."""
+        stash = _Stash(index, x)
+        if x.is_cuda:
+            stream = self._side_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                stash.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                stash.host.copy_(x, non_blocking=True)
+                x.record_stream(stream)              # its memory is not reused before the copy is done
+                stash.host_done = stream.record_event()
+        elif not x.is_meta:
+            stash.host = x.detach().clone()
+        self.copies.append(("to host", index))
+        self.host_bytes += stash.nbytes
+        self.host_peak = max(self.host_peak, self.host_bytes)
+        weakref.finalize(stash, self._released, stash.nbytes)
+        self._stashes[index] = stash
+        return stash
+
+    def _released(self, nbytes):
+        self.host_bytes -= nbytes
+
+    def _fetch(self, stash):
+        """Start bringing the stash back to its device (on the side stream on a GPU)."""
+        if stash.fetched is not None:
+            return
+        if stash.device.type == "meta":
+            stash.fetched = torch.empty(stash.shape, dtype=stash.dtype, device="meta")
+        elif stash.device.type == "cuda":
+            stream = self._side_stream(stash.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(stash.host_done)
+                stash.fetched = stash.host.to(stash.device, non_blocking=True)
+                stash.fetched_done = stream.record_event()
+        else:
+            stash.fetched = stash.host.clone()
+        self.copies.append(("to device", stash.index))
+
+    def load(self, stash):
+        """The stash's tensor on its device for its layer's backward; starts bringing back the layer before it."""
+        self._fetch(stash)
+        x, stash.fetched = stash.fetched, None
+        if stash.fetched_done is not None:
+            current = torch.cuda.current_stream(stash.device)
+            current.wait_event(stash.fetched_done)
+            x.record_stream(current)
+            stash.fetched_done = None
+        previous = self._stashes.get(stash.index - 1)
+        if previous is not None:
+            self._fetch(previous)
+        return x
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """A layer checkpointed with its input in host memory: the forward runs without a graph and stashes the input;
+    the backward brings it back, recomputes the layer with a graph and back-propagates through it (the other
+    inputs that take gradients, such as a decoder's encoder states, are saved as they are)."""
+
+    @staticmethod
+    def forward(ctx, run, offloader, index, x, *others):
+        ctx.run, ctx.offloader = run, offloader
+        ctx.stash = offloader.save(index, x)
+        ctx.save_for_backward(*others)
+        with torch.no_grad():
+            out = run(x, *others)
+        return tuple(leaf for leaf in tree_flatten(out)[0] if isinstance(leaf, torch.Tensor))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x = ctx.offloader.load(ctx.stash).detach().requires_grad_(ctx.needs_input_grad[3])
+        others = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[4:])]
+        with torch.enable_grad():
+            out = ctx.run(x, *others)
+        outs = [leaf for leaf in tree_flatten(out)[0] if isinstance(leaf, torch.Tensor)]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, x.grad if x.requires_grad else None,
+                *[t.grad if t.requires_grad else None for t in others])
+
+
+def _offloaded(inner, offloader, index, args, kwargs):
+    """inner(*args, **kwargs) through _OffloadedLayer: the hidden states (the first tensor) stashed, the other
+    tensors that take gradients passed as its inputs, the rest closed over; its output rebuilt as inner returns it."""
+    leaves, spec = tree_flatten((args, kwargs))
+    first = next(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+    moving = [i for i, leaf in enumerate(leaves) if i != first and isinstance(leaf, torch.Tensor) and
+              leaf.requires_grad]
+    shape = {}
+    x = leaves[first]
+    leaves[first] = None   # the closure below must not keep the device copy alive: it is stashed
+    inputs = [leaves[i] for i in moving]
+    for i in moving:
+        leaves[i] = None   # (saved by the function, as its inputs)
+
+    def run(x, *others):
+        filled = list(leaves)
+        filled[first] = x
+        for i, t in zip(moving, others):
+            filled[i] = t
+        a, kw = tree_unflatten(filled, spec)
+        out = inner(*a, **kw)
+        if not shape:
+            out_leaves, shape["spec"] = tree_flatten(out)
+            shape["fixed"] = [_TENSOR if isinstance(leaf, torch.Tensor) else leaf for leaf in out_leaves]
+        return out
+
+    tensors = iter(_OffloadedLayer.apply(run, offloader, index, x, *inputs))
+    del x, inputs
+    return tree_unflatten([next(tensors) if leaf is _TENSOR else leaf for leaf in shape["fixed"]], shape["spec"])
+
+
 class LowMemoryHandle:
     """The patches low_memory() applied; remove() (or leaving the with-block) undoes them."""
 
-    def __init__(self, model, *, checkpoint=True, mlp_chunk=1024, progress=None):
+    def __init__(self, model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None):
         if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 0):
             raise ValueError(f"mlp_chunk must be a positive number of tokens, 0 or None (no chunking), got {mlp_chunk!r}")
+        if offload not in OFFLOAD_TARGETS:
+            raise ValueError(f"offload must be one of {OFFLOAD_TARGETS}, got {offload!r}")
+        if offload is not None and not checkpoint:
+            raise ValueError("offload='cpu' moves the layers' checkpoints to the host: it needs checkpoint=True")
         self.model, self.checkpoint, self.mlp_chunk, self.progress = model, bool(checkpoint), mlp_chunk or 0, progress
+        self.offloader = _Offloader() if offload else None
         self._patches = Patches()
         self.layers = transformer_layers(model)
         self.mlps = []
         try:
-            for _, layer in self.layers:
-                self._patches.set(layer, "forward", self._layer_forward(layer.forward))
+            if offload:
+                self._patches.set(model, OFFLOAD_ATTR, offload)
+            for index, (_, layer) in enumerate(self.layers):
+                self._patches.set(layer, "forward", self._layer_forward(layer.forward, index))
                 if self.mlp_chunk:
                     for attr in MLP_NAMES:
                         mlp = getattr(layer, attr, None)
@@ -77,13 +252,25 @@ class LowMemoryHandle:
             self.remove()
             raise
 
-    def _layer_forward(self, inner):
+    @property
+    def copies(self):
+        """The offloaded run's copies, ("to host" | "to device", layer index) in order ([] without offload)."""
+        return [] if self.offloader is None else self.offloader.copies
+
+    @property
+    def host_peak(self):
+        """The most bytes the offloaded checkpoints held in host memory at once (0 without offload)."""
+        return 0 if self.offloader is None else self.offloader.host_peak
+
+    def _layer_forward(self, inner, index):
         def forward(*args, **kwargs):
             grad = torch.is_grad_enabled()
             x = _hidden_input(args, kwargs)
             if self.progress is not None and grad and x is not None and x.requires_grad:
                 x.register_hook(lambda g: self.progress("backward"))
-            if grad and self.checkpoint:
+            if grad and self.checkpoint and self.offloader is not None and x is not None:
+                out = _offloaded(inner, self.offloader, index, args, kwargs)
+            elif grad and self.checkpoint:
                 out = _checkpoint(inner, *args, use_reentrant=False, **kwargs)
             else:
                 out = inner(*args, **kwargs)
@@ -129,10 +316,11 @@ class LowMemoryHandle:
         return False
 
 
-def low_memory(model, *, checkpoint=True, mlp_chunk=1024, progress=None) -> LowMemoryHandle:
-    """Checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens (see the module
-    docstring). A context manager; or keep the handle and call .remove()."""
-    return LowMemoryHandle(model, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress)
+def low_memory(model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None) -> LowMemoryHandle:
+    """Checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens; offload="cpu" keeps the
+    checkpoints in host memory (see the module docstring). A context manager; or keep the handle and call
+    .remove()."""
+    return LowMemoryHandle(model, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress, offload=offload)
 
 
 def maybe_low_memory(model, enabled, **kwargs):

@@ -9,6 +9,9 @@ against the LXT-style baseline on the same device in the same run.
                  attention as backend auto picks it (on CUDA: torch's SDPA kernels where the dispatch table says so)
   attnlrp_fast_triton   the same with backend="triton": attention on the Triton kernels throughout (to become the
                  default, this has to beat the LXT-style baseline)
+  attnlrp_fast_offload  with --offload, at the last size, after the other rows: attnlrp_fast with offload="cpu" (the
+                 layers' checkpoints in pinned host memory, brought back one layer ahead of the backward): its peak and
+                 time beside the plain row's, and its relevance against it ("offload_agreement")
   attnlrp_fast_hops   with --hops K, at the first size, after every size's other rows: attnlrp_fast through a
                  reasoning span (the last min(N / 4, 4096) tokens before the target, K hops; attnlrp_fast/reasoning.py):
                  what K more backward passes cost in time and peak memory
@@ -25,7 +28,7 @@ run exceeds --longest-seconds, or N passes --longest-max).
 
     python bench/e2e.py --longest          # GPU: 8k and 32k, then the longest N; prints JSON rows
     python bench/e2e.py --smoke            # CPU, a tiny Llama (Triton's interpreter under TRITON_INTERPRET=1)
-    python bench/e2e.py --sizes 8192 32768 --repeats 1 --warmup first --hops 3 --out e2e.json   # gpu_check's e2e step
+    python bench/e2e.py --sizes 8192 32768 --repeats 1 --warmup first --hops 3 --offload --out e2e.json   # gpu_check's
 """
 
 import argparse
@@ -50,6 +53,7 @@ TRITON = "attnlrp_fast_triton"
 METHODS = ("lxt_style", "attnlrp_fast", TRITON)      # the baseline first: a run cut short loses ours, not it
 OURS = ("attnlrp_fast", TRITON)
 HOPS = "attnlrp_fast_hops"
+OFFLOAD = "attnlrp_fast_offload"
 
 
 def reasoning_span(n):
@@ -104,6 +108,8 @@ def run_once(method, model, baseline, ids, backend, hops=0):
     if method in OURS:
         rel = af.explain(model, input_ids=ids, backend="triton" if method == TRITON else backend,
                          checkpoint=True).relevance
+    elif method == OFFLOAD:
+        rel = af.explain(model, input_ids=ids, backend=backend, offload="cpu").relevance
     elif method == HOPS:
         rel = af.explain(model, input_ids=ids, backend=backend, checkpoint=True,
                          reasoning_span=reasoning_span(ids.shape[1]), hops=hops).prompt_relevance
@@ -150,7 +156,8 @@ def _writer(out, on_update):
 
 # (the hop method's estimate is the plain explanation's: af.estimate_memory does not model hops, so its measured /
 # estimated ratio is what the hops add)
-ESTIMATE_MODES = {"attnlrp_fast": "low_memory", TRITON: "low_memory", "lxt_style": "lxt_style", HOPS: "low_memory"}
+ESTIMATE_MODES = {"attnlrp_fast": "low_memory", TRITON: "low_memory", "lxt_style": "lxt_style", HOPS: "low_memory",
+                  OFFLOAD: "low_memory"}
 
 
 def estimated(model, method, n):
@@ -161,10 +168,12 @@ def estimated(model, method, n):
     if method not in ESTIMATE_MODES:
         return {}
     try:
-        e = af.estimate_memory(model.config, n, dtype=model.dtype, mode=ESTIMATE_MODES[method])
+        e = af.estimate_memory(model.config, n, dtype=model.dtype, mode=ESTIMATE_MODES[method],
+                               offload="cpu" if method == OFFLOAD else None)
     except Exception as ex:  # noqa: BLE001 - a failing estimate must not cost the GPU measurements
         return {"estimate_error": f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"}
-    return {"estimated_peak_mib": e.peak / 2**20, "estimated_where": e.where}
+    host = {"estimated_host_mib": e.host / 2**20} if method == OFFLOAD else {}
+    return {"estimated_peak_mib": e.peak / 2**20, "estimated_where": e.where, **host}
 
 
 def _measured(fn, row):
@@ -202,10 +211,10 @@ def _over_forward(result, n):
             r["explain_over_forward"] = r["seconds"] / fwd
 
 
-def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmup="each"):
+def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmup="each", offload=False):
     """Each method at each size (median of `repeats` after a warm-up: at every size, or with warmup="first" at the
     first only), the ratio to the forward; agreement of ours with the baseline's relevance at the first size; then,
-    with `hops`, the hop method at the first size."""
+    with `hops`, the hop method at the first size; with `offload`, the offloaded explanation at the last size."""
     model, _, _, g = ctx
     for i, n in enumerate(sizes):
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
@@ -216,6 +225,7 @@ def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmu
             if rel is not None:
                 rels[method] = rel
         _over_forward(result, n)
+        last = (n, ids, rels.get("attnlrp_fast"))
         if i == 0 and "lxt_style" in rels:
             for name, key in (("attnlrp_fast", "agreement"), (TRITON, "agreement_triton")):
                 if name in rels:
@@ -229,6 +239,14 @@ def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmu
         hop_ctx = ctx if ours[0] == "attnlrp_fast" else (*ctx[:2], "triton", ctx[3])
         _time_one(hop_ctx, HOPS, n, ids, repeats, result, save, hops, warmup=warmup == "each")
         _over_forward(result, n)
+        save(result)
+    if offload and "attnlrp_fast" in methods:
+        n, ids, plain = last
+        rel = _time_one(ctx, OFFLOAD, n, ids, repeats, result, save, warmup=warmup == "each")
+        _over_forward(result, n)
+        if rel is not None and plain is not None:
+            result["offload_agreement"] = {"tokens": n, **agreement(rel, plain)}
+            print(json.dumps({"offload_agreement": result["offload_agreement"]}), flush=True)
         save(result)
 
 
@@ -269,6 +287,7 @@ def main(argv=None, on_update=None):
     p.add_argument("--out", default=None, help="also write the result JSON here (rewritten after every row)")
     p.add_argument("--hops", type=int, default=0, help="also the explanation through a reasoning span with this "
                                                        "many hops, at the first size (0: not)")
+    p.add_argument("--offload", action="store_true", help="also attnlrp_fast with offload='cpu' at the last size")
     p.add_argument("--methods", nargs="*", choices=("forward",) + METHODS, default=None,
                    help=f"which methods run (default: all; the forward always runs): {', '.join(METHODS)}")
     p.add_argument("--warmup", choices=("each", "first", "none"), default="each",
@@ -291,7 +310,7 @@ def main(argv=None, on_update=None):
               "agreement": None, "longest": {}}
     save = _writer(args.out, on_update)
     methods = tuple(m for m in METHODS if args.methods is None or m in args.methods)
-    time_sizes(ctx, sizes, args.repeats, result, save, args.hops, methods, args.warmup)
+    time_sizes(ctx, sizes, args.repeats, result, save, args.hops, methods, args.warmup, args.offload)
     if args.longest:
         search_longest(ctx, sizes[0], longest_max, args.longest_seconds, result, save, methods)
     save(result)

@@ -75,8 +75,8 @@ RULES = ("grad", "attnlrp", "cp")
 PROFILE_METHODS = ("attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]", "attnlrp_fast[attnlrp,path=sdpa]")
 MEMORY_METHODS = ("sdpa[cudnn_attention]", "sdpa[flash_attention]", "sdpa[default]", "attnlrp_fast[attnlrp]",
                   "attnlrp_fast[attnlrp,dq=atomic]", "attnlrp_fast[attnlrp,path=sdpa]")     # baselines first
-E2E_ARGS = {False: "--sizes 8192 32768 --repeats 1 --warmup first --hops 3",          # by smoke
-            True: "--sizes 32 64 --repeats 1 --warmup none --hops 2"}
+E2E_ARGS = {False: "--sizes 8192 32768 --repeats 1 --warmup first --hops 3 --offload",  # by smoke
+            True: "--sizes 32 64 --repeats 1 --warmup none --hops 2 --offload"}
 # the GPU tests run: the bf16 cases of every parametrised test, and the tests of head dims, decode and prefill,
 # determinism, fully masked rows and the SDPA path (by name; "decode" and "sdpa" also take whole test files)
 TEST_WORDS = "bfloat16 or head_dims or decode or deterministic or masked or sdpa"

@@ -87,6 +87,9 @@ def _add_explain(sub):
     e.add_argument("--no-checkpoint", action="store_true",
                    help="keep every layer's activations (faster, memory grows with layers x length)")
     e.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk (0: no chunking)")
+    e.add_argument("--offload", choices=("cpu",), default=None,
+                   help="cpu: keep the layers' checkpoints in host memory, brought back one layer ahead of the "
+                        "backward (for documents whose checkpoints do not fit the GPU)")
     e.add_argument("--reasoning", default="auto",
                    help="auto (default): a reasoning model's <think> ... </think> block in the answer, when the "
                         "tokenizer has those tags; none; or START:END, answer tokens START..END-1 as the reasoning "
@@ -174,6 +177,8 @@ def _add_estimate(sub):
     s.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
     s.add_argument("--gpu-memory", default=None, help="also find the longest document that fits, e.g. 80GiB")
     s.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk in low_memory mode")
+    s.add_argument("--offload", choices=("cpu",), default=None,
+                   help="cpu: low_memory with the layers' checkpoints in host memory (the host memory is shown)")
     s.add_argument("--modes", nargs="+", choices=ESTIMATE_MODES, default=list(ESTIMATE_MODES))
 
 

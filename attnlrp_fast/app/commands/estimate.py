@@ -56,41 +56,50 @@ class Longest:
     estimate: object = None
 
 
-def longest(config, budget, dtype, mode, mlp_chunk, tick=None):
+def longest(config, budget, dtype, mode, mlp_chunk, tick=None, offload=None):
     """The longest input each mode fits in `budget` bytes (low_memory: the best of MLP_CHUNKS and --mlp-chunk);
-    tick() after each estimate."""
+    tick() after each estimate. offload: low_memory's checkpoints in host memory (the GPU budget only)."""
     chunks = sorted({mlp_chunk, *MLP_CHUNKS}) if mode == "low_memory" else [mlp_chunk]
     best = Longest(mode, 0)
     for chunk in chunks:
         n, e = est.longest_fitting(config, budget, dtype=dtype, mode=mode, mlp_chunk=chunk, start=4096,
-                                   precision=1 / 32, progress=tick)
+                                   precision=1 / 32, progress=tick, offload=_offload(mode, offload))
         if n > best.tokens:
             best = Longest(mode, n, chunk if mode == "low_memory" else None, e)
     return best
 
 
-def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None):
+def _offload(mode, offload):
+    """--offload applies to low_memory, the mode with checkpoints."""
+    return offload if mode == "low_memory" else None
+
+
+def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offload=None):
     """The mode's table: weights, the explanation's peak, their total and where the peak is, per length (a blank line
-    first); tick() after each length."""
-    lines = ["", f"{mode}" + (f" (--mlp-chunk {mlp_chunk})" if mode == "low_memory" else ""),
-             f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}  peak at"]
+    first; with --offload cpu, low_memory's host memory too); tick() after each length."""
+    offload = _offload(mode, offload)
+    host = f" {'host':>12}" if offload else ""
+    lines = ["", f"{mode}" + (f" (--mlp-chunk {mlp_chunk}{', --offload ' + offload if offload else ''})"
+                              if mode == "low_memory" else ""),
+             f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}{host}  peak at"]
     for n in tokens:
         try:
-            e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk)
+            e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk, offload=offload)
         except ValueError as ex:   # a contrast mode that does not cover this family
             lines.append(f"{_tokens(n):>8}  {str(ex).splitlines()[0][:100]}")
             break
         finally:
             tick()
-        lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}  {e.where}")
+        host = f" {size(e.host):>12}" if offload else ""
+        lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}{host}  {e.where}")
     return lines
 
 
-def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None):
+def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None, offload=None):
     lines = ["", f"The longest document that fits {size(budget)} with the weights:"]
     for mode in modes:
         try:
-            found = longest(config, budget, dtype, mode, mlp_chunk, tick)
+            found = longest(config, budget, dtype, mode, mlp_chunk, tick, offload)
         except ValueError as ex:
             lines.append(f"  {mode:<11} {str(ex).splitlines()[0][:100]}")
             continue
@@ -98,7 +107,8 @@ def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None):
             lines.append(f"  {mode:<11} does not fit even 4,096 tokens")
             continue
         setting = f" with --mlp-chunk {found.mlp_chunk}" if found.mlp_chunk else ""
-        lines.append(f"  {mode:<11} {found.tokens:,} tokens{setting} ({size(found.estimate.total)})")
+        host = f", host {size(found.estimate.host)}" if _offload(mode, offload) else ""
+        lines.append(f"  {mode:<11} {found.tokens:,} tokens{setting} ({size(found.estimate.total)}{host})")
     return lines
 
 
@@ -119,11 +129,12 @@ def tables(args, bar=NO_BAR):
     yield [f"Memory of one explanation of {args.model} ({str(dtype).split('.')[-1]}), as on a GPU:"]
     for mode in args.modes:
         with bar(total=len(tokens), desc=f"estimating {mode}", unit="length") as b:
-            lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update)
+            lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update, getattr(args, "offload", None))
         yield lines
     if budget:
         with bar(total=None, desc=f"the longest document that fits {size(budget)}", unit="estimate") as b:
-            lines = longest_lines(config, budget, dtype, args.modes, args.mlp_chunk, b.update)
+            lines = longest_lines(config, budget, dtype, args.modes, args.mlp_chunk, b.update,
+                                  getattr(args, "offload", None))
         yield lines
 
 
