@@ -34,8 +34,9 @@ bytes of scalars (tests/core/test_estimate.py).
 
 import contextlib
 import os
+import re
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -67,6 +68,7 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self.live, self.current, self.peak, self.largest = {}, 0, 0, 0
         self.where, self.peak_where = "start", "start"
+        self.by_where = {}     # the most held at each place
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -90,6 +92,8 @@ class LiveBytes(TorchDispatchMode):
         self.largest = max(self.largest, n)
         if self.current > self.peak:
             self.peak, self.peak_where = self.current, self.where
+        if self.current > self.by_where.get(self.where, 0):
+            self.by_where[self.where] = self.current
         weakref.finalize(storage, self._free, key)
 
     def _free(self, key):
@@ -108,6 +112,7 @@ class MemoryEstimate:
     where: str          # when that happens: "forward, layer 3 of 32", "backward, layer 31 of 32", ...
     largest: int        # the largest single tensor
     host: int = 0       # with offload="cpu": the most the layers' checkpoints hold in host memory at once
+    by_where: dict = field(default_factory=dict, repr=False, compare=False)   # the most held at each place
 
     @property
     def total(self):
@@ -303,7 +308,7 @@ def _stood_in_chunks(enabled):
         yield
 
 
-def _run(model, ids, mode, mlp_chunk, offload=None):
+def _run(model, ids, mode, mlp_chunk, offload=None, seq_chunk=None):
     """One explanation in `mode`; the bytes its offloaded checkpoints held in host memory at most (0 without)."""
     import attnlrp_fast as af
 
@@ -311,7 +316,8 @@ def _run(model, ids, mode, mlp_chunk, offload=None):
         from attnlrp_fast.memory import offload_meter
 
         with offload_meter() as offloaders:
-            af.explain(model, input_ids=ids, checkpoint=mode == "low_memory", mlp_chunk=mlp_chunk, offload=offload)
+            af.explain(model, input_ids=ids, checkpoint=mode == "low_memory", mlp_chunk=mlp_chunk, offload=offload,
+                       seq_chunk=seq_chunk)
         return max((o.host_peak for o in offloaders), default=0)
     from attnlrp_fast.baselines import lxt_style
 
@@ -329,11 +335,15 @@ def _run(model, ids, mode, mlp_chunk, offload=None):
     return 0
 
 
-def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None):
+def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None, seq_chunk=None):
     if offload not in (None, "cpu"):
         raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
     if offload is not None and mode != "low_memory":
         raise ValueError(f"offload='cpu' moves low_memory's checkpoints to the host; mode {mode!r} has none")
+    if seq_chunk is not None and (not isinstance(seq_chunk, int) or isinstance(seq_chunk, bool) or seq_chunk < 1):
+        raise ValueError(f"seq_chunk must be a positive number of tokens or None, got {seq_chunk!r}")
+    if seq_chunk is not None and mode != "low_memory":
+        raise ValueError(f"seq_chunk runs low_memory's checkpointed layers in chunks; mode {mode!r} has none")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
@@ -344,7 +354,8 @@ def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None):
         raise ValueError(f"mlp_chunk must be a number of tokens (0: no chunking), got {mlp_chunk!r}")
 
 
-def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, offload=None) -> MemoryEstimate:
+def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, offload=None,
+             seq_chunk=None) -> MemoryEstimate:
     """One meta run of the whole explanation (every_chunk: no MLP chunk stood in for)."""
     model = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -354,14 +365,14 @@ def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, o
     with _meta_safe_transformers(), _as_on_gpu(), _stood_in_chunks(not every_chunk), LiveBytes() as meter:
         locator = _Locator(model, meter)
         try:
-            host = _run(model, ids, mode, mlp_chunk, offload)
+            host = _run(model, ids, mode, mlp_chunk, offload, seq_chunk)
         except (NotImplementedError, RuntimeError) as e:   # an op of this family with no meta implementation
             raise ValueError(f"{type(model).__name__} cannot run on meta tensors in mode {mode!r}: "
                              f"{str(e).splitlines()[0][:200]}") from None
         finally:
             locator.remove()
     return MemoryEstimate(mode, tokens, batch, str(dtype).split(".")[-1], weights, meter.peak, meter.peak_where,
-                          meter.largest, host)
+                          meter.largest, host, dict(meter.by_where))
 
 
 def with_layers(config, layers):
@@ -378,47 +389,66 @@ def with_layers(config, layers):
 
 
 def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, mode="low_memory",
-                    mlp_chunk=1024, exact=False, offload=None) -> MemoryEstimate:
+                    mlp_chunk=1024, exact=False, offload=None, seq_chunk=None) -> MemoryEstimate:
     """Peak memory of one explanation of `tokens` tokens (target: the argmax logit at the last position) by the model
     of this config in `dtype`, in one of MODES, as it would run on a GPU. See the module docstring.
 
-    A model's layers are alike, so each adds the same bytes: unless `exact`, the run is done with 1, 2 and 3 layers
-    and, where the three peaks lie on a line to the byte (they do for every family here), extended to the model's
-    depth; where they do not, the whole model runs. Weights are always counted for the whole model. `exact` also
+    A model's layers are alike, so each adds the same bytes: unless `exact`, the run is done with 2, 3 and 4 layers
+    and the most held at each place of the run extended to the model's depth (_extrapolated: at the last layer on a
+    line to the byte, at a fixed early layer the same); where the runs do not bear that out, the whole model runs. Weights are always counted for the whole model. `exact` also
     runs every MLP chunk (module docstring): the same numbers, slower. offload="cpu" (low_memory only): the layers'
-    checkpoints in host memory (af.low_memory), counted in `host`, not in `peak`."""
-    _check_arguments(mode, tokens, batch, mlp_chunk, offload)
+    checkpoints in host memory (af.low_memory), counted in `host`, not in `peak`. seq_chunk=C (low_memory only):
+    each layer in chunks of C positions (attnlrp_fast/seqchunk.py)."""
+    _check_arguments(mode, tokens, batch, mlp_chunk, offload, seq_chunk)
+    kw = dict(offload=offload, seq_chunk=seq_chunk)
     config = getattr(model_or_config, "config", model_or_config)
     layers = getattr(config, "num_hidden_layers", None)
-    if exact or not isinstance(layers, int) or layers <= 3:
-        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=exact, offload=offload)
-    runs = [_measure(with_layers(config, k), tokens, dtype, batch, mode, mlp_chunk, offload=offload)
-            for k in (1, 2, 3)]
-    step, host_step = runs[1].peak - runs[0].peak, runs[1].host - runs[0].host
-    where = _scaled_where([r.where for r in runs], layers)
-    if runs[2].peak - runs[1].peak != step or runs[2].host - runs[1].host != host_step or where is None:
-        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, offload=offload)
+    if exact or not isinstance(layers, int) or layers <= len(_RUNS) + 1:
+        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=exact, **kw)
+    runs = [_measure(with_layers(config, k), tokens, dtype, batch, mode, mlp_chunk, **kw) for k in _RUNS]
+    host_step = runs[1].host - runs[0].host
+    found = _extrapolated(runs, layers)
+    if runs[2].host - runs[1].host != host_step or found is None:
+        return _measure(config, tokens, dtype, batch, mode, mlp_chunk, **kw)
     full = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(full.parameters()) + list(full.buffers()))
-    return MemoryEstimate(mode, tokens, batch, runs[2].dtype, weights, runs[2].peak + (layers - 3) * step, where,
-                          runs[2].largest, runs[2].host + (layers - 3) * host_step)
+    return MemoryEstimate(mode, tokens, batch, runs[2].dtype, weights, found[0], found[1], runs[2].largest,
+                          runs[2].host + (layers - _RUNS[2]) * host_step)
 
 
-def _scaled_where(wheres, layers):
-    """Where the peak of the 1-, 2- and 3-layer runs lies, said for `layers` layers: the same phase at the same
-    place (the last layer, or the same early layer) in all three, else None."""
-    import re
+_RUNS = (2, 3, 4)   # the depths a long model's estimate is extrapolated from (with one layer, the last is the first)
+_AT_LAYER = re.compile(r"(.*), layer (\d+) of (\d+)")
 
-    parsed = [re.fullmatch(r"(.*), layer (\d+) of (\d+)", w) for w in wheres]
-    if not all(parsed):
-        return wheres[0] if len(set(wheres)) == 1 else None
-    phases = {m.group(1) for m in parsed}
-    last = all(m.group(2) == m.group(3) for m in parsed)
-    same = len({m.group(2) for m in parsed}) == 1
-    if len(phases) != 1 or not (last or same):
-        return None
-    index = layers if last else int(parsed[0].group(2))
-    return f"{phases.pop()}, layer {index} of {layers}"
+
+def _extrapolated(runs, layers):
+    """(peak, where) for `layers` layers from the _RUNS-layer runs' peaks by place (MemoryEstimate.by_where),
+    or None when the runs do not bear it out. A place at the last layer, or outside the layers, grows by the same
+    bytes per layer (the checkpoints of the layers before it); a place at a fixed early layer (the first layer's
+    backward, where the embeddings' gradient arrives, or the second) holds what the layers up to it hold, whatever
+    comes after: the same in every run that has it. The most of all places is the peak."""
+    keyed = []
+    for k, run in zip(_RUNS, runs):
+        places = {}
+        for where, held in run.by_where.items():
+            m = _AT_LAYER.fullmatch(where)
+            key = (where, None) if m is None else (m.group(1), "last" if int(m.group(2)) == k else int(m.group(2)))
+            places[key] = held
+        keyed.append(places)
+    best = None
+    for key in keyed[2]:
+        held = [places.get(key) for places in keyed]
+        if key[1] is None or key[1] == "last":
+            if None in held or held[2] - held[1] != held[1] - held[0]:
+                return None
+            value = held[2] + (layers - _RUNS[2]) * (held[2] - held[1])
+            where = key[0] if key[1] is None else f"{key[0]}, layer {layers} of {layers}"
+        else:
+            if any(h is not None and h != held[2] for h in held):
+                return None
+            value, where = held[2], f"{key[0]}, layer {key[1]} of {layers}"
+        if best is None or value > best[0]:
+            best = (value, where)
+    return best
 
 
 def _bracket(at, budget, lo, e_lo, guess, start, limit):
@@ -447,7 +477,8 @@ def _bracket(at, budget, lo, e_lo, guess, start, limit):
 
 
 def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode="low_memory", mlp_chunk=1024,
-                    batch=1, start=1024, limit=1 << 24, precision=0.0, progress=None, offload=None):
+                    batch=1, start=1024, limit=1 << 24, precision=0.0, progress=None, offload=None,
+                    seq_chunk=None):
     """The longest input (a multiple of `start` tokens, up to `limit`) whose explanation fits `budget_bytes` with
     the weights, and its estimate; (0, None) when not even `start` tokens fit. The memory grows with the length in
     every mode and nearly on a line (eager mode aside): the line through `start` and `2 start` gives a first guess,
@@ -456,7 +487,7 @@ def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode
     progress() after each."""
     def at(n):
         e = estimate_memory(model_or_config, n, dtype=dtype, batch=batch, mode=mode, mlp_chunk=mlp_chunk,
-                            offload=offload)
+                            offload=offload, seq_chunk=seq_chunk)
         if progress is not None:
             progress()
         return e

@@ -151,7 +151,7 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
             image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
             reasoning_seed=None, per_target=False, family=None, decoder_input_ids=None,
-            decoder_attention_mask=None, offload=None) -> Explanation:
+            decoder_attention_mask=None, offload=None, seq_chunk=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -167,6 +167,8 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           for long inputs: memory O(N * hidden) with a small constant, at the cost of a second forward.
     offload: "cpu" keeps those checkpoints (one B x N x hidden input per layer) in host memory, brought back one
           layer ahead of the backward (af.low_memory's offload; implies checkpoint=True).
+    seq_chunk: run each layer's forward, recomputation and backward in chunks of this many positions, only its keys
+          and values full length (attnlrp_fast/seqchunk.py; implies checkpoint=True); the same relevance.
     progress: called with "forward" / "backward" per transformer layer (progress bars), and with per_target "target"
           after each target's backward pass.
     per_target: with a list of (position, token_id) targets, one backward pass per target over the one forward:
@@ -189,11 +191,12 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                       "only; explain() runs in eval mode and checkpoints every layer itself instead (checkpoint=True)",
                       stacklevel=2)
         checkpoint = True
-    if offload is not None:
+    if offload is not None or seq_chunk is not None:
         checkpoint = True
     with lrp_scope(model, rule, backend, caller="explain()", family=family) as h, \
             maybe_low_memory(model, checkpoint or progress is not None, checkpoint=checkpoint,
-                             mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress, offload=offload):
+                             mlp_chunk=mlp_chunk if checkpoint else 0, progress=progress, offload=offload,
+                             seq_chunk=seq_chunk):
         extra = {k: v for k, v in (("image_sizes", image_sizes), ("image_grid_thw", image_grid_thw),
                                    ("token_type_ids", token_type_ids)) if v is not None}
         reasoning = Reasoning.of(reasoning_span, hops, reasoning_seed, input_ids)
@@ -413,8 +416,7 @@ def _per_target_gradients(scored, inputs, pre_logits, softcap, progress):
     for j in range(n):
         grads = _modified_gradients(scored, inputs, pre_logits, softcap, keep=j < n - 1, score=scored.parts[:, j])
         g0 = grads[0]
-        maps.append((inputs[0].detach().float() * g0.float()).sum(-1) if g0 is not None else
-                    torch.zeros(inputs[0].shape[:-1], device=inputs[0].device))
+        maps.append(_token_relevance(inputs[0], g0))
         total = list(grads) if total is None else [a if b is None else (b if a is None else a + b)
                                                    for a, b in zip(total, grads)]
         if progress is not None:
@@ -518,23 +520,25 @@ def _explain(model, handle, req: Request) -> Explanation:
                 grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
             handle.check_engine_used()
             if rows is not None:
-                hops = run_hops(req.reasoning, (inputs[0].detach().float() * grads[0].float()).sum(-1), z,
+                hops = run_hops(req.reasoning, _token_relevance(inputs[0], grads[0]), z,
                                 inputs[0], lambda m: warnings.warn(m, stacklevel=4),
                                 others=[capture.patches] if capture.patches is not None else [])
     finally:
         capture.remove()
         if rows is not None:
             rows.remove()
-    rel = [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs, grads)]
+    # the tokens' relevance summed over the hidden dim block by block; the latents' and image patches' kept whole
+    tokens = _token_relevance(inputs[0], grads[0])
     if seq_first:   # (XLNet embeds (N, B, D): the relevance comes back as (B, N))
-        rel[0] = rel[0].transpose(0, 1)
+        tokens = tokens.transpose(0, 1)
+    rel = [None] + [(x.detach().float() * (g.float() if g is not None else 0.0)) for x, g in zip(inputs[1:], grads[1:])]
     fields = {} if per_target is None else {"target_relevance": per_target}
     if req.decoder is not None:
-        fields["decoder_relevance"] = rel[-1].sum(-1)
+        fields["decoder_relevance"] = _token_relevance(inputs[-1], grads[-1])
         rel = rel[:-1]
     if capture.patches is not None:
         maps, counts = vision.image_maps(rel[-1], req.extra)
-        fields = _image_fields(rel[0].sum(-1), maps, counts, input_ids == vision.image_token_id)
+        fields = _image_fields(tokens, maps, counts, input_ids == vision.image_token_id)
         rel = rel[:-1]
     if hops is not None:
         r = req.reasoning
@@ -545,9 +549,21 @@ def _explain(model, handle, req: Request) -> Explanation:
             fields.update(hop_image_relevance=per_hop,
                           prompt_image_relevance=[sum(maps) for maps in zip(*per_hop)])
     return Explanation(
-        relevance=rel[0].sum(-1), target_ids=scored.ids, target_logit=scored.score.detach().float(),
+        relevance=tokens, target_ids=scored.ids, target_logit=scored.score.detach().float(),
         rule=handle.rule, latent=dict(zip(req.latent, rel[1:])), positions=scored.positions,
         target_logits=scored.parts.detach().float() if scored.parts is not None else None, **fields)
+
+
+def _token_relevance(x, g, rows=1 << 14):
+    """(x * g).sum(-1) in float32 (zeros where g is None), `rows` positions at a time: no float32 copy of a whole
+    (B, N, hidden) input and its gradient (16 GiB each at 1M tokens of an 8B model), the same numbers."""
+    if g is None:
+        return torch.zeros(x.shape[:-1], dtype=torch.float32, device=x.device)
+    x2, g2 = x.detach().reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    out = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    for i in range(0, x2.shape[0], rows):
+        out[i:i + rows] = (x2[i:i + rows].float() * g2[i:i + rows].float()).sum(-1)
+    return out.reshape(x.shape[:-1])
 
 
 def _image_fields(relevance, maps, counts, placeholders):

@@ -225,13 +225,19 @@ def _offloaded(inner, offloader, index, args, kwargs):
 class LowMemoryHandle:
     """The patches low_memory() applied; remove() (or leaving the with-block) undoes them."""
 
-    def __init__(self, model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None):
+    def __init__(self, model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None, seq_chunk=None):
         if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 0):
             raise ValueError(f"mlp_chunk must be a positive number of tokens, 0 or None (no chunking), got {mlp_chunk!r}")
         if offload not in OFFLOAD_TARGETS:
             raise ValueError(f"offload must be one of {OFFLOAD_TARGETS}, got {offload!r}")
         if offload is not None and not checkpoint:
             raise ValueError("offload='cpu' moves the layers' checkpoints to the host: it needs checkpoint=True")
+        if seq_chunk is not None and (not isinstance(seq_chunk, int) or isinstance(seq_chunk, bool) or seq_chunk < 1):
+            raise ValueError(f"seq_chunk must be a positive number of tokens or None, got {seq_chunk!r}")
+        if seq_chunk is not None and not checkpoint:
+            raise ValueError("seq_chunk runs each checkpointed layer's recomputation in chunks: it needs "
+                             "checkpoint=True")
+        self.seq_chunk = seq_chunk
         self.model, self.checkpoint, self.mlp_chunk, self.progress = model, bool(checkpoint), mlp_chunk or 0, progress
         self.offloader = _Offloader() if offload else None
         self._patches = Patches()
@@ -268,7 +274,11 @@ class LowMemoryHandle:
             x = _hidden_input(args, kwargs)
             if self.progress is not None and grad and x is not None and x.requires_grad:
                 x.register_hook(lambda g: self.progress("backward"))
-            if grad and self.checkpoint and self.offloader is not None and x is not None:
+            if grad and self.seq_chunk is not None and x is not None:
+                from attnlrp_fast import seqchunk
+
+                out = seqchunk.run_layer(inner, args, kwargs, self.seq_chunk, self.offloader, index)
+            elif grad and self.checkpoint and self.offloader is not None and x is not None:
                 out = _offloaded(inner, self.offloader, index, args, kwargs)
             elif grad and self.checkpoint:
                 out = _checkpoint(inner, *args, use_reentrant=False, **kwargs)
@@ -316,11 +326,14 @@ class LowMemoryHandle:
         return False
 
 
-def low_memory(model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None) -> LowMemoryHandle:
+def low_memory(model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None,
+               seq_chunk=None) -> LowMemoryHandle:
     """Checkpoint every transformer layer and run MLPs in chunks of `mlp_chunk` tokens; offload="cpu" keeps the
-    checkpoints in host memory (see the module docstring). A context manager; or keep the handle and call
-    .remove()."""
-    return LowMemoryHandle(model, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress, offload=offload)
+    checkpoints in host memory (see the module docstring); seq_chunk=C runs each layer, forward and backward, in
+    chunks of C positions with only its keys and values full length (attnlrp_fast/seqchunk.py). A context manager;
+    or keep the handle and call .remove()."""
+    return LowMemoryHandle(model, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress, offload=offload,
+                           seq_chunk=seq_chunk)
 
 
 def maybe_low_memory(model, enabled, **kwargs):

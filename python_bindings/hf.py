@@ -19,6 +19,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Optional
 
+import sys
+
 import torch
 
 from .attention import attention
@@ -226,6 +228,13 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
             "config's attention dropout to 0 for training")
     if not torch.compiler.is_compiling():
         ENGINE_CALLS[0] += 1
+    chunking = sys.modules.get("attnlrp_fast.seqchunk")   # a layer run in sequence chunks (seqchunk.py)
+    if chunking is not None and chunking.active() is not None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        return chunking.attend(module, query, key, value, attention_mask, scale=scaling, window=sliding_window,
+                               softcap=softcap, sinks=kwargs.get("s_aux"), rule=getattr(module, RULE_ATTR, "grad"),
+                               backend=getattr(module, BACKEND_ATTR, None), is_causal=causal,
+                               position_bias=kwargs.get("position_bias")), None
     rel_bias = _relative_bias(module, kwargs.get("position_bias"), query.shape[2], key.shape[2], query.device)
     sinks = kwargs.get("s_aux")
     kpm = segment_ids = key_limit = None

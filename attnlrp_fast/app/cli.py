@@ -90,6 +90,9 @@ def _add_explain(sub):
     e.add_argument("--offload", choices=("cpu",), default=None,
                    help="cpu: keep the layers' checkpoints in host memory, brought back one layer ahead of the "
                         "backward (for documents whose checkpoints do not fit the GPU)")
+    e.add_argument("--seq-chunk", type=int, default=None,
+                   help="run each layer in chunks of this many tokens, only its keys and values full length (the "
+                        "same relevance, less memory for long documents)")
     e.add_argument("--reasoning", default="auto",
                    help="auto (default): a reasoning model's <think> ... </think> block in the answer, when the "
                         "tokenizer has those tags; none; or START:END, answer tokens START..END-1 as the reasoning "
@@ -179,6 +182,8 @@ def _add_estimate(sub):
     s.add_argument("--mlp-chunk", type=int, default=1024, help="tokens per MLP chunk in low_memory mode")
     s.add_argument("--offload", choices=("cpu",), default=None,
                    help="cpu: low_memory with the layers' checkpoints in host memory (the host memory is shown)")
+    s.add_argument("--seq-chunk", type=int, default=None,
+                   help="low_memory with each layer run in chunks of this many tokens")
     s.add_argument("--modes", nargs="+", choices=ESTIMATE_MODES, default=list(ESTIMATE_MODES))
 
 

@@ -180,10 +180,15 @@ def check_explain_options(args):
     check_hops(args)
     if args.mlp_chunk < 0:
         raise UsageError(f"--mlp-chunk must be 0 (no chunking) or a positive number of tokens, got {args.mlp_chunk}")
+    seq_chunk = getattr(args, "seq_chunk", None)
+    if seq_chunk is not None and seq_chunk < 1:
+        raise UsageError(f"--seq-chunk must be a positive number of tokens, got {seq_chunk}")
+    if seq_chunk is not None and args.no_checkpoint:
+        raise UsageError("--seq-chunk runs the checkpointed layers in chunks: it cannot go with --no-checkpoint")
     if getattr(args, "offload", None) and args.no_checkpoint:
         raise UsageError("--offload cpu moves the layers' checkpoints to the host: it cannot go with --no-checkpoint")
-    if getattr(args, "offload", None) and getattr(args, "image", None):
-        raise UsageError("--offload is for text documents (an image explanation keeps its activations on the device)")
+    if (getattr(args, "offload", None) or seq_chunk is not None) and getattr(args, "image", None):
+        raise UsageError("--offload and --seq-chunk are for text documents (an image explanation runs whole)")
     if args.answer is None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 

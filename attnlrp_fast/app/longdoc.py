@@ -292,7 +292,7 @@ class Result:
 
 def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, per_token=False, checkpoint=True,
                    mlp_chunk=1024, progress=None, token_tick=None, reasoning=None, hops=3, seed=None,
-                   offload=None):
+                   offload=None, seq_chunk=None):
     """Relevance of every token of prompt + answer for the answer's logits. reasoning: a ReasoningSpan; then the
     answer explained is the tokens after it, and `hops` more backward passes carry relevance through the reasoning
     to the prompt (af.explain's reasoning_span)."""
@@ -301,12 +301,12 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, p
     device = next(model.parameters()).device
     if getattr(model.config, "is_encoder_decoder", False):
         return _explain_seq2seq(model, prompt, answer_ids, rule, backend, per_token, reasoning, progress, token_tick,
-                                offload)
+                                offload, seq_chunk)
     ids = torch.tensor([prompt.ids + answer_ids], device=device)
     p = len(prompt.ids)
     targets = answer_targets(p, answer_ids, reasoning)
     kw = dict(rule=rule, backend=backend, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress,
-              offload=offload)
+              offload=offload, seq_chunk=seq_chunk)
     t = time.perf_counter()
     per, logits = [], []
     if reasoning is not None:
@@ -335,7 +335,7 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, p
 
 
 def _explain_seq2seq(model, prompt, answer_ids, rule, backend, per_token, reasoning, progress, token_tick,
-                     offload=None):
+                     offload=None, seq_chunk=None):
     """explain_answer for an encoder-decoder model: the prompt is the encoder's input, the decoder reads its start
     token and the answer (token j predicted at decoder position j). The relevance comes back in the layout of a
     causal LM's, prompt tokens then answer tokens: the encoder's, then the decoder's past its start token."""
@@ -351,7 +351,7 @@ def _explain_seq2seq(model, prompt, answer_ids, rule, backend, per_token, reason
     ids = torch.tensor([prompt.ids], device=device)
     dec = torch.tensor([[start] + answer_ids], device=device)
     targets = [(j, tok) for j, tok in enumerate(answer_ids)]
-    kw = dict(rule=rule, backend=backend, decoder_input_ids=dec, target=targets, offload=offload)
+    kw = dict(rule=rule, backend=backend, decoder_input_ids=dec, target=targets, offload=offload, seq_chunk=seq_chunk)
     t = time.perf_counter()
     per = []
     if per_token:

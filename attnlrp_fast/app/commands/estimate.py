@@ -56,35 +56,38 @@ class Longest:
     estimate: object = None
 
 
-def longest(config, budget, dtype, mode, mlp_chunk, tick=None, offload=None):
+def longest(config, budget, dtype, mode, mlp_chunk, tick=None, offload=None, seq_chunk=None):
     """The longest input each mode fits in `budget` bytes (low_memory: the best of MLP_CHUNKS and --mlp-chunk);
     tick() after each estimate. offload: low_memory's checkpoints in host memory (the GPU budget only)."""
     chunks = sorted({mlp_chunk, *MLP_CHUNKS}) if mode == "low_memory" else [mlp_chunk]
     best = Longest(mode, 0)
     for chunk in chunks:
         n, e = est.longest_fitting(config, budget, dtype=dtype, mode=mode, mlp_chunk=chunk, start=4096,
-                                   precision=1 / 32, progress=tick, offload=_offload(mode, offload))
+                                   precision=1 / 32, progress=tick, offload=_offload(mode, offload),
+                                   seq_chunk=_offload(mode, seq_chunk))
         if n > best.tokens:
             best = Longest(mode, n, chunk if mode == "low_memory" else None, e)
     return best
 
 
-def _offload(mode, offload):
-    """--offload applies to low_memory, the mode with checkpoints."""
-    return offload if mode == "low_memory" else None
+def _offload(mode, setting):
+    """--offload and --seq-chunk apply to low_memory, the mode with checkpoints."""
+    return setting if mode == "low_memory" else None
 
 
-def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offload=None):
+def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offload=None, seq_chunk=None):
     """The mode's table: weights, the explanation's peak, their total and where the peak is, per length (a blank line
     first; with --offload cpu, low_memory's host memory too); tick() after each length."""
-    offload = _offload(mode, offload)
+    offload, seq_chunk = _offload(mode, offload), _offload(mode, seq_chunk)
     host = f" {'host':>12}" if offload else ""
-    lines = ["", f"{mode}" + (f" (--mlp-chunk {mlp_chunk}{', --offload ' + offload if offload else ''})"
-                              if mode == "low_memory" else ""),
+    settings = f"--mlp-chunk {mlp_chunk}" + (f", --offload {offload}" if offload else "") + \
+        (f", --seq-chunk {seq_chunk}" if seq_chunk else "")
+    lines = ["", f"{mode}" + (f" ({settings})" if mode == "low_memory" else ""),
              f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}{host}  peak at"]
     for n in tokens:
         try:
-            e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk, offload=offload)
+            e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk, offload=offload,
+                                    seq_chunk=seq_chunk)
         except ValueError as ex:   # a contrast mode that does not cover this family
             lines.append(f"{_tokens(n):>8}  {str(ex).splitlines()[0][:100]}")
             break
@@ -95,11 +98,11 @@ def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offloa
     return lines
 
 
-def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None, offload=None):
+def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None, offload=None, seq_chunk=None):
     lines = ["", f"The longest document that fits {size(budget)} with the weights:"]
     for mode in modes:
         try:
-            found = longest(config, budget, dtype, mode, mlp_chunk, tick, offload)
+            found = longest(config, budget, dtype, mode, mlp_chunk, tick, offload, seq_chunk)
         except ValueError as ex:
             lines.append(f"  {mode:<11} {str(ex).splitlines()[0][:100]}")
             continue
@@ -123,18 +126,21 @@ def tables(args, bar=NO_BAR):
     budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
     if args.mlp_chunk < 0:
         raise ValueError(f"--mlp-chunk {args.mlp_chunk}: a number of tokens (0: no chunking)")
+    if getattr(args, "seq_chunk", None) is not None and args.seq_chunk < 1:
+        raise ValueError(f"--seq-chunk {args.seq_chunk}: a positive number of tokens")
     config = est.load_config(args.model)
     dtype = getattr(torch, args.dtype)
     est.meta_model(config, dtype)   # the config builds a causal LM: else one line now
     yield [f"Memory of one explanation of {args.model} ({str(dtype).split('.')[-1]}), as on a GPU:"]
     for mode in args.modes:
         with bar(total=len(tokens), desc=f"estimating {mode}", unit="length") as b:
-            lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update, getattr(args, "offload", None))
+            lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update, getattr(args, "offload", None),
+                               getattr(args, "seq_chunk", None))
         yield lines
     if budget:
         with bar(total=None, desc=f"the longest document that fits {size(budget)}", unit="estimate") as b:
             lines = longest_lines(config, budget, dtype, args.modes, args.mlp_chunk, b.update,
-                                  getattr(args, "offload", None))
+                                  getattr(args, "offload", None), getattr(args, "seq_chunk", None))
         yield lines
 
 

@@ -33,7 +33,7 @@ def _explain_answer(args, model, answer, backend, bar, reasoning=None):
     with bar(total=len(answer.ids), desc="answer tokens", unit="token", disable=True if quiet_tokens else None) as b:
         result = longdoc.explain_answer(model, answer.prompt, answer.ids, args.rule, backend, per_token=args.per_token,
                                         checkpoint=not args.no_checkpoint, mlp_chunk=args.mlp_chunk,
-                                        offload=args.offload,
+                                        offload=args.offload, seq_chunk=args.seq_chunk,
                                         progress=progress, token_tick=b.update, reasoning=reasoning,
                                         hops=args.hops, seed=args.reasoning_seed)
     progress.close()
