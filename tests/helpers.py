@@ -22,3 +22,22 @@ def assert_close_all(outs, refs, tol, what=""):
     errs = {n: rel_err(a, b) for n, a, b in zip(OUTPUTS, outs, refs)}
     bad = {n: e for n, e in errs.items() if not e < tol}   # inf (non-finite output) is never below tol
     assert not bad, f"{what}: relative errors over {tol}: {bad}"
+
+
+def explanation_peak(model, n, seed=0, **explain_kw):
+    """The peak of live tensor bytes (estimate.LiveBytes) of a real CPU explanation of n random tokens by `model`
+    (parameters frozen, the rules patched in before the count, as weights are), to set against af.estimate_memory."""
+    import attnlrp_fast as af
+    from attnlrp_fast.estimate import LiveBytes
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(3, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+    handle = af.lrp(model, backend="torch")
+    try:
+        with LiveBytes() as meter:
+            af.explain(model, input_ids=ids, **explain_kw)
+    finally:
+        handle.remove()
+    return meter.peak

@@ -14,6 +14,7 @@ import attnlrp_fast as af
 from attnlrp_fast import estimate as est
 from attnlrp_fast.app import cli
 from attnlrp_fast.models import UnsupportedModelError
+from helpers import explanation_peak
 from tiny_models import COMMON, VOCAB, build
 
 UNSEEABLE = 8   # bytes that only the input's values decide (tests/core/test_estimate.py)
@@ -97,18 +98,10 @@ def test_layers_it_cannot_run_are_refused_by_name():
 @pytest.mark.parametrize("offload", [None, "cpu"])
 def test_the_chunked_estimate_is_the_real_peak(family, offload):
     model = build(family)
-    for p in model.parameters():
-        p.requires_grad_(False)
     n = 41
-    ids = torch.randint(3, VOCAB, (1, n), generator=torch.Generator().manual_seed(n))
-    handle = af.lrp(model, backend="torch")
-    try:
-        with est.LiveBytes() as meter:
-            af.explain(model, input_ids=ids, seq_chunk=8, offload=offload, mlp_chunk=16)
-    finally:
-        handle.remove()
+    real = explanation_peak(model, n, seed=n, seq_chunk=8, offload=offload, mlp_chunk=16)
     e = est.estimate_memory(model.config, n, dtype=torch.float32, mlp_chunk=16, seq_chunk=8, offload=offload)
-    assert abs(e.peak + e.host - meter.peak) <= UNSEEABLE, (e.peak, e.host, meter.peak)
+    assert abs(e.peak + e.host - real) <= UNSEEABLE, (e.peak, e.host, real)
 
 
 def test_a_long_model_is_extrapolated_as_the_whole_runs():
