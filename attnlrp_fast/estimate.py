@@ -375,6 +375,35 @@ def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, o
                           meter.largest, host, dict(meter.by_where))
 
 
+def explanation_flops(model_or_config, tokens, *, batch=1, mode="low_memory", seq_chunk=None):
+    """The floating-point operations of one explanation of `tokens` tokens (a count, not a measurement): the
+    layers' linear maps (2 per weight per token; every expert's weights for a mixture of experts, so an upper bound
+    there) and causal attention (2 N^2 H D forward: Q K^T and P V over the half the mask keeps), times the passes:
+    forward, the checkpointed recomputation (low_memory) and the backward (twice the forward for the linear maps,
+    2.5 times for attention, as flash attention's backward does); seq_chunk adds the keys' and values' projections
+    again (twice) and their backward. The LM head counts only where the target reads it."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model = meta_model(config, torch.bfloat16)
+    from attnlrp_fast.memory import transformer_layers
+
+    linear = attention = kv = 0
+    for _, layer in transformer_layers(model):
+        for name, module in layer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                linear += module.weight.numel()
+                if name.split(".")[-1] in ("k_proj", "v_proj"):
+                    kv += module.weight.numel()
+        heads = getattr(config, "num_attention_heads", 0) or 0
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1)
+        attention += heads * head_dim
+    n = batch * tokens
+    forward_linear, forward_attention = 2 * linear * n, 2 * attention * batch * tokens * tokens
+    passes_linear = (1 + 1 + 2) if mode == "low_memory" else (1 + 2)
+    passes_attention = (1 + 1 + 2.5) if mode == "low_memory" else (1 + 2.5)
+    extra = 2 * kv * n * (2 + 2) if seq_chunk else 0
+    return int(forward_linear * passes_linear + forward_attention * passes_attention + extra)
+
+
 def with_layers(config, layers):
     """A copy of the config with `layers` transformer layers (per-layer lists such as Gemma's layer_types cut)."""
     import copy

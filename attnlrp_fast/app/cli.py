@@ -184,6 +184,8 @@ def _add_estimate(sub):
                    help="cpu: low_memory with the layers' checkpoints in host memory (the host memory is shown)")
     s.add_argument("--seq-chunk", type=int, default=None,
                    help="low_memory with each layer run in chunks of this many tokens")
+    s.add_argument("--tflops", type=float, default=None,
+                   help="also a predicted time per length: the explanation's FLOP count at this many TFLOP/s")
     s.add_argument("--modes", nargs="+", choices=ESTIMATE_MODES, default=list(ESTIMATE_MODES))
 
 

@@ -131,3 +131,21 @@ def test_the_cli_takes_seq_chunk(tmp_path, capsys):
     assert cli.main(["estimate", "--model", str(path), "--tokens", "1k", "--modes", "low_memory", "--seq-chunk",
                      "256", "--offload", "cpu"]) == 0
     assert "low_memory (--mlp-chunk 1024, --offload cpu, --seq-chunk 256)" in capsys.readouterr().out
+
+
+def test_the_flop_count_and_the_predicted_time(tmp_path, capsys):
+    """Linear maps 2 per weight per token, attention 2 N^2 H D, times the passes (a count, stated as such)."""
+    config = tf.LlamaConfig(**COMMON)
+    n, h, i, d = 1000, COMMON["hidden_size"], COMMON["intermediate_size"], COMMON["head_dim"]
+    heads, kv = COMMON["num_attention_heads"], COMMON["num_key_value_heads"]
+    weights = h * heads * d * 2 + h * kv * d * 2 + 3 * h * i          # q, o; k, v; gate, up, down
+    per_layer = 2 * weights * n * 4 + 2 * heads * d * n * n * 4.5    # forward, recomputation, backward
+    assert est.explanation_flops(config, n) == int(COMMON["num_hidden_layers"] * per_layer)
+    assert est.explanation_flops(config, n, mode="plain") < est.explanation_flops(config, n)
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    assert cli.main(["estimate", "--model", str(path), "--tokens", "1k", "--modes", "low_memory", "eager",
+                     "--tflops", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "predicted" in out and "not a measurement" in out
+    assert cli.main(["estimate", "--model", str(path), "--tflops", "0"]) == 2

@@ -75,11 +75,22 @@ def _offload(mode, setting):
     return setting if mode == "low_memory" else None
 
 
-def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offload=None, seq_chunk=None):
+def _predicted(config, n, mode, seq_chunk, tflops):
+    """' <seconds>' predicted from the FLOP count at `tflops` TFLOP/s ('' without)."""
+    if not tflops or mode not in ("low_memory", "plain"):
+        return f" {'-':>10}" if tflops else ""
+    seconds = est.explanation_flops(config, n, mode=mode, seq_chunk=seq_chunk) / (tflops * 1e12)
+    return f" {seconds:>9,.0f}s" if seconds >= 10 else f" {seconds:>9.1f}s"
+
+
+def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offload=None, seq_chunk=None,
+               tflops=None):
     """The mode's table: weights, the explanation's peak, their total and where the peak is, per length (a blank line
-    first; with --offload cpu, low_memory's host memory too); tick() after each length."""
+    first; with --offload cpu, low_memory's host memory too; with --tflops, a time predicted from the FLOP count);
+    tick() after each length."""
     offload, seq_chunk = _offload(mode, offload), _offload(mode, seq_chunk)
     host = f" {'host':>12}" if offload else ""
+    host += f" {'predicted':>10}" if tflops else ""
     settings = f"--mlp-chunk {mlp_chunk}" + (f", --offload {offload}" if offload else "") + \
         (f", --seq-chunk {seq_chunk}" if seq_chunk else "")
     lines = ["", f"{mode}" + (f" ({settings})" if mode == "low_memory" else ""),
@@ -93,7 +104,7 @@ def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offloa
             break
         finally:
             tick()
-        host = f" {size(e.host):>12}" if offload else ""
+        host = (f" {size(e.host):>12}" if offload else "") + _predicted(config, n, mode, seq_chunk, tflops)
         lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}{host}  {e.where}")
     return lines
 
@@ -126,6 +137,8 @@ def tables(args, bar=NO_BAR):
     budget = parse_bytes(args.gpu_memory) if args.gpu_memory else None
     if args.mlp_chunk < 0:
         raise ValueError(f"--mlp-chunk {args.mlp_chunk}: a number of tokens (0: no chunking)")
+    if getattr(args, "tflops", None) is not None and args.tflops <= 0:
+        raise ValueError(f"--tflops {args.tflops:g}: a positive throughput in TFLOP/s")
     if getattr(args, "seq_chunk", None) is not None and args.seq_chunk < 1:
         raise ValueError(f"--seq-chunk {args.seq_chunk}: a positive number of tokens")
     config = est.load_config(args.model)
@@ -135,7 +148,10 @@ def tables(args, bar=NO_BAR):
     for mode in args.modes:
         with bar(total=len(tokens), desc=f"estimating {mode}", unit="length") as b:
             lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update, getattr(args, "offload", None),
-                               getattr(args, "seq_chunk", None))
+                               getattr(args, "seq_chunk", None), getattr(args, "tflops", None))
+        if getattr(args, "tflops", None) and mode in ("low_memory", "plain"):
+            lines.append(f"(predicted: the explanation's FLOP count (estimate.explanation_flops) at {args.tflops:g} "
+                         "TFLOP/s, not a measurement)")
         yield lines
     if budget:
         with bar(total=None, desc=f"the longest document that fits {size(budget)}", unit="estimate") as b:
