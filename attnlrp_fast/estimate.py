@@ -424,7 +424,8 @@ def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, m
 
     A model's layers are alike, so each adds the same bytes: unless `exact`, the run is done with 2, 3 and 4 layers
     and the most held at each place of the run extended to the model's depth (_extrapolated: at the last layer on a
-    line to the byte, at a fixed early layer the same); where the runs do not bear that out, the whole model runs. Weights are always counted for the whole model. `exact` also
+    line to the byte, at a fixed early layer the same); where the runs do not bear that out, the whole model runs.
+    Weights are always counted for the whole model. `exact` also
     runs every MLP chunk (module docstring): the same numbers, slower. offload="cpu" (low_memory only): the layers'
     checkpoints in host memory (af.low_memory), counted in `host`, not in `peak`. seq_chunk=C (low_memory only):
     each layer in chunks of C positions (attnlrp_fast/seqchunk.py)."""

@@ -1,6 +1,7 @@
 """Predicted peak memory of one explanation for the shapes of well-known models (attnlrp_fast/data/model_shapes.json:
 configs as numbers, no download), per mode and length, in bf16, and the longest document each mode fits on an
-H100 (79.6 GiB) and an H200 (140.4 GiB): bench/results/<date>-estimates.json, the README table via bench/report.py.
+H100 (79.6 GiB) and an H200 (140.4 GiB), also with low_memory's checkpoints in host memory (offload="cpu"):
+bench/results/<date>-estimates.json, the README table via bench/report.py.
 Bytes in the JSON; the table is in GiB (2^30 bytes), as `attnlrp-fast estimate` prints.
 
     python bench/estimate_table.py
@@ -27,21 +28,33 @@ GPUS = {f"{name} ({mib / 1024:.1f} GiB)": mib * 2**20 for name, mib in GPU_MIB.i
 
 
 def _entry(e):
-    return {"weights": e.weights, "peak": e.peak, "total": e.total, "where": e.where}
+    return {"weights": e.weights, "peak": e.peak, "total": e.total, "where": e.where, "host": e.host}
 
 
-def model_rows(name, tokens, modes, gpus, on_row=print):
+OFFLOAD_MODELS = ("llama-3.1-8b", "qwen2.5-7b")
+SEQ_CHUNK = 16384
+
+
+def model_rows(name, tokens, modes, gpus, on_row=print, offload_models=OFFLOAD_MODELS):
+    """A row per mode; for the offload models two more low_memory rows: its checkpoints in host memory, and that
+    with each layer in sequence chunks of SEQ_CHUNK tokens."""
     config = est.load_config(name)
     rows = []
-    for mode in modes:
-        row = {"model": name, "mode": mode, "by_tokens": {}, "longest": {}}
+    variants = [(m, None, None) for m in modes]
+    if "low_memory" in modes and name in offload_models:
+        variants += [("low_memory", "cpu", None), ("low_memory", "cpu", SEQ_CHUNK)]
+    for mode, offload, seq_chunk in variants:
+        row = {"model": name, "mode": mode, "offload": offload, "seq_chunk": seq_chunk, "by_tokens": {},
+               "longest": {}}
         try:
             for n in tokens:
-                row["by_tokens"][str(n)] = _entry(est.estimate_memory(config, n, mode=mode))
+                row["by_tokens"][str(n)] = _entry(est.estimate_memory(config, n, mode=mode, offload=offload,
+                                                                      seq_chunk=seq_chunk))
             for gpu, budget in gpus.items():
-                chunks = (256, 1024) if mode == "low_memory" else (1024,)
+                chunks = (256, 1024) if mode == "low_memory" and offload is None else (1024,)
                 found = max((est.longest_fitting(config, budget, mode=mode, mlp_chunk=c, start=4096,
-                                                 precision=1 / 32) + (c,) for c in chunks), key=lambda f: f[0])
+                                                 precision=1 / 32, offload=offload, seq_chunk=seq_chunk) + (c,)
+                             for c in chunks), key=lambda f: f[0])
                 row["longest"][gpu] = {"tokens": found[0], "mlp_chunk": found[2] if mode == "low_memory" else None}
         except ValueError as e:      # a contrast mode that does not cover this family
             row["error"] = str(e).splitlines()[0][:400]

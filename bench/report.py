@@ -592,7 +592,8 @@ def estimates_table(result):
             lines.append(f"| {r['model']} | {r['mode']} | " + " | ".join(["n/a"] * len(sizes)) + " | " +
                          " | ".join([f"not covered ({mark})"] * len(gpus)) + " |")
             continue
-        cells = [_gib(r["by_tokens"][str(n)]["total"]) if str(n) in r["by_tokens"] else "-" for n in sizes]
+        cells = [_gib(r["by_tokens"][str(n)]["total"]) + _host(r["by_tokens"][str(n)]) if str(n) in r["by_tokens"]
+                 else "-" for n in sizes]
         weights = next(iter(r["by_tokens"].values()))["weights"] if r["by_tokens"] else 0
         longest = []
         for g in gpus:
@@ -606,10 +607,22 @@ def estimates_table(result):
             else:
                 chunk = f" (mlp-chunk {found['mlp_chunk']})" if found.get("mlp_chunk") else ""
                 longest.append(f"{_tokens(found['tokens'])}{chunk}")
-        lines.append(f"| {r['model']} | {r['mode']} | " + " | ".join(cells) + " | " + " | ".join(longest) + " |")
+        mode = r["mode"] + (" + offload" if r.get("offload") else "") + \
+            (f" + seq-chunk {_tokens(r['seq_chunk'])}" if r.get("seq_chunk") else "")
+        lines.append(f"| {r['model']} | {mode} | " + " | ".join(cells) + " | " + " | ".join(longest) + " |")
+    if any(r.get("offload") for r in rows):
+        lines += ["", "low_memory + offload: the layers' checkpoints in host memory (`--offload cpu`), shown as "
+                  "(+ host GiB) beside the GPU's total; the longest documents count the GPU's memory only. "
+                  "+ seq-chunk: each layer run in chunks of that many tokens, only its keys and values full length "
+                  "(`--seq-chunk`)."]
     for error, mark in notes.items():
         lines += ["", f"({mark}) {error}"]
     return "\n".join(lines)
+
+
+def _host(entry):
+    """' (+N host)' for an estimate with offloaded checkpoints."""
+    return f" (+{_gib(entry['host'])} host)" if entry.get("host") else ""
 
 
 def replace_between(text, kind, body):
