@@ -52,8 +52,10 @@ def model_rows(name, tokens, modes, gpus, on_row=print, offload_models=OFFLOAD_M
                                                                       seq_chunk=seq_chunk))
             for gpu, budget in gpus.items():
                 chunks = (256, 1024) if mode == "low_memory" and offload is None else (1024,)
+                # (the chunked rows reach millions of tokens, where each meta run is long: a coarser search)
                 found = max((est.longest_fitting(config, budget, mode=mode, mlp_chunk=c, start=4096,
-                                                 precision=1 / 32, offload=offload, seq_chunk=seq_chunk) + (c,)
+                                                 precision=1 / 8 if seq_chunk else 1 / 32, offload=offload,
+                                                 seq_chunk=seq_chunk, limit=1 << 22) + (c,)
                              for c in chunks), key=lambda f: f[0])
                 row["longest"][gpu] = {"tokens": found[0], "mlp_chunk": found[2] if mode == "low_memory" else None}
         except ValueError as e:      # a contrast mode that does not cover this family
