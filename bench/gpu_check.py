@@ -1052,7 +1052,7 @@ STEPS = {
     "dispatch": (40, step_dispatch, "the dispatch table's cases: SDPA path vs Triton, the fastest forward"),
     "profile": (10, step_profile, "one profiled forward+backward of ours (attnlrp): dQ modes, SDPA path"),
     "memory": (25, step_memory, "peak memory above inputs at 128k, GQA 32/8: SDPA, then ours"),
-    "e2e": (110, step_e2e, "Llama-3-8B-shaped explanation at 8k and 32k: LXT-style, ours, ours on Triton"),
+    "e2e": (110, step_e2e, "Llama-3-8B-shaped explanation at 8k and 32k: LXT-style, ours, on Triton, offloaded"),
     "sweep": (None, step_sweep, "the rest of the sweep grid, every baseline, while time remains"),
 }
 ALIASES = {"kernels": ("timings", "profile", "memory", "sweep")}
