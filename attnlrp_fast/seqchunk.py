@@ -104,18 +104,24 @@ def attend(module, query, key, value, attention_mask, *, scale, window, softcap,
 
 
 class _Running:
-    """Sets the thread's chunk for a block."""
+    """Sets the thread's chunk for a block, and attend() as the engine's attention hook (bindings/hf.py)."""
 
     def __init__(self, chunk):
         self.chunk = chunk
 
     def __enter__(self):
-        self.saved = active()
+        from attnlrp_fast.bindings.hf import ATTENTION_HOOK
+
+        self.saved, self.saved_hook = active(), getattr(ATTENTION_HOOK, "attend", None)
         _STATE.chunk = self.chunk
+        ATTENTION_HOOK.attend = attend
         return self.chunk
 
     def __exit__(self, *exc):
+        from attnlrp_fast.bindings.hf import ATTENTION_HOOK
+
         _STATE.chunk = self.saved
+        ATTENTION_HOOK.attend = self.saved_hook
         return False
 
 

@@ -16,10 +16,9 @@ the backend from `module.attnlrp_fast_backend`.
 """
 
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Optional
-
-import sys
 
 import torch
 
@@ -31,6 +30,9 @@ RULE_ATTR = "attnlrp_fast_rule"
 # modules computed their attention themselves (and so without the rules)
 ENGINE_CALLS = [0]
 BACKEND_ATTR = "attnlrp_fast_backend"
+# per thread: `attend`, set while a layer runs in sequence chunks, answers its attention call in place of the engine
+# call below (attnlrp_fast/seqchunk.py sets it: the layer above registers, this one never imports it)
+ATTENTION_HOOK = threading.local()
 
 # The mask-function building blocks of transformers.masking_utils that the kernel's flags express (a tuple: torch.compile
 # cannot hash the names it reads).
@@ -228,13 +230,13 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
             "config's attention dropout to 0 for training")
     if not torch.compiler.is_compiling():
         ENGINE_CALLS[0] += 1
-    chunking = sys.modules.get("attnlrp_fast.seqchunk")   # a layer run in sequence chunks (seqchunk.py)
-    if chunking is not None and chunking.active() is not None:
+    attend = getattr(ATTENTION_HOOK, "attend", None)   # a layer run in sequence chunks (attnlrp_fast/seqchunk.py)
+    if attend is not None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        return chunking.attend(module, query, key, value, attention_mask, scale=scaling, window=sliding_window,
-                               softcap=softcap, sinks=kwargs.get("s_aux"), rule=getattr(module, RULE_ATTR, "grad"),
-                               backend=getattr(module, BACKEND_ATTR, None), is_causal=causal,
-                               position_bias=kwargs.get("position_bias")), None
+        return attend(module, query, key, value, attention_mask, scale=scaling, window=sliding_window,
+                      softcap=softcap, sinks=kwargs.get("s_aux"), rule=getattr(module, RULE_ATTR, "grad"),
+                      backend=getattr(module, BACKEND_ATTR, None), is_causal=causal,
+                      position_bias=kwargs.get("position_bias")), None
     rel_bias = _relative_bias(module, kwargs.get("position_bias"), query.shape[2], key.shape[2], query.device)
     sinks = kwargs.get("s_aux")
     kpm = segment_ids = key_limit = None
