@@ -277,7 +277,8 @@ class LowMemoryHandle:
             if grad and self.seq_chunk is not None and x is not None:
                 from attnlrp_fast import seqchunk
 
-                out = seqchunk.run_layer(inner, args, kwargs, self.seq_chunk, self.offloader, index)
+                out = seqchunk.run_layer(inner, args, kwargs, self.seq_chunk, self.offloader, index,
+                                         layer=self.layers[index])
             elif grad and self.checkpoint and self.offloader is not None and x is not None:
                 out = _offloaded(inner, self.offloader, index, args, kwargs)
             elif grad and self.checkpoint:

@@ -192,17 +192,18 @@ def _chunks(n, size):
     return [(a, min(a + size, n)) for a in range(0, n, size)]
 
 
-def forward(call, x, size):
-    """The layer's output over chunks of `size` positions, without a graph; the output structure to rebuild."""
+def forward(call, x, size, upto=None):
+    """The layer's output over chunks of `size` positions (its first `upto` only: verify()), without a graph; the
+    output structure to rebuild."""
     chunk = _Chunk(call.n, "write")
     y, shape = None, None
     with torch.no_grad(), _Running(chunk):
-        for a, b in _chunks(call.n, size):
+        for a, b in _chunks(call.n if upto is None else upto, size):
             chunk.a, chunk.b, chunk.calls = a, b, 0
             y_c, shape = call.run(x[:, a:b], a, b)
             _check_called(chunk)
             if y is None:
-                y = y_c.new_empty(x.shape[:2] + y_c.shape[2:])
+                y = y_c.new_empty((x.shape[0], call.n if upto is None else upto) + y_c.shape[2:])
             y[:, a:b] = y_c
     return y, shape
 
@@ -277,6 +278,40 @@ def backward(call, x, dy, size, needs_grad):
     return dx
 
 
+def _check_layer(name, module):
+    """UnsupportedModelError for a layer that is not transformers' decoder layer, or that holds a mixer along the
+    sequence other than attention (a state-space, delta-rule or RWKV mixer, a convolution over positions)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from attnlrp_fast.models.recurrent import is_recurrent
+
+    if not isinstance(module, GradientCheckpointingLayer):
+        raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not a transformers decoder layer: it "
+                                    "cannot run in sequence chunks")
+    for sub_name, sub in module.named_modules():
+        if is_recurrent(sub) or isinstance(sub, torch.nn.Conv1d):
+            raise UnsupportedModelError(f"{name}.{sub_name} ({type(sub).__name__}) mixes positions other than by "
+                                        "attention: its layer cannot run in sequence chunks")
+
+
+def verify(call, x, size, name="the layer"):
+    """UnsupportedModelError when the layer's output on its first min(N, 2 size) positions differs run in chunks of
+    `size` from run as one chunk: it mixes positions other than by attention (a convolution or a recurrence in code
+    of its own). The difference is taken relative to the layer's update (output - input). Nothing to compare on the
+    meta device, or with one chunk."""
+    p = min(call.n, 2 * size)
+    if x.is_meta or p <= size:
+        return
+    whole, _ = forward(call, x, p, upto=p)
+    parts, _ = forward(call, x, size, upto=p)
+    update = (whole.float() - x[:, :p].float()).norm()
+    tol = 1e-4 if x.dtype in (torch.float32, torch.float64) else 2e-2
+    if (parts.float() - whole.float()).norm() > tol * max(float(update), 1e-30):
+        raise UnsupportedModelError(f"{name} mixes positions other than by attention (its output on the first {p} "
+                                    f"positions changes when run in chunks of {size}): it cannot run in sequence "
+                                    "chunks")
+
+
 class SeqChunkedLayer(torch.autograd.Function):
     """A checkpointed layer run in sequence chunks (module docstring), its input kept on the device or stashed by
     an offloader (memory.py)."""
@@ -284,6 +319,7 @@ class SeqChunkedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, size, offloader, index, x):
         ctx.call, ctx.size, ctx.offloader = call, size, offloader
+        verify(call, x, size, f"layer {index}")
         if offloader is not None:
             ctx.stash = offloader.save(index, x)
         else:
@@ -297,11 +333,14 @@ class SeqChunkedLayer(torch.autograd.Function):
         return None, None, None, None, backward(ctx.call, x.detach(), dy, ctx.size, ctx.needs_input_grad[4])
 
 
-def run_layer(inner, args, kwargs, size, offloader=None, index=0):
-    """inner(*args, **kwargs) (a decoder layer's forward) through SeqChunkedLayer; its output as inner returns it."""
+def run_layer(inner, args, kwargs, size, offloader=None, index=0, layer=None):
+    """inner(*args, **kwargs) (a decoder layer's forward) through SeqChunkedLayer; its output as inner returns it.
+    layer: (name, module) of the layer (checked: transformers' decoder layer, no recurrent mixer inside)."""
     x = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise UnsupportedModelError("a layer without (B, N, hidden) hidden states cannot run in sequence chunks")
+    if layer is not None:
+        _check_layer(*layer)
     call = LayerCall(inner, args, kwargs, x.shape[1])
     y = SeqChunkedLayer.apply(call, size, offloader, index, x)
     spec, leaves = call.shape

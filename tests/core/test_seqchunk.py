@@ -149,3 +149,30 @@ def test_the_flop_count_and_the_predicted_time(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "predicted" in out and "not a measurement" in out
     assert cli.main(["estimate", "--model", str(path), "--tflops", "0"]) == 2
+
+
+def test_a_layer_that_mixes_positions_otherwise_is_refused_not_miscomputed():
+    """A recurrent mixer in a layer (Falcon-H1's Mamba beside its attention) is refused by name; a mixing the
+    library cannot see (a token shift in code of its own) is caught by running the first positions both ways."""
+    class Shift(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x + 0.5 * torch.roll(x, 1, dims=1))
+
+    model = build("llama", dtype=torch.float64)
+    model.model.layers[1].mlp = Shift(model.model.layers[1].mlp)
+    ids = _ids(batch=1, n=20)
+    assert torch.isfinite(af.explain(model, ids, checkpoint=True, mlp_chunk=0, backend="torch").relevance).all()
+    with pytest.raises(UnsupportedModelError, match=r"layer 1 mixes positions other than by attention \(its output "
+                                                    r"on the first 12 positions changes when run in chunks of 6\)"):
+        af.explain(model, ids, seq_chunk=6, mlp_chunk=0, backend="torch")
+    torch.manual_seed(0)
+    hybrid = tf.FalconH1ForCausalLM(tf.FalconH1Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8, mamba_d_state=4,
+        mamba_chunk_size=8)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"model.layers.0.mamba \(FalconH1Mixer\) mixes positions"):
+        af.explain(hybrid, _ids(batch=1), seq_chunk=6, backend="torch")
