@@ -222,6 +222,26 @@ def _offloaded(inner, offloader, index, args, kwargs):
     return tree_unflatten([next(tensors) if leaf is _TENSOR else leaf for leaf in shape["fixed"]], shape["spec"])
 
 
+def _without_empty_caches(kwargs):
+    """kwargs with an empty KV cache passed to a layer taken out (None): a checkpointed layer runs twice, and a cache
+    it updates would hold its keys twice on the recomputation (XLM makes one even with use_cache=False); an empty
+    cache gives a layer nothing a fresh one would not."""
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover - without transformers there are no caches
+        return kwargs
+    empty = [k for k, v in kwargs.items() if isinstance(v, Cache) and _length(v) == 0]
+    return {**kwargs, **{k: None for k in empty}} if empty else kwargs
+
+
+def _length(cache):
+    """The cache's length (-1 where it cannot say: a cache of linear-attention layers only)."""
+    try:
+        return cache.get_seq_length()
+    except (ValueError, NotImplementedError):
+        return -1
+
+
 class LowMemoryHandle:
     """The patches low_memory() applied; remove() (or leaving the with-block) undoes them."""
 
@@ -274,6 +294,8 @@ class LowMemoryHandle:
             x = _hidden_input(args, kwargs)
             if self.progress is not None and grad and x is not None and x.requires_grad:
                 x.register_hook(lambda g: self.progress("backward"))
+            if grad and self.checkpoint:
+                kwargs = _without_empty_caches(kwargs)
             if grad and self.seq_chunk is not None and x is not None:
                 from attnlrp_fast import seqchunk
 

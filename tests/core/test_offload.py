@@ -155,3 +155,16 @@ def test_the_cli_explains_offloaded_with_the_same_relevance(tmp_path, capsys):
                          *extra]) == 0
         runs[name] = json.loads((out / "explanation.json").read_text())["relevance"]
     assert runs["offload"] == runs["plain"] and len(runs["plain"]) > 1000
+
+
+def test_a_layer_given_an_empty_cache_is_checkpointed_without_it():
+    """XLM makes a KV cache even with use_cache=False and hands it to its layers: recomputed, a layer would add its
+    keys to it twice. Checkpointed (and offloaded) layers run without an empty cache: the relevance is the plain one."""
+    torch.manual_seed(0)
+    model = tf.XLMWithLMHeadModel(tf.XLMConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=4, causal=True,
+                                               max_position_embeddings=64)).eval()
+    ids = _ids(batch=1, n=9, seed=8)
+    plain = af.explain(model, ids, backend="torch").relevance
+    for kw in (dict(checkpoint=True), dict(offload="cpu")):
+        got = af.explain(model, ids, backend="torch", **kw).relevance
+        assert (got - plain).abs().max() <= 1e-6 * plain.abs().max(), kw
