@@ -336,12 +336,11 @@ def _run(model, ids, mode, mlp_chunk, offload=None, seq_chunk=None):
 
 
 def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None, seq_chunk=None):
-    if offload not in (None, "cpu"):
-        raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
+    from attnlrp_fast.memory import check_offload_options
+
+    check_offload_options(offload, seq_chunk)
     if offload is not None and mode != "low_memory":
         raise ValueError(f"offload='cpu' moves low_memory's checkpoints to the host; mode {mode!r} has none")
-    if seq_chunk is not None and (not isinstance(seq_chunk, int) or isinstance(seq_chunk, bool) or seq_chunk < 1):
-        raise ValueError(f"seq_chunk must be a positive number of tokens or None, got {seq_chunk!r}")
     if seq_chunk is not None and mode != "low_memory":
         raise ValueError(f"seq_chunk runs low_memory's checkpointed layers in chunks; mode {mode!r} has none")
     if mode not in MODES:
@@ -386,16 +385,16 @@ def explanation_flops(model_or_config, tokens, *, batch=1, mode="low_memory", se
     model = meta_model(config, torch.bfloat16)
     from attnlrp_fast.memory import transformer_layers
 
-    linear = attention = kv = 0
-    for _, layer in transformer_layers(model):
+    layers = transformer_layers(model)
+    linear = kv = 0
+    for _, layer in layers:
         for name, module in layer.named_modules():
             if isinstance(module, torch.nn.Linear):
                 linear += module.weight.numel()
                 if name.split(".")[-1] in ("k_proj", "v_proj"):
                     kv += module.weight.numel()
-        heads = getattr(config, "num_attention_heads", 0) or 0
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1)
-        attention += heads * head_dim
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    attention = len(layers) * heads * (getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1))
     n = batch * tokens
     forward_linear, forward_attention = 2 * linear * n, 2 * attention * batch * tokens * tokens
     passes_linear = (1 + 1 + 2) if mode == "low_memory" else (1 + 2)

@@ -293,7 +293,7 @@ class LRPHandle:
         lrp = self.rule != "grad"
         # attention modules and recurrent mixers: a module holding one (a layer, a whole model) has its parts checked
         attention = set(map(id, attention_modules(self.model))) | \
-            {id(m) for m in self.model.modules() if is_recurrent(m)}
+            {id(m) for n, m in self.model.named_modules() if self.patched.get(n) == "recurrence"}
         experts = [n for n, what in self.patched.items() if what == "experts"]
         for name, module in self.model.named_modules():
             cls = type(module).__name__

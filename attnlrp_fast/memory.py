@@ -242,18 +242,24 @@ def _length(cache):
         return -1
 
 
+def check_offload_options(offload, seq_chunk):
+    """ValueError for an offload target or a sequence chunk size low_memory does not take (af.estimate_memory checks
+    its own with this too)."""
+    if offload not in OFFLOAD_TARGETS:
+        raise ValueError(f"offload must be one of {OFFLOAD_TARGETS}, got {offload!r}")
+    if seq_chunk is not None and (not isinstance(seq_chunk, int) or isinstance(seq_chunk, bool) or seq_chunk < 1):
+        raise ValueError(f"seq_chunk must be a positive number of tokens or None, got {seq_chunk!r}")
+
+
 class LowMemoryHandle:
     """The patches low_memory() applied; remove() (or leaving the with-block) undoes them."""
 
     def __init__(self, model, *, checkpoint=True, mlp_chunk=1024, progress=None, offload=None, seq_chunk=None):
         if mlp_chunk is not None and (not isinstance(mlp_chunk, int) or mlp_chunk < 0):
             raise ValueError(f"mlp_chunk must be a positive number of tokens, 0 or None (no chunking), got {mlp_chunk!r}")
-        if offload not in OFFLOAD_TARGETS:
-            raise ValueError(f"offload must be one of {OFFLOAD_TARGETS}, got {offload!r}")
+        check_offload_options(offload, seq_chunk)
         if offload is not None and not checkpoint:
             raise ValueError("offload='cpu' moves the layers' checkpoints to the host: it needs checkpoint=True")
-        if seq_chunk is not None and (not isinstance(seq_chunk, int) or isinstance(seq_chunk, bool) or seq_chunk < 1):
-            raise ValueError(f"seq_chunk must be a positive number of tokens or None, got {seq_chunk!r}")
         if seq_chunk is not None and not checkpoint:
             raise ValueError("seq_chunk runs each checkpointed layer's recomputation in chunks: it needs "
                              "checkpoint=True")

@@ -50,6 +50,14 @@ class _Chunk:
         self.calls = 0
         self.key = self.value = None
 
+    def store(self, key, value):
+        """The chunk's keys and values into the full-length K, V (made at the first chunk)."""
+        if self.K is None:
+            self.K = key.new_empty(key.shape[:2] + (self.n,) + key.shape[3:])
+            self.V = value.new_empty(value.shape[:2] + (self.n,) + value.shape[3:])
+        self.K[:, :, self.a:self.b] = key
+        self.V[:, :, self.a:self.b] = value
+
 
 def active():
     """The chunk being run on this thread, or None."""
@@ -61,7 +69,7 @@ def attend(module, query, key, value, attention_mask, *, scale, window, softcap,
     """The layer's attention call while it runs on a chunk (bindings/hf.py attnlrp_fast_attention hands it here):
     (B, n_c, H, D) as the interface returns it."""
     from attnlrp_fast.bindings.attention import attention
-    from attnlrp_fast.bindings.hf import KernelMask
+    from attnlrp_fast.bindings.hf import mask_parts
 
     st = active()
     st.calls += 1
@@ -79,19 +87,11 @@ def attend(module, query, key, value, attention_mask, *, scale, window, softcap,
         st.key, st.value = key, value
         raise _Stop
     if st.mode == "write":
-        if st.K is None:
-            st.K = key.new_empty(key.shape[:2] + (st.n,) + key.shape[3:])
-            st.V = value.new_empty(value.shape[:2] + (st.n,) + value.shape[3:])
-        st.K[:, :, a:b] = key
-        st.V[:, :, a:b] = value
-    kpm = segment_ids = key_limit = None
-    if isinstance(attention_mask, KernelMask):
-        kpm, segment_ids, key_limit = attention_mask.key_padding_mask, attention_mask.segment_ids, \
-            attention_mask.key_limit
-    elif attention_mask is not None:
-        if attention_mask.dim() != 2:
-            raise UnsupportedModelError(f"{name}: a {attention_mask.dim()}-D mask cannot be cut into sequence chunks")
-        kpm = attention_mask.to(torch.bool)
+        st.store(key, value)
+    parts = mask_parts(attention_mask)
+    if parts is None:
+        raise UnsupportedModelError(f"{name}: a {attention_mask.dim()}-D mask cannot be cut into sequence chunks")
+    kpm, segment_ids, key_limit = parts
     extra = {}
     if segment_ids is not None:
         extra["segment_ids"] = segment_ids[:, :b]
@@ -217,17 +217,11 @@ def _check_called(chunk):
 def _keys_values(call, x, size):
     """(K, V) of all positions, without a graph (phase A)."""
     chunk = _Chunk(call.n, "capture")
-    K = V = None
     with torch.no_grad(), _Running(chunk):
         for a, b in _chunks(call.n, size):
             chunk.a, chunk.b, chunk.calls = a, b, 0
-            key, value = _capture(call, x[:, a:b], a, b, chunk)
-            if K is None:
-                K = key.new_empty(key.shape[:2] + (call.n,) + key.shape[3:])
-                V = value.new_empty(value.shape[:2] + (call.n,) + value.shape[3:])
-            K[:, :, a:b] = key
-            V[:, :, a:b] = value
-    return K, V
+            chunk.store(*_capture(call, x[:, a:b], a, b, chunk))
+    return chunk.K, chunk.V
 
 
 def _capture(call, x_c, a, b, chunk):

@@ -216,6 +216,18 @@ def relative_bias_modules(model):
     return found
 
 
+def mask_parts(attention_mask):
+    """(key_padding_mask, segment_ids, key_limit) of a mask the engine takes as it is: a KernelMask, a (B, M) padding
+    mask or None; None for a tensor of another shape (an N x M mask a model built itself)."""
+    if attention_mask is None:
+        return None, None, None
+    if isinstance(attention_mask, KernelMask):
+        return attention_mask.key_padding_mask, attention_mask.segment_ids, attention_mask.key_limit
+    if attention_mask.dim() != 2:
+        return None
+    return attention_mask.to(torch.bool), None, None
+
+
 def attention_modules(model):
     """The model's attention modules (those the attention interface is called from)."""
     return [m for m in model.modules() if type(m).__name__.endswith("Attention") or hasattr(m, "is_causal")]
@@ -239,20 +251,17 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
                       position_bias=kwargs.get("position_bias")), None
     rel_bias = _relative_bias(module, kwargs.get("position_bias"), query.shape[2], key.shape[2], query.device)
     sinks = kwargs.get("s_aux")
-    kpm = segment_ids = key_limit = None
-    if isinstance(attention_mask, KernelMask):
-        kpm, segment_ids, key_limit = attention_mask.key_padding_mask, attention_mask.segment_ids, attention_mask.key_limit
-    elif attention_mask is not None:
-        if attention_mask.dim() == 4:   # a mask the model built itself (Doge, Switch Transformers): it is N x M already
-            out = dense_attention(query, key, value, rule=getattr(module, RULE_ATTR, "grad"), scale=scaling,
-                                  mask=attention_mask, softcap=softcap, sinks=sinks, rel_bias=rel_bias,
-                                  fill=torch.finfo(torch.float32).min)
-            return out.transpose(1, 2).contiguous(), None
-        if attention_mask.dim() != 2:
-            raise NotImplementedError(
-                f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
-                f"mask its own mask function makes, and {type(module).__name__} passed one built otherwise")
-        kpm = attention_mask.to(torch.bool)
+    parts = mask_parts(attention_mask)
+    if parts is None and attention_mask.dim() == 4:   # a mask the model built itself (Doge, Switch Transformers)
+        out = dense_attention(query, key, value, rule=getattr(module, RULE_ATTR, "grad"), scale=scaling,
+                              mask=attention_mask, softcap=softcap, sinks=sinks, rel_bias=rel_bias,
+                              fill=torch.finfo(torch.float32).min)
+        return out.transpose(1, 2).contiguous(), None
+    if parts is None:
+        raise NotImplementedError(
+            f"attn_implementation='{NAME}' got a {attention_mask.dim()}-D attention mask; it takes the (B, M) padding "
+            f"mask its own mask function makes, and {type(module).__name__} passed one built otherwise")
+    kpm, segment_ids, key_limit = parts
     position_ids = kwargs.get("position_ids")
     if torch.compiler.is_compiling() and kpm is None and isinstance(position_ids, torch.Tensor) \
             and position_ids.shape[-1] == query.shape[2] == key.shape[2]:
