@@ -313,10 +313,12 @@ def dq_mode_default():
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
                   softcap=None, rule="grad", config=None, dq_mode=None, segment_ids=None, key_limit=None,
-                  rel_bias=None):
+                  rel_bias=None, delta=None):
     """Launch the backward for `rule` ("grad" | "attnlrp" | "cp"). Shapes as in attention_fwd; do like o.
     Returns dq, dk, dv (dk/dv reduced over each GQA group), in the dtypes of q, k, v. segment_ids, key_limit:
     as in attention_fwd (the same ones the forward had); rel_bias too (a constant: no gradient is returned for it).
+    delta: fp32 (B, H, N) rowsum(dO * O) given by the caller (ring attention: these keys are one block of the row's
+    softmax, O and LSE the merged ones); None: computed here from do and o.
 
     dq_mode: "separate" (a third launch recomputes the scores per query block: deterministic, 14 units of
     N*M*D FLOPs in all) or "atomic" (the dK/dV launch also adds each block's dQ into an fp32 buffer with
@@ -341,12 +343,13 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     if B * H * N == 0 or M == 0:
         return dq, dk.zero_(), dv.zero_()
     q, k, v, o, do = (fit_int32_tiles(x) for x in (q, k, v, o, do))
+    lse = lse.contiguous()   # (the kernels index it as a dense (B, H, N) array; a caller may pass a slice)
     kpm = key_padding_mask.to(torch.uint8).contiguous() if key_padding_mask is not None else None   # rows of stride 1
     seg, lim = index_inputs(segment_ids, key_limit, N, M, causal)
     rb = None if rel_bias is None else rel_bias.to(torch.float32).contiguous()
     with on_device(q):
         klq = key_limit_table(lim, M) if lim is not None and launchable(q) else None
-        delta = _delta(o, do)
+        delta = _delta(o, do) if delta is None else delta.to(torch.float32).contiguous()
         # fp32 dQ for the atomics, contiguous (a 1-element placeholder when unused: the autotuner zeroes it)
         dq_acc = torch.zeros((B, H, N, D) if atomic else (1,), dtype=torch.float32, device=q.device)
         for part in batch_slices(B) if launchable(q) else ():   # meta: the allocations above, no launch

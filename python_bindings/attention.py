@@ -3,7 +3,11 @@
   attnlrp_fast::attention_fwd(q, k, v, kpm?, causal, scale, window, softcap, rule, backend, segment_ids?=None,
                               key_limit?=None) -> (o, lse)
   attnlrp_fast::attention_bwd(do, q, k, v, o, lse, kpm?, causal, scale, window, softcap, rule, backend,
-                              segment_ids?=None, key_limit?=None) -> (dq, dk, dv)
+                              segment_ids?=None, key_limit?=None, rel_bias?=None, delta?=None) -> (dq, dk, dv)
+
+delta (B, H, N) fp32 = rowsum(dO * O) of the whole attention the call's keys are a part of (ring attention,
+bindings/ring.py: each block's backward given the merged O, LSE and delta is the exact whole-softmax gradient of
+its keys); None: computed from this call's do and o (the torch chunked path: from its own P and dP).
 
 `window` 0 and `softcap` 0.0 mean "none" (the schema has no optional scalars). The forward is the same
 for every rule; the rule only picks the backward. Both ops have fake implementations, so torch.compile
@@ -66,11 +70,12 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                      window: int, softcap: float, rule: str,
                      backend: str, segment_ids: Optional[torch.Tensor] = None,
                      key_limit: Optional[torch.Tensor] = None,
-                     rel_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     rel_bias: Optional[torch.Tensor] = None,
+                     delta: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     win, cap = _opt(window, softcap)
     choice = _choice(q, k, key_padding_mask, causal, win, cap, rule, backend, segment_ids, key_limit, rel_bias)
     kw = dict(causal=causal, scale=scale, window=win, softcap=cap, rule=rule, segment_ids=segment_ids,
-              key_limit=key_limit, rel_bias=rel_bias)
+              key_limit=key_limit, rel_bias=rel_bias, delta=delta)
     if choice.path == "triton":
         return dense(triton_bwd)(do, q, k, v, o, lse, key_padding_mask, dq_mode=choice.dq, **kw)
     return dense(torch_path.attention_bwd_torch)(do, q, k, v, o, lse, key_padding_mask, **kw)
@@ -78,7 +83,7 @@ def attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
 
 @attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, key_padding_mask, causal, scale, window, softcap, rule, backend, segment_ids=None,
-      key_limit=None, rel_bias=None):
+      key_limit=None, rel_bias=None, delta=None):
     # contiguous, as dispatch.pick returns every path's results
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 

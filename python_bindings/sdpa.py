@@ -240,12 +240,18 @@ def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0):
         if o is None:
             o = torch.zeros((B, H, N, D), dtype=acc, device=q.device)
             lse = torch.full((B, H, N), float("-inf"), dtype=acc, device=q.device)
-        merged = torch.logaddexp(lse[:, :, q0:], l_s)
-        safe = torch.where(merged == float("-inf"), 0.0, merged)
-        o[:, :, q0:] = o[:, :, q0:] * torch.exp(lse[:, :, q0:] - safe)[..., None] + \
-            o_s.to(o.dtype) * torch.exp(l_s - safe)[..., None]
-        lse[:, :, q0:] = merged
+        merge_block(o[:, :, q0:], lse[:, :, q0:], o_s, l_s)
     return o.to(q.dtype), lse.masked_fill(lse == float("-inf"), float("inf")).float()
+
+
+def merge_block(o, lse, o_s, l_s):
+    """Merge one key block's attention (o_s, l_s: its output and log-sum-exp, -inf where a row saw none of its keys)
+    into the running (o, lse) over the blocks before, in place: lse <- logaddexp(lse, l_s), o <- the two outputs
+    weighted by their shares of the new sum. o, lse: views of the accumulators, in the merge dtype."""
+    merged = torch.logaddexp(lse, l_s)
+    safe = torch.where(merged == float("-inf"), 0.0, merged)
+    o.copy_(o * torch.exp(lse - safe)[..., None] + o_s.to(o.dtype) * torch.exp(l_s - safe)[..., None])
+    lse.copy_(merged)
 
 
 def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, rule="grad"):

@@ -99,9 +99,10 @@ def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scal
 
 
 def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                           softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
+                           softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None, rel_bias=None,
+                           delta=None):
     """Chunked backward under `rule`; the formulas of kernels/attention_bwd.py (o is not needed: delta comes
-    from each chunk's P and dP)."""
+    from each chunk's P and dP, unless given: (B, H, N) rowsum(dO * O) of a softmax these keys are one block of)."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -110,6 +111,7 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
     qg = q.to(ct).reshape(B, Hkv, G, N, D)
     dog = do.to(ct).reshape(B, Hkv, G, N, D)
     lseg = lse.to(ct).reshape(B, Hkv, G, N)
+    deltag = None if delta is None else delta.to(ct).reshape(B, Hkv, G, N)
     kc, vc = k.to(ct), v.to(ct)
     dq = torch.zeros((B, Hkv, G, N, D), dtype=ct, device=q.device)
     dk = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
@@ -125,7 +127,8 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
         dp = doc @ vc[:, :, None].transpose(-1, -2)
         # delta = rowsum(P * dP) from the same P and dP (the chunk holds whole rows): consistent rounding, where
         # rowsum(dO * O) would mix in the forward's rounding and lose digits when dP - delta cancels.
-        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        row = (p * dp).sum(-1, keepdim=True) if deltag is None else deltag[:, :, :, i0:i1, None]
+        ds = p * (dp - row)
         if softcap is not None:
             if rule in SOFTCAP_IDENTITY:
                 small = u.abs() < 1e-6
@@ -160,13 +163,15 @@ def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1
 
 
 def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, window=None,
-                        softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None, rel_bias=None):
-    """The torch backward under `rule`: dq, dk, dv, on the path the forward took."""
+                        softcap=None, rule="grad", chunk=None, segment_ids=None, key_limit=None, rel_bias=None,
+                        delta=None):
+    """The torch backward under `rule`: dq, dk, dv, on the path the forward took. delta: as
+    _attention_bwd_chunked's (torch's fused kernels take theirs from o, which gives the same)."""
     if fused(q, k, window, softcap, chunk, segment_ids, key_limit, rel_bias):
         return sdpa.attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, rule=rule)
     return _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=window,
                                   softcap=softcap, rule=rule, chunk=chunk, segment_ids=segment_ids,
-                                  key_limit=key_limit, rel_bias=rel_bias)
+                                  key_limit=key_limit, rel_bias=rel_bias, delta=delta)
 
 
 # --- norms, GLU products, activations: the formulas of kernels/norm.py and kernels/glu.py ---
