@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "attention": (".bindings.attention", "attention"),
     "segment_ids_from_cu_seqlens": (".bindings.attention", "segment_ids_from_cu_seqlens"),
+    "context_parallel": (".context_parallel", "context_parallel"),
+    "ContextParallelError": (".context_parallel", "ContextParallelError"),
     "MemoryEstimate": (".estimate", "MemoryEstimate"),
     "estimate_memory": (".estimate", "estimate_memory"),
     "Explanation": (".explanation", "Explanation"),
@@ -42,7 +44,8 @@ _PUBLIC = {
 
 __all__ = ["attention", "lrp", "explain", "load_model", "contrast", "Contrast", "Explanation", "LRPHandle",
            "UnsupportedModelError", "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate",
-           "segment_ids_from_cu_seqlens", "FamilyMap", "GLUSpec", "MLPSpec", "NormSpec", "RMSNormSpec", "__version__"]
+           "segment_ids_from_cu_seqlens", "FamilyMap", "GLUSpec", "MLPSpec", "NormSpec", "RMSNormSpec",
+           "context_parallel", "ContextParallelError", "__version__"]
 
 _TRANSFORMERS_MODULE = "transformers.modeling_utils"   # holds AttentionInterface; imports masking_utils
 

@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 
+from attnlrp_fast.context_parallel import of_model
 from attnlrp_fast.inputs import check_decoder_inputs, check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import OFFLOAD_ATTR, maybe_low_memory
@@ -68,6 +69,9 @@ class Explanation:
     With per_target=True (a list target: each (position, token) target explained on its own), else None:
     target_relevance  (B, P, N) float32: each target's relevance; they sum over P to `relevance`
 
+    With context_parallel and gather=False (af.context_parallel), else None:
+    shard_positions   (n_r,) the global positions of `relevance`'s columns, the shard this rank held
+
     With reasoning_span= (the relevance carried back through a reasoning span, attnlrp_fast/reasoning.py), else None:
     reasoning_span    (start, end): the positions of the reasoning tokens
     hop_relevance     (hops + 1, B, N) float32: each hop's relevance; hop 0 is `relevance`
@@ -101,6 +105,7 @@ class Explanation:
     hop_image_relevance: Optional[list] = None
     prompt_image_relevance: Optional[list] = None
     decoder_relevance: Optional[torch.Tensor] = None
+    shard_positions: Optional[torch.Tensor] = None
 
     def __repr__(self):
         shown = []
@@ -151,7 +156,7 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
             position=None, pixel_values=None, checkpoint=False, mlp_chunk=1024, progress=None, image_sizes=None,
             image_grid_thw=None, token_type_ids=None, reasoning_span=None, hops=None,
             reasoning_seed=None, per_target=False, family=None, decoder_input_ids=None,
-            decoder_attention_mask=None, offload=None, seq_chunk=None) -> Explanation:
+            decoder_attention_mask=None, offload=None, seq_chunk=None, context_parallel=None) -> Explanation:
     """Explain `target` of `model` on `input_ids` (or `pixel_values` for ViT; both for a vision-language model, with
     `image_sizes` / `image_grid_thw` / `token_type_ids` (Gemma 3: which tokens are image tokens, whose blocks
     attend both ways) passed on to it when given) with `rule`.
@@ -169,6 +174,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           layer ahead of the backward (af.low_memory's offload; implies checkpoint=True).
     seq_chunk: run each layer's forward, recomputation and backward in chunks of this many positions, only its keys
           and values full length (attnlrp_fast/seqchunk.py; implies checkpoint=True); the same relevance.
+    context_parallel: a torch.distributed process group (True: the default group) whose ranks share the positions
+          (attnlrp_fast/context_parallel.py): call explain() on every rank with the same inputs; the relevance comes
+          back to every rank. Also af.context_parallel(model, group) as a scope. Token targets of causal LMs.
     progress: called with "forward" / "backward" per transformer layer (progress bars), and with per_target "target"
           after each target's backward pass.
     per_target: with a list of (position, token_id) targets, one backward pass per target over the one forward:
@@ -191,6 +199,10 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
                       "only; explain() runs in eval mode and checkpoints every layer itself instead (checkpoint=True)",
                       stacklevel=2)
         checkpoint = True
+    cp = of_model(model, context_parallel)
+    if cp is not None and seq_chunk is not None:
+        raise ValueError("seq_chunk and context_parallel cannot be combined (each rank holds a shard of the "
+                         "sequence already: add ranks, or offload='cpu', instead)")
     if offload is not None or seq_chunk is not None:
         checkpoint = True
     with lrp_scope(model, rule, backend, caller="explain()", family=family) as h, \
@@ -205,9 +217,10 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
         decoder = check_decoder_inputs(model, input_ids, decoder_input_ids, decoder_attention_mask)
         if decoder is not None and (reasoning is not None or pixel_values is not None):
             raise ValueError("decoder_input_ids cannot be combined with reasoning_span or pixel_values")
-        return _explain(model, h, Request(input_ids, attention_mask, target, position, pixel_values,
-                                          (latent,) if isinstance(latent, str) else tuple(latent), extra, reasoning,
-                                          per_target, progress, decoder))
+        req = Request(input_ids, attention_mask, target, position, pixel_values,
+                      (latent,) if isinstance(latent, str) else tuple(latent), extra, reasoning, per_target, progress,
+                      decoder)
+        return _explain(model, h, req) if cp is None else _explain_sharded(model, h, req, cp)
 
 
 def _hf_checkpointing(model):
@@ -552,6 +565,72 @@ def _explain(model, handle, req: Request) -> Explanation:
         relevance=tokens, target_ids=scored.ids, target_logit=scored.score.detach().float(),
         rule=handle.rule, latent=dict(zip(req.latent, rel[1:])), positions=scored.positions,
         target_logits=scored.parts.detach().float() if scored.parts is not None else None, **fields)
+
+
+def _explain_sharded(model, handle, req: Request, cp) -> Explanation:
+    """explain() with the positions sharded over the ranks of a process group (attnlrp_fast/context_parallel.py)."""
+    what = [name for name, asked in (("pixel_values", req.pixel_values is not None), ("latent", bool(req.latent)),
+                                     ("per_target", req.per_target), ("decoder_input_ids", req.decoder is not None),
+                                     ("reasoning_span", req.reasoning is not None), ("image inputs", bool(req.extra)),
+                                     ("a callable target", callable(req.target) and not isinstance(req.target,
+                                                                                                   Contrast)))
+            if asked]
+    if what:
+        raise ValueError(f"context_parallel explains token targets of a causal LM's input_ids; not with "
+                         f"{', '.join(what)}")
+    input_ids, attention_mask = check_inputs(model, req.input_ids, req.attention_mask, None)
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    cp.check_model(model, padded)
+    cp.check_same(input_ids, attention_mask if attention_mask is not None else torch.ones(()), repr(req.target),
+                  repr(req.position))
+    B, N = input_ids.shape
+    positions = token_positions(req.target, input_ids, attention_mask, req.position)     # (B, P), global
+    softcap = handle.final_logit_softcap if handle.rule != "grad" else None
+    with cp.sharded(model, N, attention_mask) as idx:
+        local = torch.searchsorted(idx, positions.contiguous()).clamp(max=idx.numel() - 1)
+        owned = idx[local] == positions
+        kept = torch.unique(local[owned])
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        kwargs = dict(input_ids=input_ids[:, idx], attention_mask=mask[:, idx], position_ids=idx.expand(B, -1),
+                      use_cache=False, logits_to_keep=kept)
+        capture = _Capture(model, (), want_pre_logits=softcap is not None)
+        try:
+            with _parameters_frozen(model), torch.enable_grad():
+                outputs = _model_forward(model, kwargs)
+                capture.frozen = True
+                cp.check_calls()
+                scored = _sharded_score(req.target, outputs.logits, positions, local, owned, kept, cp)
+                inputs = capture.inputs(())
+                _check_embedded(model, capture, kwargs["input_ids"], None)
+                grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap)
+                handle.check_engine_used()
+        finally:
+            capture.remove()
+        tokens = _token_relevance(inputs[0], grads[0])
+        fields = {"shard_positions": idx} if not cp.gather else {}
+        if cp.gather:
+            tokens = cp.gather_positions(tokens, N)
+    parts = None if scored.parts is None else cp.all_sum(scored.parts.detach().float())
+    return Explanation(relevance=tokens, target_ids=scored.ids, target_logit=cp.all_sum(scored.score.detach().float()),
+                       rule=handle.rule, positions=positions, target_logits=parts, **fields)
+
+
+def _sharded_score(target, logits, positions, local, owned, kept, cp) -> Scored:
+    """This rank's share of the target score: the logits of the targets at the positions it holds (zeros
+    elsewhere, still joined to its graph, so that its backward runs with the others'); the argmax of a None target
+    taken where it is held and shared with every rank."""
+    B, P = positions.shape
+    if kept.numel():
+        col = torch.searchsorted(kept, local.contiguous()).clamp(max=kept.numel() - 1)
+        picked = logits[torch.arange(B, device=logits.device)[:, None], col]
+        sel = torch.where(owned[..., None], picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+    else:   # (B, 0, V): no target here
+        sel = logits.sum() * 0.0 + logits.new_zeros((B, P, logits.shape[-1]))
+    if target is None:
+        ids = torch.where(owned, sel.detach().argmax(-1), 0)
+        target = cp.all_sum(ids)[:, 0]
+    value, ids, parts = score(target, sel, torch.arange(P, device=sel.device).expand(B, P), None)
+    return Scored(value, ids, parts, logits, positions)
 
 
 def _token_relevance(x, g, rows=1 << 14):

@@ -272,20 +272,21 @@ def backward(call, x, dy, size, needs_grad):
     return dx
 
 
-def _check_layer(name, module):
+def check_layer(name, module, what="run in sequence chunks"):
     """UnsupportedModelError for a layer that is not transformers' decoder layer, or that holds a mixer along the
-    sequence other than attention (a state-space, delta-rule or RWKV mixer, a convolution over positions)."""
+    sequence other than attention (a state-space, delta-rule or RWKV mixer, a convolution over positions): such a
+    layer cannot `what` (sequence chunks here, shards of the sequence in context_parallel.py)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     from attnlrp_fast.models.recurrent import is_recurrent
 
     if not isinstance(module, GradientCheckpointingLayer):
         raise UnsupportedModelError(f"{name} ({type(module).__name__}) is not a transformers decoder layer: it "
-                                    "cannot run in sequence chunks")
+                                    f"cannot {what}")
     for sub_name, sub in module.named_modules():
         if is_recurrent(sub) or isinstance(sub, torch.nn.Conv1d):
             raise UnsupportedModelError(f"{name}.{sub_name} ({type(sub).__name__}) mixes positions other than by "
-                                        "attention: its layer cannot run in sequence chunks")
+                                        f"attention: its layer cannot {what}")
 
 
 def verify(call, x, size, name="the layer"):
@@ -336,7 +337,7 @@ def run_layer(inner, args, kwargs, size, offloader=None, index=0, layer=None):
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise UnsupportedModelError("a layer without (B, N, hidden) hidden states cannot run in sequence chunks")
     if layer is not None:
-        _check_layer(*layer)
+        check_layer(*layer)
     call = LayerCall(inner, args, kwargs, x.shape[1])
     y = SeqChunkedLayer.apply(call, size, offloader, index, x)
     spec, leaves = call.shape

@@ -33,6 +33,10 @@ BACKEND_ATTR = "attnlrp_fast_backend"
 # per thread: `attend`, set while a layer runs in sequence chunks, answers its attention call in place of the engine
 # call below (attnlrp_fast/seqchunk.py sets it: the layer above registers, this one never imports it)
 ATTENTION_HOOK = threading.local()
+# on an attention module: a function that answers its attention calls in place of the engine call below, on every
+# thread (the backward's recomputation of a checkpointed layer may run on autograd's device thread): the ring
+# attention of context parallelism (attnlrp_fast/context_parallel.py sets it on the modules of the model it shards)
+ATTEND_ATTR = "attnlrp_fast_attend"
 
 # The mask-function building blocks of transformers.masking_utils that the kernel's flags express (a tuple: torch.compile
 # cannot hash the names it reads).
@@ -242,7 +246,8 @@ def attnlrp_fast_attention(module, query, key, value, attention_mask, dropout=0.
             "config's attention dropout to 0 for training")
     if not torch.compiler.is_compiling():
         ENGINE_CALLS[0] += 1
-    attend = getattr(ATTENTION_HOOK, "attend", None)   # a layer run in sequence chunks (attnlrp_fast/seqchunk.py)
+    # a layer run in sequence chunks (attnlrp_fast/seqchunk.py), or a model sharded over ranks (context_parallel.py)
+    attend = getattr(ATTENTION_HOOK, "attend", None) or getattr(module, ATTEND_ATTR, None)
     if attend is not None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         return attend(module, query, key, value, attention_mask, scale=scaling, window=sliding_window,

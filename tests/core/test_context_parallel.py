@@ -1,0 +1,160 @@
+"""Context parallelism (attnlrp_fast/context_parallel.py) on 2 and 3 gloo ranks on CPU: the explanation each rank
+returns equals the one-process explanation (float32, within 1e-5) for Llama with GQA, Qwen2, Gemma-2 (a window that
+crosses shard borders, attention and final softcaps), Mistral's window, GPT-2's learned positions, a padded batch, checkpointed and offloaded
+layers, list and contrast targets, every rule; the relevance kept sharded on request; what it cannot shard refused
+on every rank in one line; a rank that dies ends the others."""
+
+import pytest
+import torch
+from distributed import run_ranks
+from tiny_models import build
+
+import attnlrp_fast as af
+
+N = 41
+
+
+def _inputs(batch, padded, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 61, (batch, N), generator=g)
+    mask = None
+    if padded:
+        mask = torch.ones(batch, N, dtype=torch.long)
+        mask[0, :6] = 0          # left padding
+        ids[0, :6] = 0
+    return ids, mask
+
+
+def _explain(model, ids, mask, options, **extra):
+    options = dict(options)
+    return af.explain(model, input_ids=ids, attention_mask=mask, backend="torch", **options, **extra)
+
+
+def _rank(rank, world, family, batch, padded, seed, options, scope):
+    model = build(family)
+    ids, mask = _inputs(batch, padded, seed)
+    if scope is None:
+        e = _explain(model, ids, mask, options, context_parallel=True)
+    else:
+        with af.context_parallel(model, **scope):
+            e = _explain(model, ids, mask, options)
+    return {k: getattr(e, k) for k in ("relevance", "target_ids", "target_logit", "positions", "target_logits",
+                                        "shard_positions")}
+
+
+def _close(a, b, tol=1e-5):
+    err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+    assert err < tol, err
+
+
+CASES = [
+    # (world, family, batch, padded, options)
+    (2, "llama", 1, False, {}),
+    (3, "qwen2", 1, False, {"rule": "cp"}),
+    (2, "gemma2", 2, False, {"checkpoint": True}),
+    (3, "gemma2", 1, False, {"target": [(-1, 5), (20, 7)]}),
+    (2, "mistral", 2, True, {"offload": "cpu"}),
+    (3, "llama", 2, True, {"target": af.contrast(4, 9), "rule": "grad"}),
+    (2, "gpt2", 1, False, {}),   # learned absolute positions, read from the global position ids
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-{c[1]}-b{c[2]}-pad{c[3]}-{'-'.join(c[4])}")
+def test_sharded_explanation_equals_one_process(case):
+    world, family, batch, padded, options = case
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    results = run_ranks(_rank, world, family, batch, padded, seed, options, None)
+    model = build(family)
+    ids, mask = _inputs(batch, padded, seed)
+    want = _explain(model, ids, mask, options)
+    for got in results:
+        _close(got["relevance"], want.relevance)
+        _close(got["target_logit"], want.target_logit)
+        assert torch.equal(got["positions"], want.positions)
+        if want.target_ids is not None:
+            assert torch.equal(got["target_ids"], want.target_ids)
+        if want.target_logits is not None:
+            _close(got["target_logits"], want.target_logits)
+        assert got["shard_positions"] is None
+
+
+def test_relevance_kept_sharded_on_request():
+    seed = int(torch.randint(0, 2 ** 31, (1,)))
+    results = run_ranks(_rank, 2, "llama", 1, False, seed, {}, {"gather": False, "timeout": 60})
+    want = _explain(build("llama"), *_inputs(1, False, seed), {})
+    full = torch.zeros_like(want.relevance)
+    for got in results:
+        idx = got["shard_positions"]
+        assert got["relevance"].shape == (1, idx.numel())
+        full[:, idx] = got["relevance"]
+    _close(full, want.relevance)
+    assert sorted(torch.cat([g["shard_positions"] for g in results]).tolist()) == list(range(N))
+
+
+def _refused(rank, world, what):
+    ids, _ = _inputs(1, False, 0)
+    model = build("llama")
+    kwargs = {}
+    if what == "latent":
+        kwargs["latent"] = ["model.layers.0.mlp"]
+    elif what == "different inputs":
+        ids = ids + rank
+    elif what == "seq_chunk":
+        kwargs["seq_chunk"] = 8
+    elif what == "too short":
+        ids = ids[:, :2 * world - 1]
+    elif what == "falcon_h1":   # a Mamba mixer beside attention in every layer
+        import transformers as tf
+
+        torch.manual_seed(0)
+        model = tf.FalconH1ForCausalLM(tf.FalconH1Config(
+            vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            mamba_d_ssm=16, mamba_n_heads=4, mamba_d_state=4, mamba_d_head=4, intermediate_size=48)).eval()
+    elif what == "bloom":       # ALiBi, and no position ids
+        import transformers as tf
+
+        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4)).eval()
+    try:
+        af.explain(model, input_ids=ids, backend="torch", context_parallel=True, **kwargs)
+    except (ValueError, af.UnsupportedModelError) as exc:
+        return type(exc).__name__, str(exc)
+    return "explained", ""
+
+
+@pytest.mark.parametrize("what,words", [("latent", "latent"), ("different inputs", "different inputs"),
+                                        ("seq_chunk", "cannot be combined"), ("too short", "cannot be sharded"),
+                                        ("falcon_h1", "mixes positions other than by attention"),
+                                        ("bloom", "takes no position_ids")])
+def test_what_cannot_be_sharded_is_refused_on_every_rank(what, words):
+    for kind, text in run_ranks(_refused, 2, what, timeout=120):
+        assert kind in ("ValueError", "UnsupportedModelError"), (kind, text)
+        assert words in text and "\n" not in text, text
+
+
+def test_needs_an_initialised_process_group():
+    with pytest.raises(ValueError, match="init_process_group"):
+        af.explain(build("llama"), input_ids=_inputs(1, False, 0)[0], context_parallel=True)
+
+
+def _dies_midway(rank, world):
+    model = build("llama")
+    ids, _ = _inputs(1, False, 0)
+    if rank == world - 1:
+        layer = model.model.layers[1]
+        original = layer.forward
+
+        def die(*args, **kwargs):
+            import os
+            os._exit(5)
+        layer.forward = die
+        del original
+    with af.context_parallel(model, timeout=10):
+        af.explain(model, input_ids=ids, backend="torch")
+
+
+def test_a_rank_dying_midway_ends_every_rank():
+    results = run_ranks(_dies_midway, 3, timeout=120, expect_errors=True)
+    assert results[2][0] == "killed"
+    for status, text in results[:2]:
+        assert status == "error", status
+        assert "ContextParallelError" in text and "context parallel: rank" in text, text[-800:]
