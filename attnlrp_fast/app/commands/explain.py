@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from attnlrp_fast.app import demo, longdoc, reasoning_report, report, vlm
 from attnlrp_fast.app.common import (TINY, Answer, bar_factory, check_explain_options, choose_backend, choose_device,
-                                     choose_dtype, extend_json, layer_progress, load_model, print_summary,
-                                     prompt_and_answer, reasoning_span)
+                                     choose_dtype, extend_json, layer_progress, load_model,
+                                     print_summary, prompt_and_answer, reasoning_span, torchrun_ranks)
 from attnlrp_fast.memory import transformer_layers
 
 
@@ -35,7 +35,8 @@ def _explain_answer(args, model, answer, backend, bar, reasoning=None):
                                         checkpoint=not args.no_checkpoint, mlp_chunk=args.mlp_chunk,
                                         offload=args.offload, seq_chunk=args.seq_chunk,
                                         progress=progress, token_tick=b.update, reasoning=reasoning,
-                                        hops=args.hops, seed=args.reasoning_seed)
+                                        hops=args.hops, seed=args.reasoning_seed,
+                                        context_parallel=True if args.context_parallel else None)
     progress.close()
     return result
 
@@ -156,25 +157,45 @@ def _explain_lines(args, device, done, facts):
 def run(args):
     if args.image:
         return vlm.explain_images(args)
+    check_explain_options(args)
+    ranks = torchrun_ranks(args) if args.context_parallel else None
+    try:
+        return _run(args, ranks)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run(args, ranks):
+    """The job; with --context-parallel (ranks) every process explains its shard and rank 0 writes the reports."""
     t0 = time.perf_counter()
     document = longdoc.read_document(_document_path(args))
-    device = choose_device(args.device)
+    device = choose_device(args.device) if ranks is None else ranks.device
     dtype = choose_dtype(args.dtype, device)
-    check_explain_options(args)
     backend = choose_backend(args.backend, device, dtype, many_passes=True)
+    if ranks is not None and ranks.rank != 0:
+        args.quiet = True
     bar = bar_factory(args.quiet)
     model, tokenizer = load_model(args, device, dtype)
+    if ranks is not None:
+        ranks.join()
     timings = {"load": time.perf_counter() - t0}
 
     answer = prompt_and_answer(args, model, tokenizer, document, bar, backend)
     if answer.seconds is not None:
         timings["generate"] = answer.seconds
-    result = _explain_answer(args, model, answer, backend, bar, reasoning_span(args, tokenizer, answer))
+    # (context parallel: the answer is given, and explained without following a reasoning span)
+    reasoning = reasoning_span(args, tokenizer, answer) if ranks is None else None
+    result = _explain_answer(args, model, answer, backend, bar, reasoning)
     timings["explain"] = result.seconds
+    if ranks is not None and ranks.rank != 0:
+        return 0
 
     t = time.perf_counter()
     done = _Explained.of(answer, result, tokenizer)
     facts = _explanation_facts(args, device, dtype, backend, done)
+    if ranks is not None:
+        facts["context_parallel"] = {"ranks": ranks.world, "device_per_rank": str(device.type)}
     paths = _write_explanation(args, done, facts)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
