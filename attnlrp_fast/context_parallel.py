@@ -60,6 +60,14 @@ class ContextParallel:
         self.plan = self.kpm = None
         self.calls = 0
 
+    @classmethod
+    def simulated(cls, size):
+        """Rank 0 of `size` ranks on the meta device, for af.estimate_memory: the ring allocates what rank 0 would
+        receive and sends nothing (bindings/ring.py Ring.simulated); the collectives keep their shapes."""
+        cp = cls.__new__(cls)
+        cp.ring, cp.gather, cp.plan, cp.kpm, cp.calls = Ring.simulated(size), True, None, None, 0
+        return cp
+
     @property
     def size(self):
         return self.ring.size
@@ -96,9 +104,10 @@ class ContextParallel:
         return out.transpose(1, 2).contiguous()
 
     @contextlib.contextmanager
-    def sharded(self, model, n, attention_mask):
+    def sharded(self, model, n, attention_mask, device):
         """For one explanation of n positions: the plan, the (B, N) key padding mask (None when nothing is padded),
-        the ring attention on every attention module of `model`; yields this rank's global positions."""
+        the ring attention on every attention module of `model`; yields this rank's global positions (on
+        `device`)."""
         if n < 2 * self.size:
             raise ValueError(f"{n} positions cannot be sharded over {self.size} ranks (it takes at least "
                              f"{2 * self.size}: two chunks per rank)")
@@ -110,8 +119,7 @@ class ContextParallel:
         for m in modules:
             setattr(m, ATTEND_ATTR, self.attend)
         try:
-            yield shard_positions(n, self.size, self.rank, device=attention_mask.device if attention_mask is not None
-                                  else None)
+            yield shard_positions(n, self.size, self.rank, device=device)
         finally:
             for m, before in saved:
                 if before is None:
@@ -155,6 +163,8 @@ class ContextParallel:
 
     def check_same(self, *values):
         """ValueError unless every rank passed the same values (tensors, numbers, targets)."""
+        if self.ring.meta:
+            return
         fingerprint = torch.tensor([_fingerprint(v) for v in values], dtype=torch.int64)
         every = self.all_gather(fingerprint)
         differ = [r for r, f in enumerate(every) if not torch.equal(f, fingerprint)]
@@ -172,7 +182,7 @@ class ContextParallel:
     def all_sum(self, t):
         import torch.distributed as dist
 
-        if self.size == 1:
+        if self.size == 1 or self.ring.meta:
             return t
         x = self._device_of(t.detach().clone())
         self.ring.wait([dist.all_reduce(x, group=self.ring.group, async_op=True)], "summing the target scores")
@@ -181,8 +191,8 @@ class ContextParallel:
     def all_gather(self, t):
         import torch.distributed as dist
 
-        if self.size == 1:
-            return [t]
+        if self.size == 1 or self.ring.meta:
+            return [t] * self.size
         x = self._device_of(t.contiguous())
         out = [torch.empty_like(x) for _ in range(self.size)]
         self.ring.wait([dist.all_gather(out, x, group=self.ring.group, async_op=True)], "gathering")

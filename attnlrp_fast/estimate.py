@@ -112,6 +112,8 @@ class MemoryEstimate:
     where: str          # when that happens: "forward, layer 3 of 32", "backward, layer 31 of 32", ...
     largest: int        # the largest single tensor
     host: int = 0       # with offload="cpu": the most the layers' checkpoints hold in host memory at once
+    gpus: int = 1       # with gpus=K (context parallelism): each figure is one GPU's (rank 0's, which holds the target)
+    ring_bytes: int = 0  # with gpus=K: the bytes each GPU sends per layer round the ring (ring_traffic)
     by_where: dict = field(default_factory=dict, repr=False, compare=False)   # the most held at each place
 
     @property
@@ -308,16 +310,19 @@ def _stood_in_chunks(enabled):
         yield
 
 
-def _run(model, ids, mode, mlp_chunk, offload=None, seq_chunk=None):
-    """One explanation in `mode`; the bytes its offloaded checkpoints held in host memory at most (0 without)."""
+def _run(model, ids, mode, mlp_chunk, offload=None, seq_chunk=None, gpus=1):
+    """One explanation in `mode`; the bytes its offloaded checkpoints held in host memory at most (0 without).
+    gpus > 1: rank 0's share under context parallelism, the ring simulated (context_parallel.py)."""
     import attnlrp_fast as af
 
     if mode in ("low_memory", "plain"):
+        from attnlrp_fast.context_parallel import ContextParallel
         from attnlrp_fast.memory import offload_meter
 
+        cp = ContextParallel.simulated(gpus) if gpus > 1 else None
         with offload_meter() as offloaders:
             af.explain(model, input_ids=ids, checkpoint=mode == "low_memory", mlp_chunk=mlp_chunk, offload=offload,
-                       seq_chunk=seq_chunk)
+                       seq_chunk=seq_chunk, context_parallel=cp)
         return max((o.host_peak for o in offloaders), default=0)
     from attnlrp_fast.baselines import lxt_style
 
@@ -335,10 +340,19 @@ def _run(model, ids, mode, mlp_chunk, offload=None, seq_chunk=None):
     return 0
 
 
-def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None, seq_chunk=None):
+def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None, seq_chunk=None, gpus=1):
     from attnlrp_fast.memory import check_offload_options
 
     check_offload_options(offload, seq_chunk)
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ValueError(f"gpus must be a positive int, got {gpus!r}")
+    if gpus > 1 and mode not in ("low_memory", "plain"):
+        raise ValueError(f"gpus={gpus}: context parallelism shards af.explain (modes low_memory and plain), not "
+                         f"mode {mode!r}")
+    if gpus > 1 and seq_chunk is not None:
+        raise ValueError("seq_chunk and gpus > 1 (context parallelism) cannot be combined")
+    if gpus > 1 and tokens < 2 * gpus:
+        raise ValueError(f"{tokens} tokens cannot be sharded over {gpus} GPUs (two chunks per GPU)")
     if offload is not None and mode != "low_memory":
         raise ValueError(f"offload='cpu' moves low_memory's checkpoints to the host; mode {mode!r} has none")
     if seq_chunk is not None and mode != "low_memory":
@@ -354,7 +368,7 @@ def _check_arguments(mode, tokens, batch, mlp_chunk, offload=None, seq_chunk=Non
 
 
 def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, offload=None,
-             seq_chunk=None) -> MemoryEstimate:
+             seq_chunk=None, gpus=1) -> MemoryEstimate:
     """One meta run of the whole explanation (every_chunk: no MLP chunk stood in for)."""
     model = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
@@ -364,14 +378,34 @@ def _measure(config, tokens, dtype, batch, mode, mlp_chunk, every_chunk=False, o
     with _meta_safe_transformers(), _as_on_gpu(), _stood_in_chunks(not every_chunk), LiveBytes() as meter:
         locator = _Locator(model, meter)
         try:
-            host = _run(model, ids, mode, mlp_chunk, offload, seq_chunk)
+            host = _run(model, ids, mode, mlp_chunk, offload, seq_chunk, gpus)
         except (NotImplementedError, RuntimeError) as e:   # an op of this family with no meta implementation
             raise ValueError(f"{type(model).__name__} cannot run on meta tensors in mode {mode!r}: "
                              f"{str(e).splitlines()[0][:200]}") from None
         finally:
             locator.remove()
     return MemoryEstimate(mode, tokens, batch, str(dtype).split(".")[-1], weights, meter.peak, meter.peak_where,
-                          meter.largest, host, dict(meter.by_where))
+                          meter.largest, host, gpus, ring_traffic(config, tokens, gpus, dtype, batch,
+                                                                  checkpoint=mode == "low_memory"),
+                          dict(meter.by_where))
+
+
+def ring_traffic(config, tokens, gpus, dtype=torch.bfloat16, batch=1, checkpoint=True):
+    """Bytes one GPU sends per layer round the context-parallel ring (bindings/ring.py), the largest shard's: its
+    keys and values K - 1 times in the forward (again in a checkpointed layer's recomputation), then in the backward
+    K - 1 times with their float32 dK, dV accumulators, and the accumulators once more; 0 with one GPU."""
+    if gpus <= 1:
+        return 0
+    from attnlrp_fast.bindings.ring import shard_positions
+
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    shard = max(shard_positions(tokens, gpus, r).numel() for r in range(gpus))
+    elements = batch * kv_heads * shard * 2 * head_dim
+    kv = elements * torch.empty((), dtype=dtype).element_size()
+    forwards = 2 if checkpoint else 1
+    return forwards * (gpus - 1) * kv + (gpus - 1) * (kv + 4 * elements) + 4 * elements
 
 
 def explanation_flops(model_or_config, tokens, *, batch=1, mode="low_memory", seq_chunk=None):
@@ -417,7 +451,7 @@ def with_layers(config, layers):
 
 
 def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, mode="low_memory",
-                    mlp_chunk=1024, exact=False, offload=None, seq_chunk=None) -> MemoryEstimate:
+                    mlp_chunk=1024, exact=False, offload=None, seq_chunk=None, gpus=1) -> MemoryEstimate:
     """Peak memory of one explanation of `tokens` tokens (target: the argmax logit at the last position) by the model
     of this config in `dtype`, in one of MODES, as it would run on a GPU. See the module docstring.
 
@@ -427,9 +461,11 @@ def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, m
     Weights are always counted for the whole model. `exact` also
     runs every MLP chunk (module docstring): the same numbers, slower. offload="cpu" (low_memory only): the layers'
     checkpoints in host memory (af.low_memory), counted in `host`, not in `peak`. seq_chunk=C (low_memory only):
-    each layer in chunks of C positions (attnlrp_fast/seqchunk.py)."""
-    _check_arguments(mode, tokens, batch, mlp_chunk, offload, seq_chunk)
-    kw = dict(offload=offload, seq_chunk=seq_chunk)
+    each layer in chunks of C positions (attnlrp_fast/seqchunk.py). gpus=K (low_memory, plain): context parallelism
+    over K GPUs (attnlrp_fast/context_parallel.py), each figure one GPU's (rank 0, which holds the target), its ring
+    traffic per layer in `ring_bytes`."""
+    _check_arguments(mode, tokens, batch, mlp_chunk, offload, seq_chunk, gpus)
+    kw = dict(offload=offload, seq_chunk=seq_chunk, gpus=gpus)
     config = getattr(model_or_config, "config", model_or_config)
     layers = getattr(config, "num_hidden_layers", None)
     if exact or not isinstance(layers, int) or layers <= len(_RUNS) + 1:
@@ -442,7 +478,7 @@ def estimate_memory(model_or_config, tokens, *, dtype=torch.bfloat16, batch=1, m
     full = meta_model(config, dtype)
     weights = sum(t.numel() * t.element_size() for t in list(full.parameters()) + list(full.buffers()))
     return MemoryEstimate(mode, tokens, batch, runs[2].dtype, weights, found[0], found[1], runs[2].largest,
-                          runs[2].host + (layers - _RUNS[2]) * host_step)
+                          runs[2].host + (layers - _RUNS[2]) * host_step, gpus, runs[2].ring_bytes)
 
 
 _RUNS = (2, 3, 4)   # the depths a long model's estimate is extrapolated from (with one layer, the last is the first)
@@ -507,7 +543,7 @@ def _bracket(at, budget, lo, e_lo, guess, start, limit):
 
 def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode="low_memory", mlp_chunk=1024,
                     batch=1, start=1024, limit=1 << 24, precision=0.0, progress=None, offload=None,
-                    seq_chunk=None):
+                    seq_chunk=None, gpus=1):
     """The longest input (a multiple of `start` tokens, up to `limit`) whose explanation fits `budget_bytes` with
     the weights, and its estimate; (0, None) when not even `start` tokens fit. The memory grows with the length in
     every mode and nearly on a line (eager mode aside): the line through `start` and `2 start` gives a first guess,
@@ -516,7 +552,7 @@ def longest_fitting(model_or_config, budget_bytes, *, dtype=torch.bfloat16, mode
     progress() after each."""
     def at(n):
         e = estimate_memory(model_or_config, n, dtype=dtype, batch=batch, mode=mode, mlp_chunk=mlp_chunk,
-                            offload=offload, seq_chunk=seq_chunk)
+                            offload=offload, seq_chunk=seq_chunk, gpus=gpus)
         if progress is not None:
             progress()
         return e

@@ -586,10 +586,14 @@ def _explain_sharded(model, handle, req: Request, cp) -> Explanation:
     B, N = input_ids.shape
     positions = token_positions(req.target, input_ids, attention_mask, req.position)     # (B, P), global
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
-    with cp.sharded(model, N, attention_mask) as idx:
+    with cp.sharded(model, N, attention_mask, input_ids.device) as idx:
         local = torch.searchsorted(idx, positions.contiguous()).clamp(max=idx.numel() - 1)
         owned = idx[local] == positions
-        kept = torch.unique(local[owned])
+        if positions.is_meta:   # af.estimate_memory: rank 0, which holds the last position, holds the target
+            owned = torch.ones_like(positions, dtype=torch.bool)
+            kept = local[0]
+        else:
+            kept = torch.unique(local[owned])
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         kwargs = dict(input_ids=input_ids[:, idx], attention_mask=mask[:, idx], position_ids=idx.expand(B, -1),
                       use_cache=False, logits_to_keep=kept)

@@ -165,7 +165,8 @@ def attnlrp_fast_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, 
         attention_mask = attention_mask[:, -kv_length:].to(torch.bool)
         if attention_mask.shape[1] != kv_length:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, the attention sees {kv_length}")
-        attention_mask = None if bool(attention_mask.all()) else attention_mask
+        # (on the meta device, af.estimate_memory's, a mask has no values: taken as no padding, as estimates run)
+        attention_mask = None if attention_mask.is_meta or bool(attention_mask.all()) else attention_mask
     if not extras:
         return attention_mask
     segments = extras.get("segments")

@@ -108,8 +108,9 @@ class Ring:
 class RingPlan:
     """The ring's blocks for a sequence of n positions: each rank's chunks, local offsets and lengths."""
 
-    def __init__(self, n, ring):
+    def __init__(self, n, ring, piece_rows=2048):
         self.n, self.ring = n, ring
+        self.piece_rows = piece_rows   # a non-causal block of at least this many rows runs its backward in pieces
         self.chunks = [shard_chunks(n, ring.size, r) for r in range(ring.size)]
         self.lengths = [sum(b - a for a, b in c) for c in self.chunks]
 
@@ -189,9 +190,11 @@ class RingAttention(torch.autograd.Function):
             if pending is not None:
                 ring.finish(pending)
                 buf, src = incoming, nxt
+                pending = incoming = None   # (the sent buffer goes)
+            o_b = l_b = None
         empty = lse == float("-inf")
-        o = o.masked_fill(empty[..., None], 0.0).to(q.dtype)
-        lse = lse.masked_fill(empty, float("inf")).float()
+        o = o.masked_fill_(empty[..., None], 0.0).to(q.dtype)
+        lse = lse.masked_fill_(empty, float("inf")).float()
         ctx.save_for_backward(q, k, v, o, lse, kpm)
         ctx.options = (plan, scale, window, softcap, rule, backend)
         return o
@@ -203,8 +206,7 @@ class RingAttention(torch.autograd.Function):
         ring = plan.ring
         acc = _acc_dtype(q.dtype)
         B = q.shape[0]
-        do = do.contiguous()
-        delta = (do.to(acc) * o.to(acc)).sum(-1).float()
+        delta = _rowsum_product(do, o, acc)
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         buf, src = _pack(k, v), ring.rank
         dbuf = torch.zeros(buf.shape, dtype=acc, device=q.device)
@@ -217,31 +219,57 @@ class RingAttention(torch.autograd.Function):
             kc, vc = _unpack(buf, *_shapes(k, v, plan.lengths[src]))
             dkc, dvc = _unpack(dbuf, *_shapes(k, v, plan.lengths[src]))
             for (i0, i1), (j0, j1), ka, (causal, win, limit) in plan.blocks(ring.rank, src, window):
-                dq_b, dk_b, dv_b = attention_bwd_op(
-                    do[:, :, i0:i1], q[:, :, i0:i1], kc[:, :, j0:j1], vc[:, :, j0:j1], o[:, :, i0:i1],
-                    lse[:, :, i0:i1], None if kpm is None else kpm[:, ka:ka + j1 - j0], causal, float(scale),
-                    int(win or 0), float(softcap or 0.0), rule, backend, None, _limit(q, B, i1 - i0, limit), None,
-                    delta[:, :, i0:i1])
-                dq[:, :, i0:i1] += dq_b
-                dkc[:, :, j0:j1] += dk_b
-                dvc[:, :, j0:j1] += dv_b
+                for r0, r1 in _row_pieces(i0, i1, causal, plan.piece_rows):
+                    # (a causal block runs whole: its causal bound and window are read against its own rows)
+                    dq_b, dk_b, dv_b = attention_bwd_op(
+                        do[:, :, r0:r1], q[:, :, r0:r1], kc[:, :, j0:j1], vc[:, :, j0:j1], o[:, :, r0:r1],
+                        lse[:, :, r0:r1], None if kpm is None else kpm[:, ka:ka + j1 - j0], causal, float(scale),
+                        int(win or 0), float(softcap or 0.0), rule, backend, None,
+                        _limit(q, B, r1 - r0, limit), None, delta[:, :, r0:r1])
+                    dq[:, :, r0:r1] += dq_b
+                    dkc[:, :, j0:j1] += dk_b
+                    dvc[:, :, j0:j1] += dv_b
+                    dq_b = dk_b = dv_b = None
             if not last:
+                ring.finish(pending)      # the keys and values sent: this step's buffer can go before dK, dV travel
+                buf = kc = vc = pending = None
                 pending_d, (dincoming,) = ring.exchange([dbuf], [((size,), acc)], f"backward, step {step + 1}",
                                                      tag=1)
-                ring.finish(pending)
                 ring.finish(pending_d)
                 buf, dbuf, src = incoming, dincoming, nxt
+                pending_d = incoming = dincoming = None   # (the sent accumulators go)
+        del buf, kc, vc, dkc, dvc
         home = dbuf
         if ring.size > 1:   # the accumulators held now are rank r + 1's: one more step brings each home
             pending, (home,) = ring.exchange([dbuf], [((_numel(k, v, plan.lengths[ring.rank]),), acc)],
                                             "backward, returning dK and dV", tag=1)
             ring.finish(pending)
-        dk, dv = _unpack(home, k.shape, v.shape)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None
+            del pending, dbuf
+        dk, dv = (t.to(like.dtype) for t, like in zip(_unpack(home, k.shape, v.shape), (k, v)))
+        del home    # (before dQ's cast: the peak of the backward is its loop, not its end)
+        return dq.to(q.dtype), dk, dv, None, None, None, None, None, None, None
+
+
+def _rowsum_product(do, o, acc, rows=1 << 12):
+    """(B, H, n) float32 rowsum(dO * O), `rows` rows at a time: no full-size copies of dO and O in `acc`."""
+    delta = torch.empty(o.shape[:3], dtype=torch.float32, device=o.device)
+    for i in range(0, o.shape[2], rows):
+        delta[:, :, i:i + rows] = (do[:, :, i:i + rows].to(acc) * o[:, :, i:i + rows].to(acc)).sum(-1)
+    return delta
 
 
 def _numel(k, v, length):
     return sum(s.numel() for s in _shapes(k, v, length))
+
+
+def _row_pieces(i0, i1, whole, min_rows, pieces=4):
+    """The query rows [i0, i1) of a block's backward in up to `pieces` runs (its dQ made a piece at a time: a
+    quarter of the block's dQ temporary), or whole (a causal block, or fewer than `min_rows` rows)."""
+    n = i1 - i0
+    if whole or n < min_rows:
+        return [(i0, i1)]
+    step = -(-n // pieces)
+    return [(a, min(a + step, i1)) for a in range(i0, i1, step)]
 
 
 def _limit(q, batch, rows, value):

@@ -250,7 +250,7 @@ def merge_block(o, lse, o_s, l_s):
     weighted by their shares of the new sum. o, lse: views of the accumulators, in the merge dtype."""
     merged = torch.logaddexp(lse, l_s)
     safe = torch.where(merged == float("-inf"), 0.0, merged)
-    o.copy_(o * torch.exp(lse - safe)[..., None] + o_s.to(o.dtype) * torch.exp(l_s - safe)[..., None])
+    o.mul_(torch.exp(lse - safe)[..., None]).addcmul_(o_s, torch.exp(l_s - safe)[..., None])   # (no copy of o)
     lse.copy_(merged)
 
 
