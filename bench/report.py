@@ -620,6 +620,40 @@ def estimates_table(result):
     return "\n".join(lines)
 
 
+def context_parallel_table(result):
+    """bench/context_table.py: the longest document per model, GPU memory, GPU count and offload, by the estimator."""
+    rows = result["rows"]
+    gpus = sorted({r["gpus"] for r in rows})
+    columns = [(g, k) for g in dict.fromkeys(r["gpu"] for r in rows) for k in gpus]
+    lines = [f"Longest document one explanation fits (tokens, a multiple of 4k, to 1/16), predicted by the estimator "
+             f"on meta tensors (torch {result['torch']}, bench/context_table.py): {result['dtype']}, "
+             f"{result['mode']}, --mlp-chunk {result['mlp_chunk']}; K GPUs = context parallelism over K "
+             f"(`--context-parallel`), the figures per GPU: total GPU memory (weights + peak), + host memory of the "
+             f"offloaded checkpoints, ring traffic per layer. k = 1024 tokens, M = 1024k (as `--tokens` reads "
+             f"them).", "",
+             "| model | checkpoints | " + " | ".join(f"{k} x {g}" for g, k in columns) + " |",
+             "|" + "---|" * (2 + len(columns))]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for offload in (None, "cpu"):
+            cells = []
+            for g, k in columns:
+                r = next((r for r in rows if r["model"] == model and r["offload"] == offload and r["gpu"] == g and
+                          r["gpus"] == k), None)
+                if r is None:
+                    cells.append("-")
+                elif not r["tokens"]:
+                    cells.append("< 4k")
+                else:
+                    extra = (f" + {_gib(r['host'])} GiB host" if r.get("host") else "") + \
+                        (f"; ring {_gib(r['ring_bytes'])} GiB/layer" if r.get("ring_bytes") else "")
+                    n = r["tokens"]
+                    count = f"{n / 2**20:.2f}M" if n >= 2**20 else _tokens(n)
+                    cells.append(f"**{count}** ({_gib(r['total'])} GiB{extra})")
+            where = "on the host (`--offload cpu`)" if offload else "on the GPU"
+            lines.append(f"| {model} | {where} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _host(entry):
     """' (+N host)' for an estimate with offloaded checkpoints."""
     return f" (+{_gib(entry['host'])} host)" if entry.get("host") else ""
@@ -726,6 +760,8 @@ def render(json_path, readme=None):
         tables["needle" if needle else "faithfulness"] = needle_table(result) if needle else faithfulness_table(result)
     elif result.get("kind") == "estimates":      # bench/estimate_table.py
         tables["estimates"] = estimates_table(result)
+    elif result.get("kind") == "context-parallel":   # bench/context_table.py
+        tables["context-parallel"] = context_parallel_table(result)
     elif result.get("kind") == "cpu-explain":    # bench/cpu_explain.py
         tables[cpu_explain_kind(result)] = cpu_explain_table(result)
     elif "linear_fits" in result:        # bench/memory.py

@@ -28,9 +28,10 @@
       and gradients with the float64 reference, prints a table and exits non-zero on any mismatch.
   attnlrp-fast estimate --model NAME|CONFIG_JSON|FOLDER|HUB_ID [--tokens 8k,32k,128k,1m] [--dtype bfloat16]
                         [--gpu-memory 80GiB] [--mlp-chunk 1024] [--modes ...] [--offload cpu] [--seq-chunk N]
-                        [--tflops 400]
+                        [--gpus K] [--tflops 400]
       memory of one explanation per mode and length, from the config alone (no weights), and the longest document
-      that fits a GPU (with --offload cpu the host memory too; with --tflops a time predicted from the FLOP count)
+      that fits a GPU (with --offload cpu the host memory too; with --gpus K per GPU under context parallelism, with
+      the ring traffic; with --tflops a time predicted from the FLOP count)
   attnlrp-fast info
       versions, devices and which backend `auto` picks here.
 
@@ -191,6 +192,9 @@ def _add_estimate(sub):
                    help="cpu: low_memory with the layers' checkpoints in host memory (the host memory is shown)")
     s.add_argument("--seq-chunk", type=int, default=None,
                    help="low_memory with each layer run in chunks of this many tokens")
+    s.add_argument("--gpus", type=int, default=1,
+                   help="context parallelism over this many GPUs (explain --context-parallel): memory per GPU, ring "
+                        "traffic per layer, the longest document for K GPUs")
     s.add_argument("--tflops", type=float, default=None,
                    help="also a predicted time per length: the explanation's FLOP count at this many TFLOP/s")
     s.add_argument("--modes", nargs="+", choices=ESTIMATE_MODES, default=list(ESTIMATE_MODES))

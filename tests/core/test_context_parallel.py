@@ -158,3 +158,35 @@ def test_a_rank_dying_midway_ends_every_rank():
     for status, text in results[:2]:
         assert status == "error", status
         assert "ContextParallelError" in text and "context parallel: rank" in text, text[-800:]
+
+
+SMOLLM2_LAYERS = 6   # of its 30: the real weights at 8k tokens, within the suite's time
+
+
+def _smollm2_rank(rank, world, n, layers):
+    from attnlrp_fast import smollm2
+
+    model = smollm2.load()[0]
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    ids = torch.randint(10, 40000, (1, n), generator=torch.Generator().manual_seed(7))
+    e = af.explain(model, input_ids=ids, checkpoint=True, backend="torch", context_parallel=True)
+    return e.relevance, e.target_ids, e.target_logit
+
+
+@pytest.mark.slow
+def test_smollm2_at_8k_tokens_on_two_ranks():
+    """SmolLM2's real weights (GQA 9/3, its first layers), 8,192 tokens over 2 ranks: the one-process relevance
+    within 1e-5."""
+    from attnlrp_fast import smollm2
+
+    model = smollm2.load()[0]   # (dequantized into the cache once, before the ranks read it)
+    results = run_ranks(_smollm2_rank, 2, 8192, SMOLLM2_LAYERS, timeout=600, collective_timeout=300)
+    model.model.layers = model.model.layers[:SMOLLM2_LAYERS]
+    model.config.num_hidden_layers = SMOLLM2_LAYERS
+    ids = torch.randint(10, 40000, (1, 8192), generator=torch.Generator().manual_seed(7))
+    want = af.explain(model, input_ids=ids, checkpoint=True, backend="torch")
+    for relevance, target_ids, logit in results:
+        assert torch.equal(target_ids, want.target_ids)
+        _close(relevance, want.relevance)
+        _close(logit, want.target_logit)

@@ -56,15 +56,16 @@ class Longest:
     estimate: object = None
 
 
-def longest(config, budget, dtype, mode, mlp_chunk, tick=None, offload=None, seq_chunk=None):
+def longest(config, budget, dtype, mode, mlp_chunk, tick=None, offload=None, seq_chunk=None, gpus=1):
     """The longest input each mode fits in `budget` bytes (low_memory: the best of MLP_CHUNKS and --mlp-chunk);
-    tick() after each estimate. offload: low_memory's checkpoints in host memory (the GPU budget only)."""
+    tick() after each estimate. offload: low_memory's checkpoints in host memory (the GPU budget only). gpus: per
+    GPU under context parallelism."""
     chunks = sorted({mlp_chunk, *MLP_CHUNKS}) if mode == "low_memory" else [mlp_chunk]
     best = Longest(mode, 0)
     for chunk in chunks:
         n, e = est.longest_fitting(config, budget, dtype=dtype, mode=mode, mlp_chunk=chunk, start=4096,
                                    precision=1 / 32, progress=tick, offload=_offload(mode, offload),
-                                   seq_chunk=_offload(mode, seq_chunk))
+                                   seq_chunk=_offload(mode, seq_chunk), gpus=_gpus(mode, gpus))
         if n > best.tokens:
             best = Longest(mode, n, chunk if mode == "low_memory" else None, e)
     return best
@@ -75,45 +76,56 @@ def _offload(mode, setting):
     return setting if mode == "low_memory" else None
 
 
-def _predicted(config, n, mode, seq_chunk, tflops):
-    """' <seconds>' predicted from the FLOP count at `tflops` TFLOP/s ('' without)."""
+def _gpus(mode, gpus):
+    """--gpus applies to the engine's modes (low_memory, plain); the contrast modes run on one GPU."""
+    return gpus if mode in ("low_memory", "plain") else 1
+
+
+def _predicted(config, n, mode, seq_chunk, tflops, gpus=1):
+    """' <seconds>' predicted from the FLOP count at `tflops` TFLOP/s per GPU, the work split evenly over `gpus`
+    ('' without)."""
     if not tflops or mode not in ("low_memory", "plain"):
         return f" {'-':>10}" if tflops else ""
-    seconds = est.explanation_flops(config, n, mode=mode, seq_chunk=seq_chunk) / (tflops * 1e12)
+    seconds = est.explanation_flops(config, n, mode=mode, seq_chunk=seq_chunk) / (tflops * 1e12 * gpus)
     return f" {seconds:>9,.0f}s" if seconds >= 10 else f" {seconds:>9.1f}s"
 
 
 def mode_lines(config, mode, tokens, dtype, mlp_chunk, tick=lambda: None, offload=None, seq_chunk=None,
-               tflops=None):
+               tflops=None, gpus=1):
     """The mode's table: weights, the explanation's peak, their total and where the peak is, per length (a blank line
-    first; with --offload cpu, low_memory's host memory too; with --tflops, a time predicted from the FLOP count);
-    tick() after each length."""
-    offload, seq_chunk = _offload(mode, offload), _offload(mode, seq_chunk)
+    first; with --offload cpu, low_memory's host memory too; with --gpus K, per GPU, and the ring traffic per layer;
+    with --tflops, a time predicted from the FLOP count); tick() after each length."""
+    offload, seq_chunk, gpus = _offload(mode, offload), _offload(mode, seq_chunk), _gpus(mode, gpus)
     host = f" {'host':>12}" if offload else ""
+    host += f" {'ring/layer':>12}" if gpus > 1 else ""
     host += f" {'predicted':>10}" if tflops else ""
-    settings = f"--mlp-chunk {mlp_chunk}" + (f", --offload {offload}" if offload else "") + \
-        (f", --seq-chunk {seq_chunk}" if seq_chunk else "")
-    lines = ["", f"{mode}" + (f" ({settings})" if mode == "low_memory" else ""),
+    settings = (f"--mlp-chunk {mlp_chunk}" if mode == "low_memory" else "") + \
+        (f", --offload {offload}" if offload else "") + (f", --seq-chunk {seq_chunk}" if seq_chunk else "")
+    if gpus > 1:
+        settings = (settings + ", " if settings else "") + f"--gpus {gpus}: per GPU"
+    lines = ["", f"{mode}" + (f" ({settings})" if settings else ""),
              f"{'tokens':>8} {'weights':>12} {'explanation':>16} {'total':>16}{host}  peak at"]
     for n in tokens:
         try:
             e = est.estimate_memory(config, n, dtype=dtype, mode=mode, mlp_chunk=mlp_chunk, offload=offload,
-                                    seq_chunk=seq_chunk)
+                                    seq_chunk=seq_chunk, gpus=gpus)
         except ValueError as ex:   # a contrast mode that does not cover this family
             lines.append(f"{_tokens(n):>8}  {str(ex).splitlines()[0][:100]}")
             break
         finally:
             tick()
-        host = (f" {size(e.host):>12}" if offload else "") + _predicted(config, n, mode, seq_chunk, tflops)
+        host = (f" {size(e.host):>12}" if offload else "") + (f" {size(e.ring_bytes):>12}" if gpus > 1 else "") + \
+            _predicted(config, n, mode, seq_chunk, tflops, gpus)
         lines.append(f"{_tokens(n):>8} {size(e.weights):>12} {size(e.peak):>16} {size(e.total):>16}{host}  {e.where}")
     return lines
 
 
-def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None, offload=None, seq_chunk=None):
-    lines = ["", f"The longest document that fits {size(budget)} with the weights:"]
+def longest_lines(config, budget, dtype, modes, mlp_chunk, tick=None, offload=None, seq_chunk=None, gpus=1):
+    on = f"each of {gpus} GPUs of {size(budget)}" if gpus > 1 else size(budget)
+    lines = ["", f"The longest document that fits {on} with the weights:"]
     for mode in modes:
         try:
-            found = longest(config, budget, dtype, mode, mlp_chunk, tick, offload, seq_chunk)
+            found = longest(config, budget, dtype, mode, mlp_chunk, tick, offload, seq_chunk, gpus)
         except ValueError as ex:
             lines.append(f"  {mode:<11} {str(ex).splitlines()[0][:100]}")
             continue
@@ -141,6 +153,14 @@ def tables(args, bar=NO_BAR):
         raise ValueError(f"--tflops {args.tflops:g}: a positive throughput in TFLOP/s")
     if getattr(args, "seq_chunk", None) is not None and args.seq_chunk < 1:
         raise ValueError(f"--seq-chunk {args.seq_chunk}: a positive number of tokens")
+    gpus = getattr(args, "gpus", 1)
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus}: a positive number of GPUs")
+    if gpus > 1 and getattr(args, "seq_chunk", None) is not None:
+        raise ValueError("--gpus and --seq-chunk cannot be combined (context parallelism shards the sequence "
+                         "already)")
+    if gpus > 1 and min(tokens) < 2 * gpus:
+        raise ValueError(f"--tokens {_tokens(min(tokens))} cannot be sharded over {gpus} GPUs (two chunks per GPU)")
     config = est.load_config(args.model)
     dtype = getattr(torch, args.dtype)
     est.meta_model(config, dtype)   # the config builds a causal LM: else one line now
@@ -148,15 +168,16 @@ def tables(args, bar=NO_BAR):
     for mode in args.modes:
         with bar(total=len(tokens), desc=f"estimating {mode}", unit="length") as b:
             lines = mode_lines(config, mode, tokens, dtype, args.mlp_chunk, b.update, getattr(args, "offload", None),
-                               getattr(args, "seq_chunk", None), getattr(args, "tflops", None))
+                               getattr(args, "seq_chunk", None), getattr(args, "tflops", None), gpus)
         if getattr(args, "tflops", None) and mode in ("low_memory", "plain"):
             lines.append(f"(predicted: the explanation's FLOP count (estimate.explanation_flops) at {args.tflops:g} "
-                         "TFLOP/s, not a measurement)")
+                         "TFLOP/s" + (f" per GPU, split evenly over {gpus} GPUs, the ring's transfers not counted"
+                                      if gpus > 1 else "") + ", not a measurement)")
         yield lines
     if budget:
         with bar(total=None, desc=f"the longest document that fits {size(budget)}", unit="estimate") as b:
             lines = longest_lines(config, budget, dtype, args.modes, args.mlp_chunk, b.update,
-                                  getattr(args, "offload", None), getattr(args, "seq_chunk", None))
+                                  getattr(args, "offload", None), getattr(args, "seq_chunk", None), gpus)
         yield lines
 
 
