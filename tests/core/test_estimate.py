@@ -155,6 +155,8 @@ def test_configs_that_cannot_be_estimated_are_errors_that_say_why(tmp_path, sour
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tokens=0), "tokens"), (dict(tokens=1.5), "tokens"), (dict(tokens=10, batch=0), "batch"),
     (dict(tokens=10, mode="fast"), "mode"), (dict(tokens=10, mlp_chunk=-1), "mlp_chunk"),
+    (dict(tokens=10, gpus=0), "gpus"), (dict(tokens=10, gpus=2, mode="eager"), "context parallelism"),
+    (dict(tokens=10, gpus=2, seq_chunk=4), "cannot be combined"), (dict(tokens=3, gpus=2), "sharded"),
 ])
 def test_bad_arguments_are_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -198,12 +200,27 @@ def test_the_cli_prints_a_table_per_mode_and_the_longest_fits(tiny_config, capsy
     assert "tokens" in longest
 
 
+def test_the_cli_estimates_per_gpu_with_the_ring_traffic(tiny_config, capsys):
+    assert cli.main(["estimate", "--model", tiny_config, "--tokens", "4k", "--dtype", "float32", "--modes",
+                     "low_memory", "--gpus", "4", "--tflops", "100", "--gpu-memory", "24MiB"]) == 0
+    out = capsys.readouterr().out
+    config = est.load_config(tiny_config)
+    e = est.estimate_memory(config, 4096, dtype=torch.float32, mode="low_memory", gpus=4)
+    one = est.estimate_memory(config, 4096, dtype=torch.float32, mode="low_memory")
+    assert "--gpus 4: per GPU" in out and "ring/layer" in out
+    assert estimate_command.size(e.total) in out and estimate_command.size(e.ring_bytes) in out
+    assert e.peak < one.peak and e.ring_bytes == est.ring_traffic(config, 4096, 4, torch.float32)
+    assert "each of 4 GPUs of 24.0 MiB" in out and "split evenly over 4 GPUs" in out
+
+
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model-anywhere"], "no model config"),
     (["--tokens", "lots"], "--tokens"),
     (["--tokens", "0"], "--tokens"),
     (["--gpu-memory", "big"], "--gpu-memory"),
     (["--mlp-chunk", "-3"], "--mlp-chunk"),
+    (["--gpus", "0"], "--gpus"),
+    (["--gpus", "2", "--seq-chunk", "64"], "cannot be combined"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tiny_config, capsys, monkeypatch, args, message):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
