@@ -59,25 +59,40 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"w{c[0]}-{c[1]}-b{c[2]}-pad{c[3]}-{'-'.join(c[4])}")
-def test_sharded_explanation_equals_one_process(case):
-    world, family, batch, padded, options = case
-    seed = int(torch.randint(0, 2 ** 31, (1,)))
-    results = run_ranks(_rank, world, family, batch, padded, seed, options, None)
-    model = build(family)
-    ids, mask = _inputs(batch, padded, seed)
-    want = _explain(model, ids, mask, options)
-    for got in results:
-        _close(got["relevance"], want.relevance)
-        _close(got["target_logit"], want.target_logit)
-        assert torch.equal(got["positions"], want.positions)
-        if want.target_ids is not None:
-            assert torch.equal(got["target_ids"], want.target_ids)
-        if want.target_logits is not None:
-            _close(got["target_logits"], want.target_logits)
-        assert got["shard_positions"] is None
+def _rank_cases(rank, world, cases, seeds):
+    return [_rank(rank, world, family, batch, padded, seed, options, None)
+            for (_, family, batch, padded, options), seed in zip(cases, seeds)]
 
 
+def _check_cases(cases):
+    """Every case of one world size in one start of the ranks (starting them costs seconds)."""
+    world = cases[0][0]
+    seeds = [int(torch.randint(0, 2 ** 31, (1,))) for _ in cases]
+    per_rank = run_ranks(_rank_cases, world, cases, seeds)
+    for i, ((_, family, batch, padded, options), seed) in enumerate(zip(cases, seeds)):
+        want = _explain(build(family), *_inputs(batch, padded, seed), options)
+        for results in per_rank:
+            got = results[i]
+            _close(got["relevance"], want.relevance)
+            _close(got["target_logit"], want.target_logit)
+            assert torch.equal(got["positions"], want.positions)
+            if want.target_ids is not None:
+                assert torch.equal(got["target_ids"], want.target_ids)
+            if want.target_logits is not None:
+                _close(got["target_logits"], want.target_logits)
+            assert got["shard_positions"] is None
+
+
+def test_sharded_explanation_equals_one_process_on_2_ranks():
+    _check_cases([c for c in CASES if c[0] == 2])
+
+
+@pytest.mark.slow
+def test_sharded_explanation_equals_one_process_on_3_ranks():
+    _check_cases([c for c in CASES if c[0] == 3])
+
+
+@pytest.mark.slow
 def test_relevance_kept_sharded_on_request():
     seed = int(torch.randint(0, 2 ** 31, (1,)))
     results = run_ranks(_rank, 2, "llama", 1, False, seed, {}, {"gather": False, "timeout": 60})
@@ -91,44 +106,50 @@ def test_relevance_kept_sharded_on_request():
     assert sorted(torch.cat([g["shard_positions"] for g in results]).tolist()) == list(range(N))
 
 
-def _refused(rank, world, what):
-    ids, _ = _inputs(1, False, 0)
-    model = build("llama")
-    kwargs = {}
-    if what == "latent":
-        kwargs["latent"] = ["model.layers.0.mlp"]
-    elif what == "different inputs":
-        ids = ids + rank
-    elif what == "seq_chunk":
-        kwargs["seq_chunk"] = 8
-    elif what == "too short":
-        ids = ids[:, :2 * world - 1]
-    elif what == "falcon_h1":   # a Mamba mixer beside attention in every layer
-        import transformers as tf
+def _refused(rank, world, cases):
+    found = []
+    for what, _ in cases:
+        ids, _ = _inputs(1, False, 0)
+        model = build("llama")
+        kwargs = {}
+        if what == "latent":
+            kwargs["latent"] = ["model.layers.0.mlp"]
+        elif what == "different inputs":
+            ids = ids + rank
+        elif what == "seq_chunk":
+            kwargs["seq_chunk"] = 8
+        elif what == "too short":
+            ids = ids[:, :2 * world - 1]
+        elif what == "falcon_h1":   # a Mamba mixer beside attention in every layer
+            import transformers as tf
 
-        torch.manual_seed(0)
-        model = tf.FalconH1ForCausalLM(tf.FalconH1Config(
-            vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            mamba_d_ssm=16, mamba_n_heads=4, mamba_d_state=4, mamba_d_head=4, intermediate_size=48)).eval()
-    elif what == "bloom":       # ALiBi, and no position ids
-        import transformers as tf
+            torch.manual_seed(0)
+            model = tf.FalconH1ForCausalLM(tf.FalconH1Config(
+                vocab_size=61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                mamba_d_ssm=16, mamba_n_heads=4, mamba_d_state=4, mamba_d_head=4, intermediate_size=48)).eval()
+        elif what == "bloom":       # ALiBi, and no position ids
+            import transformers as tf
 
-        model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4)).eval()
-    try:
-        af.explain(model, input_ids=ids, backend="torch", context_parallel=True, **kwargs)
-    except (ValueError, af.UnsupportedModelError) as exc:
-        return type(exc).__name__, str(exc)
-    return "explained", ""
+            model = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=61, hidden_size=32, n_layer=2, n_head=4)).eval()
+        try:
+            af.explain(model, input_ids=ids, backend="torch", context_parallel=True, **kwargs)
+            found.append(("explained", ""))
+        except (ValueError, af.UnsupportedModelError) as exc:
+            found.append((type(exc).__name__, str(exc)))
+    return found
 
 
-@pytest.mark.parametrize("what,words", [("latent", "latent"), ("different inputs", "different inputs"),
-                                        ("seq_chunk", "cannot be combined"), ("too short", "cannot be sharded"),
-                                        ("falcon_h1", "mixes positions other than by attention"),
-                                        ("bloom", "takes no position_ids")])
-def test_what_cannot_be_sharded_is_refused_on_every_rank(what, words):
-    for kind, text in run_ranks(_refused, 2, what, timeout=120):
-        assert kind in ("ValueError", "UnsupportedModelError"), (kind, text)
-        assert words in text and "\n" not in text, text
+REFUSED = [("latent", "latent"), ("different inputs", "different inputs"), ("seq_chunk", "cannot be combined"),
+           ("too short", "cannot be sharded"), ("falcon_h1", "mixes positions other than by attention"),
+           ("bloom", "takes no position_ids")]
+
+
+def test_what_cannot_be_sharded_is_refused_on_every_rank():
+    """Each refused on both ranks in one line, and the ranks go on to the next (no rank left waiting)."""
+    for found in run_ranks(_refused, 2, REFUSED, timeout=180):
+        for (what, words), (kind, text) in zip(REFUSED, found):
+            assert kind in ("ValueError", "UnsupportedModelError"), (what, kind, text)
+            assert words in text and "\n" not in text, (what, text)
 
 
 def test_needs_an_initialised_process_group():
@@ -152,6 +173,7 @@ def _dies_midway(rank, world):
         af.explain(model, input_ids=ids, backend="torch")
 
 
+@pytest.mark.slow
 def test_a_rank_dying_midway_ends_every_rank():
     results = run_ranks(_dies_midway, 3, timeout=120, expect_errors=True)
     assert results[2][0] == "killed"
