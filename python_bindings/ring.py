@@ -187,11 +187,11 @@ class RingAttention(torch.autograd.Function):
                                             _limit(q, B, i1 - i0, limit), None)
                 l_b = l_b.to(acc)
                 merge_block(o[:, :, i0:i1], lse[:, :, i0:i1], o_b, l_b.masked_fill(torch.isinf(l_b), float("-inf")))
+            kc = vc = o_b = l_b = None   # (views of the buffer that goes)
             if pending is not None:
                 ring.finish(pending)
                 buf, src = incoming, nxt
                 pending = incoming = None   # (the sent buffer goes)
-            o_b = l_b = None
         empty = lse == float("-inf")
         o = o.masked_fill_(empty[..., None], 0.0).to(q.dtype)
         lse = lse.masked_fill_(empty, float("inf")).float()
@@ -236,9 +236,10 @@ class RingAttention(torch.autograd.Function):
                 pending_d, (dincoming,) = ring.exchange([dbuf], [((size,), acc)], f"backward, step {step + 1}",
                                                      tag=1)
                 ring.finish(pending_d)
+                dkc = dvc = None                           # (views of the accumulators that go)
                 buf, dbuf, src = incoming, dincoming, nxt
                 pending_d = incoming = dincoming = None   # (the sent accumulators go)
-        del buf, kc, vc, dkc, dvc
+        buf = kc = vc = dkc = dvc = None
         home = dbuf
         if ring.size > 1:   # the accumulators held now are rank r + 1's: one more step brings each home
             pending, (home,) = ring.exchange([dbuf], [((_numel(k, v, plan.lengths[ring.rank]),), acc)],
