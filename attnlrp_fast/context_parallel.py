@@ -199,8 +199,8 @@ class ContextParallel:
         return [o.to(t.device) for o in out]
 
     def gather_positions(self, local, n):
-        """(B, N): each rank's (B, n_r) values placed at its positions."""
-        width = max(self.plan_lengths(n))
+        """(B, N): each rank's (B, n_r) values placed at its positions (inside sharded(): the plan's)."""
+        width = max(self.plan.lengths)
         padded = local.new_zeros(local.shape[0], width)
         padded[:, :local.shape[1]] = local
         full = local.new_empty(local.shape[0], n)
@@ -208,9 +208,6 @@ class ContextParallel:
             idx = shard_positions(n, self.size, r, device=local.device)
             full[:, idx] = part[:, :idx.numel()]
         return full
-
-    def plan_lengths(self, n):
-        return [shard_positions(n, self.size, r).numel() for r in range(self.size)]
 
 
 def _fingerprint(value):

@@ -124,7 +124,6 @@ class Ranks:
     rank: int
     world: int
     device: object
-    timeout_s: float = 1800.0
 
     def join(self):
         """Join the job's process group: NCCL on GPUs, gloo on the CPU. (After loading the model: transformers saves
@@ -133,8 +132,10 @@ class Ranks:
 
         import torch.distributed as dist
 
+        from attnlrp_fast.context_parallel import DEFAULT_TIMEOUT
+
         dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=self.timeout_s))
+                                timeout=datetime.timedelta(seconds=DEFAULT_TIMEOUT))
 
     def close(self):
         import torch.distributed as dist
