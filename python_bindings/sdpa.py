@@ -19,9 +19,15 @@ These kernels know a causal mask aligned to the top-left corner only, so causal 
 keys (a cache) runs as two key segments, the first M - N keys seen by every query and the last N causal (a square:
 top-left is bottom-right there), merged by their log-sum-exps; each segment's backward, given the merged O and
 log-sum-exp, is exactly the whole softmax's gradient restricted to its keys. One query on any number of keys is not
-causal at all (it sees them all). With N > M the first N - M queries see no key. Windows, softcaps, segment ids and
-key limits would need an N x M mask here: `unsupported` says so, and the torch path takes its chunked route for
-them (torch_path.py), auto the Triton kernels (dispatch.py).
+causal at all (it sees them all). With N > M the first N - M queries see no key.
+
+A sliding window runs on CPU in bands: query rows in chunks, each on the keys any of its rows may see (the window
+before it, causal or not), with an additive (rows x keys) mask of that band (window_bands; the mask at most
+BAND_ELEMENTS per batch element; float32 compute, float64 keeps the chunked path). A chunk holds whole rows, so its
+O and log-sum-exp are the softmax's own, and its backward given them is exact; dK, dV add up over the chunks whose
+bands overlap. Softcaps, segment ids and key limits (and windows on CUDA) would need an N x M mask here:
+`unsupported` says so, and the torch path takes its chunked route for them (torch_path.py), auto the Triton kernels
+(dispatch.py).
 
 Conventions as the kernels': O in q's dtype and an fp32 natural-log LSE (B, H, N), +inf (and O = 0) for rows that
 see no key.
@@ -75,14 +81,17 @@ def unsupported(q, k, window=None, softcap=None, segment_ids=None, key_limit=Non
     """Why torch's fused attention cannot compute this call (None when it can)."""
     if rel_bias is not None:
         return "a relative position bias would need an N x M bias in torch's fused kernels"
-    if window is not None:
-        return "a sliding window would need an N x M mask in torch's fused kernels"
     if softcap is not None:
         return "torch's fused kernels take no logit softcap"
     if segment_ids is not None or key_limit is not None:
         return "segment ids and key limits would need an N x M mask in torch's fused kernels"
     if q.shape[2] == 0 or k.shape[2] == 0:
         return "no queries or no keys"
+    if window is not None and q.device.type != "cpu":
+        return "a sliding window would need an N x M mask in torch's fused CUDA kernels"
+    if window is not None and q.dtype == torch.float64:
+        return ("a sliding window in float64 (the dtype of the exactness checks) keeps the chunked path their "
+                "tolerances were set against")
     if q.device.type == "cpu":
         return None if _CPU_FWD is not None else f"this torch ({torch.__version__}) has no fused CPU attention"
     if q.device.type != "cuda":
@@ -215,14 +224,94 @@ def _operands(q, kind):
     return compute_dtype(q.dtype) if kind == "cpu" else q.dtype
 
 
-def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0):
-    """O (B, H, N, D) in q's dtype and LSE (B, H, N) fp32 (+inf where a row sees no key)."""
+# --- sliding windows on CPU: query rows in bands ---------------------------------------------------------------
+BAND_ELEMENTS = 1 << 20     # a band's mask: at most this many elements per batch element (4 MiB in float32)
+MIN_BAND_ROWS = 16
+
+
+def covering(window, N, M):
+    """The window, or None where it cuts nothing (no query is as far as `window` from any key)."""
+    return None if window is None or window >= N + M else window
+
+
+def band_rows(N, M, window, causal, batch=1):
+    """Query rows per band: rows * (rows + reach) * batch <= BAND_ELEMENTS, reach = the keys one row may see."""
+    reach = window if causal else 2 * window - 1
+    budget = BAND_ELEMENTS / max(1, batch)
+    rows = int((-reach + (reach * reach + 4 * budget) ** 0.5) / 2)
+    return max(MIN_BAND_ROWS, min(N, rows))
+
+
+def window_bands(N, M, causal, window, rows):
+    """(i0, i1, k0, k1): query rows i0..i1-1 (row i at position i + M - N) and the keys k0..k1-1 any of them may
+    see under the window (k1 <= k0: none)."""
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        first, last = i0 + M - N, i1 - 1 + M - N
+        k0 = max(0, first - window + 1)
+        k1 = min(M, last + 1 if causal else last + window)
+        yield i0, i1, k0, k1
+
+
+def _band_mask(kpm, i0, i1, k0, k1, N, M, causal, window, dtype, device):
+    """The band's additive mask (B or 1, 1, rows, keys), -inf where a row may not see a key, and which rows see
+    one ((B or 1, 1, rows) bool)."""
+    qpos = torch.arange(i0, i1, device=device)[:, None] + (M - N)
+    kpos = torch.arange(k0, k1, device=device)[None, :]
+    keep = qpos - kpos < window
+    keep &= kpos <= qpos if causal else kpos - qpos < window
+    keep = keep[None, None]
+    if kpm is not None:
+        keep = keep & kpm[:, None, None, k0:k1].to(device=device, dtype=torch.bool)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+    return bias, keep.any(-1)
+
+
+def _window_fwd(q, qf, kf, vf, kpm, causal, scale, window):
+    B, H, N, D = q.shape
+    M = kf.shape[2]
+    o = torch.zeros((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, N), float("inf"), dtype=torch.float32, device=q.device)
+    for i0, i1, k0, k1 in window_bands(N, M, causal, window, band_rows(N, M, window, causal, B)):
+        if k1 <= k0:
+            continue
+        bias, sees = _band_mask(kpm, i0, i1, k0, k1, N, M, causal, window, qf.dtype, q.device)
+        o_c, l_c = _cpu_fwd(qf[:, :, i0:i1], kf[:, :, k0:k1], vf[:, :, k0:k1], bias, False, scale)
+        o[:, :, i0:i1] = torch.where(sees[..., None], o_c, 0.0)    # the kernel may leave NaN where a row sees none
+        lse[:, :, i0:i1] = l_c.masked_fill(~sees, float("inf"))
+    return o, lse
+
+
+def _window_bwd(dof, qf, kf, vf, of, lse_f, kpm, causal, scale, window):
+    B, H, N, D = qf.shape
+    Hkv, M = kf.shape[1], kf.shape[2]
+    dq = torch.zeros_like(qf)
+    dk = torch.zeros((B, Hkv, M, D), dtype=qf.dtype, device=qf.device)
+    dv = torch.zeros_like(dk)
+    for i0, i1, k0, k1 in window_bands(N, M, causal, window, band_rows(N, M, window, causal, B)):
+        if k1 <= k0:
+            continue
+        bias, _ = _band_mask(kpm, i0, i1, k0, k1, N, M, causal, window, qf.dtype, qf.device)
+        g_q, g_k, g_v = _cpu_bwd(dof[:, :, i0:i1], qf[:, :, i0:i1], kf[:, :, k0:k1], vf[:, :, k0:k1], of[:, :, i0:i1],
+                                 lse_f[:, :, i0:i1], bias, False, scale)
+        dq[:, :, i0:i1] = g_q
+        dk[:, :, k0:k1] += g_k
+        dv[:, :, k0:k1] += g_v
+    return dq, dk, dv
+
+
+def attention_fwd(q, k, v, key_padding_mask=None, *, causal=False, scale=1.0, window=None):
+    """O (B, H, N, D) in q's dtype and LSE (B, H, N) fp32 (+inf where a row sees no key). window: CPU only (bands,
+    module docstring)."""
     B, H, N, D = q.shape
     kind = kernel_name(q, key_padding_mask, k, v, causal)
     fwd = KERNELS[kind][0]
     ct = _operands(q, kind)
     qf, kf, vf = (x.to(ct) for x in (q, k, v))
     kpm = key_padding_mask
+    window = covering(window, N, k.shape[2])
+    if window is not None:
+        return _window_fwd(q, qf, kf, vf, kpm, causal, scale, window)
     acc = torch.float64 if ct == torch.float64 else torch.float32      # what the segments merge in
     parts = segments(N, k.shape[2], causal)
     o = lse = None
@@ -254,9 +343,9 @@ def merge_block(o, lse, o_s, l_s):
     lse.copy_(merged)
 
 
-def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, rule="grad"):
+def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, scale=1.0, rule="grad", window=None):
     """dq, dk, dv under `rule`: the fused kernels' exact gradients given the saved O and LSE, times the rule's
-    factors."""
+    factors. window: as attention_fwd's."""
     B, H, N, D = q.shape
     Hkv, M = k.shape[1], k.shape[2]
     kind = kernel_name(q, key_padding_mask, k, v, causal)
@@ -266,8 +355,10 @@ def attention_bwd(do, q, k, v, o, lse, key_padding_mask=None, *, causal=False, s
     # rows that see no key: every logit is masked there, so any finite log-sum-exp gives them P = 0
     lse_f = lse.masked_fill(torch.isinf(lse), 0.0)
     lse_f = lse_f.to(ct) if kind == "cpu" else lse_f.float()
-    parts = segments(N, M, causal)
-    grads = None
+    window = covering(window, N, M)
+    parts = [] if window is not None else segments(N, M, causal)
+    grads = None if window is None else list(_window_bwd(dof, qf, kf, vf, of, lse_f, key_padding_mask, causal, scale,
+                                                         window))
     for q0, k0, k1, seg_causal in parts:
         part = bwd(dof[:, :, q0:], qf[:, :, q0:], kf[:, :, k0:k1], vf[:, :, k0:k1], of[:, :, q0:], lse_f[:, :, q0:],
                    _segment_bias(key_padding_mask, k0, k1, ct), seg_causal, scale)

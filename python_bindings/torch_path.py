@@ -19,19 +19,22 @@ from ..kernels.rules import ATTENTION_FACTORS, SOFTCAP_IDENTITY
 from . import sdpa
 from .sdpa import compute_dtype
 
-# Elements per chunk of the (heads x rows x keys) score block.
-CHUNK_ELEMENTS = 1 << 23
+# Elements per chunk of the (heads x rows x keys) score block (8 MiB in float32; a chunk's backward holds about
+# four such blocks at once).
+CHUNK_ELEMENTS = 1 << 21
 
 
 def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None, device=None, segment_ids=None,
-                 key_limit=None):
-    """Bool mask (B or 1, 1, P, M): may query row i (position i + m - n) see key j? rows: P row indices shared
-    by the batch, or (B, P), rows per batch element. segment_ids (B, M): only keys with the id of the row's
-    position (n <= m); key_limit (B, N), causal only: j <= key_limit[b, i] in place of j <= i + m - n."""
+                 key_limit=None, keys=None):
+    """Bool mask (B or 1, 1, P, K): may query row i (position i + m - n) see key j? rows: P row indices shared
+    by the batch, or (B, P), rows per batch element. keys: (k0, k1), the keys j = k0..k1-1 asked about (default all
+    m). segment_ids (B, M): only keys with the id of the row's position (n <= m); key_limit (B, N), causal only:
+    j <= key_limit[b, i] in place of j <= i + m - n."""
+    k0, k1 = (0, m) if keys is None else keys
     row_idx = torch.as_tensor(rows, device=device)
     qpos = (row_idx + (m - n))[..., None]
-    kpos = torch.arange(m, device=device)
-    keep = torch.ones(qpos.shape[:-1] + (m,), dtype=torch.bool, device=device)
+    kpos = torch.arange(k0, k1, device=device)
+    keep = torch.ones(qpos.shape[:-1] + (k1 - k0,), dtype=torch.bool, device=device)
     if causal and key_limit is None:
         keep &= kpos <= qpos
     if window is not None:
@@ -40,7 +43,7 @@ def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None
             keep &= kpos - qpos < window
     keep = keep[None, None] if keep.dim() == 2 else keep[:, None]
     if key_padding_mask is not None:
-        keep = keep & key_padding_mask[:, None, None, :].to(device=keep.device, dtype=torch.bool)
+        keep = keep & key_padding_mask[:, None, None, k0:k1].to(device=keep.device, dtype=torch.bool)
     if segment_ids is not None or key_limit is not None:
         batch = (segment_ids if segment_ids is not None else key_limit).shape[0]
         per_row = row_idx.expand(batch, row_idx.shape[-1]).long()     # (B, P)
@@ -50,28 +53,48 @@ def visible_keys(rows, n, m, *, causal=False, window=None, key_padding_mask=None
         if segment_ids is not None:
             seg = segment_ids.to(device=keep.device)
             row_seg = torch.gather(seg, 1, per_row + (m - n))             # the ids of the rows' positions
-            keep = keep & (row_seg[:, :, None] == seg[:, None, :])[:, None]
+            keep = keep & (row_seg[:, :, None] == seg[:, None, k0:k1])[:, None]
     return keep
 
 
-def _chunk_rows(B, H, N, M, chunk):
+def _chunks(B, H, N, M, chunk, causal, window, key_limit):
+    """(i0, i1, k0, k1): query rows i0..i1-1 and the keys k0..k1-1 that any of them may see (causal bound, window,
+    key limit; k1 <= k0: none). Rows per chunk: `chunk`, or what keeps a (heads x rows x keys) block near
+    CHUNK_ELEMENTS."""
+    width = M if window is None else min(M, window if causal else 2 * window - 1)
     if chunk is None:
-        chunk = max(16, CHUNK_ELEMENTS // max(1, B * H * M))
-    return [(i, min(i + chunk, N)) for i in range(0, N, chunk)]
+        chunk = max(16, CHUNK_ELEMENTS // max(1, B * H * width))
+    limits = None
+    if causal and key_limit is not None:
+        limits = key_limit.amax(0).tolist()         # (N,): the furthest key any batch row's query i may see
+    for i0 in range(0, N, chunk):
+        i1 = min(i0 + chunk, N)
+        first, last = i0 + M - N, i1 - 1 + M - N
+        k0 = 0 if window is None else max(0, first - window + 1)
+        if causal:
+            k1 = min(M, last + 1) if limits is None else min(M, int(max(limits[i0:i1])) + 1)
+        else:
+            k1 = M if window is None else min(M, last + window)
+        yield i0, i1, k0, k1
 
 
 def _scores(qc, k, rows, N, M, scale, softcap, causal, window, key_padding_mask, segment_ids=None, key_limit=None,
-            rel_bias=None):
-    """Raw logits u, transformed logits s and visibility for the query rows `rows`.
-    qc (B, Hkv, G, C, D), k (B, Hkv, M, D) -> (B, Hkv, G, C, M) blocks. rel_bias (H, N + M - 1): added to s at
-    [h, j - i + N - 1] (after the softcap), gathered for these rows only."""
-    u = scale * (qc @ k[:, :, None].transpose(-1, -2))
-    s = u if softcap is None else softcap * torch.tanh(u / softcap)
+            rel_bias=None, keys=None):
+    """Raw logits u, transformed logits s (u itself without a softcap) and visibility for the query rows `rows`
+    and the keys `keys` = (k0, k1) of which k holds k0..k1-1. qc (B, Hkv, G, C, D), k (B, Hkv, K, D) ->
+    (B, Hkv, G, C, K) blocks. rel_bias (H, N + M - 1): added to s at [h, j - i + N - 1] (after the softcap), gathered
+    for these rows and keys only."""
+    k0, k1 = keys
+    u = qc @ k[:, :, None].transpose(-1, -2)
+    u.mul_(scale)
+    s = u if softcap is None else torch.tanh(u / softcap).mul_(softcap)
     if rel_bias is not None:
-        idx = torch.arange(M, device=qc.device)[None, :] - torch.as_tensor(rows, device=qc.device)[:, None] + (N - 1)
-        s = s + rel_bias.to(s.dtype)[:, idx].reshape(1, k.shape[1], -1, idx.shape[0], M)
+        idx = (torch.arange(k0, k1, device=qc.device)[None, :] - torch.as_tensor(rows, device=qc.device)[:, None]
+               + (N - 1))
+        bias = rel_bias.to(s.dtype)[:, idx].reshape(1, k.shape[1], -1, idx.shape[0], k1 - k0)
+        s = s + bias if s is u else s.add_(bias)
     keep = visible_keys(rows, N, M, causal=causal, window=window, key_padding_mask=key_padding_mask, device=qc.device,
-                        segment_ids=segment_ids, key_limit=key_limit)
+                        segment_ids=segment_ids, key_limit=key_limit, keys=keys)
     return u, s, keep[:, :, None]
 
 
@@ -84,16 +107,18 @@ def _attention_fwd_chunked(q, k, v, key_padding_mask=None, *, causal=False, scal
     ct = compute_dtype(q.dtype)
     qg = q.to(ct).reshape(B, Hkv, G, N, D)
     kc, vc = k.to(ct), v.to(ct)
-    o = torch.empty((B, Hkv, G, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hkv, G, N), dtype=torch.float32, device=q.device)
-    for i0, i1 in _chunk_rows(B, H, N, M, chunk):
-        _, s, keep = _scores(qg[:, :, :, i0:i1], kc, range(i0, i1), N, M, scale, softcap, causal, window,
-                             key_padding_mask, segment_ids, key_limit, rel_bias)
-        s = s.masked_fill(~keep, float("-inf"))
+    o = torch.zeros((B, Hkv, G, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hkv, G, N), float("inf"), dtype=torch.float32, device=q.device)
+    for i0, i1, k0, k1 in _chunks(B, H, N, M, chunk, causal, window, key_limit):
+        if k1 <= k0:
+            continue
+        _, s, keep = _scores(qg[:, :, :, i0:i1], kc[:, :, k0:k1], range(i0, i1), N, M, scale, softcap, causal,
+                             window, key_padding_mask, segment_ids, key_limit, rel_bias, (k0, k1))
+        s.masked_fill_(~keep, float("-inf"))
         lse_c = torch.logsumexp(s, dim=-1)
-        lse_c = lse_c.masked_fill(lse_c == float("-inf"), float("inf"))
-        p = torch.exp(s - lse_c[..., None])
-        o[:, :, :, i0:i1] = (p @ vc[:, :, None]).to(q.dtype)
+        lse_c.masked_fill_(lse_c == float("-inf"), float("inf"))
+        p = s.sub_(lse_c[..., None]).exp_()                 # (s is a block of this chunk's own: no copy)
+        o[:, :, :, i0:i1] = (p @ vc[:, :, None, k0:k1]).to(q.dtype)
         lse[:, :, :, i0:i1] = lse_c.float()
     return o.reshape(B, H, N, D), lse.reshape(B, H, N)
 
@@ -116,29 +141,34 @@ def _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask=None, *, causal
     dq = torch.zeros((B, Hkv, G, N, D), dtype=ct, device=q.device)
     dk = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
     dv = torch.zeros((B, Hkv, M, D), dtype=ct, device=q.device)
-    for i0, i1 in _chunk_rows(B, H, N, M, chunk):
-        qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
-        u, s, keep = _scores(qc, kc, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask,
-                             segment_ids, key_limit, rel_bias)
-        p = torch.where(keep, torch.exp(s - lseg[:, :, :, i0:i1, None]), 0.0)
-        dv += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
+    for i0, i1, k0, k1 in _chunks(B, H, N, M, chunk, causal, window, key_limit):
+        if k1 <= k0:
+            continue
+        qc, doc, kb = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1], kc[:, :, k0:k1]
+        u, s, keep = _scores(qc, kb, range(i0, i1), N, M, scale, softcap, causal, window, key_padding_mask,
+                             segment_ids, key_limit, rel_bias, (k0, k1))
+        p = s.sub(lseg[:, :, :, i0:i1, None]) if s is u else s.sub_(lseg[:, :, :, i0:i1, None])
+        p = p.exp_().masked_fill_(~keep, 0.0)
+        dv[:, :, k0:k1] += torch.einsum("bhgnm,bhgnd->bhmd", p, doc)
         if rule == "cp":
             continue
-        dp = doc @ vc[:, :, None].transpose(-1, -2)
+        dp = doc @ vc[:, :, None, k0:k1].transpose(-1, -2)
         # delta = rowsum(P * dP) from the same P and dP (the chunk holds whole rows): consistent rounding, where
         # rowsum(dO * O) would mix in the forward's rounding and lose digits when dP - delta cancels.
-        row = (p * dp).sum(-1, keepdim=True) if deltag is None else deltag[:, :, :, i0:i1, None]
-        ds = p * (dp - row)
+        row = (p[..., None, :] @ dp[..., None]).squeeze(-1) if deltag is None else deltag[:, :, :, i0:i1, None]
+        ds = dp.sub_(row).mul_(p)                           # p * (dp - row), in dp's block
+        del p, dp
         if softcap is not None:
             if rule in SOFTCAP_IDENTITY:
                 small = u.abs() < 1e-6
-                capped = s if rel_bias is None else softcap * torch.tanh(u / softcap)   # (s holds the bias too)
-                ds = ds * torch.where(small, 1.0, capped / torch.where(small, 1.0, u))
-            else:  # 1 - t^2 without cancellation where tanh saturates
-                e = torch.exp(-2.0 * (u / softcap).abs())
-                ds = ds * (4.0 * e / (1.0 + e) ** 2)
-        dq[:, :, :, i0:i1] = ds @ kc[:, :, None]
-        dk += torch.einsum("bhgnm,bhgnd->bhmd", ds, qc)
+                capped = torch.tanh(u / softcap).mul_(softcap)
+                ds.mul_(torch.where(small, 1.0, capped.div_(u.masked_fill(small, 1.0))))
+            else:  # 1 - t^2 = 4 e / (1 + e)^2 with e = exp(-2 |u| / softcap): no cancellation where tanh saturates
+                e = u.abs().mul_(-2.0 / softcap).exp_()
+                ds.mul_(e).mul_(4.0).div_(e.add_(1.0).square_())
+        del u, s
+        dq[:, :, :, i0:i1] = ds @ kb[:, :, None]
+        dk[:, :, k0:k1] += torch.einsum("bhgnm,bhgnd->bhmd", ds, qc)
     f = scale * qk_factor
     return ((dq * f).reshape(B, H, N, D).to(q.dtype), (dk * f).to(k.dtype), (dv * dv_factor).to(v.dtype))
 
@@ -156,7 +186,7 @@ def attention_fwd_torch(q, k, v, key_padding_mask=None, *, causal=False, scale=1
     chunks (also when `chunk` is given). segment_ids (B, M) and key_limit (B, N, causal only): as af.attention;
     they take the chunked path."""
     if fused(q, k, window, softcap, chunk, segment_ids, key_limit, rel_bias):
-        return sdpa.attention_fwd(q, k, v, key_padding_mask, causal=causal, scale=scale)
+        return sdpa.attention_fwd(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window)
     return _attention_fwd_chunked(q, k, v, key_padding_mask, causal=causal, scale=scale, window=window,
                                   softcap=softcap, chunk=chunk, segment_ids=segment_ids, key_limit=key_limit,
                                   rel_bias=rel_bias)
@@ -168,7 +198,8 @@ def attention_bwd_torch(do, q, k, v, o, lse, key_padding_mask=None, *, causal=Fa
     """The torch backward under `rule`: dq, dk, dv, on the path the forward took. delta: as
     _attention_bwd_chunked's (torch's fused kernels take theirs from o, which gives the same)."""
     if fused(q, k, window, softcap, chunk, segment_ids, key_limit, rel_bias):
-        return sdpa.attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, rule=rule)
+        return sdpa.attention_bwd(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, rule=rule,
+                                  window=window)
     return _attention_bwd_chunked(do, q, k, v, o, lse, key_padding_mask, causal=causal, scale=scale, window=window,
                                   softcap=softcap, rule=rule, chunk=chunk, segment_ids=segment_ids,
                                   key_limit=key_limit, rel_bias=rel_bias, delta=delta)

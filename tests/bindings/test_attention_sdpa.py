@@ -115,6 +115,59 @@ def test_cuda_adapters_against_float64_with_stand_in_kernels(kind, rule, N, M, c
         assert (o[1] == 0).all() and all((x[1] == 0).all() for x in grads[:1])
 
 
+@pytest.mark.parametrize("N,M,causal,window,padding,dtype", [
+    (97, 97, True, 13, False, torch.float32),     # 97 rows in bands of 23: no multiple of anything
+    (45, 71, True, 20, True, torch.float32),      # a cache, left padding and a batch row that sees nothing
+    (70, 31, True, 9, False, torch.float32),      # N > M: the first rows see no key at all
+    (61, 61, False, 7, True, torch.float32),      # both sides of the diagonal
+    (40, 40, True, 1, False, torch.float16),      # each row sees itself alone
+    (50, 50, True, 1000, False, torch.float32),   # a window that cuts nothing: the unwindowed call
+])
+@pytest.mark.parametrize("rule", ["grad", "attnlrp", "cp"])
+def test_windows_in_row_bands_match_float64(N, M, causal, window, padding, dtype, rule, monkeypatch):
+    """A sliding window on CPU: torch's fused kernel on bands of rows with their keys' band masks; small bands so
+    that many overlap."""
+    monkeypatch.setattr(sdpa, "BAND_ELEMENTS", 23 * (23 + window))
+    rows, reach = sdpa.band_rows(N, M, window, causal), (window if causal else 2 * window - 1)
+    assert rows * (rows + reach) <= sdpa.BAND_ELEMENTS < (rows + 1) * (rows + 1 + reach) or rows in (16, N)
+    g = torch.Generator().manual_seed(N * 31 + M + window)
+    q, k, v = make_qkv(2, 6, 2, N, M, 16, dtype, generator=g)
+    do = torch.randn(2, 6, N, 16, generator=g).to(dtype)
+    kpm = None
+    if padding:
+        kpm = torch.rand(2, M, generator=g) > 0.2
+        kpm[0, : M // 3] = False
+        kpm[1, :] = False
+    kw = dict(causal=causal, scale=0.3, window=window)
+    o, lse = sdpa.attention_fwd(q, k, v, kpm, **kw)
+    grads = sdpa.attention_bwd(do, q, k, v, o, lse, kpm, rule=rule, **kw)
+    ref = dense_reference(q, k, v, do, key_padding_mask=kpm, rule=rule, **kw)
+    assert_close_all((o, *grads), ref, TOL[dtype], f"window {window} {rule} {N} {M}")
+    _, ref_lse = attention_dense(q.double(), k.double(), v.double(), key_padding_mask=kpm, return_lse=True, **kw)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == float("inf")).all()
+    assert rel_err(lse[finite], ref_lse[finite]) < 1e-6
+    assert torch.isfinite(o).all() and all(torch.isfinite(x).all() for x in grads)
+
+
+def test_window_bands_cover_exactly_the_visible_keys():
+    """Every visible (row, key) pair lies in its row's band, and each band starts and ends on a visible key."""
+    for N, M, causal, window in ((97, 97, True, 13), (45, 71, True, 20), (70, 31, True, 9), (61, 61, False, 7),
+                                 (33, 80, False, 50)):
+        qpos = torch.arange(N)[:, None] + M - N
+        kpos = torch.arange(M)[None]
+        vis = (qpos - kpos < window) & ((kpos <= qpos) if causal else (kpos - qpos < window))
+        rows = 0
+        for i0, i1, k0, k1 in sdpa.window_bands(N, M, causal, window, 11):
+            rows += i1 - i0
+            assert not vis[i0:i1, :max(k0, 0)].any() and not vis[i0:i1, max(k1, k0):].any()
+            if k1 > k0:
+                assert vis[i0:i1, k0].any() and vis[i0:i1, k1 - 1].any()
+            else:
+                assert not vis[i0:i1].any()
+        assert rows == N
+
+
 def test_segments():
     assert sdpa.segments(5, 9, False) == [(0, 0, 9, False)]
     assert sdpa.segments(1, 9, True) == [(0, 0, 9, False)]          # one query: nothing to hide
@@ -145,9 +198,11 @@ def test_cuda_adapters_fit_the_real_aten_schemas(kind, padding, causal, N, M, mo
 def test_kernel_names_and_what_the_fused_kernels_cannot_express():
     q, k, _ = make_qkv(1, 4, 2, 8, 8, 16)
     assert sdpa.kernel_name(q) == "cpu" and sdpa.unsupported(q, k) is None
-    assert "window" in sdpa.unsupported(q, k, window=4) and "softcap" in sdpa.unsupported(q, k, softcap=5.0)
+    assert sdpa.unsupported(q, k, window=4) is None and "softcap" in sdpa.unsupported(q, k, softcap=5.0)
+    assert "float64" in sdpa.unsupported(q.double(), k.double(), window=4)
     assert "segment ids" in sdpa.unsupported(q, k, segment_ids=torch.zeros(1, 8, dtype=torch.int64))
     cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 4, 8, 16))
+    assert "window" in sdpa.unsupported(cuda, k, window=4)
     assert sdpa.kernel_name(cuda) == "flash" and sdpa.kernel_name(cuda, torch.ones(1, 8)) == "efficient"
     assert sdpa.kernel_name(SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)) == "efficient"
 
