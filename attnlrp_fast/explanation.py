@@ -34,7 +34,8 @@ from typing import Optional
 import torch
 
 from attnlrp_fast.context_parallel import of_model
-from attnlrp_fast.inputs import check_decoder_inputs, check_inputs, forward_parameters
+from attnlrp_fast.host_memory import compact_malloc
+from attnlrp_fast.inputs import check_decoder_inputs, check_inputs, forward_parameters, model_device
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import OFFLOAD_ATTR, maybe_low_memory
 from attnlrp_fast.models import UnsupportedModelError, is_vision_language, vision_parts
@@ -193,6 +194,8 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
           tokens (input_ids) and e.decoder_relevance on the decoder tokens.
     """
     model = unwrap(model)   # a torch.compile wrapper: explain the model inside it (its signature, its modules)
+    if model_device(model).type == "cpu":
+        compact_malloc()    # freed blocks back to the system: resident memory = live tensors (host_memory.py)
     if _hf_checkpointing(model) and not checkpoint:
         # HF's checkpointing runs in training mode only and explain() runs in eval mode: its own is used instead
         warnings.warn("the model has HF activation (gradient) checkpointing enabled, which runs in training mode "

@@ -20,6 +20,11 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.e
 # between runs, like the user's own cache); the tests of the first load use a fresh folder of their own.
 os.environ.setdefault("ATTNLRP_FAST_CACHE", os.path.join(__import__("tempfile").gettempdir(), "attnlrp-fast-test-cache"))
 
+# explain() on CPU hands freed blocks back to the system (attnlrp_fast/host_memory.py: resident memory = live tensors,
+# at 15-30 % more time in page faults); the tests of that start processes of their own without this, the rest of the
+# suite keeps malloc's own settings, for time.
+os.environ.setdefault("ATTNLRP_FAST_MALLOC", "keep")
+
 if "TRITON_INTERPRET" not in os.environ:
     import torch
 

@@ -32,16 +32,20 @@ def make_tokenizer(vocab_size=300, chat=True):
     return fast
 
 
-def make_local_lm(path, *, chat=True, max_positions=4096, seed=0, layers=2, hidden=32, family="llama"):
-    """Save a tiny random causal LM and its tokenizer in `path`; returns (model, tokenizer)."""
+def make_local_lm(path, *, chat=True, max_positions=4096, seed=0, layers=2, hidden=32, family="llama", window=None):
+    """Save a tiny random causal LM and its tokenizer in `path`; returns (model, tokenizer). family "mistral" takes
+    a sliding `window`."""
     tokenizer = make_tokenizer(chat=chat)
     torch.manual_seed(seed)
     common = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
                   max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[family](**common)
-    model = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM}[family](config).eval()
+    if family == "mistral":
+        common["sliding_window"] = window
+    config = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[family](**common)
+    model = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
+             "mistral": tf.MistralForCausalLM}[family](config).eval()
     with torch.no_grad():
         g = torch.Generator().manual_seed(seed + 1)
         for p in model.parameters():

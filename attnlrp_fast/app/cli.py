@@ -85,7 +85,7 @@ def _add_explain(sub):
     e.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on CUDA (float16 without bf16), float32 on CPU")
     e.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="auto: Triton kernels on CUDA, the chunked torch path on CPU")
+                   help="auto: Triton kernels on CUDA, the torch path on CPU")
     e.add_argument("--no-chat", action="store_true", help="plain text prompt even if the tokenizer has a chat template")
     e.add_argument("--max-new-tokens", type=int, default=32)
     e.add_argument("--per-token", action="store_true", help="also one relevance map per answer token")

@@ -9,6 +9,7 @@ from attnlrp_fast.app import demo, longdoc, reasoning_report, report, vlm
 from attnlrp_fast.app.common import (TINY, Answer, bar_factory, check_explain_options, choose_backend, choose_device,
                                      choose_dtype, extend_json, layer_progress, load_model,
                                      print_summary, prompt_and_answer, reasoning_span, torchrun_ranks)
+from attnlrp_fast.host_memory import PeakMemory
 from attnlrp_fast.memory import transformer_layers
 
 
@@ -186,8 +187,12 @@ def _run(args, ranks):
         timings["generate"] = answer.seconds
     # (context parallel: the answer is given, and explained without following a reasoning span)
     reasoning = reasoning_span(args, tokenizer, answer) if ranks is None else None
-    result = _explain_answer(args, model, answer, backend, bar, reasoning)
+    with PeakMemory(device) as peak:
+        result = _explain_answer(args, model, answer, backend, bar, reasoning)
     timings["explain"] = result.seconds
+    memory = {"explain_peak_mib": round(peak.extra_bytes / 2**20, 1), "measured": peak.what}
+    if peak.files_bytes:
+        memory["library_pages_loaded_mib"] = round(peak.files_bytes / 2**20, 1)
     if ranks is not None and ranks.rank != 0:
         return 0
 
@@ -201,10 +206,12 @@ def _run(args, ranks):
     timings["total"] = time.perf_counter() - t0
     extend_json(paths[0], {
         "answer_tokens": done.pieces, "answer_token_ids": answer.ids, "target_logits": result.target_logits,
-        "other_prompt_tokens": done.others, "timings": timings,
+        "other_prompt_tokens": done.others, "timings": timings, "memory": memory,
         **(reasoning_report.json_fields(*done.reasoning, result.hops, done.document, done.groups)
            if result.hops else {}),
     })
     print_summary(answer.prompt.pieces, done.document_relevance, paths,
-                  _explain_lines(args, device, done, facts))
+                  _explain_lines(args, device, done, facts) + [
+                      f"memory: {memory['explain_peak_mib']:.0f} MiB at most during the explanation "
+                      f"({peak.what})"])
     return 0
