@@ -15,14 +15,18 @@ them. The target's logits are computed on the rank that holds its position; the 
 the same backward (the ring needs every rank in every layer). The token relevance comes back to every rank
 (gather=True, the default) or stays with the rank that holds it (gather=False: e.relevance (B, n_r) with
 e.shard_positions, the global positions of its columns). Layers are checkpointed as af.low_memory does, with
-offload="cpu" as well.
+offload="cpu" as well. A reasoning span (reasoning_span=, hops=) may cross shards: each reasoning token's logit is
+read on the rank that holds its predicting position, each hop's seeds come from the gathered relevance of the hop
+before, and every rank runs each hop's backward over the one forward.
 
-Exact: the relevance equals the one-process explanation (tests: 2 and 3 gloo ranks, float32 within 1e-5).
+Exact: the relevance equals the one-process explanation (tests: 2 and 3 gloo ranks, float32 within 1e-5; the hops,
+which divide by the reasoning logits, as close to float64 as the one-process float32 hops are).
 Refused in one line (UnsupportedModelError / ValueError), never computed otherwise: models whose layers are not
 transformers' decoder layers or mix positions other than by attention (seqchunk.check_layer), attention that is not
 causal or takes a position bias, sinks, packed sequences or image blocks; a layer whose attention did not reach the
 ring; padded batches of a model that derives its positions from the padding; inputs that differ between ranks;
-targets other than token targets at positions (a callable), latents, reasoning spans, images, sequence chunks.
+targets other than token targets at positions (a callable), latents, images, sequence chunks, and reasoning spans with
+gather=False.
 Every collective waits at most `timeout` seconds: a rank that fails or is killed makes the others raise
 ContextParallelError instead of hanging.
 """

@@ -39,7 +39,7 @@ from attnlrp_fast.inputs import check_decoder_inputs, check_inputs, forward_para
 from attnlrp_fast.lrp_patch import lrp_scope, unwrap
 from attnlrp_fast.memory import OFFLOAD_ATTR, maybe_low_memory
 from attnlrp_fast.models import UnsupportedModelError, is_vision_language, vision_parts
-from attnlrp_fast.reasoning import HeadRows, Reasoning, run_hops
+from attnlrp_fast.reasoning import HeadRows, HopShards, Reasoning, run_hops
 from attnlrp_fast.rules import final_softcap_identity
 from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
 
@@ -574,7 +574,8 @@ def _explain_sharded(model, handle, req: Request, cp) -> Explanation:
     """explain() with the positions sharded over the ranks of a process group (attnlrp_fast/context_parallel.py)."""
     what = [name for name, asked in (("pixel_values", req.pixel_values is not None), ("latent", bool(req.latent)),
                                      ("per_target", req.per_target), ("decoder_input_ids", req.decoder is not None),
-                                     ("reasoning_span", req.reasoning is not None), ("image inputs", bool(req.extra)),
+                                     ("reasoning_span and gather=False (the hops' seeds need the whole relevance)",
+                                      req.reasoning is not None and not cp.gather), ("image inputs", bool(req.extra)),
                                      ("a callable target", callable(req.target) and not isinstance(req.target,
                                                                                                    Contrast)))
             if asked]
@@ -600,6 +601,9 @@ def _explain_sharded(model, handle, req: Request, cp) -> Explanation:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         kwargs = dict(input_ids=input_ids[:, idx], attention_mask=mask[:, idx], position_ids=idx.expand(B, -1),
                       use_cache=False, logits_to_keep=kept)
+        rows = hops = None
+        if req.reasoning is not None:
+            rows, held = _sharded_reasoning_rows(model, req, kwargs, positions, kept, idx)
         capture = _Capture(model, (), want_pre_logits=softcap is not None)
         try:
             with _parameters_frozen(model), torch.enable_grad():
@@ -609,17 +613,55 @@ def _explain_sharded(model, handle, req: Request, cp) -> Explanation:
                 scored = _sharded_score(req.target, outputs.logits, positions, local, owned, kept, cp)
                 inputs = capture.inputs(())
                 _check_embedded(model, capture, kwargs["input_ids"], None)
-                grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap)
+                if rows is not None:
+                    z = _sharded_reasoning_logits(rows, held, input_ids, handle)
+                grads = _modified_gradients(scored, inputs, capture.pre_logits, softcap, keep=rows is not None)
                 handle.check_engine_used()
+                tokens = _token_relevance(inputs[0], grads[0])
+                if cp.gather:
+                    tokens = cp.gather_positions(tokens, N)
+                if rows is not None:
+                    shards = HopShards(held, outputs.logits.sum() * 0.0, lambda t: cp.gather_positions(t, N), cp)
+                    hops = run_hops(req.reasoning, tokens, z, inputs[0], lambda m: warnings.warn(m, stacklevel=4),
+                                    shards=shards)
         finally:
             capture.remove()
-        tokens = _token_relevance(inputs[0], grads[0])
+            if rows is not None:
+                rows.remove()
         fields = {"shard_positions": idx} if not cp.gather else {}
-        if cp.gather:
-            tokens = cp.gather_positions(tokens, N)
+        if hops is not None:
+            r = req.reasoning
+            fields.update(reasoning_span=(r.start, r.end), hop_relevance=hops.relevance, prompt_relevance=hops.prompt,
+                          reasoning_share=hops.share, reasoning_seed=r.seed, reasoning_skipped=hops.skipped)
     parts = None if scored.parts is None else cp.all_sum(scored.parts.detach().float())
     return Explanation(relevance=tokens, target_ids=scored.ids, target_logit=cp.all_sum(scored.score.detach().float()),
                        rule=handle.rule, positions=positions, target_logits=parts, **fields)
+
+
+def _sharded_reasoning_rows(model, req, kwargs, positions, kept, idx):
+    """_reasoning_rows on a shard: the lm_head hook keeps the rows of the reasoning logits whose predicting positions
+    this rank holds (local indices), and the forward's logits_to_keep takes them beside the target's. Returns the
+    hook and which of the span's tokens are held here ((R,) bool)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head): reasoning_span needs a model "
+                         "that predicts tokens")
+    req.reasoning.check_target(positions)
+    predicting = req.reasoning.predicting.to(idx.device)
+    at = torch.searchsorted(idx, predicting).clamp(max=idx.numel() - 1)
+    held = idx[at] == predicting
+    union = torch.unique(torch.cat([kept, at[held]]))
+    kwargs["logits_to_keep"] = union
+    return HeadRows(head, req.reasoning, union, kept, predicting=at[held]), held
+
+
+def _sharded_reasoning_logits(rows, held, input_ids, handle):
+    """(B, R) reasoning logits: those held here from the kept rows, zeros (outside the graph) elsewhere."""
+    r = rows.reasoning
+    tokens = input_ids[:, r.start:r.end][:, held.to(input_ids.device)]
+    z_held = rows.logits(input_ids, handle.final_logit_softcap if handle.rule == "grad" else None, tokens=tokens)
+    z = z_held.new_zeros(z_held.shape[0], r.end - r.start)
+    return z.index_copy(1, held.nonzero()[:, 0].to(z.device), z_held)
 
 
 def _sharded_score(target, logits, positions, local, owned, kept, cp) -> Scored:

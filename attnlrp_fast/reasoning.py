@@ -93,13 +93,16 @@ class HeadRows:
     reasoning's predicting positions and passes only the target's rows on (the logits the target reads); `kept`
     are the positions of the K rows (logits_to_keep), None when the model computes logits at every position."""
 
-    def __init__(self, head, reasoning, kept, target_kept):
+    def __init__(self, head, reasoning, kept, target_kept, predicting=None):
+        """predicting: the positions (in the sequence the model runs on) of the reasoning logits kept here
+        (default all of them, reasoning.predicting; context parallelism: those of this rank's shard, local)."""
         self.head, self.reasoning, self.hidden, self.frozen = head, reasoning, None, False
+        predicting = reasoning.predicting if predicting is None else predicting.cpu()
         if kept is None:           # logits at every position: row n is position n, all passed on
-            self.reasoning_rows, self.target_rows = reasoning.predicting, None
+            self.reasoning_rows, self.target_rows = predicting, None
         else:
             kept = kept.cpu()
-            self.reasoning_rows = torch.searchsorted(kept, reasoning.predicting)
+            self.reasoning_rows = torch.searchsorted(kept, predicting)
             self.target_rows = torch.searchsorted(kept, target_kept.cpu())
         self.handle = head.register_forward_pre_hook(self._hook)
 
@@ -115,13 +118,15 @@ class HeadRows:
     def remove(self):
         self.handle.remove()
 
-    def logits(self, input_ids, softcap, chunk=256):
+    def logits(self, input_ids, softcap, chunk=256, tokens=None):
         """(B, R) logits of the reasoning tokens from the kept lm_head input rows (after the forward); softcap: the
         final logit softcap to apply with its exact derivative (rule "grad"), else None. A plain nn.Linear lm_head
         gives each logit as the row's dot product with its token's weight row (no vocabulary-wide tensor);
-        another module (quantized, offloaded) is called `chunk` rows at a time and its logits gathered."""
+        another module (quantized, offloaded) is called `chunk` rows at a time and its logits gathered.
+        tokens: (B, R') the tokens of the rows kept (default the whole span's, from input_ids)."""
         self.frozen = True
-        tokens = input_ids[:, self.reasoning.start:self.reasoning.end].to(self.hidden.device)
+        tokens = input_ids[:, self.reasoning.start:self.reasoning.end] if tokens is None else tokens
+        tokens = tokens.to(self.hidden.device)
         weight = getattr(self.head, "weight", None)
         if type(self.head) is torch.nn.Linear and not hasattr(self.head, "_hf_hook") and not weight.is_meta:
             dtype = torch.promote_types(self.hidden.dtype, torch.float32)   # float32 at least, as a matmul sums
@@ -141,6 +146,17 @@ class HeadRows:
 
 
 @dataclass
+class HopShards:
+    """What run_hops needs under context parallelism: `held` (R,) bool, the reasoning tokens whose logit this rank
+    holds; `joined`, a zero joined to this rank's whole graph; `gather`, a rank's (B, n) token relevance -> the
+    sequence's (B, N); `cp`, the ContextParallel (its all_sum)."""
+    held: torch.Tensor
+    joined: torch.Tensor
+    gather: object
+    cp: object
+
+
+@dataclass
 class Hops:
     """The per-hop results (module docstring)."""
     relevance: torch.Tensor        # (hops + 1, B, N)
@@ -150,31 +166,42 @@ class Hops:
     others: list                   # per hop from 1: the relevance (x * g, unsummed) of each of `others`
 
 
-def run_hops(reasoning, relevance0, z, embeds, warn, others=()):
+def run_hops(reasoning, relevance0, z, embeds, warn, others=(), shards=None):
     """Hops 1 .. k from hop 0's token relevance (B, N), the reasoning logits z (B, R) (still in the graph of the
     forward that produced the input embeddings `embeds` (B, N, D)). warn(message) reports skipped tokens.
     others: more tensors of that graph whose relevance each hop also gives (a vision-language model's patch
-    embeddings)."""
+    embeddings). shards: context parallelism (HopShards): embeds are this rank's positions, z holds the logits of
+    the reasoning tokens whose predicting position is here (0 elsewhere), relevance0 is the whole sequence's; every
+    rank runs each hop's backward (the ring needs them all) and the hops' relevance is gathered."""
     s, e = reasoning.start, reasoning.end
-    dead = (z == 0).detach()
-    skipped = int(dead.sum())
+    held = torch.ones_like(z, dtype=torch.bool) if shards is None else shards.held.to(z.device).expand_as(z)
+    dead = (z == 0).detach() & held
+    skipped = int(dead.sum()) if shards is None else int(shards.cp.all_sum(dead.sum().reshape(1))[0])
     if skipped:
         warn(f"{skipped} reasoning token(s) have a logit of exactly 0 and pass no relevance on")
-    safe = torch.where(dead, torch.ones_like(z), z).detach()
+    idle = dead | ~held
+    safe = torch.where(idle, torch.ones_like(z), z).detach()
     hops, other_hops = [relevance0], []
     for h in range(reasoning.hops):
-        w = hops[-1][:, s:e]
+        w = hops[-1][:, s:e].to(z.device)
         if reasoning.seed == "positive":
             w = w.clamp(min=0)
-        seed = torch.where(dead, torch.zeros_like(w), w / safe)
-        if not seed.any():    # nothing left to pass on (causality empties the reasoning): no backward for zeros
+        seed = torch.where(idle, torch.zeros_like(w), w / safe)
+        live = seed.any() if shards is None else bool(shards.cp.all_sum(seed.any().reshape(1).int())[0])
+        if not live:    # nothing left to pass on (causality empties the reasoning): no backward for zeros
             hops.append(torch.zeros_like(relevance0))
             other_hops.append([torch.zeros_like(x, dtype=torch.float32) for x in others])
             continue
-        grads = torch.autograd.grad(z, [embeds, *others], grad_outputs=seed.to(z.dtype),
-                                    retain_graph=h + 1 < reasoning.hops, allow_unused=True)
+        retain = h + 1 < reasoning.hops
+        if shards is None:
+            grads = torch.autograd.grad(z, [embeds, *others], grad_outputs=seed.to(z.dtype), retain_graph=retain,
+                                        allow_unused=True)
+        else:   # (z * seed) has the gradient `seed`; the joined zero takes every rank through the whole backward
+            grads = torch.autograd.grad((z * seed.to(z.dtype)).sum() + shards.joined, [embeds, *others],
+                                        retain_graph=retain, allow_unused=True)
         rel = [x.detach().float() * (g.float() if g is not None else 0.0) for x, g in zip([embeds, *others], grads)]
-        hops.append(rel[0].sum(-1))
+        tokens = rel[0].sum(-1)
+        hops.append(tokens if shards is None else shards.gather(tokens).to(relevance0.device))
         other_hops.append(rel[1:])
     relevance = torch.stack(hops)
     prompt = relevance[:, :, :s].sum(0)

@@ -1,7 +1,8 @@
 """Context parallelism (attnlrp_fast/context_parallel.py) on 2 and 3 gloo ranks on CPU: the explanation each rank
 returns equals the one-process explanation (float32, within 1e-5) for Llama with GQA, Qwen2, Gemma-2 (a window that
-crosses shard borders, attention and final softcaps), Mistral's window, GPT-2's learned positions, a padded batch, checkpointed and offloaded
-layers, list and contrast targets, every rule; the relevance kept sharded on request; what it cannot shard refused
+crosses shard borders, attention and final softcaps), Mistral's window, GPT-2's learned positions, a padded batch,
+checkpointed and offloaded layers, list and contrast targets, reasoning spans across shards (every hop), every rule;
+the relevance kept sharded on request; what it cannot shard refused
 on every rank in one line; a rank that dies ends the others."""
 
 import pytest
@@ -39,7 +40,10 @@ def _rank(rank, world, family, batch, padded, seed, options, scope):
         with af.context_parallel(model, **scope):
             e = _explain(model, ids, mask, options)
     return {k: getattr(e, k) for k in ("relevance", "target_ids", "target_logit", "positions", "target_logits",
-                                        "shard_positions")}
+                                        "shard_positions") + HOP_FIELDS}
+
+
+HOP_FIELDS = ("hop_relevance", "prompt_relevance", "reasoning_share", "reasoning_span", "reasoning_skipped")
 
 
 def _close(a, b, tol=1e-5):
@@ -56,6 +60,10 @@ CASES = [
     (2, "mistral", 2, True, {"offload": "cpu"}),
     (3, "llama", 2, True, {"target": af.contrast(4, 9), "rule": "grad"}),
     (2, "gpt2", 1, False, {}),   # learned absolute positions, read from the global position ids
+    # reasoning spans across shards: the reasoning tokens' logits on the ranks holding their predicting positions
+    (2, "llama", 1, False, {"reasoning_span": (10, 35), "hops": 2, "checkpoint": True}),
+    (2, "mistral", 2, True, {"reasoning_span": (28, 38), "hops": 3, "reasoning_seed": "signed"}),  # window 5
+    (3, "gemma2", 1, False, {"reasoning_span": (5, 30), "hops": 2, "rule": "grad"}),   # the final softcap on z
 ]
 
 
@@ -81,6 +89,25 @@ def _check_cases(cases):
             if want.target_logits is not None:
                 _close(got["target_logits"], want.target_logits)
             assert got["shard_positions"] is None
+            if want.hop_relevance is not None:
+                _check_hops(got, want, family, batch, padded, seed, options)
+            else:
+                assert got["hop_relevance"] is None
+
+
+def _check_hops(got, want, family, batch, padded, seed, options):
+    """Each hop's relevance, the prompt's and the shares as accurate as the one-process float32 explanation's: hops
+    divide by the reasoning tokens' logits, which magnifies rounding (one process in float32 differs from float64
+    by up to about 1e-5 there), so both are set against float64."""
+    assert got["reasoning_span"] == want.reasoning_span and got["reasoning_skipped"] == want.reasoning_skipped
+    assert want.hop_relevance[1:].abs().sum() > 0          # the hops carried relevance
+    exact = _explain(build(family, dtype=torch.float64), *_inputs(batch, padded, seed), options)
+
+    def err(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    for name in ("hop_relevance", "prompt_relevance", "reasoning_share"):
+        one, ours = err(getattr(want, name), getattr(exact, name)), err(got[name], getattr(exact, name))
+        assert ours <= 10 * one + 1e-6, (name, ours, one)
 
 
 def test_sharded_explanation_equals_one_process_on_2_ranks():

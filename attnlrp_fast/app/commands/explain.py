@@ -185,8 +185,7 @@ def _run(args, ranks):
     answer = prompt_and_answer(args, model, tokenizer, document, bar, backend)
     if answer.seconds is not None:
         timings["generate"] = answer.seconds
-    # (context parallel: the answer is given, and explained without following a reasoning span)
-    reasoning = reasoning_span(args, tokenizer, answer) if ranks is None else None
+    reasoning = reasoning_span(args, tokenizer, answer)
     with PeakMemory(device) as peak:
         result = _explain_answer(args, model, answer, backend, bar, reasoning)
     timings["explain"] = result.seconds
