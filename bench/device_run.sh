@@ -9,7 +9,7 @@
 #      left out of every later step; the provisional dispatch table -> $OUT/dispatch.json
 #   2. tests (60 s): the GPU tests on pytest-xdist workers while bench/warm_cache.py compiles the later kernels
 #   3. spot (10 s), timings (75 s), decode (20 s), dispatch (40 s; rewrites dispatch.json), profile (10 s),
-#      memory (25 s), e2e (110 s), then the sweep until LIMIT_S
+#      memory (25 s), e2e (165 s), then the sweep until LIMIT_S
 # $OUT then holds seven files: env.txt, run.log, <date>-<device>.json (what bench/report.py reads; steps not completed
 # are listed under "unfinished"), <date>-<device>.jsonl (one JSON line per event, measurement and gate case),
 # dispatch.json, pytest-gpu.log, warm.log.

@@ -9,9 +9,10 @@ against the LXT-style baseline on the same device in the same run.
                  attention as backend auto picks it (on CUDA: torch's SDPA kernels where the dispatch table says so)
   attnlrp_fast_triton   the same with backend="triton": attention on the Triton kernels throughout (to become the
                  default, this has to beat the LXT-style baseline)
-  attnlrp_fast_offload  with --offload, at the last size, after the other rows: attnlrp_fast with offload="cpu" (the
-                 layers' checkpoints in pinned host memory, brought back one layer ahead of the backward): its peak and
-                 time beside the plain row's, and its relevance against it ("offload_agreement")
+  attnlrp_fast_offload  with --offload, at the last size (or at --offload-tokens, after a forward and a plain
+                 attnlrp_fast row there), after the other rows: attnlrp_fast with offload="cpu" (the layers' checkpoints
+                 in pinned host memory, brought back one layer ahead of the backward): its peak and time beside the
+                 plain row's, and its relevance against it ("offload_agreement")
   attnlrp_fast_hops   with --hops K, at the first size, after every size's other rows: attnlrp_fast through a
                  reasoning span (the last min(N / 4, 4096) tokens before the target, K hops; attnlrp_fast/reasoning.py):
                  what K more backward passes cost in time and peak memory
@@ -28,7 +29,8 @@ run exceeds --longest-seconds, or N passes --longest-max).
 
     python bench/e2e.py --longest          # GPU: 8k and 32k, then the longest N; prints JSON rows
     python bench/e2e.py --smoke            # CPU, a tiny Llama (Triton's interpreter under TRITON_INTERPRET=1)
-    python bench/e2e.py --sizes 8192 32768 --repeats 1 --warmup first --hops 3 --offload --out e2e.json   # gpu_check's
+    python bench/e2e.py --sizes 8192 --repeats 1 --warmup first --hops 3 --offload --offload-tokens 131072 \
+        --out e2e.json                     # gpu_check's
 """
 
 import argparse
@@ -211,10 +213,12 @@ def _over_forward(result, n):
             r["explain_over_forward"] = r["seconds"] / fwd
 
 
-def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmup="each", offload=False):
+def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmup="each", offload=False,
+               offload_tokens=None):
     """Each method at each size (median of `repeats` after a warm-up: at every size, or with warmup="first" at the
     first only), the ratio to the forward; agreement of ours with the baseline's relevance at the first size; then,
-    with `hops`, the hop method at the first size; with `offload`, the offloaded explanation at the last size."""
+    with `hops`, the hop method at the first size; with `offload`, the offloaded explanation at the last size, or at
+    `offload_tokens` after a forward and a plain explanation there (no warm-up: everything is compiled by then)."""
     model, _, _, g = ctx
     for i, n in enumerate(sizes):
         ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
@@ -242,7 +246,13 @@ def time_sizes(ctx, sizes, repeats, result, save, hops=0, methods=METHODS, warmu
         save(result)
     if offload and "attnlrp_fast" in methods:
         n, ids, plain = last
-        rel = _time_one(ctx, OFFLOAD, n, ids, repeats, result, save, warmup=warmup == "each")
+        warm = warmup == "each"
+        if offload_tokens and offload_tokens != n:
+            n, warm = offload_tokens, False
+            ids = torch.randint(0, model.config.vocab_size, (1, n), generator=g).to(model.device)
+            _time_one(ctx, "forward", n, ids, repeats, result, save, warmup=False)
+            plain = _time_one(ctx, "attnlrp_fast", n, ids, repeats, result, save, warmup=False)
+        rel = _time_one(ctx, OFFLOAD, n, ids, repeats, result, save, warmup=warm)
         _over_forward(result, n)
         if rel is not None and plain is not None:
             result["offload_agreement"] = {"tokens": n, **agreement(rel, plain)}
@@ -288,6 +298,8 @@ def main(argv=None, on_update=None):
     p.add_argument("--hops", type=int, default=0, help="also the explanation through a reasoning span with this "
                                                        "many hops, at the first size (0: not)")
     p.add_argument("--offload", action="store_true", help="also attnlrp_fast with offload='cpu' at the last size")
+    p.add_argument("--offload-tokens", type=int, default=None,
+                   help="with --offload: that row (and a forward and a plain row beside it) at this length instead")
     p.add_argument("--methods", nargs="*", choices=("forward",) + METHODS, default=None,
                    help=f"which methods run (default: all; the forward always runs): {', '.join(METHODS)}")
     p.add_argument("--warmup", choices=("each", "first", "none"), default="each",
@@ -297,20 +309,23 @@ def main(argv=None, on_update=None):
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         p.error("no CUDA device: run with --smoke to check the harness on CPU")
-    if args.repeats < 1 or any(n < 1 for n in args.sizes or ()) or args.hops < 0:
-        p.error("--repeats and --sizes must be positive, --hops at least 0")
+    if args.repeats < 1 or any(n < 1 for n in args.sizes or ()) or args.hops < 0 or (args.offload_tokens or 1) < 1:
+        p.error("--repeats, --sizes and --offload-tokens must be positive, --hops at least 0")
+    if args.offload_tokens and not args.offload:
+        p.error("--offload-tokens needs --offload")
     device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
     shape = "llama3-8b" if cuda else "tiny"
     sizes = args.sizes or ([8192, 32768] if cuda else [64, 128])
     longest_max = args.longest_max or ((1 << 20) if cuda else 256)
-    model = build(shape, device, dtype, max(max(sizes), longest_max if args.longest else 0))
+    model = build(shape, device, dtype, max(max(sizes), args.offload_tokens or 0, longest_max if args.longest else 0))
     # backend None (auto): per call on CUDA (SDPA or Triton); on CPU Triton's interpreter under TRITON_INTERPRET=1
     ctx = (model, _shallow_patch_copy(model), None, torch.Generator().manual_seed(1))
     result = {"shape": {**SHAPES[shape], "name": shape}, "dtype": str(dtype).split(".")[-1], "rows": [],
               "agreement": None, "longest": {}}
     save = _writer(args.out, on_update)
     methods = tuple(m for m in METHODS if args.methods is None or m in args.methods)
-    time_sizes(ctx, sizes, args.repeats, result, save, args.hops, methods, args.warmup, args.offload)
+    time_sizes(ctx, sizes, args.repeats, result, save, args.hops, methods, args.warmup, args.offload,
+               args.offload_tokens)
     if args.longest:
         search_longest(ctx, sizes[0], longest_max, args.longest_seconds, result, save, methods)
     save(result)

@@ -19,8 +19,8 @@ limit; bench/README.md has the budgets):
            rewrites <out>/dispatch.json with the cases and the fastest forward
   profile  one torch.profiler pass over one forward+backward of ours (attnlrp: each dQ mode, the SDPA path)
   memory   peak memory above the inputs at 128k (GQA 32/8, D = 128, causal): SDPA cuDNN / flash / default, then ours
-  e2e      bench/e2e.py: a Llama-3-8B-shaped explanation at 8k and 32k, the LXT-style baseline, ours (auto) and ours
-           with the Triton kernels forced
+  e2e      bench/e2e.py: a Llama-3-8B-shaped explanation at 8k, the LXT-style baseline, ours (auto) and ours with
+           the Triton kernels forced, 3 hops through a reasoning span; at 128k ours plain and with offload="cpu"
   sweep    the rest of the sweep grid (sweep_shapes), every baseline (eager included), until the time is up
 
     python bench/gpu_check.py --out $OUT                  # all steps (on a CUDA machine)
@@ -75,8 +75,8 @@ RULES = ("grad", "attnlrp", "cp")
 PROFILE_METHODS = ("attnlrp_fast[attnlrp]", "attnlrp_fast[attnlrp,dq=atomic]", "attnlrp_fast[attnlrp,path=sdpa]")
 MEMORY_METHODS = ("sdpa[cudnn_attention]", "sdpa[flash_attention]", "sdpa[default]", "attnlrp_fast[attnlrp]",
                   "attnlrp_fast[attnlrp,dq=atomic]", "attnlrp_fast[attnlrp,path=sdpa]")     # baselines first
-E2E_ARGS = {False: "--sizes 8192 32768 --repeats 1 --warmup first --hops 3 --offload",  # by smoke
-            True: "--sizes 32 64 --repeats 1 --warmup none --hops 2 --offload"}
+E2E_ARGS = {False: "--sizes 8192 --repeats 1 --warmup first --hops 3 --offload --offload-tokens 131072",  # by smoke
+            True: "--sizes 32 64 --repeats 1 --warmup none --hops 2 --offload --offload-tokens 96"}
 # the GPU tests run: the bf16 cases of every parametrised test, and the tests of head dims, decode and prefill,
 # determinism, fully masked rows and the SDPA path (by name; "decode" and "sdpa" also take whole test files)
 TEST_WORDS = "bfloat16 or head_dims or decode or deterministic or masked or sdpa"
@@ -1052,7 +1052,8 @@ STEPS = {
     "dispatch": (40, step_dispatch, "the dispatch table's cases: SDPA path vs Triton, the fastest forward"),
     "profile": (10, step_profile, "one profiled forward+backward of ours (attnlrp): dQ modes, SDPA path"),
     "memory": (25, step_memory, "peak memory above inputs at 128k, GQA 32/8: SDPA, then ours"),
-    "e2e": (110, step_e2e, "Llama-3-8B-shaped explanation at 8k and 32k: LXT-style, ours, on Triton, offloaded"),
+    "e2e": (165, step_e2e, "Llama-3-8B-shaped explanation at 8k: LXT-style, ours, on Triton, 3 hops; at 128k ours "
+                           "plain and offloaded"),
     "sweep": (None, step_sweep, "the rest of the sweep grid, every baseline, while time remains"),
 }
 ALIASES = {"kernels": ("timings", "profile", "memory", "sweep")}

@@ -151,9 +151,12 @@ def test_smoke_measures_each_step(smoke_json):
     assert all(r["explain_over_forward"] > 0 for r in e["rows"] if r["method"] != "forward")
     hop_rows = [r for r in e["rows"] if r["method"] == e2e.HOPS]   # the first size only, 2 hops in the smoke run
     assert len(hop_rows) == 1 and hop_rows[0]["hops"] == 2 and hop_rows[0]["reasoning_tokens"] > 0
-    assert [r["method"] for r in e["rows"]][-2:] == [e2e.HOPS, e2e.OFFLOAD]   # after every size's other rows
-    offloaded = e["rows"][-1]   # at the last size, beside the plain row: the same relevance, host memory estimated
-    assert offloaded["tokens"] == max(r["tokens"] for r in e["rows"]) and offloaded["estimated_host_mib"] > 0
+    # after every size's other rows, at its own length (--offload-tokens 96 in the smoke run, 128k on a GPU): a
+    # forward, the plain explanation and the offloaded one beside it: the same relevance, host memory estimated
+    assert [r["method"] for r in e["rows"]][-4:] == [e2e.HOPS, "forward", "attnlrp_fast", e2e.OFFLOAD]
+    offloaded, plain = e["rows"][-1], e["rows"][-2]
+    assert offloaded["tokens"] == plain["tokens"] == 96 and offloaded["estimated_host_mib"] > 0
+    assert offloaded["explain_over_forward"] > 0 and plain["explain_over_forward"] > 0
     assert e["offload_agreement"]["tokens"] == offloaded["tokens"] and e["offload_agreement"]["rel_err"] < 1e-6
     # beside each explanation, the meta estimate of the same config, length, dtype and mode (the GPU's peak is its
     # measurement; on CPU there is none)
