@@ -40,12 +40,26 @@ _PUBLIC = {
     "RMSNormSpec": (".models", "RMSNormSpec"),
     "Contrast": (".targets", "Contrast"),
     "contrast": (".targets", "contrast"),
+    "Neuron": (".targets", "Neuron"),
+    "neuron": (".targets", "neuron"),
+    "intervene": (".neurons", "intervene"),
+    "InterventionHandle": (".neurons", "InterventionHandle"),
+    "Edit": (".neurons", "Edit"),
+    "set_to": (".neurons", "set_to"),
+    "scale": (".neurons", "scale"),
+    "add": (".neurons", "add"),
+    "neuron_vocabulary": (".neurons", "neuron_vocabulary"),
+    "NeuronVocabulary": (".neurons", "NeuronVocabulary"),
+    "top_activating": (".neurons", "top_activating"),
+    "ActivatingWindow": (".neurons", "ActivatingWindow"),
 }
 
 __all__ = ["attention", "lrp", "explain", "load_model", "contrast", "Contrast", "Explanation", "LRPHandle",
            "UnsupportedModelError", "RULES", "low_memory", "LowMemoryHandle", "estimate_memory", "MemoryEstimate",
            "segment_ids_from_cu_seqlens", "FamilyMap", "GLUSpec", "MLPSpec", "NormSpec", "RMSNormSpec",
-           "context_parallel", "ContextParallelError", "__version__"]
+           "context_parallel", "ContextParallelError", "neuron", "Neuron", "intervene", "InterventionHandle", "Edit",
+           "set_to", "scale", "add", "neuron_vocabulary", "NeuronVocabulary", "top_activating", "ActivatingWindow",
+           "__version__"]
 
 _TRANSFORMERS_MODULE = "transformers.modeling_utils"   # holds AttentionInterface; imports masking_utils
 

@@ -41,7 +41,7 @@ from attnlrp_fast.memory import OFFLOAD_ATTR, maybe_low_memory
 from attnlrp_fast.models import UnsupportedModelError, is_vision_language, vision_parts
 from attnlrp_fast.reasoning import HeadRows, HopShards, Reasoning, run_hops
 from attnlrp_fast.rules import final_softcap_identity
-from attnlrp_fast.targets import Contrast, contrast, score, token_positions  # noqa: F401 (contrast: af.contrast)
+from attnlrp_fast.targets import Contrast, Neuron, contrast, latent_hint, score, token_positions  # noqa: F401 (contrast: af.contrast)
 
 
 @dataclass(repr=False)
@@ -50,12 +50,14 @@ class Explanation:
 
     relevance         (B, N) float32: each input token's relevance (a ViT's: each image patch's)
     target_ids        (B,) the explained token or class ids; (B, P) for a list of (position, token) targets; None
-                      for a callable target
-    target_logit      (B,) float32: the explained score, which is the total relevance seeded
+                      for a callable target; (B, K) the neuron indices for an af.neuron target
+    target_logit      (B,) float32: the explained score, which is the total relevance seeded (af.neuron: the
+                      activation)
     rule              "attnlrp", "cp" or "grad"
     latent            {name: (B, N, D) float32}: the relevance of each module output asked for with latent= ("name"),
                       or of its input ("name:input"); {} when none was
-    positions         (B,) or (B, P): the positions whose logits were explained; None for a callable target
+    positions         (B,) or (B, P): the positions whose logits were explained; None for a callable target (an
+                      af.neuron target: the positions it reads, None when summed over all)
     target_logits     (B, P) float32: each (position, token) target's own logit; None for other targets
 
     A vision-language model's (module docstring), else None:
@@ -164,7 +166,8 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
 
     target: None = argmax at the target position (classification heads: the argmax class); an int token/class id;
             a list of (position, token_id) pairs (relevance of the sum of their logits); contrast(a, b) for
-            logit(a) - logit(b); or a callable f(model_outputs) -> (B,) tensor (any scalar of the output).
+            logit(a) - logit(b); a callable f(model_outputs) -> (B,) tensor (any scalar of the output); or
+            af.neuron(latent, index, position) for the activation of a hidden neuron (attnlrp_fast/neurons.py).
     rule: "attnlrp" (default), "cp" or "grad"; inside `with af.lrp(model, rule)` the active rule (a different one
           is an error). explain() applies lrp(model, rule) for the call when the model is not inside lrp().
     latent: module names whose output relevance to return; "name:input" for the module's input instead.
@@ -218,6 +221,9 @@ def explain(model, input_ids=None, attention_mask=None, target=None, rule=None, 
         if per_target and (reasoning is not None or callable(target) or not isinstance(target, (list, tuple))):
             raise ValueError("per_target=True needs a list of (position, token_id) targets and no reasoning_span")
         decoder = check_decoder_inputs(model, input_ids, decoder_input_ids, decoder_attention_mask)
+        if isinstance(target, Neuron) and (reasoning is not None or decoder is not None or input_ids is None):
+            raise ValueError("a neuron target explains a language model's input_ids; not with reasoning_span, "
+                             "decoder_input_ids or without input_ids")
         if decoder is not None and (reasoning is not None or pixel_values is not None):
             raise ValueError("decoder_input_ids cannot be combined with reasoning_span or pixel_values")
         req = Request(input_ids, attention_mask, target, position, pixel_values,
@@ -316,7 +322,7 @@ class _Capture:
         model's inputs_embeds), then each latent in order, then a vision-language model's patch embeddings."""
         missing = [k for k in latent if k not in self.latent]
         if missing:
-            raise ValueError(f"latent modules {missing} did not run in the forward pass")
+            raise ValueError(f"latent modules {missing} did not run in the forward pass{latent_hint(missing[0])}")
         first = self.merged if self.merged is not None else self.embeds
         return [first] + [self.latent[k] for k in latent] + ([self.patches] if self.patches is not None else []) + \
             ([self.decoder_embeds] if self.decoder_embeds is not None else [])
@@ -370,6 +376,10 @@ def _forward_kwargs(model, req):
     if "use_cache" in forward_args or is_vision_language(model):   # (LLaVA passes it on to its language model)
         kwargs["use_cache"] = False
     positions = kept = None
+    if isinstance(req.target, Neuron):   # read from a latent: the logits are not needed, one row of them is kept
+        if "logits_to_keep" in forward_args:
+            kwargs["logits_to_keep"] = 1
+        return kwargs, positions, kept
     if not callable(req.target) and req.input_ids is not None and "logits_to_keep" in forward_args:
         positions = token_positions(req.target, *req.target_tokens(), req.position)
         # the distinct positions; on the meta device (af.estimate_memory) their count is unknown: one per target
@@ -409,6 +419,19 @@ def _target_score(model, req, outputs, positions, kept) -> Scored:
         positions = token_positions(target, *req.target_tokens(), req.position)
     value, ids, parts = score(target, logits, positions, kept)
     return Scored(value, ids, parts, logits, positions)
+
+
+def _neuron_score(req, capture) -> Scored:
+    """An af.neuron target's score: the neuron's activation, read from the captured latent."""
+    t = req.target
+    if t.latent not in capture.latent:
+        raise ValueError(f"neuron target: latent {t.latent!r} did not run in the forward pass{latent_hint(t.latent)}")
+    value = t.read(capture.latent[t.latent], req.input_ids, req.attention_mask)
+    B = req.input_ids.shape[0]
+    ids = torch.tensor(t.index, device=req.input_ids.device).expand(B, -1)
+    positions = None if t.position is None else \
+        t.positions(req.input_ids, req.attention_mask, req.input_ids.shape[1]).argmax(-1)
+    return Scored(value, ids, None, None, positions)
 
 
 def _modified_gradients(scored, inputs, pre_logits, softcap, keep=False, score=None):
@@ -510,11 +533,12 @@ def _explain(model, handle, req: Request) -> Explanation:
     req = Request(input_ids, attention_mask, req.target, req.position, req.pixel_values, req.latent, extra,
                   req.reasoning, req.per_target, req.progress, req.decoder)
     softcap = handle.final_logit_softcap if handle.rule != "grad" else None
-    if req.latent and getattr(model, OFFLOAD_ATTR, None):
-        raise ValueError(f"latent={list(req.latent)}: latents are read from the forward's graph, and with "
+    read = req.latent + ((req.target.latent,) if isinstance(req.target, Neuron) else ())
+    if read and getattr(model, OFFLOAD_ATTR, None):
+        raise ValueError(f"latent={list(read)}: latents are read from the forward's graph, and with "
                          "offload='cpu' each layer's forward runs without one (its backward recomputes it); explain "
                          "latents without offload (checkpoint=True keeps the memory linear)")
-    capture = _Capture(model, req.latent, want_pre_logits=softcap is not None, vision=vision,
+    capture = _Capture(model, tuple(dict.fromkeys(read)), want_pre_logits=softcap is not None, vision=vision,
                        decoder=req.decoder is not None)
     rows = hops = per_target = None
     try:
@@ -524,7 +548,8 @@ def _explain(model, handle, req: Request) -> Explanation:
         with _parameters_frozen(model), torch.enable_grad():
             outputs = _model_forward(model, kwargs)
             capture.frozen = True
-            scored = _target_score(model, req, outputs, positions, kept)
+            scored = _neuron_score(req, capture) if isinstance(req.target, Neuron) else \
+                _target_score(model, req, outputs, positions, kept)
             inputs = capture.inputs(req.latent)
             seq_first = _check_embedded(model, capture, input_ids, req.decoder)
             if rows is not None:
@@ -577,7 +602,8 @@ def _explain_sharded(model, handle, req: Request, cp) -> Explanation:
                                      ("reasoning_span and gather=False (the hops' seeds need the whole relevance)",
                                       req.reasoning is not None and not cp.gather), ("image inputs", bool(req.extra)),
                                      ("a callable target", callable(req.target) and not isinstance(req.target,
-                                                                                                   Contrast)))
+                                                                                                   Contrast)),
+                                     ("a neuron target", isinstance(req.target, Neuron)))
             if asked]
     if what:
         raise ValueError(f"context_parallel explains token targets of a causal LM's input_ids; not with "

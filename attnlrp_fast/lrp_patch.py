@@ -31,7 +31,7 @@ from attnlrp_fast.models.common import gamma_linear_forward
 from attnlrp_fast.models import alibi
 from attnlrp_fast.models.moe import gated_shared_experts
 from attnlrp_fast.models.recurrent import is_recurrent, recurrent_forward
-from attnlrp_fast.patching import Patches
+from attnlrp_fast.patching import Patches, hooks_paused
 from attnlrp_fast.rules import half_gradient
 from attnlrp_fast.selfcheck import rel_err
 
@@ -256,7 +256,7 @@ class LRPHandle:
 
     def _matches(self, module, replacement, forward, spec):
         probe = replacement.probe(module, spec, torch.Generator().manual_seed(0))
-        with torch.no_grad(), Patches() as patches:
+        with torch.no_grad(), Patches() as patches, hooks_paused():
             if _forward_attr(module) == "forward":
                 got = forward(*probe)
                 try:

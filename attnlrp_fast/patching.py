@@ -39,3 +39,23 @@ class Patches:
     def __exit__(self, *exc):
         self.restore()
         return False
+
+
+# Forward hooks that change what a module computes (af.intervene) stand aside while a patch is checked against the
+# module's own forward (af.lrp probes each replacement on random input): both sides must compute the same thing.
+_HOOKS_PAUSED = [0]
+
+
+class hooks_paused:
+    """`with hooks_paused():` editing hooks that ask hooks_are_paused() do nothing (nestable)."""
+
+    def __enter__(self):
+        _HOOKS_PAUSED[0] += 1
+
+    def __exit__(self, *exc):
+        _HOOKS_PAUSED[0] -= 1
+        return False
+
+
+def hooks_are_paused():
+    return _HOOKS_PAUSED[0] > 0

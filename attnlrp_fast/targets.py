@@ -93,3 +93,70 @@ def score(target, logits, positions, kept):
                         "contrast(a, b) or a callable f(outputs) -> (B,)")
     score = sel.gather(-1, ids[..., None])[..., 0]
     return score.reshape(B, -1).sum(-1), (ids.reshape(B, -1)[:, 0] if ids.dim() > 1 else ids), None
+
+
+@dataclass(frozen=True)
+class Neuron:
+    """Target "activation of neuron(s) `index` of latent `latent`" (a module output, or 'name:input' for its input,
+    as latent= names them), at `position` or summed over the real positions (position=None)."""
+
+    latent: str
+    index: tuple
+    position: object = None   # None: summed over the real positions; "last": each row's last real token; an int
+
+    def positions(self, input_ids, attention_mask, n):
+        """(B, N) float weights of the positions the target sums over (1 where read, else 0)."""
+        B = input_ids.shape[0]
+        if self.position is None:
+            if attention_mask is None:
+                return torch.ones(B, n, device=input_ids.device)
+            return attention_mask.to(device=input_ids.device, dtype=torch.float32)
+        rows = target_rows(input_ids, attention_mask, None if self.position == "last" else self.position, n)
+        return torch.nn.functional.one_hot(rows, n).float()
+
+    def read(self, value, input_ids, attention_mask):
+        """The target score (B,) from the latent's value (B, N, F)."""
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 or value.shape[0] != input_ids.shape[0]:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"neuron target: latent {self.latent!r} is {shape}, not (batch, positions, features) "
+                             f"for the {tuple(input_ids.shape)} input")
+        n, width = value.shape[1], value.shape[2]
+        bad = [i for i in self.index if not -width <= i < width]
+        if bad:
+            raise ValueError(f"neuron {bad[0]} is outside latent {self.latent!r}'s {width} features")
+        if n != input_ids.shape[1]:
+            raise ValueError(f"neuron target: latent {self.latent!r} has {n} positions, the input {input_ids.shape[1]}")
+        weights = self.positions(input_ids, attention_mask, n).to(value.dtype)
+        picked = value[..., list(self.index)].sum(-1)                       # (B, N)
+        return (picked * weights).sum(-1)
+
+
+def neuron(latent: str, index, position=None) -> Neuron:
+    """A target for explain(): the activation of neuron `index` (an int, or several: their sum) of latent `latent`
+    ('module.name' for its output, 'module.name:input' for its input; an MLP's neurons as its down projection reads
+    them: 'model.layers.3.mlp.down_proj:input'), at `position` (an int; "last": each row's last real token) or
+    summed over the real positions (None)."""
+    if not isinstance(latent, str) or not latent:
+        raise TypeError("neuron(latent, index): latent is a module name such as 'model.layers.3.mlp.down_proj:input'")
+    idx = (index,) if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0) else index
+    try:
+        idx = tuple(int(i) for i in idx)
+    except (TypeError, ValueError):
+        raise TypeError(f"neuron index must be an int or a sequence of ints, got {index!r}") from None
+    if not idx:
+        raise ValueError("neuron(): no neuron index given")
+    if position is not None and position != "last" and not isinstance(position, int):
+        raise TypeError(f"neuron position must be an int, 'last' or None (summed over positions), got {position!r}")
+    return Neuron(latent, idx, position)
+
+
+def latent_hint(spec):
+    """Why a latent may not have run (for error messages): the engine computes an MLP's activation inside its fused
+    MLP op, so an activation module's hooks do not fire under it."""
+    name = spec.partition(":")[0]
+    parent, _, leaf = name.rpartition(".")
+    if "act" in leaf.lower():
+        return (f" (under the explanation engine an MLP's activation runs fused inside it: name its neurons as the "
+                f"down projection reads them, e.g. '{parent}.down_proj:input', or with the MLP's own name for its "
+                "down projection)")
+    return ""
