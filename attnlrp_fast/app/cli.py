@@ -23,6 +23,11 @@
       faithfulness: perturbation curves, ABPC, RISE / MAS / RISE+AP and pointing accuracy of AttnLRP and the
       baselines (and of AttnLRP through a reasoning span); needle: a fact in a long report, SmolLM2 answering
 
+  attnlrp-fast neurons [--model smollm2|tiny|concept|PATH_OR_ID] --prompt TEXT [--latent NAME ...] [--top 10]
+                       [--corpus FILE] [--set NEURON=VALUE ...] [--out DIR]
+      which hidden neurons made a causal LM give its answer: each with its vocabulary and (with --corpus) the windows
+      where it fires most, explained; with --set the answer before and after switching neurons (neurons.json, .html)
+
   attnlrp-fast check [--device auto|cpu|cuda] [--dtype auto|bfloat16|float16|float32] [--backend auto|triton|torch]
       runs the attention engine for every rule and mask feature on fresh random inputs, compares output
       and gradients with the float64 reference, prints a table and exits non-zero on any mismatch.
@@ -168,6 +173,39 @@ def _add_evaluate(sub):
     v.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_neurons(sub):
+    """The `neurons` command's options."""
+    n = sub.add_parser("neurons", help="which hidden neurons made a causal LM give its answer; read and switch them")
+    n.add_argument("--model", default=SMOLLM2,
+                   help=f"`{SMOLLM2}` (default), `{TINY}`, `concept` (a tiny Llama with one planted concept neuron: "
+                        "try --prompt \"ice road ?\"), or a local model folder or a hub id")
+    n.add_argument("--prompt", default=None, help="the text the model answers (through its chat template, if any)")
+    n.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file instead")
+    n.add_argument("--answer", default=None, help="explain this answer (default: the model's greedy answer)")
+    n.add_argument("--latent", action="append", default=None,
+                   help="a module whose neurons to rank, 'name' (its output) or 'name:input' (repeatable; default: "
+                        "every layer's MLP neurons as its down projection reads them)")
+    n.add_argument("--top", type=int, default=10, help="how many neurons to list")
+    n.add_argument("--corpus", default=None,
+                   help="UTF-8 text file (paragraphs split at blank lines): each listed neuron's top-activating "
+                        "windows in it, explained")
+    n.add_argument("--windows", type=int, default=3, help="top-activating windows per neuron (with --corpus)")
+    n.add_argument("--window", type=int, default=24, help="tokens per window (with --corpus)")
+    n.add_argument("--vocabulary", type=int, default=8, help="tokens shown per neuron's vocabulary")
+    n.add_argument("--set", action="append", default=None, metavar="NEURON=VALUE",
+                   help="switch a neuron and show the answer before and after: NEURON is LATENT[INDEX], INDEX (with "
+                        "one --latent) or #RANK (of the list); VALUE a number (set), *F (scale) or +V (add); "
+                        "repeatable")
+    n.add_argument("--rule", choices=RULE_CHOICES, default="attnlrp")
+    n.add_argument("--no-chat", action="store_true", help="the prompt as plain text, not through the chat template")
+    n.add_argument("--max-new-tokens", type=int, default=8, help="length of the answers shown")
+    n.add_argument("--device", choices=DEVICES, default="auto")
+    n.add_argument("--dtype", choices=DTYPES, default="auto")
+    n.add_argument("--backend", choices=BACKENDS, default="auto")
+    n.add_argument("--out", default="attnlrp-neurons", help="folder for neurons.json and neurons.html")
+    n.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _add_check(sub):
     """The `check` command's options."""
     c = sub.add_parser("check", help="check the attention engine against the float64 reference on this machine")
@@ -216,7 +254,7 @@ def _add_info(sub):
 def build_parser():
     p = _Parser(prog="attnlrp-fast", description="AttnLRP explanations with fused Triton kernels")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (_add_explain, _add_demo, _add_evaluate, _add_check, _add_estimate, _add_make_model, _add_info):
+    for add in (_add_explain, _add_demo, _add_evaluate, _add_neurons, _add_check, _add_estimate, _add_make_model, _add_info):
         add(sub)
     return p
 
@@ -230,6 +268,8 @@ def command_module(name):
         from attnlrp_fast.app.commands import demo as command
     elif name == "evaluate":
         from attnlrp_fast.app.commands import evaluate as command
+    elif name == "neurons":
+        from attnlrp_fast.app.commands import neurons as command
     elif name == "check":
         from attnlrp_fast.app.commands import check as command
     elif name == "estimate":
