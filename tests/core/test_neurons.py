@@ -52,8 +52,8 @@ def _by_hand(model, x, latent, index, position, rule, backend="torch"):
     return (seen["x"] * g).sum(-1).detach(), a[..., list(index)].detach()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
-@pytest.mark.parametrize("rule", ["attnlrp", "cp", "grad"])
+@pytest.mark.parametrize("family, rule", [("llama", "attnlrp"), ("llama", "cp"), ("llama", "grad"), ("gpt2", "attnlrp"),
+                                          ("phi3", "attnlrp"), ("phi3", "cp")])
 def test_neuron_target_equals_the_seed_put_by_hand(family, rule):
     model = build(family, dtype=torch.float64)
     x = inputs(family, batch=2, length=13, seed=3)
@@ -85,7 +85,8 @@ def test_neuron_target_under_grad_is_gradient_times_input_by_plain_autograd():
     """No engine at all in the reference: torch's own autograd through the HF model."""
     model = build("qwen2", dtype=torch.float64)
     x = inputs("qwen2", batch=1, length=10, seed=5)
-    e = af.explain(model, **x, target=af.neuron("model.layers.0.mlp.down_proj:input", 3, position=6), rule="grad")
+    e = af.explain(model, **x, target=af.neuron("model.layers.0.mlp.down_proj:input", 3, position=6), rule="grad",
+                   backend="torch")
     emb = model.get_input_embeddings()(x["input_ids"]).detach().requires_grad_(True)
     seen = {}
     h = model.get_submodule("model.layers.0.mlp.down_proj").register_forward_pre_hook(
@@ -204,9 +205,9 @@ def test_intervene_in_generate_and_in_explain():
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with af.intervene(model, {latent: {5: 0.0}}):
         gen = model.generate(**x, **kw)
-        e = af.explain(model, **x)
+        e = af.explain(model, **x, backend="torch")
     assert torch.equal(gen, off.generate(**x, **kw))
-    e_off = af.explain(off, **x)
+    e_off = af.explain(off, **x, backend="torch")
     assert rel_err(e.relevance, e_off.relevance) < 1e-5
     # an absolute position edited in generate's prefill only: the same as a whole-sequence forward without a cache
     with af.intervene(model, {latent: {5: af.scale(30.0, positions=[3])}}):
@@ -223,12 +224,12 @@ def test_intervene_under_offload_and_checkpoint_matches_the_plain_explanation():
     x = inputs("llama", batch=2, length=11, seed=10)
     edits = {_latent("llama"): {2: af.scale(3.0), 7: 0.25}}
     with af.intervene(model, edits):
-        plain = af.explain(model, **x)
-        offloaded = af.explain(model, **x, offload="cpu")
-        chunked = af.explain(model, **x, checkpoint=True, mlp_chunk=4)
+        plain = af.explain(model, **x, backend="torch")
+        offloaded = af.explain(model, **x, offload="cpu", backend="torch")
+        chunked = af.explain(model, **x, checkpoint=True, mlp_chunk=4, backend="torch")
     assert rel_err(offloaded.relevance, plain.relevance) < 1e-5
     assert rel_err(chunked.relevance, plain.relevance) < 1e-5
-    assert rel_err(plain.relevance, af.explain(model, **x).relevance) > 1e-3
+    assert rel_err(plain.relevance, af.explain(model, **x, backend="torch").relevance) > 1e-3
 
 
 def test_intervene_errors_name_the_problem():
@@ -287,7 +288,7 @@ def test_top_activating_keeps_the_k_strongest_windows_and_explains_them(lm_dir):
              "Zoë Müller measured 14 °C at the outlet.", "Budgets rose by 4 percent. " * 3]
     latent = "model.layers.1.mlp.down_proj:input"
     found = af.top_activating(model, tok, latent, 21, texts, k=4, window=6, batch_size=3, max_length=11,
-                              distinct=False, progress=False)
+                              distinct=False, backend="torch", progress=False)
     # every (text, position) by a direct forward of each 11-token piece
     every, strongest = [], []   # every (activation, text, position); each piece's strongest
     down = model.get_submodule("model.layers.1.mlp.down_proj")
@@ -313,7 +314,7 @@ def test_top_activating_keeps_the_k_strongest_windows_and_explains_them(lm_dir):
         ids = tok(texts[w.text_index])["input_ids"]
         assert w.input_ids.shape[1] <= 6 and w.input_ids[0, -1].item() == ids[w.position]
         assert w.target == w.input_ids.shape[1] - 1 and len(w.tokens) == w.input_ids.shape[1]
-        e = af.explain(model, input_ids=w.input_ids, target=af.neuron(latent, 21, position=w.target))
+        e = af.explain(model, input_ids=w.input_ids, target=af.neuron(latent, 21, position=w.target), backend="torch")
         assert torch.allclose(w.relevance, e.relevance[0]) and abs(w.window_activation - float(e.target_logit)) < 1e-6
     with pytest.raises(ValueError, match="no text"):
         af.top_activating(model, tok, latent, 21, [""], progress=False)
