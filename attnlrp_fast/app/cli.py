@@ -134,12 +134,16 @@ def _add_demo(sub):
 def _add_evaluate(sub):
     """The `evaluate` command's options."""
     v = sub.add_parser("evaluate", help="faithfulness of AttnLRP and baselines: perturbation curves, ABPC, pointing")
-    v.add_argument("--task", action="append", choices=("recall", "minilm", "reasoning", "needle"),
+    v.add_argument("--task", action="append",
+                   choices=("recall", "minilm", "reasoning", "needle", "neurons", "neurons-needle"),
                    help="a shipped task (repeatable; default: recall, minilm and reasoning): recall (tiny Llama, "
                         "ground-truth evidence), minilm (real MiniLM weights, sentence-pair similarity), reasoning "
                         "(tiny Llama answering through a reasoning token: one hop against the hop methods), needle "
                         "(a fact inserted in the sample report at each --lengths, answered by --model, default "
-                        f"{SMOLLM2}: minutes per sample on a CPU)")
+                        f"{SMOLLM2}: minutes per sample on a CPU); neurons: the neuron-level check (the answer's "
+                        "log-probability drop when the top-k MLP neurons by AttnLRP, gradient x activation, activation "
+                        "or at random are switched off) on the recall and concept models, neurons-needle: on "
+                        f"{SMOLLM2}'s needle task at the first --lengths")
     v.add_argument("--model", default=None,
                    help=f"your causal LM (local folder or hub id; `{SMOLLM2}`: SmolLM2-135M-Instruct, offline; "
                         f"`{TINY}`: a tiny random Llama), with --document")

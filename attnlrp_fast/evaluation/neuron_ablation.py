@@ -116,6 +116,8 @@ def ablation(model, input_ids, target, *, attention_mask=None, latents=None, ks=
 
 def summarise(rows, ks=KS, selections=SELECTIONS):
     """Mean drop per selection and k over the prompts, and how often each selection's drop is the largest at k."""
+    if not rows:
+        return {"prompts": 0}
     out = {"prompts": len(rows), "mean_logprob": sum(r["logprob"] for r in rows) / len(rows),
            "neurons": rows[0]["neurons"], "drop": {}, "best_share": {}}
     for sel in selections:
@@ -145,7 +147,7 @@ def run_recall(n=32, seed=0, device="cpu", backend=None, ks=KS, progress=None):
         rows.append(ablation(model, ids, target, ks=ks, seed=seed + i, backend=backend))
         if progress:
             progress()
-    return {"task": "neurons-recall", "model": "recall_llama", "sampled": n, **summarise(rows, ks)}
+    return {"task": "neurons-recall", "model": "recall_llama", "sampled": n, **summarise(rows, ks)}   # (answered right)
 
 
 def run_concept(n=32, seed=0, device="cpu", backend=None, ks=KS, progress=None):
@@ -194,3 +196,34 @@ def run_needle(samples=2, length=1024, seed=0, backend=None, ks=KS, progress=Non
         return {"task": f"neurons-needle-{length // 1024}k", "model": "smollm2", "sampled": samples, "prompts": 0}
     return {"task": f"neurons-needle-{length // 1024}k", "model": "smollm2", "sampled": samples, "length": length,
             **summarise(rows, ks)}
+
+
+TASKS = ("neurons", "neurons-needle")   # `attnlrp-fast evaluate --task`: recall + concept; SmolLM2's needle task
+
+
+def run(tasks, *, samples=32, needle_samples=2, length=1024, seed=0, device="cpu", backend=None, progress=None,
+        model=None, tokenizer=None):
+    """{task name: result} for `tasks` (of TASKS)."""
+    out = {}
+    if "neurons" in tasks:
+        out["neurons-recall"] = run_recall(samples, seed, device, backend, progress=progress)
+        out["neurons-concept"] = run_concept(samples, seed, device, backend, progress=progress)
+    if "neurons-needle" in tasks:
+        r = run_needle(needle_samples, length, seed, backend, progress=progress, model=model, tokenizer=tokenizer)
+        out[r["task"]] = r
+    return out
+
+
+def table(results, ks=KS):
+    """A markdown table: mean log-probability drop per task, selection and k (the largest per k in bold)."""
+    lines = ["| task | prompts | selection | " + " | ".join(f"k = {k}" for k in ks) + " |",
+             "|---|---|---|" + "---|" * len(ks)]
+    for name, r in results.items():
+        if not r.get("prompts"):
+            lines.append(f"| {name} | 0 of {r.get('sampled', 0)} answered right | - |" + " - |" * len(ks))
+            continue
+        best = {k: max(r["drop"], key=lambda s: r["drop"][s][k]) for k in ks}
+        for sel in r["drop"]:
+            cells = [(f"**{r['drop'][sel][k]:.4g}**" if best[k] == sel else f"{r['drop'][sel][k]:.4g}") for k in ks]
+            lines.append(f"| {name} | {r['prompts']} | {sel} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

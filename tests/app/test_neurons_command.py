@@ -70,3 +70,16 @@ def test_an_empty_or_missing_corpus_is_one_line(tmp_path, capsys):
         rc, _, err = _run(["--model", "concept", "--prompt", "ice ?", "--corpus", str(path), "--out", str(tmp_path)],
                           capsys)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_runs_the_neuron_check(tmp_path, capsys):
+    rc = cli.main(["evaluate", "--task", "neurons", "--samples", "1", "--quiet", "--out", str(tmp_path)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    data = json.loads((tmp_path / "evaluation.json").read_text())["neurons"]
+    assert set(data) == {"neurons-recall", "neurons-concept"}
+    assert data["neurons-concept"]["planted_first"]["attnlrp"] == 1.0
+    assert set(data["neurons-recall"]["drop"]) == {"attnlrp", "grad_x_activation", "activation", "random"}
+    assert "| neurons-concept | 1 | attnlrp | **" in out.out
+    rc = cli.main(["evaluate", "--task", "neurons", "--task", "recall", "--quiet", "--out", str(tmp_path)])
+    assert rc == 2 and "run on their own" in capsys.readouterr().err

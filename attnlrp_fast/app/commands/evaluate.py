@@ -51,6 +51,15 @@ def _check_evaluate_options(args):
         raise UsageError("--task runs the shipped tasks; leave it out with --model / --document")
 
 
+def _check_neuron_options(args):
+    if args.document is not None or args.methods:
+        raise UsageError("--task neurons / neurons-needle take no --document or --methods (they rank neurons, not "
+                         "tokens)")
+    if args.samples is not None and args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    args.lengths = [tokens(t, "--lengths") for t in args.lengths.split(",") if t.strip()]
+
+
 def _parse_methods(text, device):
     """--methods as a list (None when not given), each name known and its backend one that runs here."""
     if not text:
@@ -157,8 +166,45 @@ def _write_evaluation(args, result):
     return paths + [faithfulness.plot_curves(result, Path(args.out) / "curves.png")]
 
 
+def _neuron_tasks(args, device, bar):
+    """The neuron-level check (evaluation/neuron_ablation.py) for the --task names among its TASKS."""
+    from attnlrp_fast.evaluation import neuron_ablation
+
+    asked = [t for t in args.task or () if t in neuron_ablation.TASKS]
+    if not asked:
+        return None
+    options = {}
+    if "neurons-needle" in asked:
+        model, tokenizer = load_model(_needle_model(args), device, choose_dtype(args.dtype, device))
+        options = {"model": model, "tokenizer": tokenizer}
+    samples = args.samples if args.samples is not None else 32
+    total = 2 * samples * ("neurons" in asked) + args.needle_samples * ("neurons-needle" in asked)
+    with bar(total=total, desc="evaluating: neurons", unit="prompt") as b:
+        return neuron_ablation.run(asked, samples=samples, needle_samples=args.needle_samples,
+                                   length=args.lengths[0], seed=args.seed, device=device,
+                                   backend=dispatch.backend_for_many_passes(device), progress=b.update, **options)
+
+
 def run(args):
+    from attnlrp_fast.evaluation import neuron_ablation
+
     t0 = time.perf_counter()
+    neuron_tasks = [t for t in args.task or () if t in neuron_ablation.TASKS]
+    args.task = [t for t in args.task or () if t not in neuron_ablation.TASKS] or None
+    args.needle_samples = args.samples if args.samples is not None else 2
+    if neuron_tasks and args.task is None:   # only the neuron check
+        _check_neuron_options(args)
+        device = choose_device(args.device)
+        bar = bar_factory(args.quiet, lines=True)
+        args.task = neuron_tasks
+        result = {"device": str(device), "neurons": _neuron_tasks(args, device, bar),
+                  "seconds": time.perf_counter() - t0}
+        paths = _write_json(args, result)
+        print(neuron_ablation.table(result["neurons"]))
+        print("reports: " + ", ".join(str(p) for p in paths))
+        return 0
+    if neuron_tasks:
+        raise UsageError("--task neurons / neurons-needle run on their own: leave the other tasks out")
     _check_evaluate_options(args)
     document = longdoc.read_document(args.document) if args.document else None
     device = choose_device(args.device)
