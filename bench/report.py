@@ -436,7 +436,7 @@ def faithfulness_table(result):
     lines = [f"Measured {result.get('date', '?')} on {result.get('device', '?')} (torch "
              f"{result.get('versions', {}).get('torch', '?')}); {result['settings']['steps']} perturbation steps, "
              f"removed tokens' embeddings {'zeroed' if result['settings']['perturb'] == 'zero' else 'replaced'}; "
-             "ABPC in the target's unit, averaged over samples.", ""]
+             "ABPC in the target's unit, averaged over samples." + baseline_settings(result["settings"]), ""]
     for task, out in result["tasks"].items():
         extra = f", the model answers {out['model_accuracy']:.1%} correctly" if "model_accuracy" in out else ""
         if "sampled" in out:
@@ -451,6 +451,20 @@ def faithfulness_table(result):
                   "removed; '-' where the "
                   "target is not a token (minilm's cosine)."]
     return "\n".join(lines + ["", faithfulness.table(result)])
+
+
+def baseline_settings(settings, options=None):
+    """' The paper baselines: ...' stating AtMan's and SmoothGrad's settings (paper_baselines.Options; `options`
+    overrides the run's), or '' for a JSON without them."""
+    o = {**(settings.get("method_options") or {}), **(options or {})}
+    if "atman_group" not in o:
+        return ""
+    group = "one token" if o["atman_group"] == 1 else f"runs of {o['atman_group']} tokens"
+    kappa = "off" if o.get("atman_kappa") is None else f"at cosine >= {o['atman_kappa']}"
+    return (f" The paper baselines: AtMan suppresses {group} at a time (scores x {1 - o['atman_factor']:.2g}, "
+            f"conceptual suppression {kappa}); SmoothGrad x input averages {o['smoothgrad_samples']} samples of "
+            f"noise {o['smoothgrad_noise']} x (max - min) of the embeddings; attention rollout and Grad x AttnRoll "
+            "from the target position(s).")
 
 
 def needle_table(result):
@@ -469,7 +483,9 @@ def needle_table(result):
         left = [m for m in settings["methods"] if m not in ran]
         lines.append(f"- {task}: {out['model']}, documents of {out['document_tokens_mean']:.0f} tokens on average; the "
                      f"model answers {out['samples']} of {out['sampled']} samples right (those are explained)" +
-                     (f"; not run here: {', '.join(left)}" if left else ""))
+                     (f"; not run here: {', '.join(left)}" if left else "") +
+                     (";" + baseline_settings(settings, out["method_options"]).removeprefix(" The paper baselines:")
+                      if "method_options" in out else ""))
     lines += ["", "Pointing: the most relevant document token lies in the needle sentence; evidence rank: where the "
                   "needle's best token ranks among the document's; evidence share: the needle's share of the "
                   "document's positive relevance; attribution s: seconds per explanation.", "",

@@ -1,9 +1,13 @@
 """The faithfulness evaluation: is an explanation faithful to the model?
 
   evaluate       attribution methods on one footing (AttnLRP, CP-LRP, gradient x input, integrated gradients, the
-                 last layer's attention, random), perturbation curves and their ABPC, pointing at known evidence
+                 last layer's attention, random and the paper baselines), perturbation curves and their ABPC,
+                 pointing at known evidence
   capture        the last attention layer's query and key, recorded through an attention implementation of its
                  own (the attention baseline), so the engine's attention holds no hook for it
+  paper_baselines  the AttnLRP paper's baselines: AtMan (its own attention implementation, scores suppressed per
+                 token), SmoothGrad x input, attention rollout and Grad x AttnRoll (every layer's attention recorded,
+                 carried as one row)
   deletion       RISE, MAS and RISE+AP of a generation's log-probability, from their definitions
   recall         associative recall: a ground-truth task and the tiny Llama trained on it (weights shipped in
                  attnlrp_fast/data/recall_llama)

@@ -5,7 +5,10 @@ baseline attribution methods to compare AttnLRP with, all through one interface.
     from attnlrp_fast.evaluation import evaluate as ev
 
     r = ev.attribute(model, ids, "attnlrp")                  # or "cp", "grad_x_input", "integrated_gradients",
-                                                              # "attention", "random"; "attnlrp[triton]" picks a backend
+                                                              # "attention", "random", and the AttnLRP paper's
+                                                              # baselines "atman", "smoothgrad", "attention_rollout",
+                                                              # "grad_x_attnroll"; "attnlrp[triton]" picks a backend
+    r = ev.attribute(model, ids, "atman", options={"atman_group": 8})   # method options: paper_baselines.Options
     c = ev.perturbation_curves(model, ids, r.relevance, target=r.target, steps=10)
     c.abpc                                                    # (B,) area between the curves: higher is better
     table = ev.evaluate(model, ids, methods=ev.METHODS)       # every method, the same perturbations
@@ -37,15 +40,15 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from attnlrp_fast.bindings.hf import attention_modules
-from attnlrp_fast.bindings.torch_path import visible_keys
 from attnlrp_fast.evaluation import deletion
+from attnlrp_fast.evaluation import paper_baselines as pb
 from attnlrp_fast.evaluation.capture import capture_attention
 from attnlrp_fast.explanation import explain
 from attnlrp_fast.inputs import check_inputs, forward_parameters
 from attnlrp_fast.lrp_patch import active_handle, attention_backend, lrp
 from attnlrp_fast.targets import Contrast, score, target_rows, token_positions
 
-METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random")
+METHODS = ("attnlrp", "cp", "grad_x_input", "integrated_gradients", "attention", "random") + pb.METHODS
 # AttnLRP through a reasoning span (attnlrp_fast/reasoning.py): the relevance all hops put on the prompt, with the
 # positive part or all of each reasoning token's relevance passed on; need reasoning_span
 HOP_METHODS = ("attnlrp_hops_positive", "attnlrp_hops_signed")
@@ -243,7 +246,7 @@ def parse_method(method):
 # --- attribution methods --------------------------------------------------------------------------------------
 def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target=None, position=None,
               backend=None, ig_steps=32, ig_batch=32, seed=0, reasoning_span=None, hops=None,
-              checkpoint=False) -> Attribution:
+              checkpoint=False, options=None, eligible=None) -> Attribution:
     """Relevance (B, N) of each input token for `target` by `method` (see METHODS), on the same footing:
 
     attnlrp / cp / grad_x_input   af.explain with rule attnlrp / cp / grad (gradient x input on the embeddings)
@@ -254,9 +257,22 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
                                   embeddings (midpoint rule, batched ig_batch rows at a time)
     attention                     last layer's attention weights from the target position(s), mean over heads
     random                        uniform random numbers (seeded)
+
+    The AttnLRP paper's baselines (evaluation/paper_baselines.py states what each computes), with `options` (a dict
+    of paper_baselines.Options fields, or an Options; an unknown name is a ValueError):
+    atman                         AtMan: target score minus the score with the token's attention scores suppressed
+                                  (factor 1 - 0.9, conceptual suppression at cosine >= 0.7), one forward per token
+                                  or per run of atman_group tokens, atman_batch variants per forward
+    smoothgrad                    SmoothGrad x input: x * mean over smoothgrad_samples (16) of the gradient at
+                                  x + N(0, (0.1 (max - min))^2) noise (smoothgrad_noise), noise drawn from `seed`
+    attention_rollout             the target row of the rollout of 0.5 A + 0.5 I (A: mean over heads), top layer down
+    grad_x_attnroll               Chefer et al.'s R = R + mean_h (grad_A * A)^+ R from R = I: R's target row
+    eligible: bool (B, N), the tokens AtMan suppresses one by one (default: the real ones up to the last position the
+    target reads); the others get 0. evaluate() passes the tokens it ranks.
     """
     name, bracket = parse_method(method)
     backend = bracket or backend
+    opts = pb.Options.of(options)
     case = Case.of(model, input_ids, attention_mask, target, position)
     on_input = _score(case)
     case = replace(case, target=on_input.target)
@@ -271,6 +287,14 @@ def attribute(model, input_ids, method="attnlrp", *, attention_mask=None, target
         rel = _integrated_gradients(case, ig_steps, ig_batch, backend, checkpoint)
     elif name == "attention":
         rel = _last_layer_attention(case, backend)
+    elif name == "atman":
+        rel = _atman(case, opts, None if eligible is None else _per_token(eligible, case, "eligible").bool(), backend)
+    elif name == "smoothgrad":
+        rel = _smoothgrad(case, opts, backend, checkpoint, seed)
+    elif name == "attention_rollout":
+        rel = _attention_rollout(case, backend)
+    elif name == "grad_x_attnroll":
+        rel = _grad_x_attnroll(case, backend, checkpoint)
     else:
         g = torch.Generator().manual_seed(seed)
         rel = torch.rand(case.input_ids.shape, generator=g).to(case.input_ids.device)
@@ -327,8 +351,7 @@ def _last_layer_attention(case, backend):
     model = case.model
     # the capture records what the engine's attention is given (af.lrp routes attention through the engine; the
     # forward is the same under every rule)
-    routed = contextlib.nullcontext() if active_handle(model) is not None else lrp(model, "grad", backend=backend)
-    with routed:
+    with _routed(model, backend):
         seen = capture_attention(model, attention_modules(model)[-1], lambda: _score(case))
     return _attention_weights(seen, _attention_rows(case))
 
@@ -348,19 +371,95 @@ def _attention_rows(case):
 def _attention_weights(seen, positions):
     """(B, M) softmax weights of the captured attention from the query rows `positions` (B, P), mean over heads
     and rows."""
-    q, k = seen.query.float(), seen.key.float()
-    B, H, N, D = q.shape
-    M = k.shape[2]
-    k = k.repeat_interleave(H // k.shape[1], 1)
-    qs = q[torch.arange(B)[:, None], :, positions].transpose(1, 2)            # (B, H, P, D)
-    scale = seen.scaling if seen.scaling is not None else D ** -0.5
-    s = (qs @ k.transpose(-1, -2)) * scale                                      # (B, H, P, M)
-    if seen.softcap:
-        s = seen.softcap * torch.tanh(s / seen.softcap)
-    keep = visible_keys(positions, N, M, causal=seen.causal, window=seen.window or None,
-                        key_padding_mask=seen.key_padding_mask, device=s.device)   # (B, 1, P, M)
-    w = torch.softmax(s.masked_fill(~keep, float("-inf")), -1).nan_to_num(0.0)
+    w = pb.attention_probabilities(seen.query.float(), seen.key.float(), positions, scale=seen.scaling,
+                                   softcap=seen.softcap, window=seen.window or None, causal=seen.causal,
+                                   key_padding_mask=seen.key_padding_mask)        # (B, H, P, M)
     return w.mean(dim=(1, 2))
+
+
+# --- the AttnLRP paper's baselines (their math: evaluation/paper_baselines.py) ----------------------------------
+def _atman(case, opts, explained=None, backend=None):
+    """AtMan: per row, the target score without suppression minus with each run of atman_group explained tokens
+    suppressed (the explained tokens: default _default_eligible's, the real ones the target can depend on)."""
+    model = case.model
+    B, N = case.input_ids.shape
+    explained = _default_eligible(case) if explained is None else explained
+    real = torch.ones_like(explained) if case.attention_mask is None else case.attention_mask.bool()
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings()(case.input_ids)
+    rel = torch.zeros(B, N, device=case.input_ids.device)
+    routed = attention_backend(model, backend) if backend else contextlib.nullcontext()
+    with routed, pb.suppressing(model, attention_modules(model)) as suppress:
+        for b in range(B):
+            row = case.row(b)
+            groups = pb.atman_groups(explained[b], opts.atman_group)
+            if not groups:
+                continue
+            suppress(None)
+            clean = _score(row).value[0]
+            for i in range(0, len(groups), opts.atman_batch):
+                chunk = groups[i:i + opts.atman_batch]
+                suppress(pb.atman_multipliers(embeddings[b], real[b], chunk, opts.atman_factor, opts.atman_kappa))
+                drop = clean - _score(row.repeated(len(chunk))).value
+                for idx, d in zip(chunk, drop.tolist()):
+                    rel[b, idx] = d / idx.numel()
+    return rel
+
+
+def _smoothgrad(case, opts, backend, checkpoint, seed):
+    """SmoothGrad x input: af.explain (rule "grad") on noisy embeddings, the relevance x * g(x + noise) averaged
+    over the samples; the samples of all rows run smoothgrad_batch rows per explanation."""
+    B, N = case.input_ids.shape
+    S = opts.smoothgrad_samples
+    with torch.no_grad():
+        x = case.model.get_input_embeddings()(case.input_ids)
+    real = torch.ones(B, N, dtype=torch.bool, device=x.device) if case.attention_mask is None \
+        else case.attention_mask.bool()
+    sigma = pb.smoothgrad_sigma(x, real, opts.smoothgrad_noise)
+    noise = pb.smoothgrad_noise(x.shape, sigma, S, seed, x.device, x.dtype)          # (S, B, N, D)
+    total = torch.zeros(B, N, device=x.device)
+    per_call = max(1, opts.smoothgrad_batch // B)
+    for i in range(0, S, per_call):
+        part = noise[i:i + per_call]
+        s = part.shape[0]
+        # row b * s + j: sample i + j of row b (Case.repeated's order)
+        with pb.added_to_input_embeddings(case.model, part.transpose(0, 1).reshape(B * s, N, -1)):
+            rel = _explain(case.repeated(s), "grad", backend, checkpoint)
+        total += rel.reshape(B, s, N).sum(1)
+    return total / S
+
+
+def _target_rows_start(case, N):
+    """(B, N): 1 / P at each of a row's P target positions (_attention_rows), the row vector rollouts start from."""
+    rows = _attention_rows(case)
+    start = torch.zeros(rows.shape[0], N, device=rows.device)
+    return start.scatter_add_(1, rows, torch.full(rows.shape, 1.0 / rows.shape[1], device=rows.device))
+
+
+def _routed(model, backend):
+    """af.lrp(model, "grad") unless the model is inside af.lrp already: the attention goes through the engine."""
+    return contextlib.nullcontext() if active_handle(model) is not None else lrp(model, "grad", backend=backend)
+
+
+def _attention_rollout(case, backend):
+    """Attention rollout: every layer's query and key recorded in one forward, the target row carried down."""
+    model = case.model
+    with _routed(model, backend), pb.recording(model, attention_modules(model)) as records:
+        _score(case)
+    if not records:
+        raise RuntimeError(f"{type(model).__name__}: no attention layer ran through the engine's attention")
+    return pb.rollout(list(records), _target_rows_start(case, case.input_ids.shape[1]))
+
+
+def _grad_x_attnroll(case, backend, checkpoint):
+    """Grad x AttnRoll: one af.explain pass (rule "grad") that records every layer's query, key, value and output
+    gradient, then the target row carried down."""
+    model = case.model
+    with _routed(model, backend), pb.recording(model, attention_modules(model), values=True) as records:
+        _explain(case, "grad", backend, checkpoint)
+    if not records:
+        raise RuntimeError(f"{type(model).__name__}: no attention layer ran through the engine's attention")
+    return pb.grad_rollout(list(records), _target_rows_start(case, case.input_ids.shape[1]))
 
 
 # --- perturbation ----------------------------------------------------------------------------------------------
@@ -605,7 +704,8 @@ def _evidence_rows(relevance, evidence, candidates):
 # --- everything at once ----------------------------------------------------------------------------------------
 def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=None, position=None, eligible=None,
              evidence=None, backend=None, ig_steps=32, progress=None, perturbation=None, on_result=None,
-             generation=None, reasoning_span=None, hops=None, curves=True, checkpoint=False, **fields):
+             generation=None, reasoning_span=None, hops=None, curves=True, checkpoint=False, options=None,
+             **fields):
     """Each method's attribution, perturbation curves and ABPC, and the deletion metrics, on the same inputs and
     perturbations.
 
@@ -617,10 +717,12 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
     "rise_ap" (means; lower is better), their "..._per_row" and "degenerate" (deletion_curves, with the same steps).
     curves=False: no perturbation at all (no ABPC, curves or deletion metrics), the attribution and its pointing
     only. checkpoint=True: the gradient methods checkpoint every layer (af.explain's checkpoint, for long inputs).
-    reasoning_span / hops: for the hop methods (HOP_METHODS). progress(method) is called after each, and
+    reasoning_span / hops: for the hop methods (HOP_METHODS). options: the paper baselines' settings (attribute's).
+    progress(method) is called after each, and
     on_result(method, its result) as soon as that result is there (partial reports).
     """
     perturbation = _perturbation(perturbation, fields)
+    options = pb.Options.of(options)          # checked before any method runs
     case = Case.of(model, input_ids, attention_mask, target, position)
     out = {}
     # every forward runs on `backend`, the target's and the perturbed ones too (models loaded with the engine's
@@ -633,7 +735,7 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
             out[method] = _evaluate_method(case, method, eligible, evidence, perturbation, gen,
                                            {"backend": backend, "ig_steps": ig_steps, "seed": perturbation.seed,
                                             "reasoning_span": reasoning_span, "hops": hops,
-                                            "checkpoint": checkpoint}, curves)
+                                            "checkpoint": checkpoint, "options": options}, curves)
             if on_result:
                 on_result(method, out[method])
             if progress:
@@ -643,7 +745,7 @@ def evaluate(model, input_ids, methods=METHODS, *, attention_mask=None, target=N
 
 def _evaluate_method(case, method, eligible, evidence, perturbation, gen, options, curves=True):
     a = attribute(case.model, case.input_ids, method, attention_mask=case.attention_mask, target=case.target,
-                  position=case.position, **options)
+                  position=case.position, eligible=eligible, **options)
     row = {}
     if curves:
         c = perturbation_curves(case.model, case.input_ids, a.relevance, attention_mask=case.attention_mask,

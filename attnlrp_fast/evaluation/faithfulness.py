@@ -17,6 +17,10 @@
            the deletion metrics of the answer. Not among the default tasks (minutes per sample on a CPU).
 
 Every task with token targets also reports the deletion metrics (RISE, MAS, RISE+AP; evaluation/deletion.py).
+Every method runs on every task, the AttnLRP paper's baselines (AtMan, SmoothGrad x input, attention rollout,
+Grad x AttnRoll: evaluation/paper_baselines.py) among them, with their published settings on recall, minilm and
+reasoning and cheaper ones on the needle's long documents (needle_method_options); each method's seconds of
+attribution are reported beside its scores.
 
     attnlrp-fast evaluate --task recall --task minilm --task reasoning --json bench/results/faithfulness.json
     attnlrp-fast evaluate --task needle --json bench/results/needle.json
@@ -25,7 +29,7 @@ Every task with token targets also reports the deletion metrics (RISE, MAS, RISE
 import datetime
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -33,6 +37,7 @@ from attnlrp_fast.bindings.dispatch import backend_for_many_passes, triton_runs_
 from attnlrp_fast.evaluation import evaluate as ev
 from attnlrp_fast.evaluation.deletion import METRICS as DELETION_METRICS
 from attnlrp_fast.evaluation import recall
+from attnlrp_fast.evaluation.paper_baselines import Options
 
 TASKS = ("recall", "minilm", "reasoning")   # the default tasks
 ALL_TASKS = TASKS + ("needle",)
@@ -40,6 +45,13 @@ ALL_TASKS = TASKS + ("needle",)
 # The backend of methods named without one (the kernels on CUDA, the torch path on CPU): the name
 # `attnlrp-fast evaluate` calls it by.
 default_backend = backend_for_many_passes
+
+
+def needle_method_options(length):
+    """The paper baselines' settings on the needle task, by prompt length: AtMan suppresses runs of length // 128
+    consecutive document tokens (8 at 1k, 64 at 8k: about 120 forward passes per sample at every length) and
+    SmoothGrad averages 4 samples (the others: Options' defaults)."""
+    return {"atman_group": max(1, length // 128), "atman_batch": 8, "smoothgrad_samples": 4, "smoothgrad_batch": 4}
 
 
 def available_methods(device):
@@ -235,7 +247,7 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
                            "triton": triton.__version__, "transformers": transformers.__version__,
                            "python": platform.python_version()},
               "settings": {"steps": steps, "seed": seed, "perturb": perturb, "ig_steps": ig_steps,
-                           "methods": methods},
+                           "methods": methods, "method_options": asdict(Options())},
               "tasks": {}}
 
     def method_done(task, method, out):
@@ -261,7 +273,7 @@ def run(tasks=TASKS, methods=None, *, steps=10, seed=0, device=torch.device("cpu
                     partial(result)
             needle.run(methods, samples=samples, steps=steps, seed=seed, ig_steps=ig_steps, perturb=perturb,
                        backend=backend_for_many_passes(device), progress=progress and (lambda n, m: progress(task, m)),
-                       on_length=length_done, **(needle_options or {}))
+                       on_length=length_done, **{"options": needle_method_options, **(needle_options or {})})
             continue
         elif task == "minilm":
             out = run_minilm(methods, steps=steps, seed=seed, device=device, perturb=perturb, ig_steps=ig_steps,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlrp_fast.evaluation import evaluate as ev
+from attnlrp_fast.evaluation.paper_baselines import Options
 
 LENGTHS = (1024, 2048, 4096, 8192)
 HEADROOM = 128          # tokens of each length left for the chat template, the question and the answer
@@ -164,12 +165,13 @@ def _summary(rows):
 
 
 def run(methods, *, model=None, tokenizer=None, lengths=LENGTHS, samples=4, steps=10, seed=0, curves_up_to=None,
-        ig_steps=32, perturb="zero", backend=None, progress=None, on_length=None, model_name="smollm2"):
+        ig_steps=32, perturb="zero", backend=None, progress=None, on_length=None, model_name="smollm2", options=None):
     """The needle task at each length: {"needle-<k>k": {"task", "length", "model", "samples" (kept),
     "sampled", "model_accuracy", "wrong": [their facts and answers], "methods": {method: summary}}}.
     model / tokenizer: default SmolLM2 (af.load_model). curves_up_to: the longest length with perturbation curves
     and deletion metrics (None: every length). progress(length, method) after each method of each sample;
-    on_length(name, result) as each length ends."""
+    on_length(name, result) as each length ends. options: the paper baselines' settings (evaluate.attribute's), a
+    dict or a function of the length that returns one (each length's are in its result as "method_options")."""
     from attnlrp_fast import prompts      # the prompt and the greedy answer, as `explain` makes them
     from attnlrp_fast.loading import load_model
 
@@ -180,6 +182,7 @@ def run(methods, *, model=None, tokenizer=None, lengths=LENGTHS, samples=4, step
     for length in lengths:
         rng = random.Random(f"{seed}-{length}")
         curves = curves_up_to is None or length <= curves_up_to
+        opts = Options.of(options(length) if callable(options) else options)
         per_method, wrong, sizes, t0 = {m: [] for m in methods}, [], [], time.perf_counter()
         for _ in range(samples):
             s = make_sample(tokenizer, length, rng)
@@ -197,7 +200,7 @@ def run(methods, *, model=None, tokenizer=None, lengths=LENGTHS, samples=4, step
             eligible[0, prompt.doc_start:prompt.doc_end] = True
             evidence = torch.cat([evidence_mask(prompt, s), torch.zeros(len(answer), dtype=torch.bool)])[None]
             results = ev.evaluate(model, ids, methods, target=target, eligible=eligible, evidence=evidence,
-                                  ig_steps=ig_steps, backend=backend, curves=curves, checkpoint=True,
+                                  ig_steps=ig_steps, backend=backend, curves=curves, checkpoint=True, options=opts,
                                   progress=progress and (lambda m: progress(length, m)),
                                   perturbation=ev.Perturbation(steps=steps, perturb=perturb, seed=seed, batch_size=8))
             for m in methods:
@@ -207,7 +210,7 @@ def run(methods, *, model=None, tokenizer=None, lengths=LENGTHS, samples=4, step
         out[name] = {"task": name, "length": length, "document_tokens_max": length - HEADROOM,
                      "document_tokens_mean": sum(sizes) / len(sizes),
                      "model": model_name, "target": "sum of the answer tokens' logits", "seed": seed,
-                     "methods_run": list(methods), "samples": kept,
+                     "methods_run": list(methods), "method_options": opts.changed(), "samples": kept,
                      "sampled": samples, "model_accuracy": kept / samples, "curves": curves, "wrong": wrong,
                      "seconds": time.perf_counter() - t0,
                      "methods": {m: _summary(rows) for m, rows in per_method.items() if rows}}
