@@ -774,6 +774,11 @@ def render(json_path, readme=None):
         written.append(faithfulness.plot_curves(result, f"{stem}.png"))
         needle = all(t.startswith("needle") for t in result["tasks"])
         tables["needle" if needle else "faithfulness"] = needle_table(result) if needle else faithfulness_table(result)
+    elif "neurons" in result:            # attnlrp-fast evaluate --task neurons / neurons-needle
+        from attnlrp_fast.evaluation import neuron_ablation
+
+        needle = all(t.startswith("neurons-needle") for t in result["neurons"])
+        tables["neurons-needle" if needle else "neurons"] = neuron_ablation.table(result["neurons"])
     elif result.get("kind") == "estimates":      # bench/estimate_table.py
         tables["estimates"] = estimates_table(result)
     elif result.get("kind") == "context-parallel":   # bench/context_table.py
@@ -802,8 +807,7 @@ def render(json_path, readme=None):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", help="a results JSON from bench/gpu_check.py, bench/memory.py, bench/cpu_explain.py, "
-                                "bench/estimate_table.py or "
-                                "attnlrp-fast evaluate")
+                                "bench/estimate_table.py or attnlrp-fast evaluate (--task neurons too)")
     p.add_argument("--readme", help="replace the tables between this file's markers")
     p.add_argument("--summary", action="store_true", help="print the targets and how the run went; write nothing")
     args = p.parse_args(argv)

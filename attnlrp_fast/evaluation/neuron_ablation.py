@@ -215,15 +215,17 @@ def run(tasks, *, samples=32, needle_samples=2, length=1024, seed=0, device="cpu
 
 
 def table(results, ks=KS):
-    """A markdown table: mean log-probability drop per task, selection and k (the largest per k in bold)."""
+    """A markdown table: mean log-probability drop per task, selection and k (the largest per k in bold); `results` as
+    run() returns them or as read back from evaluation.json."""
     lines = ["| task | prompts | selection | " + " | ".join(f"k = {k}" for k in ks) + " |",
              "|---|---|---|" + "---|" * len(ks)]
     for name, r in results.items():
         if not r.get("prompts"):
             lines.append(f"| {name} | 0 of {r.get('sampled', 0)} answered right | - |" + " - |" * len(ks))
             continue
-        best = {k: max(r["drop"], key=lambda s: r["drop"][s][k]) for k in ks}
-        for sel in r["drop"]:
-            cells = [(f"**{r['drop'][sel][k]:.4g}**" if best[k] == sel else f"{r['drop'][sel][k]:.4g}") for k in ks]
+        drop = {sel: {int(k): v for k, v in d.items()} for sel, d in r["drop"].items()}   # JSON keys are strings
+        best = {k: max(drop, key=lambda s: drop[s][k]) for k in ks}
+        for sel in drop:
+            cells = [(f"**{drop[sel][k]:.4g}**" if best[k] == sel else f"{drop[sel][k]:.4g}") for k in ks]
             lines.append(f"| {name} | {r['prompts']} | {sel} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -53,7 +53,7 @@ def test_every_command_runs_in_a_module_of_its_own():
     """app/cli.py is the parser; each command's code is app/commands/<command>.py with run(args), imported by a plain
     import statement once the arguments parse: no import hidden from static tools (no proxies, no import_module)."""
     sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"explain", "demo", "evaluate", "check", "estimate", "make-model", "info"}
+    assert set(sub.choices) == {"explain", "demo", "evaluate", "check", "estimate", "make-model", "info", "neurons"}
     for name in sub.choices:
         module = cli.command_module(name)
         assert module.__name__ == "attnlrp_fast.app.commands." + name.replace("-", "_") and callable(module.run)

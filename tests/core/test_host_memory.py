@@ -4,6 +4,7 @@ because freed blocks go back to the system (compact_malloc); without that it doe
 Measured in subprocesses (the torch path, as on any CPU), peaks by PeakMemory (VmHWM reset at the start)."""
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -121,11 +122,17 @@ def test_compact_malloc_applies_once_and_steps_aside_when_asked(monkeypatch):
     monkeypatch.undo()
 
 
+def _touch_and_free(nbytes):
+    block = mmap.mmap(-1, nbytes)
+    for offset in range(0, nbytes, mmap.PAGESIZE):
+        block[offset] = 1
+    block.close()
+
+
 @needs_peak_reset
 def test_peak_memory_is_the_block_s_own():
-    big = torch.ones(96 * 2**18)            # 96 MiB touched, then freed: a peak before the block
-    del big
+    # anonymous mappings of our own, every page written: resident whatever state the allocator is in
+    _touch_and_free(96 * 2**20)              # a peak before the block
     with PeakMemory() as peak:
-        x = torch.ones(32 * 2**18)           # 32 MiB
-        del x
+        _touch_and_free(32 * 2**20)
     assert 30 * 2**20 <= peak.extra_bytes < 80 * 2**20 and peak.what == "peak resident memory less file-backed pages, above the start"
