@@ -103,6 +103,47 @@ class _RegisterAfterTransformers(_importlib_abc.MetaPathFinder):
         return spec
 
 
+class _InstalledKernelsFirst(_importlib_abc.MetaPathFinder):
+    """transformers (5.25 on) imports the hub's `kernels` package whenever it is installed. Run from a checkout's root
+    (`python -m ...`: the root on sys.path) that name finds this repository's kernels/ folder instead (mapped into
+    the package as attnlrp_fast.kernels), and every model import fails. While that is so and the distribution is
+    installed, this finder answers `kernels` (and its submodules, by the package's own path) from where the
+    distribution lives."""
+
+    def __init__(self, location):
+        self.location = location
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != "kernels":
+            return None
+        from importlib.machinery import PathFinder
+
+        return PathFinder.find_spec(fullname, [self.location], target)
+
+
+def _installed_kernels_first():
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if "kernels" in _sys.modules or not os.path.isfile(os.path.join(root, "kernels", "__init__.py")):
+        return None                      # already imported, or an installed copy (no kernels/ folder beside it)
+    if not any(os.path.abspath(p or os.curdir) == root for p in _sys.path):
+        return None
+    from importlib import metadata
+
+    try:
+        location = str(metadata.distribution("kernels").locate_file(""))
+    except metadata.PackageNotFoundError:
+        return None
+    if os.path.abspath(location) == root or any(isinstance(f, _InstalledKernelsFirst) for f in _sys.meta_path):
+        return None
+    finder = _InstalledKernelsFirst(location)
+    _sys.meta_path.insert(0, finder)
+    return finder
+
+
+_installed_kernels_first()
+
 if _TRANSFORMERS_MODULE in _sys.modules:
     _register_with_transformers()
 elif not any(isinstance(f, _RegisterAfterTransformers) for f in _sys.meta_path):

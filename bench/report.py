@@ -449,7 +449,9 @@ def faithfulness_table(result):
     lines += ["", "RISE, MAS and RISE+AP (lower is better): the log-probability of the generation as the most "
                   f"relevant tokens go in {result['settings']['steps']} groups, normalised, against the attribution mass "
                   "removed; '-' where the "
-                  "target is not a token (minilm's cosine)."]
+                  "target is not a token (minilm's cosine). Attribution s: the seconds of attribution for all of a "
+                  "task's samples together."]
+    lines += [f"Note: {note}" for note in result.get("notes") or []]
     return "\n".join(lines + ["", faithfulness.table(result)])
 
 

@@ -30,6 +30,9 @@ if "TRITON_INTERPRET" not in os.environ:
 
     os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
+# the package first: from the checkout's root it makes an installed `kernels` distribution (which transformers 5.25
+# on imports) win over the repository's kernels/ folder (attnlrp_fast/__init__.py, _InstalledKernelsFirst)
+import attnlrp_fast  # noqa: E402,F401
 import pytest  # noqa: E402
 
 

@@ -157,8 +157,9 @@ def _add_evaluate(sub):
     v.add_argument("--hops", type=int, default=None,
                    help="hops through the reasoning for the hop methods (default 3); only with a reasoning span")
     v.add_argument("--methods", default=None,
-                   help="comma-separated, of attnlrp, cp, grad_x_input, integrated_gradients, attention, random "
-                        "(name[torch] / name[triton] for a backend); default: all, AttnLRP on each backend here")
+                   help="comma-separated, of attnlrp, cp, grad_x_input, integrated_gradients, attention, random, "
+                        "atman, smoothgrad, attention_rollout, grad_x_attnroll (name[torch] / name[triton] for a "
+                        "backend); default: all, AttnLRP on each backend here")
     v.add_argument("--steps", type=int, default=10, help="perturbation steps from 0 to all eligible tokens")
     v.add_argument("--perturb", choices=("zero", "token"), default="zero",
                    help="zero the removed tokens' input embeddings, or put in a pad / mask token")

@@ -132,3 +132,34 @@ def test_the_wheel_installs_every_module_and_data_file_and_runs_the_demo(tmp_pat
     assert rc == 0, printed[-3000:]
     assert {"explanation.json", "explanation.html", "relevance.png"} <= {p.name for p in out.iterdir()}, printed
     assert json.loads((out / "explanation.json").read_text())["tokens"]
+
+
+FAKE_KERNELS = {"kernels/__init__.py": "WHO = 'the installed distribution'\n",
+                "kernels/layer.py": "from . import WHO\n",
+                "kernels-0.0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: kernels\nVersion: 0.0.1\n",
+                "kernels-0.0.1.dist-info/RECORD": ""}
+WHICH_KERNELS = ("import attnlrp_fast, kernels, attnlrp_fast.kernels.rules as r; print(r.__file__); "
+                 "print(kernels.__file__); import kernels.layer; print(kernels.layer.__file__)")
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_checkout_s_kernels_folder_does_not_hide_an_installed_kernels_package(tmp_path, installed):
+    """transformers (5.25 on) imports the hub's `kernels` distribution whenever it is installed; run from the
+    checkout's root that name would find the repository's kernels/ folder. After `import attnlrp_fast` it is the
+    installed distribution's (and its submodules); without one installed, nothing changes; attnlrp_fast.kernels is
+    ours either way."""
+    site = tmp_path / "site"
+    for name, text in FAKE_KERNELS.items():
+        if installed or not name.startswith("kernels-"):
+            (site / name).parent.mkdir(parents=True, exist_ok=True)
+            (site / name).write_text(text)
+    env = {**os.environ, "PYTHONPATH": str(site) if installed else ""}
+    proc = subprocess.run([sys.executable, "-c", WHICH_KERNELS], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    ours, *found = (Path(line) for line in proc.stdout.split())
+    assert ours == ROOT / "kernels" / "rules.py"
+    if installed:
+        assert proc.returncode == 0, proc.stderr
+        assert found == [site / "kernels" / "__init__.py", site / "kernels" / "layer.py"]
+    else:                                # the folder, as Python finds it from here (it has no layer.py)
+        assert found == [ROOT / "kernels" / "__init__.py"] and "No module named 'kernels.layer'" in proc.stderr
