@@ -490,8 +490,9 @@ def needle_table(result):
                       if "method_options" in out else ""))
     lines += ["", "Pointing: the most relevant document token lies in the needle sentence; evidence rank: where the "
                   "needle's best token ranks among the document's; evidence share: the needle's share of the "
-                  "document's positive relevance; attribution s: seconds per explanation.", "",
-              faithfulness.table(result), ""]
+                  "document's positive relevance; attribution s: seconds per explanation."]
+    lines += [f"Note: {note}" for note in result.get("notes") or []]
+    lines += ["", faithfulness.table(result), ""]
     for task, out in result["tasks"].items():
         lrp = next((r for m, r in out["methods"].items() if m.split("[")[0] == "attnlrp"), None)
         if lrp is None:

@@ -110,6 +110,8 @@ def test_committed_results_render_in_binary_units(tmp_path):
         assert tables and tables == bench_report.render(tmp_path / "new" / src.name)[1], src.name
         for body in tables.values():
             assert not re.search(r"\b[KMG]B\b", body), (src.name, re.search(r".*\b[KMG]B\b.*", body)[0])
+        for note in json.loads(text).get("notes") or []:             # a file merged from runs says how
+            assert f"Note: {note}" in "\n".join(tables.values()), (src.name, note)
         kinds |= set(tables)
     assert {"cpu-memory", "cpu-explain", "estimates"} <= kinds
 
@@ -148,6 +150,24 @@ def test_the_needle_table_says_what_ran_and_whether_pointing_met_its_target(tmp_
     long["methods_run"] = ["attnlrp"]
     del long["methods"]["random"]
     assert "samples right (those are explained); not run here: random" in bench_report.needle_table(result)
+    result["notes"] = ["random from a second run", "one more"]      # a file merged from two runs says so
+    body = bench_report.needle_table(result)
+    assert "\nNote: random from a second run\nNote: one more\n" in body and body.count("Note:") == 2
+
+
+def test_the_neuron_check_renders_from_its_json(tmp_path):
+    drop = {"attnlrp": {"1": 0.5, "5": 2.0, "10": 3.0, "50": 4.0}, "random": {"1": 0.0, "5": 2.5, "10": 0.1, "50": 0.2}}
+    result = {"device": "cpu", "neurons": {"neurons-needle-1k": {"task": "neurons-needle-1k", "prompts": 3,
+                                                                 "sampled": 3, "drop": drop}}}
+    path = tmp_path / "neurons-needle.json"
+    path.write_text(json.dumps(result))
+    _, tables = bench_report.render(path)
+    assert set(tables) == {"neurons-needle"}
+    assert "| neurons-needle-1k | 3 | attnlrp | **0.5** | 2 | **3** | **4** |" in tables["neurons-needle"]
+    assert "| neurons-needle-1k | 3 | random | 0 | **2.5** | 0.1 | 0.2 |" in tables["neurons-needle"]
+    result["neurons"]["neurons-recall"] = {**result["neurons"].pop("neurons-needle-1k"), "task": "neurons-recall"}
+    path.write_text(json.dumps(result))
+    assert set(bench_report.render(path)[1]) == {"neurons"}
 
 
 def test_the_smollm2_cpu_table_sets_each_peak_against_the_estimate():

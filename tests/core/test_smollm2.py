@@ -128,10 +128,11 @@ def _parity(n, layers=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n,layers", [(1024, None), (8192, 6)])
+@pytest.mark.parametrize("n,layers", [(1024, None), (8192, 2)])
 def test_attnlrp_on_real_weights_equals_the_lxt_style_computation(n, layers):
-    """The whole model at 1k; at 8k its first 6 of 30 layers, which keeps the suite within its time (the whole
-    model at 8k: bench/cpu_explain.py --model smollm2 compares the two at every length)."""
+    """The whole model at 1k; at 8k its first 2 of 30 layers (the LXT-style side holds 8k x 8k attention weights
+    per head, most of the test's time), which keeps the suite within its time (the whole model at 8k:
+    bench/cpu_explain.py --model smollm2 compares the two at every length)."""
     err, length = _parity(n, layers)
     assert length == n and err < 1e-5, err
 
