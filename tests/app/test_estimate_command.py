@@ -19,6 +19,7 @@ def tiny_config(tmp_path):
     return str(path)
 
 
+@pytest.mark.slow
 def test_estimate_prints_each_table_as_it_is_done_with_a_progress_bar(tiny_config, capsys, monkeypatch):
     before = {}   # what was printed when each mode's first estimate started
     measure = est.estimate_memory

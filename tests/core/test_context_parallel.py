@@ -113,6 +113,7 @@ def _check_hops(got, want, family, batch, padded, seed, options):
         assert ours <= 30 * one + 1e-5, (name, ours, one)
 
 
+@pytest.mark.slow
 def test_sharded_explanation_equals_one_process_on_2_ranks():
     _check_cases([c for c in CASES if c[0] == 2])
 
@@ -174,6 +175,7 @@ REFUSED = [("latent", "latent"), ("different inputs", "different inputs"), ("seq
            ("bloom", "takes no position_ids")]
 
 
+@pytest.mark.slow
 def test_what_cannot_be_sharded_is_refused_on_every_rank():
     """Each refused on both ranks in one line, and the ranks go on to the next (no rank left waiting)."""
     for found in run_ranks(_refused, 2, REFUSED, timeout=180):
@@ -261,7 +263,7 @@ def _live_peak_rank(rank, world, family, n, mode):
 
 
 @pytest.mark.parametrize("family,n,mode,world", [
-    ("llama", 150, "low_memory", 2),
+    pytest.param("llama", 150, "low_memory", 2, marks=pytest.mark.slow),
     pytest.param("gemma2", 151, "low_memory", 3, marks=pytest.mark.slow),
 ])
 def test_the_estimate_for_k_gpus_is_rank_0s_peak(family, n, mode, world):

@@ -200,6 +200,7 @@ def test_the_cli_prints_a_table_per_mode_and_the_longest_fits(tiny_config, capsy
     assert "tokens" in longest
 
 
+@pytest.mark.slow
 def test_the_cli_estimates_per_gpu_with_the_ring_traffic(tiny_config, capsys):
     assert cli.main(["estimate", "--model", tiny_config, "--tokens", "4k", "--dtype", "float32", "--modes",
                      "low_memory", "--gpus", "4", "--tflops", "100", "--gpu-memory", "24MiB"]) == 0

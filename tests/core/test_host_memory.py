@@ -67,6 +67,7 @@ def _explain_in_child(n, window, **env):
     return got["peak"] / got["estimate"]
 
 
+@pytest.mark.slow
 @needs_peak_reset
 def test_an_explanation_s_resident_memory_is_what_the_estimate_says():
     """4,096 tokens through a 3-layer Mistral with a 1,024-token window (the windowed torch path)."""
@@ -82,6 +83,7 @@ def test_without_returning_freed_blocks_it_is_not():
     assert ratio > 1.6, ratio
 
 
+@pytest.mark.slow
 @needs_peak_reset
 def test_the_cli_explanation_s_resident_memory_is_what_the_estimate_says(tmp_path):
     from tiny_lm import make_local_lm

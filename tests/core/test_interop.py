@@ -149,6 +149,7 @@ def test_a_model_compiled_inside_lrp_gives_the_eager_relevance(family, use_cache
     assert not torch.allclose(eager, _grad_x_input(model, ids), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_inductor_backward_through_the_ops_gives_the_eager_relevance():
     torch._dynamo.reset()
     model, ids = _frozen(build("llama")), _ids(13, seed=3)
